@@ -1,0 +1,248 @@
+"""The HTTP API: a Falcon ASGI app built by `create_app` from the collaborators it is given.
+
+Resources are thin: they read the request, call a service and shape the answer. Services raise
+domain errors; `ERROR_STATUS` maps each to an HTTP status in one place.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from shiphook.backends import Target
+from shiphook.errors import (
+    AdminDisabled,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ShiphookError,
+    Unauthenticated,
+    Unavailable,
+)
+from shiphook.services import Deployments, Hooks, public_deployment
+
+log = logging.getLogger("shiphook.http")
+
+TOKEN_HEADER = "X-Deploy-Hook-Token"
+MAX_BODY = 64 * 1024
+
+ERROR_STATUS: dict[type[ShiphookError], str] = {
+    InvalidRequest: falcon.HTTP_400,
+    Unauthenticated: falcon.HTTP_401,
+    AdminDisabled: falcon.HTTP_403,
+    NotFound: falcon.HTTP_404,
+    PayloadTooLarge: falcon.HTTP_413,
+    Conflict: falcon.HTTP_422,
+    Unavailable: falcon.HTTP_503,
+}
+
+
+class AdminGuard:
+    """Checks `Authorization: Bearer <admin token>`; without a configured token, admin is off."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token.encode() if token else None
+
+    def check(self, req: falcon.asgi.Request) -> None:
+        if self._token is None:
+            raise AdminDisabled(
+                "the admin API is disabled: start shiphook with SHIPHOOK_ADMIN_TOKEN set"
+            )
+        scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise Unauthenticated(
+                "admin token required: send 'Authorization: Bearer <admin token>'"
+            )
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            raise Unauthenticated("the admin token is not valid")
+
+
+async def read_body(req: falcon.asgi.Request) -> bytes:
+    if req.content_length is not None and req.content_length > MAX_BODY:
+        raise PayloadTooLarge(
+            f"request body is {req.content_length} bytes; the limit is {MAX_BODY}"
+        )
+    body = await req.bounded_stream.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise PayloadTooLarge(f"request body exceeds the limit of {MAX_BODY} bytes")
+    return body
+
+
+class DeployHookResource:
+    def __init__(self, hooks: Hooks, deployments: Deployments, notify: Callable[[], None]) -> None:
+        self.hooks = hooks
+        self.deployments = deployments
+        self.notify = notify
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        token = req.get_header(TOKEN_HEADER)
+        if token is None:
+            raise InvalidRequest(
+                f"missing header {TOKEN_HEADER}: send the deploy hook's token in it"
+            )
+        hook = self.hooks.authenticate(token)
+        deployment = self.deployments.accept(hook, await read_body(req))
+        self.notify()
+        resp.status = falcon.HTTP_201
+        resp.location = f"/api/v1/deployments/{deployment.id}"
+        resp.media = {"deployment": public_deployment(deployment)}
+
+
+class DeploymentsResource:
+    def __init__(self, hooks: Hooks, deployments: Deployments, guard: AdminGuard) -> None:
+        self.hooks = hooks
+        self.deployments = deployments
+        self.guard = guard
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        self.guard.check(req)
+        resp.media = {
+            "deployments": self.deployments.list(
+                target=req.get_param("target"),
+                status=req.get_param("status"),
+                limit=_int_param(req, "limit", 50),
+            )
+        }
+
+    async def on_get_item(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
+    ) -> None:
+        token = req.get_header(TOKEN_HEADER)
+        if token is not None:
+            hook = self.hooks.authenticate(token)
+            resp.media = {"deployment": self.deployments.get(deployment_id, hook=hook)}
+            return
+        self.guard.check(req)
+        resp.media = {"deployment": self.deployments.get(deployment_id)}
+
+
+class TargetsResource:
+    def __init__(self, targets: dict[str, Target], guard: AdminGuard) -> None:
+        self.targets = targets
+        self.guard = guard
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        self.guard.check(req)
+        resp.media = {"targets": [public_target(t) for t in self.targets.values()]}
+
+
+class HooksResource:
+    def __init__(self, hooks: Hooks, guard: AdminGuard) -> None:
+        self.hooks = hooks
+        self.guard = guard
+
+    async def on_get(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
+    ) -> None:
+        self.guard.check(req)
+        resp.media = {
+            "hooks": [
+                h.model_dump(mode="json", by_alias=True) for h in self.hooks.list(target=target)
+            ]
+        }
+
+    async def on_post(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
+    ) -> None:
+        self.guard.check(req)
+        body = await req.get_media(default_when_empty=None)
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest(
+                'name: required; expected a JSON object like {"name": "github-actions"}'
+            )
+        created = self.hooks.create(target=target, name=name)
+        resp.status = falcon.HTTP_201
+        resp.location = f"/api/v1/hooks/{created.id}"
+        resp.media = {"hook": created.model_dump(mode="json", by_alias=True)}
+
+    async def on_delete_item(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, hook_id: int
+    ) -> None:
+        self.guard.check(req)
+        resp.media = {"hook": self.hooks.delete(hook_id).model_dump(mode="json", by_alias=True)}
+
+
+class HealthResource:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+def public_target(target: Target) -> dict[str, Any]:
+    return {
+        "name": target.name,
+        "kind": target.kind,
+        "backend": target.backend,
+        "onFailure": target.on_failure,
+        "rolloutTimeout": target.rollout_timeout,
+        "allowedTags": target.allowed_tags,
+        "parameters": list(target.parameters) if target.parameters is not None else None,
+        "options": target.options.model_dump(mode="json"),
+    }
+
+
+def _int_param(req: falcon.asgi.Request, name: str, default: int) -> int:
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+def _domain_error_handler(status: str):
+    async def handle(req, resp, error: ShiphookError, params) -> None:
+        resp.status = status
+        resp.media = {"title": status, "description": error.message}
+        if status == falcon.HTTP_401:
+            resp.set_header("WWW-Authenticate", 'Bearer realm="shiphook admin"')
+
+    return handle
+
+
+async def _unexpected_error(req, resp, error: Exception, params) -> None:
+    request_id = req.get_header("X-Request-ID") or uuid.uuid4().hex
+    log.error("request %s: %s %s failed", request_id, req.method, req.path, exc_info=error)
+    resp.status = falcon.HTTP_500
+    resp.media = {
+        "title": falcon.HTTP_500,
+        "description": "an unexpected error occurred; quote the request id when reporting it",
+        "requestId": request_id,
+    }
+
+
+def create_app(
+    *,
+    hooks: Hooks,
+    deployments: Deployments,
+    targets: dict[str, Target],
+    notify: Callable[[], None],
+    admin_token: str | None,
+    middleware: list[Any] | None = None,
+) -> falcon.asgi.App:
+    """Build the API. `notify` is called after each committed deployment (the engine's wake-up)."""
+    app = falcon.asgi.App(middleware=middleware or [])
+    guard = AdminGuard(admin_token)
+    deployments_resource = DeploymentsResource(hooks, deployments, guard)
+    hooks_resource = HooksResource(hooks, guard)
+
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/api/v1/dh", DeployHookResource(hooks, deployments, notify))
+    app.add_route("/api/v1/deployments", deployments_resource)
+    app.add_route("/api/v1/deployments/{deployment_id}", deployments_resource, suffix="item")
+    app.add_route("/api/v1/targets", TargetsResource(targets, guard))
+    app.add_route("/api/v1/targets/{target}/hooks", hooks_resource)
+    app.add_route("/api/v1/hooks/{hook_id:int}", hooks_resource, suffix="item")
+
+    app.add_error_handler(Exception, _unexpected_error)
+    for error, status in ERROR_STATUS.items():
+        app.add_error_handler(error, _domain_error_handler(status))
+    return app

@@ -1,0 +1,178 @@
+"""What a backend plugin implements: the `Backend` base class and the types it exchanges.
+
+A backend is one orchestrator (Swarm, Kubernetes, Nomad, ...). Its class declares the options it
+takes in `[backends.<name>]` and the locator keys it reads from `[targets.<name>]` as pydantic
+models; shiphook validates both at start and hands the backend validated instances. Every method
+runs on an engine worker thread, never on the thread that answers HTTP requests, so blocking
+client libraries are fine. Methods raise `BackendError` for anything the orchestrator refused or
+could not be asked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Kind = Literal["app", "job"]
+
+
+class NoOptions(BaseModel):
+    """The options model of a backend or target that takes no keys of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackendError(Exception):
+    """The orchestrator refused a call or could not be reached.
+
+    `transient=True` means the same call may work later (connection refused, timeouts, 5xx,
+    version conflicts): the engine retries it with backoff within the target's retry budget.
+    `transient=False` (the default) means retrying cannot help (not found, forbidden, invalid):
+    the deployment fails at once with `message`, which should be the orchestrator's own words.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployable thing as configured in `[targets.<name>]`, handed to every backend call."""
+
+    name: str
+    kind: Kind
+    backend: str
+    options: Any  # the backend's TargetOptions instance: its locator keys, validated
+    rollout_timeout: float = 600.0
+    on_failure: Literal["rollback", "leave"] = "rollback"
+    retry_budget: float = 300.0
+    allowed_tags: str | None = None
+    parameters: tuple[str, ...] | None = None
+    max_concurrent_runs: int = 1
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """What `Backend.describe` found: the target exists, and the image it runs now."""
+
+    image: str | None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a rollout, job run or rollback stands, in the orchestrator's own words.
+
+    `state` is `running` until the orchestrator's own signals say the work ended, then
+    `succeeded` or `failed`; `message` is shown to the operator and to a waiting CI job.
+    """
+
+    state: Literal["running", "succeeded", "failed"]
+    message: str = ""
+
+
+Ref = dict[str, Any]
+"""A backend's own reference to a rollout or run (service version, revision, job name, ...).
+
+It is stored with the deployment as JSON and handed back to `progress` and `rollback`, also by
+another shiphook process after a restart, so it must hold everything needed to find the work again.
+"""
+
+
+class Backend(ABC):
+    """Base class of every orchestrator backend.
+
+    Subclasses set `name` (what `plugin = "..."` in the config names), `Options` and
+    `TargetOptions` (pydantic models; use `extra="forbid"` so typos are reported), and the
+    capability flags; then implement the abstract methods. `__init__` receives the validated
+    `Options` instance and must not contact the orchestrator: `serve` starts, and keeps
+    accepting hooks, while an orchestrator is down.
+
+    `deploy` and `run_job` receive the deployment id and must be idempotent for it: after a
+    crash the engine calls them again for the same deployment, and that must not start a
+    second rollout or run (derive names from the id, or find the work the first call started).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    TargetOptions: ClassVar[type[BaseModel]] = NoOptions
+    kinds: ClassVar[frozenset[Kind]] = frozenset({"app", "job"})
+    can_rollback: ClassVar[bool] = True
+    poll_interval: ClassVar[float] = 1.0
+    """Seconds between `progress` calls while work runs."""
+
+    def __init__(self, options: BaseModel) -> None:
+        self.options = options
+
+    @abstractmethod
+    def check(self) -> str:
+        """Contact the orchestrator; return a one-line description of what answered.
+
+        Raise `BackendError` with the orchestrator's message when it is unreachable or unfit
+        (for example not a swarm manager).
+        """
+
+    @abstractmethod
+    def describe(self, target: Target) -> TargetState:
+        """Find the target's workload; return the image it runs now.
+
+        Raise a permanent `BackendError` when it does not exist or is of the wrong kind.
+        """
+
+    @abstractmethod
+    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
+        """Start rolling the app target to `image_tag`; return a reference for `progress`.
+
+        Deploying the image already running is not an error: the reference's progress reports
+        success at once.
+        """
+
+    @abstractmethod
+    def run_job(
+        self,
+        target: Target,
+        *,
+        env: dict[str, str],
+        image_tag: str | None,
+        deployment_id: str,
+    ) -> Ref:
+        """Start one run of the job target with `env` merged over its own environment."""
+
+    @abstractmethod
+    def progress(self, target: Target, ref: Ref) -> Progress:
+        """Read where the work `ref` names stands, from the orchestrator's own signals."""
+
+    def rollback(self, target: Target, ref: Ref) -> Ref:
+        """Return the app target to what ran before the rollout `ref`; return a reference for
+        `progress`. Only called when `can_rollback` is true; use the orchestrator's native
+        rollback where it has one."""
+        raise BackendError(f"the {self.name} backend cannot roll back")
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
+        """Release clients and connections; called once when shiphook stops."""
+
+
+@dataclass
+class BackendRegistry:
+    """Backend classes by name, as the plugins registered them."""
+
+    classes: dict[str, type[Backend]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def register(self, backend_class: type[Backend], *, source: str = "") -> None:
+        if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
+            raise TypeError(f"{backend_class!r} is not a subclass of shiphook.Backend")
+        name = backend_class.name
+        if name in self.classes and self.classes[name] is not backend_class:
+            raise ValueError(
+                f"two plugins register a backend named {name!r}: "
+                f"{self.sources[name]} and {source}; disable one with [server] disabled_plugins"
+            )
+        self.classes[name] = backend_class
+        self.sources[name] = source

@@ -1,0 +1,352 @@
+"""The `shiphook` command: serve, check, and manage targets, hooks and deployments."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import click
+
+from shiphook.app import TOKEN_HEADER, public_target
+from shiphook.backends import BackendError
+from shiphook.errors import ShiphookError
+from shiphook.instance import Instance, open_instance
+from shiphook.plugins import describe_plugins
+
+
+class ShiphookGroup(click.Group):
+    """Turns shiphook's own errors into one line on stderr and exit status 2, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ShiphookError as exc:
+            click.echo(f"shiphook: {exc.message}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=ShiphookGroup)
+@click.option(
+    "--config",
+    "config",
+    envvar="SHIPHOOK_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: configs/shiphook.toml; env SHIPHOOK_CONFIG).",
+)
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """shiphook: deploy hooks for Kubernetes, Docker Swarm and Nomad."""
+    ctx.obj = {"config": config}
+
+
+def instance_of(ctx: click.Context, *, migrate: bool = True) -> Instance:
+    instance = open_instance(ctx.obj["config"])
+    ctx.call_on_close(instance.close)
+    if migrate:
+        instance.migrate()
+    return instance
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        human()
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- server ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", help="Listen address (default: [server] host).")
+@click.option("--port", type=int, help="Listen port (default: [server] port).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Apply migrations, start the engine and serve the API."""
+    from shiphook.server import serve as run_server
+
+    instance = instance_of(ctx, migrate=False)
+    logging.basicConfig(
+        level=instance.config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run_server(instance, host=host, port=port)
+
+
+@main.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate the config, reach every backend and find every target."""
+    instance = instance_of(ctx, migrate=False)
+    click.echo(f"config {instance.config.path}: valid")
+    failed = False
+    reachable = set()
+    for name, backend in instance.backends.items():
+        try:
+            click.echo(f"backend {name} ({backend.name}): {backend.check()}")
+            reachable.add(name)
+        except BackendError as exc:
+            click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {exc.message}")
+            failed = True
+    for name, target in instance.config.targets.items():
+        if target.backend not in reachable:
+            click.echo(f"target {name}: not checked, backend {target.backend} is unreachable")
+            continue
+        try:
+            state = instance.backends[target.backend].describe(target)
+            click.echo(f"target {name} ({target.kind}): found, running {state.image or 'unknown'}")
+        except BackendError as exc:
+            click.echo(f"target {name} ({target.kind}): NOT USABLE: {exc.message}")
+            failed = True
+    if failed:
+        ctx.exit(1)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def targets(ctx: click.Context, as_json: bool) -> None:
+    """List the configured targets."""
+    instance = instance_of(ctx, migrate=False)
+    data = [public_target(t) for t in instance.config.targets.values()]
+    emit(
+        data,
+        as_json,
+        lambda: table(
+            ["NAME", "KIND", "BACKEND", "ON FAILURE", "TIMEOUT", "LOCATOR"],
+            [
+                (
+                    t["name"],
+                    t["kind"],
+                    t["backend"],
+                    t["onFailure"],
+                    f"{t['rolloutTimeout']:g}s",
+                    " ".join(f"{k}={v}" for k, v in t["options"].items()),
+                )
+                for t in data
+            ],
+        ),
+    )
+
+
+@main.command()
+@json_option
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List loaded plugins and the backends they provide."""
+    instance = instance_of(ctx, migrate=False)
+    infos = describe_plugins(instance.plugins, instance.registry)
+    data = [
+        {
+            "name": i.name,
+            "distribution": i.distribution,
+            "version": i.version,
+            "backends": list(i.backends),
+        }
+        for i in infos
+    ]
+    emit(
+        data,
+        as_json,
+        lambda: table(
+            ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKENDS"],
+            [(d["name"], d["distribution"], d["version"], ", ".join(d["backends"])) for d in data],
+        ),
+    )
+
+
+# -- hooks ----------------------------------------------------------------------------
+
+
+@main.group()
+def hooks() -> None:
+    """Create, list and delete deploy hooks."""
+
+
+@hooks.command("create")
+@click.argument("target")
+@click.option("--name", required=True, help="Who uses the hook, e.g. github-actions.")
+@json_option
+@click.pass_context
+def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> None:
+    """Create a hook for TARGET and print its token (shown this once only)."""
+    instance = instance_of(ctx)
+    created = instance.hooks.create(target=target, name=name)
+    data = created.model_dump(mode="json", by_alias=True)
+    server = instance.config.server
+    url = (server.public_url or f"http://{server.host}:{server.port}").rstrip("/")
+    kind = instance.config.targets[target].kind
+    body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
+    curl = (
+        f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' "
+        f"-H '{TOKEN_HEADER}: {created.token}' --data '{body}'"
+    )
+
+    def human() -> None:
+        click.echo(f"Created hook {created.id} ({created.name}) for target {created.target}.")
+        click.echo(f"Token (shown once, store it as a CI secret): {created.token}")
+        click.echo("Call it from CI with:")
+        click.echo(f"  {curl}")
+
+    emit({**data, "curl": curl}, as_json, human)
+
+
+@hooks.command("list")
+@click.argument("target", required=False)
+@json_option
+@click.pass_context
+def hooks_list(ctx: click.Context, target: str | None, as_json: bool) -> None:
+    """List hooks, of one TARGET or all (tokens are never shown)."""
+    found = instance_of(ctx).hooks.list(target=target)
+    data = [h.model_dump(mode="json", by_alias=True) for h in found]
+    emit(
+        data,
+        as_json,
+        lambda: table(
+            ["ID", "NAME", "TARGET", "CREATED", "LAST USED"],
+            [
+                (h["id"], h["name"], h["target"], h["createdAt"], h["lastUsedAt"] or "never")
+                for h in data
+            ],
+        ),
+    )
+
+
+@hooks.command("delete")
+@click.argument("hook_id", type=int)
+@json_option
+@click.pass_context
+def hooks_delete(ctx: click.Context, hook_id: int, as_json: bool) -> None:
+    """Delete a hook; its token stops working at once."""
+    deleted = instance_of(ctx).hooks.delete(hook_id)
+    emit(
+        deleted.model_dump(mode="json", by_alias=True),
+        as_json,
+        lambda: click.echo(
+            f"Deleted hook {deleted.id} ({deleted.name}) of target {deleted.target}."
+        ),
+    )
+
+
+# -- deployments -------------------------------------------------------------------------
+
+
+@main.group()
+def deployments() -> None:
+    """Look at deployments."""
+
+
+@deployments.command("list")
+@click.option("--target", help="Only this target.")
+@click.option("--status", help="Only this status (queued, in_progress, succeeded, ...).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def deployments_list(
+    ctx: click.Context, target: str | None, status: str | None, limit: int, as_json: bool
+) -> None:
+    """List recent deployments, newest first."""
+    data = instance_of(ctx).deployments.list(target=target, status=status, limit=limit)
+    emit(
+        data,
+        as_json,
+        lambda: table(
+            ["ID", "TARGET", "REQUESTED", "STATUS", "CREATED", "HOOK", "MESSAGE"],
+            [
+                (
+                    d["id"],
+                    d["target"],
+                    requested(d),
+                    d["status"],
+                    d["createdAt"],
+                    d["hookName"],
+                    _short(d["message"]),
+                )
+                for d in data
+            ],
+        ),
+    )
+
+
+@deployments.command("show")
+@click.argument("deployment_id")
+@json_option
+@click.pass_context
+def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
+    """Show one deployment with its history."""
+    data = instance_of(ctx).deployments.get(deployment_id)
+
+    def human() -> None:
+        for key in (
+            "id",
+            "target",
+            "kind",
+            "status",
+            "message",
+            "hookName",
+            "createdAt",
+            "startedAt",
+            "finishedAt",
+            "previousImage",
+            "supersededBy",
+        ):
+            if data.get(key) not in (None, ""):
+                click.echo(f"{key + ':':15} {data[key]}")
+        click.echo(f"{'requested:':15} {requested(data)}")
+        if data["backendRef"]:
+            click.echo(f"{'backendRef:':15} {json.dumps(data['backendRef'])}")
+        click.echo("history:")
+        for event in data["history"]:
+            message = f"  {event['message']}" if event["message"] else ""
+            click.echo(f"  {event['at']}  {event['status']}{message}")
+
+    emit(data, as_json, human)
+
+
+def requested(deployment: dict[str, Any]) -> str:
+    parts = []
+    if deployment["imageTag"]:
+        parts.append(f"imageTag={deployment['imageTag']}")
+    parts += [f"{v['name']}={v['value']}" for v in deployment["instanceEnvironmentVariables"] or ()]
+    return " ".join(parts) or "-"
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- database ----------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply pending schema migrations."""
+    instance = instance_of(ctx)
+    click.echo(f"database at the latest schema ({_safe_url(instance)})")
+
+
+def _safe_url(instance: Instance) -> str:
+    return instance.storage.engine.url.render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

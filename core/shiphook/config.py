@@ -1,0 +1,195 @@
+"""The configuration file: `[server]`, `[engine]`, `[backends.<name>]` and `[targets.<name>]`.
+
+Parsed with tomllib, validated with pydantic; each backend's own keys are validated by that
+backend's `Options` / `TargetOptions` models. Every problem becomes a `ConfigError` naming the
+file, the key path and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shiphook.backends import BackendRegistry, Target
+from shiphook.errors import ConfigError, describe_validation_error
+
+DEFAULT_CONFIG_PATH = Path("configs/shiphook.toml")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    database_url: str = "sqlite:///shiphook.db"
+    public_url: str | None = Field(None, description="base URL CI jobs use, for printed curl lines")
+    disabled_plugins: list[str] = []
+    max_wait: Seconds = 900
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int = Field(16, ge=1, le=1024)
+    lease_seconds: Seconds = 30
+    scan_interval: Seconds = 1.0
+
+
+class BackendSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    plugin: str
+
+
+class TargetSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["app", "job"]
+    backend: str
+    rollout_timeout: Seconds = 600
+    on_failure: Literal["rollback", "leave"] = "rollback"
+    retry_budget: Annotated[float, Field(ge=0)] = 300
+    allowed_tags: str | None = None
+    parameters: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] | None = None
+    max_concurrent_runs: int = Field(1, ge=1, le=100)
+
+    @field_validator("allowed_tags")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> TargetSection:
+        if self.kind == "app" and self.parameters is not None:
+            raise ValueError("parameters applies to job targets only")
+        return self
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerSettings = ServerSettings()
+    engine: EngineSettings = EngineSettings()
+    backends: dict[Name, BackendSection] = {}
+    targets: dict[Name, TargetSection] = {}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    plugin: str
+    options: BaseModel
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerSettings
+    engine: EngineSettings
+    backends: dict[str, BackendConfig]
+    targets: dict[str, Target]
+
+
+def config_path(given: str | os.PathLike[str] | None = None) -> Path:
+    """The file to read: the given path, else `SHIPHOOK_CONFIG`, else the default."""
+    return Path(given or os.environ.get("SHIPHOOK_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def read_config_file(path: Path) -> ConfigFile:
+    """Parse and validate the core keys; plugin keys are checked by `resolve_config`."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (choose one with --config or SHIPHOOK_CONFIG)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        parsed = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(path, exc) from None
+    url = os.environ.get("SHIPHOOK_DATABASE_URL")
+    if url:
+        parsed.server.database_url = url
+    return parsed
+
+
+def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) -> Config:
+    """Validate each backend's and target's plugin keys with the plugin's own models."""
+    known = ", ".join(sorted(registry.classes)) or "none installed"
+    backends: dict[str, BackendConfig] = {}
+    for name, section in parsed.backends.items():
+        backend_class = registry.classes.get(section.plugin)
+        if backend_class is None:
+            raise ConfigError(
+                f"{path}: backends.{name}.plugin: unknown backend plugin {section.plugin!r} "
+                f"(available: {known}; see `shiphook plugins`)"
+            )
+        options = _plugin_model(path, f"backends.{name}", backend_class.Options, section)
+        backends[name] = BackendConfig(name=name, plugin=section.plugin, options=options)
+
+    targets: dict[str, Target] = {}
+    for name, section in parsed.targets.items():
+        backend = backends.get(section.backend)
+        if backend is None:
+            configured = ", ".join(sorted(backends)) or "none configured"
+            raise ConfigError(
+                f"{path}: targets.{name}.backend: no backend named {section.backend!r} "
+                f"(configured backends: {configured})"
+            )
+        backend_class = registry.classes[backend.plugin]
+        if section.kind not in backend_class.kinds:
+            raise ConfigError(
+                f"{path}: targets.{name}.kind: the {backend.plugin} backend does not run "
+                f"{section.kind} targets (it supports: {', '.join(sorted(backend_class.kinds))})"
+            )
+        options = _plugin_model(path, f"targets.{name}", backend_class.TargetOptions, section)
+        common = section.model_dump(exclude=set(section.model_extra or ()))
+        targets[name] = Target(
+            name=name,
+            backend=section.backend,
+            options=options,
+            kind=common["kind"],
+            rollout_timeout=common["rollout_timeout"],
+            on_failure=common["on_failure"],
+            retry_budget=common["retry_budget"],
+            allowed_tags=common["allowed_tags"],
+            parameters=tuple(common["parameters"]) if common["parameters"] is not None else None,
+            max_concurrent_runs=common["max_concurrent_runs"],
+        )
+    return Config(
+        path=path, server=parsed.server, engine=parsed.engine, backends=backends, targets=targets
+    )
+
+
+def _plugin_model(path: Path, prefix: str, model: type[BaseModel], section: BaseModel) -> Any:
+    try:
+        return model.model_validate(section.model_extra or {})
+    except ValidationError as exc:
+        raise _config_error(path, exc, prefix) from None
+
+
+def _config_error(path: Path, exc: ValidationError, prefix: str = "") -> ConfigError:
+    return ConfigError(
+        "\n".join(f"{path}: {line}" for line in describe_validation_error(exc, prefix))
+    )

@@ -1,0 +1,363 @@
+"""The deployment engine: takes queued deployments to their end on the target's backend.
+
+One dispatcher thread finds targets with work and claims a lease on a slot of each (one slot per
+app target, `max_concurrent_runs` per job target); a pool of worker threads runs the claimed
+slots. Leases live in the database and expire, so several shiphook processes share one queue,
+and the work of a process that died is taken over when its leases run out. Nothing here runs on
+the thread that answers HTTP requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from shiphook.backends import Backend, BackendError, Progress, Ref, Target
+from shiphook.config import EngineSettings
+from shiphook.models import Deployment, Status, utcnow
+from shiphook.storage import Storage
+
+log = logging.getLogger("shiphook.engine")
+T = TypeVar("T")
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+class Stopping(Exception):
+    """The engine is shutting down: leave the deployment for whoever resumes it."""
+
+
+class LeaseLost(Exception):
+    """Another process took over this slot: stop touching its deployments."""
+
+
+class Engine:
+    def __init__(
+        self,
+        storage: Storage,
+        targets: dict[str, Target],
+        backends: dict[str, Backend],
+        *,
+        settings: EngineSettings | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        owner: str | None = None,
+    ) -> None:
+        self.storage = storage
+        self.targets = targets
+        self.backends = backends
+        self.settings = settings or EngineSettings()
+        self.clock = clock
+        self.owner = owner or f"{uuid.uuid4().hex[:12]}"
+        self.listeners: list[Callable[[str, str], None]] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._running: set[tuple[str, int]] = set()
+        self._running_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._dispatcher: threading.Thread | None = None
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="shiphook-worker")
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="shiphook-dispatcher", daemon=True
+        )
+        self._dispatcher.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work; running deployments stay in progress for the next start."""
+        self._stopping.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def notify(self) -> None:
+        """New work was committed: look for it now rather than at the next scan."""
+        self._wake.set()
+
+    # -- dispatching ---------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.settings.scan_interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self.dispatch_once()
+            except Exception:
+                log.exception("engine: looking for work failed; retrying at the next scan")
+
+    def dispatch_once(self) -> None:
+        now = self.clock()
+        held = self.storage.held_slots(now=now)
+        for pending in self.storage.pending_targets():
+            target = self.targets.get(pending.target)
+            if target is None:
+                self._fail_unconfigured(pending.target)
+                continue
+            if target.kind == "app":
+                wanted = [0]
+            else:
+                free = [
+                    s for s in range(target.max_concurrent_runs) if s not in pending.active_slots
+                ]
+                wanted = sorted(pending.active_slots) + free[: pending.queued]
+            for slot in wanted:
+                key = (target.name, slot)
+                with self._running_lock:
+                    if key in self._running or key in held:
+                        continue
+                    if not self.storage.claim_lease(
+                        target=target.name,
+                        slot=slot,
+                        owner=self.owner,
+                        now=now,
+                        until=now + timedelta(seconds=self.settings.lease_seconds),
+                    ):
+                        continue
+                    self._running.add(key)
+                assert self._pool is not None
+                self._pool.submit(self._work_slot, target, slot)
+
+    def _fail_unconfigured(self, target: str) -> None:
+        for deployment in self.storage.list_deployments(target=target, limit=1000):
+            if not Status(deployment.status).terminal:
+                self._finish(
+                    deployment,
+                    Status.failed,
+                    f"target {target!r} is no longer in the configuration",
+                )
+
+    # -- one slot --------------------------------------------------------------------
+
+    def _work_slot(self, target: Target, slot: int) -> None:
+        lease = _Lease(self, target.name, slot)
+        try:
+            while not self._stopping.is_set():
+                deployment, superseded = self.storage.next_deployment(
+                    target=target.name, slot=slot, kind=target.kind, now=self.clock()
+                )
+                for deployment_id in superseded:
+                    self._announce(deployment_id, Status.superseded)
+                if deployment is None:
+                    break
+                log.info(
+                    "deployment %s of %s: in progress (%s)",
+                    deployment.id,
+                    target.name,
+                    deployment.image_tag or "job run",
+                )
+                Run(self, target, deployment, lease).execute()
+        except (Stopping, LeaseLost):
+            pass
+        except Exception:
+            log.exception("engine: slot %s/%d failed; its work resumes later", target.name, slot)
+        finally:
+            with self._running_lock:
+                self._running.discard((target.name, slot))
+            try:
+                self.storage.release_lease(target=target.name, slot=slot, owner=self.owner)
+            except Exception:
+                log.exception("engine: could not release lease %s/%d", target.name, slot)
+            self._wake.set()  # work may have arrived while this slot was being let go
+
+    def _finish(self, deployment: Deployment, status: Status, message: str) -> None:
+        now = self.clock()
+        self.storage.update_deployment(
+            deployment.id, now=now, event=status, status=status, message=message, finished_at=now
+        )
+        log.info("deployment %s of %s: %s: %s", deployment.id, deployment.target, status, message)
+        self._announce(deployment.id, status)
+
+    def _announce(self, deployment_id: str, status: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(deployment_id, status)
+            except Exception:
+                log.exception("engine: a deployment listener failed")
+
+
+class _Lease:
+    """The slot a worker holds; renewed as the work goes on, lost if another process took it."""
+
+    def __init__(self, engine: Engine, target: str, slot: int) -> None:
+        self.engine = engine
+        self.target = target
+        self.slot = slot
+        self.renew_at = engine.clock() + timedelta(seconds=engine.settings.lease_seconds / 3)
+
+    def keep(self) -> None:
+        now = self.engine.clock()
+        if now < self.renew_at:
+            return
+        seconds = self.engine.settings.lease_seconds
+        if not self.engine.storage.renew_lease(
+            target=self.target,
+            slot=self.slot,
+            owner=self.engine.owner,
+            until=now + timedelta(seconds=seconds),
+        ):
+            raise LeaseLost(f"{self.target}/{self.slot}")
+        self.renew_at = now + timedelta(seconds=seconds / 3)
+
+
+class Run:
+    """One deployment taken from in progress to a terminal state (or left for a resume)."""
+
+    def __init__(self, engine: Engine, target: Target, deployment: Deployment, lease: _Lease):
+        self.engine = engine
+        self.target = target
+        self.deployment = deployment
+        self.lease = lease
+        self.backend = engine.backends[target.backend]
+        self.retry_spent = 0.0
+
+    def execute(self) -> None:
+        try:
+            if self.target.kind == "app":
+                self._rollout()
+            else:
+                self._job()
+        except BackendError as exc:
+            self._finish(Status.failed, exc.message)
+
+    # -- app ---------------------------------------------------------------------
+
+    def _rollout(self) -> None:
+        d = self.deployment
+        if d.rollback_ref is not None:  # resumed while rolling back
+            reason = d.message.removeprefix("rolling back: ")
+            self._finish_rollback(reason, d.rollback_ref)
+            return
+        ref = d.backend_ref
+        if ref is None:
+            current = self._call(self.backend.describe, self.target)
+            ref = self._call(
+                self.backend.deploy, self.target, image_tag=d.image_tag, deployment_id=d.id
+            )
+            self._record(
+                backend_ref=ref,
+                previous_image=current.image,
+                message=f"rolling out {d.image_tag} (was {current.image or 'unknown'})",
+            )
+        outcome = self._track(ref)
+        if outcome.state == "succeeded":
+            self._finish(Status.succeeded, outcome.message or "rollout completed")
+            return
+        reason = outcome.message or "rollout failed"
+        if self.target.on_failure != "rollback" or not self.backend.can_rollback:
+            self._finish(Status.failed, reason)
+            return
+        self._record(message=f"rolling back: {reason}")
+        try:
+            rollback_ref = self._call(self.backend.rollback, self.target, ref)
+        except BackendError as exc:
+            self._finish(Status.failed, f"{reason}; rollback failed: {exc.message}")
+            return
+        self._record(rollback_ref=rollback_ref)
+        self._finish_rollback(reason, rollback_ref)
+
+    def _finish_rollback(self, reason: str, rollback_ref: Ref) -> None:
+        try:
+            outcome = self._track(rollback_ref, deadline_from=self.engine.clock())
+        except BackendError as exc:
+            outcome = Progress("failed", exc.message)
+        if outcome.state == "succeeded":
+            self._finish(Status.rolled_back, f"{reason}; rolled back ({outcome.message})")
+        else:
+            self._finish(Status.failed, f"{reason}; rollback failed: {outcome.message}")
+
+    # -- job ---------------------------------------------------------------------
+
+    def _job(self) -> None:
+        d = self.deployment
+        ref = d.backend_ref
+        if ref is None:
+            env = {v["name"]: v["value"] for v in d.env or ()}
+            ref = self._call(
+                self.backend.run_job,
+                self.target,
+                env=env,
+                image_tag=d.image_tag,
+                deployment_id=d.id,
+            )
+            self._record(backend_ref=ref, message="job run started")
+        outcome = self._track(ref)
+        status = Status.succeeded if outcome.state == "succeeded" else Status.failed
+        fallback = "run completed" if status == Status.succeeded else "run failed"
+        self._finish(status, outcome.message or fallback)
+
+    # -- shared ------------------------------------------------------------------
+
+    def _track(self, ref: Ref, *, deadline_from: datetime | None = None) -> Progress:
+        """Poll progress until the work ends or the target's rollout timeout passes."""
+        start = deadline_from or self.deployment.started_at or self.engine.clock()
+        deadline = start + timedelta(seconds=self.target.rollout_timeout)
+        while True:
+            self.lease.keep()
+            progress = self._call(self.backend.progress, self.target, ref)
+            if progress.state != "running":
+                return progress
+            if self.engine.clock() >= deadline:
+                last = f" (last state: {progress.message})" if progress.message else ""
+                return Progress(
+                    "failed", f"did not finish within {self.target.rollout_timeout:g}s{last}"
+                )
+            self._pause(self.backend.poll_interval)
+
+    def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call the backend; retry transient errors with backoff and jitter within the budget."""
+        attempt = 0
+        while True:
+            self.lease.keep()
+            try:
+                return function(*args, **kwargs)
+            except BackendError as exc:
+                if not exc.transient:
+                    raise
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
+                if self.retry_spent + delay > self.target.retry_budget:
+                    raise BackendError(
+                        f"gave up after {attempt + 1} attempts over {self.retry_spent:.1f}s "
+                        f"of retries: {exc.message}"
+                    ) from exc
+                attempt += 1
+                self.retry_spent += delay
+                log.warning(
+                    "deployment %s: %s failed (%s); retry %d in %.1fs",
+                    self.deployment.id,
+                    getattr(function, "__name__", "call"),
+                    exc.message,
+                    attempt,
+                    delay,
+                )
+                self._pause(delay)
+
+    def _pause(self, seconds: float) -> None:
+        if self.engine._stopping.wait(seconds):
+            raise Stopping
+
+    def _record(self, **values: Any) -> None:
+        """Store progress on the deployment; a new message also goes into its history."""
+        self.lease.keep()
+        event = Status.in_progress if "message" in values else None
+        self.engine.storage.update_deployment(
+            self.deployment.id, now=self.engine.clock(), event=event, **values
+        )
+        for key, value in values.items():
+            setattr(self.deployment, key, value)
+
+    def _finish(self, status: Status, message: str) -> None:
+        self.lease.keep()
+        self.engine._finish(self.deployment, status, message)

@@ -1,0 +1,61 @@
+"""Domain errors. Services raise these; the HTTP layer maps each to a status code in one place."""
+
+from __future__ import annotations
+
+
+class ShiphookError(Exception):
+    """Base of every error a person is meant to read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(ShiphookError):
+    """The configuration (file, environment or plugins) is unusable; the message says where."""
+
+
+class InvalidRequest(ShiphookError):
+    """A request is malformed; the message names the field and what is expected."""
+
+
+class Unauthenticated(ShiphookError):
+    """A credential is missing where one is required."""
+
+
+class AdminDisabled(ShiphookError):
+    """Admin endpoints are off because no admin token is configured."""
+
+
+class NotFound(ShiphookError):
+    """The thing asked for does not exist, or the credential does not open it."""
+
+
+class PayloadTooLarge(ShiphookError):
+    """The request body exceeds the limit."""
+
+
+class Conflict(ShiphookError):
+    """The request contradicts stored state (an idempotency key reused with another body, ...)."""
+
+
+class Unavailable(ShiphookError):
+    """Something the request needs is not possible now."""
+
+
+def describe_validation_error(exc, prefix: str = "") -> list[str]:
+    """One line per pydantic error: the dotted key path, what is wrong, and what was given."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        path = prefix
+        for part in error["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] not in {"missing", "extra_forbidden"} and "input" in error:
+            given = repr(error["input"])
+            if len(given) <= 60:
+                message += f" (got {given})"
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{path}: {message}" if path else message)
+    return lines

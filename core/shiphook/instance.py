@@ -1,0 +1,81 @@
+"""The composition root: config, plugins, backends, storage and services for one instance.
+
+The server and every CLI command open their own instance; nothing is a module global, so tests
+can build as many isolated instances as they like.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+
+from shiphook.backends import Backend, BackendError, BackendRegistry
+from shiphook.config import Config, config_path, read_config_file, resolve_config
+from shiphook.db import create_db_engine, upgrade
+from shiphook.errors import ConfigError
+from shiphook.plugins import collect_backends, make_plugin_manager
+from shiphook.services import Deployments, Hooks
+from shiphook.storage import Storage
+
+
+@dataclass
+class Instance:
+    config: Config
+    plugins: pluggy.PluginManager
+    registry: BackendRegistry
+    storage: Storage
+    backends: dict[str, Backend] = field(default_factory=dict)
+
+    @property
+    def hooks(self) -> Hooks:
+        return Hooks(self.storage, self.config.targets)
+
+    @property
+    def deployments(self) -> Deployments:
+        return Deployments(self.storage, self.config.targets)
+
+    @property
+    def admin_token(self) -> str | None:
+        return os.environ.get("SHIPHOOK_ADMIN_TOKEN") or None
+
+    def migrate(self) -> None:
+        upgrade(self.storage.engine)
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+        self.storage.engine.dispose()
+
+
+def open_instance(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    plugin_modules: Iterable[str] | None = None,
+    plugin_objects: Iterable[object] = (),
+) -> Instance:
+    """Read and validate the config, load plugins, build backends and open the database.
+
+    `plugin_objects` are registered on the fresh plugin manager directly (tests use this for
+    throwaway backends). Raises `ConfigError` for anything wrong, naming what and where.
+    """
+    file = config_path(path)
+    parsed = read_config_file(file)
+    pm = make_plugin_manager(disabled=parsed.server.disabled_plugins, modules=plugin_modules)
+    for plugin in plugin_objects:
+        pm.register(plugin)
+    registry = collect_backends(pm)
+    config = resolve_config(Path(file), parsed, registry)
+    backends = {}
+    for name, backend_config in config.backends.items():
+        try:
+            backends[name] = registry.classes[backend_config.plugin](backend_config.options)
+        except (BackendError, ValueError, OSError) as exc:
+            raise ConfigError(f"{file}: backends.{name}: {exc}") from None
+    storage = Storage(create_db_engine(config.server.database_url))
+    return Instance(
+        config=config, plugins=pm, registry=registry, storage=storage, backends=backends
+    )

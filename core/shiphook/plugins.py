@@ -1,0 +1,85 @@
+"""The plugin manager: a fresh one per server or CLI instance, never a module global."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pluggy
+
+from shiphook import hookspecs
+from shiphook.backends import BackendRegistry
+from shiphook.errors import ConfigError
+
+ENTRY_POINT_GROUP = "shiphook"
+
+
+def make_plugin_manager(
+    *,
+    disabled: Iterable[str] = (),
+    modules: Iterable[str] | None = None,
+) -> pluggy.PluginManager:
+    """Load the plugins of the `shiphook` entry-point group, minus `disabled`.
+
+    `modules` are extra plugin modules imported by dotted name; by default they come from the
+    comma-separated `SHIPHOOK_PLUGINS` environment variable (like `PYTEST_PLUGINS`).
+    """
+    pm = pluggy.PluginManager("shiphook")
+    pm.add_hookspecs(hookspecs)
+    for name in disabled:
+        pm.set_blocked(name)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    if modules is None:
+        modules = [m for m in os.environ.get("SHIPHOOK_PLUGINS", "").split(",") if m.strip()]
+    for dotted in modules:
+        dotted = dotted.strip()
+        if pm.is_blocked(dotted) or pm.has_plugin(dotted):
+            continue
+        try:
+            module = importlib.import_module(dotted)
+        except ImportError as exc:
+            raise ConfigError(
+                f"SHIPHOOK_PLUGINS: cannot import plugin module {dotted!r}: {exc}"
+            ) from None
+        pm.register(module, name=dotted)
+    return pm
+
+
+def collect_backends(pm: pluggy.PluginManager) -> BackendRegistry:
+    """Ask every plugin for its backends."""
+    registry = BackendRegistry()
+    for impl in pm.hook.register_backends.get_hookimpls():
+        source = pm.get_name(impl.plugin) or repr(impl.plugin)
+        try:
+            impl.function(register=lambda cls, source=source: registry.register(cls, source=source))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"plugin {source}: {exc}") from None
+    return registry
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    backends: tuple[str, ...]
+
+
+def describe_plugins(pm: pluggy.PluginManager, registry: BackendRegistry) -> list[PluginInfo]:
+    """What is loaded, from which distribution, providing which backends."""
+    dists = {pm.get_name(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    infos = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        dist = dists.get(name)
+        infos.append(
+            PluginInfo(
+                name=name,
+                distribution=dist.metadata["Name"] if dist else None,
+                version=dist.version if dist else None,
+                backends=tuple(b for b, src in registry.sources.items() if src == name),
+            )
+        )
+    return sorted(infos, key=lambda info: info.name)

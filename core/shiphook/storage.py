@@ -1,0 +1,287 @@
+"""Data functions over the hook and deployment tables. Nothing here knows HTTP or orchestrators.
+
+Every write runs in one transaction under the engine's write lock (a no-op except on SQLite,
+where it makes writers from all threads and processes queue instead of busy-waiting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, and_, func, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from shiphook.db import write_lock
+from shiphook.models import Deployment, DeploymentEvent, Hook, Lease, Status
+
+
+@dataclass(frozen=True)
+class PendingTarget:
+    """A target with work: queued deployments, and the slots of its in-progress ones."""
+
+    target: str
+    queued: int
+    active_slots: frozenset[int]
+
+
+class Storage:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = write_lock(engine)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._lock(), Session(self.engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+
+    def _read(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- hooks --------------------------------------------------------------
+
+    def create_hook(self, *, name: str, target: str, token_digest: str, now: datetime) -> Hook:
+        hook = Hook(name=name, target=target, token_digest=token_digest, created_at=now)
+        with self._write() as session:
+            session.add(hook)
+            session.flush()
+        return hook
+
+    def hook_by_digest(self, token_digest: str) -> Hook | None:
+        with self._read() as session:
+            return session.exec(select(Hook).where(Hook.token_digest == token_digest)).first()
+
+    def list_hooks(self, *, target: str | None = None) -> Sequence[Hook]:
+        query = select(Hook).order_by(Hook.id)
+        if target is not None:
+            query = query.where(Hook.target == target)
+        with self._read() as session:
+            return session.exec(query).all()
+
+    def delete_hook(self, hook_id: int) -> Hook | None:
+        with self._write() as session:
+            hook = session.get(Hook, hook_id)
+            if hook is not None:
+                session.delete(hook)
+            return hook
+
+    # -- deployments --------------------------------------------------------
+
+    def add_deployment(
+        self, deployment: Deployment, *, touch_hook: int | None = None
+    ) -> Deployment:
+        """Commit a new deployment; with `touch_hook`, stamp that hook's last use in the same
+        transaction."""
+        with self._write() as session:
+            session.add(deployment)
+            if touch_hook is not None:
+                session.exec(
+                    update(Hook)
+                    .where(Hook.id == touch_hook)
+                    .values(last_used_at=deployment.created_at)
+                )
+        return deployment
+
+    def get_deployment(self, deployment_id: str) -> Deployment | None:
+        with self._read() as session:
+            return session.get(Deployment, deployment_id)
+
+    def history(self, deployment_id: str) -> Sequence[DeploymentEvent]:
+        query = (
+            select(DeploymentEvent)
+            .where(DeploymentEvent.deployment_id == deployment_id)
+            .order_by(DeploymentEvent.id)
+        )
+        with self._read() as session:
+            return session.exec(query).all()
+
+    def list_deployments(
+        self,
+        *,
+        target: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+    ) -> Sequence[Deployment]:
+        query = select(Deployment).order_by(col(Deployment.id).desc()).limit(limit)
+        if target is not None:
+            query = query.where(Deployment.target == target)
+        if status is not None:
+            query = query.where(Deployment.status == status)
+        with self._read() as session:
+            return session.exec(query).all()
+
+    def statuses(self, deployment_ids: Sequence[str]) -> dict[str, str]:
+        query = select(Deployment.id, Deployment.status).where(
+            col(Deployment.id).in_(deployment_ids)
+        )
+        with self._read() as session:
+            return dict(session.exec(query).all())
+
+    def update_deployment(
+        self, deployment_id: str, *, now: datetime, event: str | None = None, **values
+    ) -> None:
+        """Set `values` on the deployment; with `event`, record it in the history."""
+        with self._write() as session:
+            session.exec(
+                update(Deployment)
+                .where(Deployment.id == deployment_id)
+                .values(updated_at=now, **values)
+            )
+            if event is not None:
+                session.add(
+                    DeploymentEvent(
+                        deployment_id=deployment_id,
+                        at=now,
+                        status=values.get("status", event),
+                        message=values.get("message", ""),
+                    )
+                )
+
+    # -- the engine's work queue -------------------------------------------------
+
+    def pending_targets(self) -> list[PendingTarget]:
+        """Targets with queued or in-progress deployments."""
+        query = (
+            select(Deployment.target, Deployment.status, Deployment.slot, func.count())
+            .where(col(Deployment.status).in_([Status.queued, Status.in_progress]))
+            .group_by(Deployment.target, Deployment.status, Deployment.slot)
+        )
+        queued: dict[str, int] = {}
+        active: dict[str, set[int]] = {}
+        with self._read() as session:
+            for target, status, slot, count in session.exec(query):
+                if status == Status.queued:
+                    queued[target] = queued.get(target, 0) + count
+                else:
+                    active.setdefault(target, set()).add(slot or 0)
+        return [
+            PendingTarget(
+                target=t, queued=queued.get(t, 0), active_slots=frozenset(active.get(t, ()))
+            )
+            for t in sorted(queued.keys() | active.keys())
+        ]
+
+    def held_slots(self, *, now: datetime) -> set[tuple[str, int]]:
+        with self._read() as session:
+            rows = session.exec(select(Lease.target, Lease.slot).where(Lease.expires_at > now))
+            return set(rows.all())
+
+    def claim_lease(
+        self, *, target: str, slot: int, owner: str, now: datetime, until: datetime
+    ) -> bool:
+        """Take the slot if it is free, expired, or already ours; True when we hold it."""
+        with self._write() as session:
+            taken = session.exec(
+                update(Lease)
+                .where(
+                    and_(
+                        Lease.target == target,
+                        Lease.slot == slot,
+                        or_(Lease.expires_at <= now, Lease.owner == owner),
+                    )
+                )
+                .values(owner=owner, expires_at=until)
+            )
+            if taken.rowcount:
+                return True
+            try:
+                with session.begin_nested():
+                    session.add(Lease(target=target, slot=slot, owner=owner, expires_at=until))
+            except IntegrityError:
+                return False
+            return True
+
+    def renew_lease(self, *, target: str, slot: int, owner: str, until: datetime) -> bool:
+        with self._write() as session:
+            renewed = session.exec(
+                update(Lease)
+                .where(and_(Lease.target == target, Lease.slot == slot, Lease.owner == owner))
+                .values(expires_at=until)
+            )
+            return bool(renewed.rowcount)
+
+    def release_lease(self, *, target: str, slot: int, owner: str) -> None:
+        with self._write() as session:
+            session.exec(
+                delete(Lease).where(
+                    and_(Lease.target == target, Lease.slot == slot, Lease.owner == owner)
+                )
+            )
+
+    def next_deployment(
+        self, *, target: str, slot: int, kind: str, now: datetime
+    ) -> tuple[Deployment | None, list[str]]:
+        """The deployment the holder of this slot works on next.
+
+        First one already in progress on the slot (resumed after a crash or a lost lease);
+        otherwise it starts a queued one: for an app the newest, superseding the older ones;
+        for a job the oldest. Also returns the ids it superseded.
+        """
+        with self._write() as session:
+            resumed = session.exec(
+                select(Deployment).where(
+                    Deployment.target == target,
+                    Deployment.status == Status.in_progress,
+                    Deployment.slot == slot,
+                )
+            ).first()
+            if resumed is not None:
+                return resumed, []
+            order = col(Deployment.id).desc() if kind == "app" else col(Deployment.id)
+            chosen = session.exec(
+                select(Deployment)
+                .where(Deployment.target == target, Deployment.status == Status.queued)
+                .order_by(order)
+                .limit(1)
+            ).first()
+            if chosen is None:
+                return None, []
+            started = session.exec(
+                update(Deployment)
+                .where(Deployment.id == chosen.id, Deployment.status == Status.queued)
+                .values(status=Status.in_progress, slot=slot, started_at=now, updated_at=now)
+            )
+            if not started.rowcount:
+                return None, []
+            session.add(DeploymentEvent(deployment_id=chosen.id, at=now, status=Status.in_progress))
+            superseded = (
+                self._supersede(session, target=target, newest=chosen.id, now=now)
+                if kind == "app"
+                else []
+            )
+            session.flush()
+            session.refresh(chosen)
+            return chosen, superseded
+
+    @staticmethod
+    def _supersede(session: Session, *, target: str, newest: str, now: datetime) -> list[str]:
+        older = session.exec(
+            select(Deployment.id).where(
+                Deployment.target == target,
+                Deployment.status == Status.queued,
+                col(Deployment.id) < newest,
+            )
+        ).all()
+        if not older:
+            return []
+        message = f"superseded by deployment {newest}"
+        session.exec(
+            update(Deployment)
+            .where(col(Deployment.id).in_(older), Deployment.status == Status.queued)
+            .values(
+                status=Status.superseded,
+                superseded_by=newest,
+                message=message,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        session.add_all(
+            DeploymentEvent(deployment_id=i, at=now, status=Status.superseded, message=message)
+            for i in older
+        )
+        return list(older)

@@ -1,0 +1,53 @@
+"""Hook tokens: 256 random bits, a recognisable prefix for secret scanners, a checksum.
+
+`shk_` + 43 base62 characters of randomness + 6 base62 characters of CRC-32 over them, in the
+style of GitHub's tokens: a mistyped or truncated token is rejected without a database lookup,
+and a leaked one is easy to find by pattern. Only the SHA-256 digest is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import zlib
+
+PREFIX = "shk_"
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_INDEX = {c: i for i, c in enumerate(_ALPHABET)}
+_BODY_LEN = 43  # ceil(256 / log2(62))
+_CHECK_LEN = 6  # ceil(32 / log2(62))
+TOKEN_LENGTH = len(PREFIX) + _BODY_LEN + _CHECK_LEN
+TOKEN_PATTERN = rf"{PREFIX}[0-9A-Za-z]{{{_BODY_LEN + _CHECK_LEN}}}"
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, rest = divmod(number, 62)
+        digits.append(_ALPHABET[rest])
+    return "".join(reversed(digits))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode("ascii")), _CHECK_LEN)
+
+
+def new_token(random_bytes=secrets.token_bytes) -> str:
+    """A fresh token; `random_bytes` is injectable for tests."""
+    body = _base62(int.from_bytes(random_bytes(32), "big"), _BODY_LEN)
+    return PREFIX + body + _checksum(body)
+
+
+def is_well_formed(token: str) -> bool:
+    """Prefix, length, alphabet and checksum are right: worth a database lookup."""
+    if len(token) != TOKEN_LENGTH or not token.startswith(PREFIX):
+        return False
+    body, check = token[len(PREFIX) : -_CHECK_LEN], token[-_CHECK_LEN:]
+    if any(c not in _INDEX for c in body):
+        return False
+    return secrets.compare_digest(_checksum(body), check)
+
+
+def digest(token: str) -> str:
+    """What the database stores and looks up: SHA-256, hex."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()

@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from falcon import testing
+from shiphook.engine import Engine
+from shiphook.instance import Instance, open_instance
+from shiphook.server import build
+
+PLUGIN_DIR = Path(__file__).parent / "plugins"
+sys.path.insert(0, str(PLUGIN_DIR))
+
+import scripted_backend  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+SHIPHOOK = str(Path(sys.executable).parent / "shiphook")
+ADMIN_TOKEN = "test-admin-token"
+
+SCRIPTED_CONFIG = """
+[backends.fake]
+plugin = "scripted"
+{backend_extra}
+
+[targets.web]
+kind = "app"
+backend = "fake"
+name = "web"
+rollout_timeout = {timeout}
+retry_budget = 1
+
+[targets.api]
+kind = "app"
+backend = "fake"
+name = "api"
+on_failure = "leave"
+rollout_timeout = {timeout}
+
+[targets.strict]
+kind = "app"
+backend = "fake"
+name = "strict"
+allowed_tags = 'v\\d+\\.\\d+\\.\\d+'
+
+[targets.gone]
+kind = "app"
+backend = "fake"
+name = "missing-service"
+
+[targets.migrate]
+kind = "job"
+backend = "fake"
+name = "migrate"
+parameters = ["EXIT", "GREETING"]
+
+[targets.report]
+kind = "job"
+backend = "fake"
+name = "report"
+"""
+
+
+def scripted_config(
+    tmp_path: Path, *, backend_extra: str = "", timeout: float = 5, server: str = ""
+) -> Path:
+    """A config with the scripted test backend and four targets, database in tmp_path."""
+    path = tmp_path / "shiphook.toml"
+    text = f'[server]\ndatabase_url = "sqlite:///{tmp_path}/shiphook.db"\n{server}\n'
+    text += SCRIPTED_CONFIG.format(backend_extra=backend_extra, timeout=timeout)
+    path.write_text(text)
+    return path
+
+
+def write_config(tmp_path: Path, text: str, name: str = "shiphook.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@dataclass
+class Harness:
+    """An in-process shiphook: instance, engine, and a falcon test client on its app."""
+
+    instance: Instance
+    engine: Engine
+    client: testing.TestClient
+
+    @property
+    def backend(self) -> scripted_backend.ScriptedBackend:
+        return self.instance.backends["fake"]
+
+    def new_hook(self, target: str = "web") -> str:
+        return self.instance.hooks.create(target=target, name="ci").token
+
+    def post_hook(self, token: str, body: object = None, **kwargs) -> testing.Result:
+        headers = {"X-Deploy-Hook-Token": token, **kwargs.pop("headers", {})}
+        if isinstance(body, (bytes, str)):
+            return self.client.simulate_post("/api/v1/dh", body=body, headers=headers, **kwargs)
+        return self.client.simulate_post("/api/v1/dh", json=body, headers=headers, **kwargs)
+
+    def deploy(self, token: str, body: object) -> str:
+        result = self.post_hook(token, body)
+        assert result.status_code == 201, result.text
+        return result.json["deployment"]["id"]
+
+    def wait_for(self, deployment_id: str, timeout: float = 10) -> dict:
+        """Poll the stored deployment until it is terminal (the engine runs in threads)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            deployment = self.instance.deployments.get(deployment_id)
+            if deployment["status"] not in ("queued", "in_progress"):
+                return deployment
+            time.sleep(0.02)
+        raise AssertionError(f"deployment {deployment_id} did not end: {deployment}")
+
+
+@pytest.fixture
+def harness_factory(tmp_path, monkeypatch) -> Iterator[Callable[..., Harness]]:
+    monkeypatch.setenv("SHIPHOOK_ADMIN_TOKEN", ADMIN_TOKEN)
+    made: list[Harness] = []
+
+    def make(config: Path | None = None, *, start: bool = True, **config_kwargs) -> Harness:
+        path = config or scripted_config(tmp_path, **config_kwargs)
+        instance = open_instance(path, plugin_modules=[], plugin_objects=[scripted_backend])
+        instance.migrate()
+        app, engine = build(instance, lifespan=False)
+        if start:
+            engine.start()
+        harness = Harness(instance, engine, testing.TestClient(app))
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.engine.stop()
+        harness.instance.close()
+
+
+@pytest.fixture
+def harness(harness_factory) -> Harness:
+    return harness_factory()
+
+
+# -- a real `shiphook serve` subprocess ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plugin_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
+    env["SHIPHOOK_PLUGINS"] = "scripted_backend"
+    env["SHIPHOOK_ADMIN_TOKEN"] = ADMIN_TOKEN
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, config: Path, env: dict[str, str] | None = None, check: bool = True):
+    result = subprocess.run(
+        [SHIPHOOK, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env=env or plugin_env(),
+        cwd=config.parent,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"shiphook {' '.join(args)} failed: {result.stderr}{result.stdout}")
+    return result
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+        """(status, headers, body) without raising on HTTP errors."""
+        req = urllib.request.Request(
+            self.url + path, data=body, method=method, headers=headers or {}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = 15) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(config: Path, log_path: Path, env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [SHIPHOOK, "--config", str(config), "serve", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or plugin_env(),
+            cwd=log_path.parent,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"shiphook serve exited {process.returncode}: {server.log()}")
+        try:
+            if server.request("GET", "/healthz")[0] == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise AssertionError(f"shiphook serve did not answer /healthz: {server.log()}")
+
+
+@pytest.fixture
+def serve(tmp_path) -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def start(config: Path, env: dict[str, str] | None = None, name: str = "serve") -> Server:
+        server = start_server(config, tmp_path / f"{name}.log", env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

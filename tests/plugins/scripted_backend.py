@@ -1,0 +1,178 @@
+"""A throwaway backend for tests and benchmarks; never shipped.
+
+Its behaviour is scripted by the image tag a hook sends, so a test can drive every path of the
+engine through the real HTTP API:
+
+| tag starts with | deploy                                                      |
+|-----------------|-------------------------------------------------------------|
+| (anything else) | succeeds after `polls` progress calls (or `rollout_seconds`) |
+| `bad`           | the rollout fails: "task exited with code 1"                |
+| `hang`          | the rollout never ends (timeout)                            |
+| `transientN`    | deploy raises a transient error N times, then works         |
+| `down`          | every call raises a transient error (retry budget runs out) |
+| `perm`          | deploy raises a permanent error                             |
+
+A job run fails when its env has `EXIT` other than `0`. A target whose `name` starts with
+`missing` does not exist. With `state_dir`, state and the log of calls live in a file, shared
+by every process (crash and replica tests read it after the server is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from shiphook import Backend, BackendError, Progress, Target, TargetState, hookimpl
+
+
+class ScriptedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: str | None = None
+    polls: int = 1
+    rollout_seconds: float = 0.0
+    unreachable: str | None = None
+
+
+class ScriptedTargetOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    repository: str = "registry.test/app"
+
+
+class ScriptedBackend(Backend):
+    name = "scripted"
+    description = "test backend scripted by image tags"
+    Options = ScriptedOptions
+    TargetOptions = ScriptedTargetOptions
+    poll_interval = 0.02
+
+    def __init__(self, options: ScriptedOptions) -> None:
+        super().__init__(options)
+        self._lock = threading.Lock()
+        self._memory: dict[str, Any] = {}
+        self._path = Path(options.state_dir) / "scripted-state.json" if options.state_dir else None
+
+    # -- state shared by threads and, with state_dir, processes --------------------
+
+    @contextlib.contextmanager
+    def state(self) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            if self._path is None:
+                yield self._memory
+                return
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._path.with_suffix(".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                data = json.loads(self._path.read_text()) if self._path.exists() else {}
+                yield data
+                tmp = self._path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data))
+                tmp.replace(self._path)
+
+    def calls(self, op: str | None = None) -> list[dict[str, Any]]:
+        with self.state() as s:
+            return [c for c in s.get("calls", []) if op is None or c["op"] == op]
+
+    def image(self, target: str) -> str | None:
+        with self.state() as s:
+            return s.get("images", {}).get(target)
+
+    def _log(self, s: dict[str, Any], op: str, **fields: Any) -> None:
+        s.setdefault("calls", []).append({"op": op, "at": time.time(), **fields})
+
+    # -- Backend -----------------------------------------------------------------------
+
+    def check(self) -> str:
+        if self.options.unreachable:
+            raise BackendError(self.options.unreachable, transient=True)
+        return "scripted backend ready"
+
+    def describe(self, target: Target) -> TargetState:
+        self.check()
+        if target.options.name.startswith("missing"):
+            raise BackendError(f"service {target.options.name} not found")
+        with self.state() as s:
+            images = s.setdefault("images", {})
+            image = images.setdefault(target.name, f"{target.options.repository}:initial")
+        return TargetState(image=image)
+
+    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> dict[str, Any]:
+        self.check()
+        with self.state() as s:
+            attempts = s.setdefault("attempts", {})
+            attempts[deployment_id] = attempts.get(deployment_id, 0) + 1
+            self._log(s, "deploy", target=target.name, tag=image_tag, deployment=deployment_id)
+            flaky = re.match(r"transient(\d+)", image_tag)
+            if flaky and attempts[deployment_id] <= int(flaky.group(1)):
+                raise BackendError("connection refused", transient=True)
+            if image_tag.startswith("down"):
+                raise BackendError("connection refused", transient=True)
+            if image_tag.startswith("perm"):
+                raise BackendError(f"invalid image reference {image_tag!r}")
+            images = s.setdefault("images", {})
+            previous = images.get(target.name, f"{target.options.repository}:initial")
+            images[target.name] = f"{target.options.repository}:{image_tag}"
+            s.setdefault("previous", {})[deployment_id] = previous
+        return {"op": "deploy", "deployment": deployment_id, "tag": image_tag, "at": time.time()}
+
+    def run_job(
+        self, target: Target, *, env: dict[str, str], image_tag: str | None, deployment_id: str
+    ) -> dict[str, Any]:
+        self.check()
+        with self.state() as s:
+            runs = s.setdefault("runs", {})
+            if deployment_id not in runs:  # idempotent per deployment, like a derived job name
+                runs[deployment_id] = {"env": env, "tag": image_tag}
+                self._log(s, "run", target=target.name, env=env, deployment=deployment_id)
+        return {"op": "run", "deployment": deployment_id, "at": time.time()}
+
+    def progress(self, target: Target, ref: dict[str, Any]) -> Progress:
+        self.check()
+        with self.state() as s:
+            polls = s.setdefault("polls", {})
+            key = f"{ref['op']}:{ref['deployment']}"
+            polls[key] = polls.get(key, 0) + 1
+            count = polls[key]
+            run = s.get("runs", {}).get(ref["deployment"])
+        if ref["op"] == "run":
+            if count < self.options.polls:
+                return Progress("running", "job running")
+            if run and run["env"].get("EXIT", "0") != "0":
+                return Progress("failed", f"task exited with code {run['env']['EXIT']}")
+            return Progress("succeeded", "job completed")
+        if ref["op"] == "rollback":
+            return Progress("succeeded", f"restored {ref['image']}")
+        tag = ref["tag"]
+        if tag.startswith("hang"):
+            return Progress("running", "1/2 tasks updated")
+        elapsed = time.time() - ref["at"]
+        if count < self.options.polls or elapsed < self.options.rollout_seconds:
+            return Progress("running", "updating")
+        if tag.startswith("bad"):
+            return Progress("failed", "update paused: task exited with code 1")
+        return Progress("succeeded", "update completed")
+
+    def rollback(self, target: Target, ref: dict[str, Any]) -> dict[str, Any]:
+        self.check()
+        with self.state() as s:
+            previous = s.get("previous", {}).get(ref["deployment"])
+            if previous is None:
+                raise BackendError(f"service {target.options.name} does not have a previous spec")
+            s["images"][target.name] = previous
+            self._log(s, "rollback", target=target.name, deployment=ref["deployment"])
+        return {"op": "rollback", "deployment": ref["deployment"], "image": previous}
+
+
+@hookimpl
+def register_backends(register) -> None:
+    register(ScriptedBackend)

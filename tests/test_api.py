@@ -1,0 +1,283 @@
+"""The hook contract through falcon.testing: every answer of the bad-input table, and the rest."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ADMIN_TOKEN
+from shiphook import tokens
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def stored_deployments(harness) -> list[dict]:
+    return harness.instance.deployments.list(limit=1000)
+
+
+@pytest.fixture
+def quiet(harness_factory):
+    """A harness whose engine is not running, so stored deployments stay as accepted."""
+    return harness_factory(start=False)
+
+
+def test_app_hook_accepts_an_image_tag_and_records_a_queued_deployment(quiet):
+    token = quiet.new_hook("web")
+    result = quiet.post_hook(token, {"imageTag": "1.2.0"})
+    assert result.status_code == 201
+    deployment = result.json["deployment"]
+    assert result.headers["location"] == f"/api/v1/deployments/{deployment['id']}"
+    assert deployment["status"] == "queued"
+    assert deployment["imageTag"] == "1.2.0"
+    assert deployment["target"] == "web"
+    assert [d["id"] for d in stored_deployments(quiet)] == [deployment["id"]]
+
+
+def test_curl_data_without_a_json_content_type_is_accepted(quiet):
+    token = quiet.new_hook("web")
+    result = quiet.post_hook(
+        token,
+        b'{"imageTag":"1.2.0"}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert result.status_code == 201, result.text
+
+
+def test_job_hook_accepts_env_overrides_and_an_empty_body(quiet):
+    token = quiet.new_hook("migrate")
+    body = {"instanceEnvironmentVariables": [{"name": "GREETING", "value": "hi"}]}
+    result = quiet.post_hook(token, body)
+    assert result.status_code == 201, result.text
+    assert result.json["deployment"]["instanceEnvironmentVariables"] == [
+        {"name": "GREETING", "value": "hi"}
+    ]
+    assert quiet.post_hook(token, b"").status_code == 201
+    assert quiet.post_hook(token, {"imageTag": "2.0", **body}).status_code == 201
+
+
+def test_hook_use_stamps_last_used_at(quiet):
+    token = quiet.new_hook("web")
+    assert quiet.instance.hooks.list()[0].last_used_at is None
+    quiet.post_hook(token, {"imageTag": "1.2.0"})
+    assert quiet.instance.hooks.list()[0].last_used_at is not None
+
+
+def test_missing_token_header_is_400_naming_the_header(quiet):
+    result = quiet.client.simulate_post("/api/v1/dh", json={"imageTag": "1.2.0"})
+    assert result.status_code == 400
+    assert "X-Deploy-Hook-Token" in result.json["description"]
+    assert stored_deployments(quiet) == []
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "nonsense",
+        "shk_" + "A" * 49,  # right shape, wrong checksum
+        tokens.new_token(),  # well formed, unknown
+        tokens.new_token()[:-1],  # truncated
+    ],
+    ids=["wrong-shape", "bad-checksum", "unknown", "truncated"],
+)
+def test_bad_tokens_are_404_and_store_nothing(quiet, token):
+    quiet.new_hook("web")
+    result = quiet.post_hook(token, {"imageTag": "1.2.0"})
+    assert result.status_code == 404
+    assert stored_deployments(quiet) == []
+
+
+def test_a_deleted_hook_is_404_at_once(quiet):
+    token = quiet.new_hook("web")
+    assert quiet.post_hook(token, {"imageTag": "1.0"}).status_code == 201
+    hook_id = quiet.instance.hooks.list()[0].id
+    quiet.instance.hooks.delete(hook_id)
+    assert quiet.post_hook(token, {"imageTag": "1.1"}).status_code == 404
+    assert len(stored_deployments(quiet)) == 1
+
+
+def test_the_token_is_checked_before_the_body(quiet):
+    result = quiet.post_hook(tokens.new_token(), b"not json")
+    assert result.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (b"not json", "Invalid JSON"),
+        (b"[1, 2]", "object"),
+        (b'"1.2.0"', "object"),
+        (b"{}", "imageTag"),
+        (b'{"imageTag": 12}', "imageTag"),
+        (b'{"imageTag": null}', "imageTag"),
+        (b'{"imageTag": ""}', "imageTag"),
+        (b'{"imageTag": "-leading-dash"}', "imageTag"),
+        (b'{"imageTag": "has space"}', "imageTag"),
+        (b'{"imageTag": "' + b"a" * 129 + b'"}', "imageTag"),
+        (b'{"imageTag": "1.0", "extra": 1}', "extra"),
+        (b'{"instanceEnvironmentVariables": []}', "instanceEnvironmentVariables"),
+    ],
+)
+def test_malformed_app_bodies_are_400_naming_the_field(quiet, body, names):
+    token = quiet.new_hook("web")
+    result = quiet.post_hook(token, body)
+    assert result.status_code == 400, result.text
+    assert names in result.json["description"]
+    assert stored_deployments(quiet) == []
+
+
+def test_a_tag_outside_allowed_tags_is_400(quiet):
+    token = quiet.new_hook("strict")
+    result = quiet.post_hook(token, {"imageTag": "latest"})
+    assert result.status_code == 400
+    assert "imageTag" in result.json["description"]
+    assert "v\\d+" in result.json["description"]
+    assert quiet.post_hook(token, {"imageTag": "v1.2.3"}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("variables", "names"),
+    [
+        ([{"name": "1BAD", "value": "x"}], "instanceEnvironmentVariables[0].name"),
+        ([{"name": "A-B", "value": "x"}], "instanceEnvironmentVariables[0].name"),
+        (
+            [{"name": "GREETING", "value": "a"}, {"name": "GREETING", "value": "b"}],
+            "instanceEnvironmentVariables[1].name",
+        ),
+        ([{"name": "SECRET", "value": "x"}], "instanceEnvironmentVariables[0].name"),
+        ([{"name": "GREETING", "value": 3}], "instanceEnvironmentVariables[0].value"),
+        ([{"name": "GREETING"}], "instanceEnvironmentVariables[0].value"),
+        ([{"name": "GREETING", "value": "x", "other": 1}], "instanceEnvironmentVariables[0].other"),
+        ({"name": "GREETING"}, "instanceEnvironmentVariables"),
+    ],
+)
+def test_malformed_job_variables_are_400_naming_the_item(quiet, variables, names):
+    token = quiet.new_hook("migrate")
+    result = quiet.post_hook(token, {"instanceEnvironmentVariables": variables})
+    assert result.status_code == 400, result.text
+    assert names in result.json["description"]
+    assert stored_deployments(quiet) == []
+
+
+def test_a_target_without_parameters_accepts_any_valid_name(quiet):
+    token = quiet.new_hook("report")
+    body = {"instanceEnvironmentVariables": [{"name": "ANYTHING_GOES", "value": ""}]}
+    assert quiet.post_hook(token, body).status_code == 201
+
+
+def test_a_body_over_64_kib_is_413(quiet):
+    token = quiet.new_hook("web")
+    body = b'{"imageTag": "1.0", "pad": "' + b"x" * (64 * 1024) + b'"}'
+    result = quiet.post_hook(token, body)
+    assert result.status_code == 413
+    assert stored_deployments(quiet) == []
+
+
+def test_the_server_keeps_serving_after_bad_requests(quiet):
+    token = quiet.new_hook("web")
+    for body in (b"{", b"[]", b"\xff\xfe", b'{"imageTag": "x y"}'):
+        assert quiet.post_hook(token, body).status_code == 400
+    assert quiet.post_hook(token, {"imageTag": "1.0"}).status_code == 201
+
+
+# -- reading deployments ------------------------------------------------------------------
+
+
+def test_a_deployment_is_readable_with_its_hook_token_or_the_admin_token(quiet):
+    token = quiet.new_hook("web")
+    other = quiet.new_hook("web")
+    deployment_id = quiet.deploy(token, {"imageTag": "1.0"})
+    path = f"/api/v1/deployments/{deployment_id}"
+
+    mine = quiet.client.simulate_get(path, headers={"X-Deploy-Hook-Token": token})
+    assert mine.status_code == 200
+    assert mine.json["deployment"]["history"][0]["status"] == "queued"
+    assert (
+        quiet.client.simulate_get(path, headers={"X-Deploy-Hook-Token": other}).status_code == 404
+    )
+    assert quiet.client.simulate_get(path, headers=ADMIN).status_code == 200
+    assert quiet.client.simulate_get(path).status_code == 401
+    assert quiet.client.simulate_get("/api/v1/deployments/nope", headers=ADMIN).status_code == 404
+
+
+# -- admin endpoints ------------------------------------------------------------------------
+
+
+def test_admin_endpoints_need_the_admin_token(quiet):
+    for path in ("/api/v1/targets", "/api/v1/deployments", "/api/v1/targets/web/hooks"):
+        assert quiet.client.simulate_get(path).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert quiet.client.simulate_get(path, headers=wrong).status_code == 401
+        assert quiet.client.simulate_get(path, headers=ADMIN).status_code == 200
+    assert (
+        quiet.client.simulate_post("/api/v1/targets/web/hooks", json={"name": "x"}).status_code
+        == 401
+    )
+
+
+def test_admin_endpoints_are_off_without_an_admin_token(harness_factory, monkeypatch):
+    monkeypatch.delenv("SHIPHOOK_ADMIN_TOKEN")
+    harness = harness_factory(start=False)
+    result = harness.client.simulate_get("/api/v1/targets", headers=ADMIN)
+    assert result.status_code == 403
+    assert "SHIPHOOK_ADMIN_TOKEN" in result.json["description"]
+
+
+def test_admin_creates_lists_and_deletes_hooks(quiet):
+    created = quiet.client.simulate_post(
+        "/api/v1/targets/web/hooks", json={"name": "gha"}, headers=ADMIN
+    )
+    assert created.status_code == 201
+    hook = created.json["hook"]
+    assert hook["token"].startswith("shk_")
+    assert quiet.post_hook(hook["token"], {"imageTag": "1.0"}).status_code == 201
+
+    listed = quiet.client.simulate_get("/api/v1/targets/web/hooks", headers=ADMIN).json["hooks"]
+    assert [h["name"] for h in listed] == ["gha"]
+    assert "token" not in listed[0] and "tokenDigest" not in listed[0]
+
+    deleted = quiet.client.simulate_delete(f"/api/v1/hooks/{hook['id']}", headers=ADMIN)
+    assert deleted.status_code == 200
+    assert quiet.post_hook(hook["token"], {"imageTag": "1.1"}).status_code == 404
+    assert (
+        quiet.client.simulate_delete(f"/api/v1/hooks/{hook['id']}", headers=ADMIN).status_code
+        == 404
+    )
+
+
+def test_admin_hook_creation_rejects_bad_input(quiet):
+    post = quiet.client.simulate_post
+    assert post("/api/v1/targets/nope/hooks", json={"name": "x"}, headers=ADMIN).status_code == 404
+    assert post("/api/v1/targets/web/hooks", json={}, headers=ADMIN).status_code == 400
+    assert post("/api/v1/targets/web/hooks", json={"name": ""}, headers=ADMIN).status_code == 400
+    assert post("/api/v1/targets/web/hooks", body=b"{", headers=ADMIN).status_code == 400
+
+
+def test_admin_lists_targets_and_deployments(quiet):
+    token = quiet.new_hook("web")
+    quiet.deploy(token, {"imageTag": "1.0"})
+    targets = quiet.client.simulate_get("/api/v1/targets", headers=ADMIN).json["targets"]
+    assert {t["name"] for t in targets} == {"web", "api", "strict", "gone", "migrate", "report"}
+    listed = quiet.client.simulate_get(
+        "/api/v1/deployments", params={"target": "web", "status": "queued"}, headers=ADMIN
+    )
+    assert [d["imageTag"] for d in listed.json["deployments"]] == ["1.0"]
+    bad = quiet.client.simulate_get("/api/v1/deployments", params={"status": "x"}, headers=ADMIN)
+    assert bad.status_code == 400
+    bad = quiet.client.simulate_get("/api/v1/deployments", params={"limit": "x"}, headers=ADMIN)
+    assert bad.status_code == 400
+
+
+def test_healthz(quiet):
+    assert quiet.client.simulate_get("/healthz").json == {"status": "ok"}
+
+
+def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, caplog, monkeypatch):
+    token = quiet.new_hook("web")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(quiet.instance.storage, "add_deployment", broken)
+    result = quiet.post_hook(token, {"imageTag": "1.0"})
+    assert result.status_code == 500
+    request_id = result.json["requestId"]
+    assert "disk on fire" not in result.text
+    assert any(request_id in r.getMessage() for r in caplog.records)

@@ -1,0 +1,119 @@
+"""The CLI, through click's runner on the same process (fast) and its real entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import plugin_env, scripted_config
+from shiphook.cli import main
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    for key, value in plugin_env().items():
+        monkeypatch.setenv(key, value)
+    config = scripted_config(tmp_path)
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):
+        result = runner.invoke(main, ["--config", str(config), *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result
+
+    return run
+
+
+def test_hooks_create_prints_the_token_once_and_a_ready_curl_line(cli):
+    out = cli("hooks", "create", "web", "--name", "github-actions").output
+    token = next(w for w in out.split() if w.startswith("shk_"))
+    assert "shown once" in out
+    assert f"-H 'X-Deploy-Hook-Token: {token}'" in out
+    assert "http://127.0.0.1:8080/api/v1/dh" in out
+    assert """--data '{"imageTag":"1.2.0"}'""" in out
+    listed = cli("hooks", "list").output
+    assert "github-actions" in listed and token not in listed
+
+
+def test_hooks_create_json_carries_the_token_and_curl(cli):
+    data = json.loads(cli("hooks", "create", "migrate", "--name", "gl", "--json").output)
+    assert data["token"].startswith("shk_")
+    assert data["target"] == "migrate"
+    assert "instanceEnvironmentVariables" in data["curl"]
+
+
+def test_hooks_list_filters_by_target_and_never_shows_tokens(cli):
+    cli("hooks", "create", "web", "--name", "a")
+    cli("hooks", "create", "api", "--name", "b")
+    data = json.loads(cli("hooks", "list", "api", "--json").output)
+    assert [h["name"] for h in data] == ["b"]
+    assert all("token" not in h and "tokenDigest" not in h for h in data)
+    assert len(json.loads(cli("hooks", "list", "--json").output)) == 2
+
+
+def test_hooks_delete_removes_the_hook(cli):
+    hook = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").output)
+    assert "Deleted hook" in cli("hooks", "delete", str(hook["id"])).output
+    assert json.loads(cli("hooks", "list", "--json").output) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["hooks", "create", "nope", "--name", "x"], "no target named 'nope'"),
+        (["hooks", "delete", "999"], "no hook with id 999"),
+        (["hooks", "list", "nope"], "no target named 'nope'"),
+        (["deployments", "show", "nope"], "no deployment with id 'nope'"),
+        (
+            ["deployments", "list", "--status", "bogus"],
+            "status: 'bogus' is not a deployment status",
+        ),
+    ],
+)
+def test_bad_cli_calls_say_what_is_wrong_and_exit_2(cli, args, message):
+    result = cli(*args, code=2)
+    assert message in result.output
+
+
+def test_usage_errors_name_the_missing_argument(cli):
+    result = cli("hooks", "create", "web", code=2)
+    assert "--name" in result.output
+    result = cli("hooks", "delete", "abc", code=2)
+    assert "'abc' is not a valid integer" in result.output
+
+
+def test_targets_and_plugins_list_as_tables_and_json(cli):
+    assert "web" in cli("targets").output.splitlines()[1]
+    targets = json.loads(cli("targets", "--json").output)
+    assert {t["name"] for t in targets} >= {"web", "migrate"}
+    plugins = json.loads(cli("plugins", "--json").output)
+    scripted = next(p for p in plugins if p["name"] == "scripted_backend")
+    assert scripted["backends"] == ["scripted"]
+    assert "scripted_backend" in cli("plugins").output
+
+
+def test_deployments_list_and_show(cli, tmp_path):
+    from conftest import scripted_backend
+    from shiphook.instance import open_instance
+
+    token = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").output)["token"]
+    instance = open_instance(
+        scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
+    )
+    hook = instance.hooks.authenticate(token)
+    deployment = instance.deployments.accept(hook, b'{"imageTag": "7.0"}')
+    instance.close()
+
+    listed = json.loads(cli("deployments", "list", "--json").output)
+    assert [d["id"] for d in listed] == [deployment.id]
+    assert deployment.id in cli("deployments", "list", "--target", "web").output
+    shown = cli("deployments", "show", deployment.id).output
+    assert "status:" in shown and "queued" in shown and "imageTag=7.0" in shown
+    data = json.loads(cli("deployments", "show", deployment.id, "--json").output)
+    assert data["history"][0]["status"] == "queued"
+
+
+def test_db_upgrade_is_repeatable(cli):
+    assert "latest schema" in cli("db", "upgrade").output
+    assert "latest schema" in cli("db", "upgrade").output

@@ -1,0 +1,157 @@
+"""Configuration: what is accepted, and the one-line answer to everything that is not."""
+
+from __future__ import annotations
+
+import pytest
+import scripted_backend
+from conftest import run_cli, scripted_config, write_config
+from shiphook.errors import ConfigError
+from shiphook.instance import open_instance
+
+BACKEND = '[backends.fake]\nplugin = "scripted"\n'
+
+
+def load(path):
+    return open_instance(path, plugin_modules=[], plugin_objects=[scripted_backend])
+
+
+def test_the_shipped_default_config_loads_without_any_orchestrator(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from conftest import ROOT
+
+    instance = load(ROOT / "configs" / "shiphook.toml")
+    assert instance.config.server.database_url == "sqlite:///shiphook.db"
+    instance.close()
+
+
+def test_a_full_config_resolves_plugin_keys_with_the_plugins_models(tmp_path):
+    instance = load(scripted_config(tmp_path))
+    web = instance.config.targets["web"]
+    assert web.kind == "app" and web.backend == "fake"
+    assert web.options.name == "web"
+    assert web.options.repository == "registry.test/app"
+    assert instance.config.targets["migrate"].parameters == ("EXIT", "GREETING")
+    instance.close()
+
+
+def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHIPHOOK_DATABASE_URL", f"sqlite:///{tmp_path}/other.db")
+    instance = load(scripted_config(tmp_path))
+    assert instance.config.server.database_url.endswith("other.db")
+    instance.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[backends.x]\nplugin = "swam"\n', "backends.x.plugin: unknown backend plugin 'swam'"),
+        (
+            BACKEND + '[targets.web]\nkind = "app"\nbackend = "prod"\nname = "w"\n',
+            "targets.web.backend: no backend named 'prod' (configured backends: fake)",
+        ),
+        (
+            BACKEND + '[targets.web]\nkind = "app"\nbackend = "fake"\n',
+            "targets.web.name: Field required",
+        ),
+        (
+            BACKEND + '[targets.web]\nkind = "app"\nbackend = "fake"\nname = "w"\nservice = "x"\n',
+            "targets.web.service: unknown key",
+        ),
+        (
+            BACKEND + '[targets.web]\nkind = "cron"\nbackend = "fake"\nname = "w"\n',
+            "targets.web.kind: Input should be 'app' or 'job'",
+        ),
+        (
+            BACKEND + '[targets.w]\nkind = "app"\nbackend = "fake"\nname = "w"\non_failure = "x"\n',
+            "targets.w.on_failure: Input should be 'rollback' or 'leave'",
+        ),
+        (
+            BACKEND
+            + '[targets.w]\nkind = "app"\nbackend = "fake"\nname = "w"\nallowed_tags = "("\n',
+            "targets.w.allowed_tags: not a valid regular expression",
+        ),
+        (
+            BACKEND
+            + '[targets.w]\nkind = "app"\nbackend = "fake"\nname = "w"\nparameters = ["A"]\n',
+            "targets.w: parameters applies to job targets only",
+        ),
+        (
+            BACKEND
+            + '[targets.w]\nkind = "job"\nbackend = "fake"\nname = "w"\nparameters = ["1X"]\n',
+            "targets.w.parameters[0]: String should match pattern",
+        ),
+        ('[server]\nport = "eighty"\n', "server.port: Input should be a valid integer"),
+        ("[server]\nlisten = 1\n", "server.listen: unknown key"),
+        ("[server\n", "not valid TOML"),
+        (
+            '[server]\ndatabase_url = "nonsense"\n',
+            "server.database_url: 'nonsense' is not a database URL",
+        ),
+        ('[server]\ndatabase_url = "sqlite://"\n', "in-memory SQLite database"),
+    ],
+)
+def test_a_bad_config_names_the_file_the_key_and_what_is_expected(tmp_path, text, expected):
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert expected in caught.value.message
+    assert str(path) in caught.value.message or "database_url" in caught.value.message
+
+
+def test_a_missing_config_file_says_how_to_choose_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found .*--config or SHIPHOOK_CONFIG"):
+        load(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve"]])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[backends.x]\nplugin = "swam"\n', "backends.x.plugin: unknown backend plugin 'swam'"),
+        (
+            BACKEND + '[targets.web]\nkind = "app"\nbackend = "prod"\nname = "w"\n',
+            "targets.web.backend: no backend named 'prod'",
+        ),
+        (
+            BACKEND + '[targets.web]\nkind = "app"\nbackend = "fake"\n',
+            "targets.web.name: Field required",
+        ),
+    ],
+    ids=["unknown-plugin", "unknown-backend", "missing-locator"],
+)
+def test_serve_and_check_exit_non_zero_with_one_line_and_no_traceback(
+    tmp_path, command, text, expected
+):
+    path = write_config(tmp_path, text)
+    result = run_cli(*command, config=path, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert lines[0].startswith(f"shiphook: {path}: ")
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_check_reports_reachable_backends_and_found_targets(tmp_path):
+    result = run_cli("check", config=scripted_config(tmp_path), check=False)
+    assert "backend fake (scripted): scripted backend ready" in result.stdout
+    assert "target web (app): found, running registry.test/app:initial" in result.stdout
+    # the `gone` target points at a service that does not exist
+    assert "target gone (app): NOT USABLE: service missing-service not found" in result.stdout
+    assert result.returncode == 1
+
+
+def test_check_fails_when_a_backend_is_unreachable(tmp_path):
+    path = scripted_config(tmp_path, backend_extra='unreachable = "connection refused"')
+    result = run_cli("check", config=path, check=False)
+    assert result.returncode == 1
+    assert "backend fake (scripted): UNREACHABLE: connection refused" in result.stdout
+
+
+def test_check_passes_when_everything_answers(tmp_path):
+    path = write_config(
+        tmp_path,
+        BACKEND + '[targets.web]\nkind = "app"\nbackend = "fake"\nname = "web"\n',
+    )
+    result = run_cli("check", config=path, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,176 @@
+"""The plugin system: entry points, blocking by name, fresh managers, the documented API."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import scripted_backend
+from conftest import plugin_env, run_cli, write_config
+from shiphook import Backend, hookimpl, hookspecs
+from shiphook.errors import ConfigError
+from shiphook.plugins import collect_backends, make_plugin_manager
+
+ROOT = Path(__file__).parent.parent
+
+
+def install_fake_distribution(site: Path) -> None:
+    """A third-party package as pip would leave it: a module plus dist-info with an entry point."""
+    (site / "shiphook_echo.py").write_text(
+        textwrap.dedent(
+            """
+            from shiphook import Backend, Progress, TargetState, hookimpl
+
+            class Echo(Backend):
+                name = "echo"
+                def check(self): return "echo ready"
+                def describe(self, target): return TargetState(image=None)
+                def deploy(self, target, *, image_tag, deployment_id): return {"tag": image_tag}
+                def run_job(self, target, *, env, image_tag, deployment_id): return {}
+                def progress(self, target, ref): return Progress("succeeded", "echoed")
+
+            @hookimpl
+            def register_backends(register):
+                register(Echo)
+            """
+        )
+    )
+    dist = site / "shiphook_echo-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shiphook-echo\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[shiphook]\necho = shiphook_echo\n")
+
+
+def test_a_third_party_backend_loads_through_the_entry_point_group(tmp_path):
+    install_fake_distribution(tmp_path)
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/db.sqlite"
+        [backends.e]
+        plugin = "echo"
+        [targets.t]
+        kind = "app"
+        backend = "e"
+        """,
+    )
+    env = plugin_env(PYTHONPATH=str(tmp_path), SHIPHOOK_PLUGINS="")
+    plugins = json.loads(run_cli("plugins", "--json", config=config, env=env).stdout)
+    echo = next(p for p in plugins if p["name"] == "echo")
+    assert echo == {
+        "name": "echo",
+        "distribution": "shiphook-echo",
+        "version": "1.0",
+        "backends": ["echo"],
+    }
+    assert "backend e (echo): echo ready" in run_cli("check", config=config, env=env).stdout
+
+
+def test_disabled_plugins_blocks_an_entry_point_plugin_by_name(tmp_path):
+    install_fake_distribution(tmp_path)
+    config = write_config(
+        tmp_path,
+        """
+        [server]
+        disabled_plugins = ["echo"]
+        [backends.e]
+        plugin = "echo"
+        """,
+    )
+    env = plugin_env(PYTHONPATH=str(tmp_path), SHIPHOOK_PLUGINS="")
+    result = run_cli("check", config=config, env=env, check=False)
+    assert result.returncode == 2
+    assert "backends.e.plugin: unknown backend plugin 'echo'" in result.stderr
+
+
+def test_disabled_plugins_blocks_a_module_plugin_too(tmp_path):
+    config = write_config(
+        tmp_path,
+        '[server]\ndisabled_plugins = ["scripted_backend"]\n[backends.f]\nplugin = "scripted"\n',
+    )
+    result = run_cli("check", config=config, check=False)
+    assert "unknown backend plugin 'scripted'" in result.stderr
+
+
+def test_each_instance_gets_a_fresh_plugin_manager():
+    first = make_plugin_manager(modules=[])
+    second = make_plugin_manager(modules=[])
+    first.register(scripted_backend)
+    assert "scripted" in collect_backends(first).classes
+    assert "scripted" not in collect_backends(second).classes
+
+
+def test_two_plugins_registering_one_backend_name_is_an_error_naming_both():
+    class SameName(scripted_backend.ScriptedBackend):
+        pass
+
+    class Twin:
+        @hookimpl
+        def register_backends(self, register):
+            register(SameName)
+
+    pm = make_plugin_manager(modules=[])
+    pm.register(scripted_backend, name="scripted_backend")
+    pm.register(Twin(), name="twin")
+    with pytest.raises(ConfigError, match="two plugins register a backend named 'scripted'"):
+        collect_backends(pm)
+
+
+def test_registering_something_that_is_not_a_backend_is_an_error():
+    class Wrong:
+        @hookimpl
+        def register_backends(self, register):
+            register(object)
+
+    pm = make_plugin_manager(modules=[])
+    pm.register(Wrong(), name="wrong")
+    expected = r"plugin wrong: .* is not a subclass of shiphook\.Backend"
+    with pytest.raises(ConfigError, match=expected):
+        collect_backends(pm)
+
+
+def test_an_unimportable_plugin_module_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot import plugin module 'no_such_module'"):
+        make_plugin_manager(modules=["no_such_module"])
+
+
+def test_a_backend_must_implement_every_abstract_method():
+    class Half(Backend):
+        name = "half"
+
+        def check(self):
+            return "ok"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half(None)
+
+
+# -- the plugin API is documented and tested ------------------------------------------------
+
+
+def hookspec_functions():
+    return [
+        f
+        for _, f in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(f, "shiphook_spec")
+    ]
+
+
+def test_there_are_hooks():
+    assert hookspec_functions()
+
+
+@pytest.mark.parametrize("hook", hookspec_functions(), ids=lambda f: f.__name__)
+def test_every_hook_is_documented_in_hookspecs_and_readme(hook):
+    assert inspect.getdoc(hook) and len(inspect.getdoc(hook)) > 80
+    assert hook.__name__ in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("hook", hookspec_functions(), ids=lambda f: f.__name__)
+def test_every_hook_has_a_test(hook):
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
+    assert f"def {hook.__name__}(" in tests
