@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -8,7 +9,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ parameters = ["EXIT", "GREETING"]
 kind = "job"
 backend = "fake"
 name = "report"
+max_concurrent_runs = 2
 """
 
 
@@ -93,7 +95,20 @@ class Harness:
 
     instance: Instance
     engine: Engine
-    client: testing.TestClient
+    app: object
+
+    @property
+    def client(self) -> testing.TestClient:
+        return testing.TestClient(self.app)
+
+    def gather(self, *calls: Callable[[testing.ASGIConductor], Awaitable]) -> list:
+        """Run requests concurrently on one event loop, as a server would."""
+
+        async def main():
+            async with testing.ASGIConductor(self.app) as conductor:
+                return await asyncio.gather(*(call(conductor) for call in calls))
+
+        return asyncio.run(main())
 
     @property
     def backend(self) -> scripted_backend.ScriptedBackend:
@@ -112,6 +127,13 @@ class Harness:
         result = self.post_hook(token, body)
         assert result.status_code == 201, result.text
         return result.json["deployment"]["id"]
+
+    def wait_started(self, deployment_id: str, timeout: float = 10) -> None:
+        """Until the engine has started the rollout (it holds its target from then on)."""
+        deadline = time.monotonic() + timeout
+        while self.instance.deployments.get(deployment_id)["backendRef"] is None:
+            assert time.monotonic() < deadline, f"deployment {deployment_id} did not start"
+            time.sleep(0.01)
 
     def wait_for(self, deployment_id: str, timeout: float = 10) -> dict:
         """Poll the stored deployment until it is terminal (the engine runs in threads)."""
@@ -136,7 +158,7 @@ def harness_factory(tmp_path, monkeypatch) -> Iterator[Callable[..., Harness]]:
         app, engine = build(instance, lifespan=False)
         if start:
             engine.start()
-        harness = Harness(instance, engine, testing.TestClient(app))
+        harness = Harness(instance, engine, app)
         made.append(harness)
         return harness
 

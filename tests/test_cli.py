@@ -102,7 +102,7 @@ def test_deployments_list_and_show(cli, tmp_path):
         scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
     )
     hook = instance.hooks.authenticate(token)
-    deployment = instance.deployments.accept(hook, b'{"imageTag": "7.0"}')
+    deployment, _ = instance.deployments.accept(hook, b'{"imageTag": "7.0"}')
     instance.close()
 
     listed = json.loads(cli("deployments", "list", "--json").output)

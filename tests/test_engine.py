@@ -70,6 +70,15 @@ def test_a_permanent_error_fails_at_once_without_retries(harness):
     assert len(harness.backend.calls("deploy")) == 1
 
 
+def test_a_backend_bug_fails_the_deployment_instead_of_retrying_it_forever(harness):
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "crash"}))
+    assert deployment["status"] == "failed"
+    assert deployment["message"] == (
+        "the scripted backend failed unexpectedly: KeyError: 'a bug in the plugin'"
+    )
+    assert len(harness.backend.calls("deploy")) == 1
+
+
 def test_a_target_missing_on_the_orchestrator_fails_with_its_message(harness):
     deployment = harness.wait_for(harness.deploy(harness.new_hook("gone"), {"imageTag": "1.0"}))
     assert deployment["status"] == "failed"

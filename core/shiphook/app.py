@@ -25,8 +25,17 @@ from shiphook.errors import (
     ShiphookError,
     Unauthenticated,
     Unavailable,
+    Unprocessable,
 )
-from shiphook.services import Deployments, Hooks, public_deployment
+from shiphook.models import Status
+from shiphook.services import (
+    Deployments,
+    Hooks,
+    NewHookBody,
+    parse_json_body,
+    public_deployment,
+)
+from shiphook.waiters import Waiters
 
 log = logging.getLogger("shiphook.http")
 
@@ -38,9 +47,20 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Unauthenticated: falcon.HTTP_401,
     AdminDisabled: falcon.HTTP_403,
     NotFound: falcon.HTTP_404,
+    Conflict: falcon.HTTP_409,
     PayloadTooLarge: falcon.HTTP_413,
-    Conflict: falcon.HTTP_422,
+    Unprocessable: falcon.HTTP_422,
     Unavailable: falcon.HTTP_503,
+}
+
+# How `?wait` answers, by the state the deployment is in when the wait ends.
+WAIT_STATUS = {
+    Status.succeeded: falcon.HTTP_201,
+    Status.failed: falcon.HTTP_502,
+    Status.rolled_back: falcon.HTTP_502,
+    Status.superseded: falcon.HTTP_409,
+    Status.queued: falcon.HTTP_504,
+    Status.in_progress: falcon.HTTP_504,
 }
 
 
@@ -76,30 +96,90 @@ async def read_body(req: falcon.asgi.Request) -> bytes:
 
 
 class DeployHookResource:
-    def __init__(self, hooks: Hooks, deployments: Deployments, notify: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        hooks: Hooks,
+        deployments: Deployments,
+        notify: Callable[[], None],
+        waiters: Waiters,
+        max_wait: float,
+    ) -> None:
         self.hooks = hooks
         self.deployments = deployments
         self.notify = notify
+        self.waiters = waiters
+        self.max_wait = max_wait
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         token = req.get_header(TOKEN_HEADER)
         if token is None:
-            raise InvalidRequest(
-                f"missing header {TOKEN_HEADER}: send the deploy hook's token in it"
-            )
+            raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
         hook = self.hooks.authenticate(token)
-        deployment = self.deployments.accept(hook, await read_body(req))
-        self.notify()
-        resp.status = falcon.HTTP_201
+        wait = self._wait_seconds(req)
+        deployment, created = self.deployments.accept(
+            hook, await read_body(req), idempotency_key=req.get_header("Idempotency-Key")
+        )
+        if created:
+            self.notify()
+        else:
+            resp.set_header("Idempotent-Replayed", "true")
         resp.location = f"/api/v1/deployments/{deployment.id}"
-        resp.media = {"deployment": public_deployment(deployment)}
+        if not wait:
+            resp.status = falcon.HTTP_201
+            resp.media = {"deployment": public_deployment(deployment)}
+            return
+        await self.waiters.wait(deployment.id, wait)
+        outcome = self.deployments.get(deployment.id)
+        resp.status = WAIT_STATUS[Status(outcome["status"])]
+        if resp.status == falcon.HTTP_201:
+            resp.media = {"deployment": outcome}
+        else:
+            resp.media = {
+                "title": resp.status,
+                "description": wait_outcome(outcome, wait),
+                "deployment": outcome,
+            }
+
+    def _wait_seconds(self, req: falcon.asgi.Request) -> float:
+        raw = req.get_param("wait")
+        if raw is None:
+            return 0.0
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise InvalidRequest(
+                f"wait: expected a number of seconds from 0 to {self.max_wait:g}, got {raw!r}"
+            )
+        return min(seconds, self.max_wait)
+
+
+def wait_outcome(deployment: dict[str, Any], waited: float) -> str:
+    """What a waiting CI job reads when the rollout did not simply succeed."""
+    status, message, ident = deployment["status"], deployment["message"], deployment["id"]
+    if status == Status.superseded:
+        return f"deployment {ident} was superseded by deployment {deployment['supersededBy']}"
+    if status in (Status.queued, Status.in_progress):
+        return (
+            f"deployment {ident} is still {status} after {waited:g}s; it goes on: "
+            f"GET /api/v1/deployments/{ident}"
+        )
+    return f"deployment {ident} {status.replace('_', ' ')}: {message}"
 
 
 class DeploymentsResource:
-    def __init__(self, hooks: Hooks, deployments: Deployments, guard: AdminGuard) -> None:
+    def __init__(
+        self,
+        hooks: Hooks,
+        deployments: Deployments,
+        guard: AdminGuard,
+        notify: Callable[[], None],
+    ) -> None:
         self.hooks = hooks
         self.deployments = deployments
         self.guard = guard
+        self.notify = notify
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         self.guard.check(req)
@@ -121,6 +201,16 @@ class DeploymentsResource:
             return
         self.guard.check(req)
         resp.media = {"deployment": self.deployments.get(deployment_id)}
+
+    async def on_post_rollback(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
+    ) -> None:
+        self.guard.check(req)
+        deployment = self.deployments.rollback(deployment_id)
+        self.notify()
+        resp.status = falcon.HTTP_201
+        resp.location = f"/api/v1/deployments/{deployment.id}"
+        resp.media = {"deployment": public_deployment(deployment)}
 
 
 class TargetsResource:
@@ -152,13 +242,10 @@ class HooksResource:
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
     ) -> None:
         self.guard.check(req)
-        body = await req.get_media(default_when_empty=None)
-        name = body.get("name") if isinstance(body, dict) else None
-        if not isinstance(name, str):
-            raise InvalidRequest(
-                'name: required; expected a JSON object like {"name": "github-actions"}'
-            )
-        created = self.hooks.create(target=target, name=name)
+        body = parse_json_body(
+            NewHookBody, await read_body(req), 'expected a JSON object like {"name": "gitlab-ci"}'
+        )
+        created = self.hooks.create(target=target, name=body.name)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/hooks/{created.id}"
         resp.media = {"hook": created.model_dump(mode="json", by_alias=True)}
@@ -225,19 +312,25 @@ def create_app(
     deployments: Deployments,
     targets: dict[str, Target],
     notify: Callable[[], None],
+    waiters: Waiters,
     admin_token: str | None,
+    max_wait: float = 900,
     middleware: list[Any] | None = None,
 ) -> falcon.asgi.App:
-    """Build the API. `notify` is called after each committed deployment (the engine's wake-up)."""
+    """Build the API. `notify` is called after each committed deployment (the engine's wake-up);
+    `waiters` serves `?wait`."""
     app = falcon.asgi.App(middleware=middleware or [])
     guard = AdminGuard(admin_token)
-    deployments_resource = DeploymentsResource(hooks, deployments, guard)
+    deployments_resource = DeploymentsResource(hooks, deployments, guard, notify)
     hooks_resource = HooksResource(hooks, guard)
 
     app.add_route("/healthz", HealthResource())
-    app.add_route("/api/v1/dh", DeployHookResource(hooks, deployments, notify))
+    app.add_route("/api/v1/dh", DeployHookResource(hooks, deployments, notify, waiters, max_wait))
     app.add_route("/api/v1/deployments", deployments_resource)
     app.add_route("/api/v1/deployments/{deployment_id}", deployments_resource, suffix="item")
+    app.add_route(
+        "/api/v1/deployments/{deployment_id}/rollback", deployments_resource, suffix="rollback"
+    )
     app.add_route("/api/v1/targets", TargetsResource(targets, guard))
     app.add_route("/api/v1/targets/{target}/hooks", hooks_resource)
     app.add_route("/api/v1/hooks/{hook_id:int}", hooks_resource, suffix="item")

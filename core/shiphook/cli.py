@@ -316,6 +316,25 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
     emit(data, as_json, human)
 
 
+@deployments.command("rollback")
+@click.argument("deployment_id")
+@json_option
+@click.pass_context
+def deployments_rollback(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
+    """Deploy the image that ran successfully before DEPLOYMENT_ID, as a new deployment."""
+    from shiphook.services import public_deployment
+
+    created = instance_of(ctx).deployments.rollback(deployment_id)
+    emit(
+        public_deployment(created),
+        as_json,
+        lambda: click.echo(
+            f"Queued deployment {created.id}: {created.target} back to {created.image_tag} "
+            f"(rollback of {deployment_id}); a running server picks it up within seconds."
+        ),
+    )
+
+
 def requested(deployment: dict[str, Any]) -> str:
     parts = []
     if deployment["imageTag"]:

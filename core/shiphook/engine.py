@@ -343,6 +343,14 @@ class Run:
                     delay,
                 )
                 self._pause(delay)
+            except Exception as exc:  # a plugin bug must end this deployment, not loop on it
+                log.exception(
+                    "deployment %s: the %s backend failed", self.deployment.id, self.backend.name
+                )
+                raise BackendError(
+                    f"the {self.backend.name} backend failed unexpectedly: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
 
     def _pause(self, seconds: float) -> None:
         if self.engine._stopping.wait(seconds):

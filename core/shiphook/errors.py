@@ -36,7 +36,11 @@ class PayloadTooLarge(ShiphookError):
 
 
 class Conflict(ShiphookError):
-    """The request contradicts stored state (an idempotency key reused with another body, ...)."""
+    """The request cannot be done in the state things are in."""
+
+
+class Unprocessable(ShiphookError):
+    """Well formed, but contradicts what was sent before (an idempotency key reused, ...)."""
 
 
 class Unavailable(ShiphookError):

@@ -97,15 +97,21 @@ class DeploymentBase(SQLModel):
     previous_image: str | None = None
     backend_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     superseded_by: str | None = None
+    rollback_of: str | None = None
 
 
 class Deployment(DeploymentBase, table=True):
-    __table_args__ = (Index("ix_deployment_target_status", "target", "status"),)
+    __table_args__ = (
+        Index("ix_deployment_target_status", "target", "status"),
+        Index("ix_deployment_idempotency", "hook_id", "idempotency_key", unique=True),
+    )
 
     id: str = Field(primary_key=True, max_length=36)
     rollback_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     slot: int | None = None
     updated_at: datetime
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_digest: str | None = Field(default=None, max_length=64)
 
 
 class DeploymentEvent(SQLModel, table=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,17 @@ def make_plugin_manager(
     pm.add_hookspecs(hookspecs)
     for name in disabled:
         pm.set_blocked(name)
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.is_blocked(entry_point.name):
+            continue
+        try:  # import here first, so a broken plugin is named rather than a traceback
+            entry_point.load()
+        except Exception as exc:
+            raise ConfigError(
+                f"plugin {entry_point.name} ({entry_point.value}) failed to load: "
+                f"{type(exc).__name__}: {exc}; fix or uninstall it, or block it with "
+                f'[server] disabled_plugins = ["{entry_point.name}"]'
+            ) from None
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     if modules is None:
         modules = [m for m in os.environ.get("SHIPHOOK_PLUGINS", "").split(",") if m.strip()]

@@ -13,6 +13,7 @@ from shiphook.app import create_app
 from shiphook.backends import BackendError
 from shiphook.engine import Engine
 from shiphook.instance import Instance
+from shiphook.waiters import Waiters
 
 log = logging.getLogger("shiphook.server")
 
@@ -55,11 +56,15 @@ def build(instance: Instance, *, lifespan: bool = True) -> tuple[falcon.asgi.App
         instance.backends,
         settings=instance.config.engine,
     )
+    waiters = Waiters(instance.storage, poll_interval=instance.config.engine.scan_interval)
+    engine.listeners.append(waiters.announce)
     app = create_app(
         hooks=instance.hooks,
         deployments=instance.deployments,
         targets=instance.config.targets,
         notify=engine.notify,
+        waiters=waiters,
+        max_wait=instance.config.server.max_wait,
         admin_token=instance.admin_token,
         middleware=[EngineLifespan(engine, instance)] if lifespan else [],
     )

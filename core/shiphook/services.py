@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import datetime, timedelta
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -20,7 +21,13 @@ from uuid6 import uuid7
 from shiphook import tokens
 from shiphook.backends import Target
 from shiphook.config import ENV_NAME_PATTERN
-from shiphook.errors import InvalidRequest, NotFound, describe_validation_error
+from shiphook.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    Unprocessable,
+    describe_validation_error,
+)
 from shiphook.models import (
     Deployment,
     DeploymentEvent,
@@ -32,8 +39,10 @@ from shiphook.models import (
     Status,
     utcnow,
 )
-from shiphook.storage import Storage
+from shiphook.storage import KeyTaken, Storage
 
+M = TypeVar("M", bound=BaseModel)
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
@@ -75,15 +84,25 @@ EXPECTED = {
 }
 
 
+class NewHookBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+def parse_json_body(model: type[M], body: bytes, expected: str) -> M:
+    """Parse a JSON body whatever its Content-Type (curl --data sends a form type); an empty
+    body is `{}`. Raise `InvalidRequest` naming each wrong field and showing what is expected."""
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        raise InvalidRequest(f"{'; '.join(describe_validation_error(exc))}: {expected}") from None
+
+
 def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
     """Validate a hook request body for its target; raise `InvalidRequest` naming the field."""
     model = AppHookBody if target.kind == "app" else JobHookBody
-    try:
-        parsed = model.model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        raise InvalidRequest(
-            f"{'; '.join(describe_validation_error(exc))}: {EXPECTED[target.kind]}"
-        ) from None
+    parsed = parse_json_body(model, body, EXPECTED[target.kind])
     tag = parsed.imageTag
     if tag is not None and target.allowed_tags and not re.fullmatch(target.allowed_tags, tag):
         raise InvalidRequest(
@@ -195,17 +214,25 @@ class Deployments:
         self.clock = clock
         self.new_id = new_id
 
-    def accept(self, hook: Hook, body: bytes) -> Deployment:
-        """Validate the body for the hook's target and record a queued deployment."""
+    def accept(
+        self, hook: Hook, body: bytes, *, idempotency_key: str | None = None
+    ) -> tuple[Deployment, bool]:
+        """Validate the body for the hook's target and record a queued deployment.
+
+        With an idempotency key already used by this hook within 24 hours for the same request,
+        returns that deployment instead; the second value says whether a new one was created.
+        """
         target = self.targets.get(hook.target)
         if target is None:
             raise NotFound(f"this hook's target {hook.target!r} is no longer configured")
         request = parse_hook_body(target, body)
-        env = (
-            [v.model_dump() for v in request.instanceEnvironmentVariables]
-            if isinstance(request, JobHookBody)
-            else None
-        )
+        digest = None
+        if idempotency_key is not None:
+            _check_idempotency_key(idempotency_key)
+            digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+            replayed = self._replay(hook, idempotency_key, digest)
+            if replayed is not None:
+                return replayed, False
         now = self.clock()
         deployment = Deployment(
             id=self.new_id(),
@@ -214,23 +241,75 @@ class Deployments:
             hook_id=hook.id,
             hook_name=hook.name,
             image_tag=request.imageTag,
-            env=env,
-            status=Status.queued,
+            env=[v.model_dump() for v in request.instanceEnvironmentVariables]
+            if isinstance(request, JobHookBody)
+            else None,
+            created_at=now,
+            updated_at=now,
+            idempotency_key=idempotency_key,
+            request_digest=digest,
+        )
+        try:
+            return self.storage.add_deployment(deployment, touch_hook=hook.id), True
+        except KeyTaken:  # the same key raced us; answer with the winner
+            replayed = self._replay(hook, idempotency_key, digest)
+            if replayed is None:
+                raise
+            return replayed, False
+
+    def _replay(self, hook: Hook, key: str, digest: str | None) -> Deployment | None:
+        earlier = self.storage.deployment_by_key(hook_id=hook.id, idempotency_key=key)
+        if earlier is None:
+            return None
+        if earlier.created_at < self.clock() - IDEMPOTENCY_WINDOW:
+            self.storage.release_key(earlier.id)
+            return None
+        if earlier.request_digest != digest:
+            raise Unprocessable(
+                f"Idempotency-Key {key!r} was used for a different request "
+                f"(deployment {earlier.id}); send the same body to retry it, or a new key"
+            )
+        return earlier
+
+    def rollback(self, deployment_id: str) -> Deployment:
+        """Queue a new deployment of the image the target ran successfully before this one."""
+        source = self.storage.get_deployment(deployment_id)
+        if source is None:
+            raise NotFound(f"no deployment with id {deployment_id!r}")
+        if source.kind != "app":
+            raise InvalidRequest(f"deployment {deployment_id} is a job run; only apps roll back")
+        if source.target not in self.targets:
+            raise NotFound(f"target {source.target!r} is no longer configured")
+        earlier = self.storage.last_success(target=source.target, before=source.id)
+        tag = earlier.image_tag if earlier is not None else tag_of(source.previous_image)
+        if tag is None:
+            raise Conflict(
+                f"nothing to roll back to: no deployment of {source.target} succeeded before "
+                f"{deployment_id}, and the image it replaced is unknown"
+            )
+        now = self.clock()
+        deployment = Deployment(
+            id=self.new_id(),
+            target=source.target,
+            kind=source.kind,
+            image_tag=tag,
+            rollback_of=source.id,
             created_at=now,
             updated_at=now,
         )
-        return self.storage.add_deployment(deployment, touch_hook=hook.id)
+        return self.storage.add_deployment(deployment)
 
     def get(self, deployment_id: str, *, hook: Hook | None = None) -> dict[str, Any]:
         """The deployment with its history; with `hook`, only if that hook created it."""
         deployment = self.storage.get_deployment(deployment_id)
         if deployment is None or (hook is not None and deployment.hook_id != hook.id):
             raise NotFound(f"no deployment with id {deployment_id!r}")
-        return public_deployment(deployment, self.storage.history(deployment_id))
+        return public_deployment(deployment, self.storage.histories([deployment_id])[deployment_id])
 
     def list(
         self, *, target: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
+        """Recent deployments, newest first, each with its history."""
         if status is not None and status not in Status.__members__:
             raise InvalidRequest(
                 f"status: {status!r} is not a deployment status "
@@ -238,7 +317,20 @@ class Deployments:
             )
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit: expected a number from 1 to 1000")
-        return [
-            public_deployment(d)
-            for d in self.storage.list_deployments(target=target, status=status, limit=limit)
-        ]
+        found = self.storage.list_deployments(target=target, status=status, limit=limit)
+        histories = self.storage.histories([d.id for d in found])
+        return [public_deployment(d, histories[d.id]) for d in found]
+
+
+def tag_of(image: str | None) -> str | None:
+    """`registry:5000/app:1.2@sha256:...` -> `1.2`; None when the reference has no tag."""
+    if not image:
+        return None
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return last.rsplit(":", 1)[1] if ":" in last else None
+
+
+def _check_idempotency_key(key: str) -> None:
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise InvalidRequest("Idempotency-Key: expected 1 to 255 printable ASCII characters")

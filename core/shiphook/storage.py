@@ -19,6 +19,10 @@ from shiphook.db import write_lock
 from shiphook.models import Deployment, DeploymentEvent, Hook, Lease, Status
 
 
+class KeyTaken(Exception):
+    """Another deployment of this hook already holds the idempotency key."""
+
+
 @dataclass(frozen=True)
 class PendingTarget:
     """A target with work: queued deployments, and the slots of its in-progress ones."""
@@ -75,29 +79,70 @@ class Storage:
         self, deployment: Deployment, *, touch_hook: int | None = None
     ) -> Deployment:
         """Commit a new deployment; with `touch_hook`, stamp that hook's last use in the same
-        transaction."""
-        with self._write() as session:
-            session.add(deployment)
-            if touch_hook is not None:
-                session.exec(
-                    update(Hook)
-                    .where(Hook.id == touch_hook)
-                    .values(last_used_at=deployment.created_at)
-                )
+        transaction. Raises `KeyTaken` when its idempotency key is already held."""
+        try:
+            with self._write() as session:
+                session.add(deployment)
+                if touch_hook is not None:
+                    session.exec(
+                        update(Hook)
+                        .where(Hook.id == touch_hook)
+                        .values(last_used_at=deployment.created_at)
+                    )
+        except IntegrityError:
+            if deployment.idempotency_key is None:
+                raise
+            raise KeyTaken(deployment.idempotency_key) from None
         return deployment
+
+    def deployment_by_key(self, *, hook_id: int, idempotency_key: str) -> Deployment | None:
+        query = select(Deployment).where(
+            Deployment.hook_id == hook_id, Deployment.idempotency_key == idempotency_key
+        )
+        with self._read() as session:
+            return session.exec(query).first()
+
+    def release_key(self, deployment_id: str) -> None:
+        """Let an expired idempotency key be used again."""
+        with self._write() as session:
+            session.exec(
+                update(Deployment)
+                .where(Deployment.id == deployment_id)
+                .values(idempotency_key=None)
+            )
+
+    def last_success(self, *, target: str, before: str) -> Deployment | None:
+        """The newest deployment of `target` older than `before` that succeeded."""
+        query = (
+            select(Deployment)
+            .where(
+                Deployment.target == target,
+                Deployment.status == Status.succeeded,
+                col(Deployment.id) < before,
+                col(Deployment.image_tag).is_not(None),
+            )
+            .order_by(col(Deployment.id).desc())
+            .limit(1)
+        )
+        with self._read() as session:
+            return session.exec(query).first()
 
     def get_deployment(self, deployment_id: str) -> Deployment | None:
         with self._read() as session:
             return session.get(Deployment, deployment_id)
 
-    def history(self, deployment_id: str) -> Sequence[DeploymentEvent]:
+    def histories(self, deployment_ids: Sequence[str]) -> dict[str, list[DeploymentEvent]]:
+        """The recorded transitions of each deployment, oldest first, in one query."""
         query = (
             select(DeploymentEvent)
-            .where(DeploymentEvent.deployment_id == deployment_id)
+            .where(col(DeploymentEvent.deployment_id).in_(deployment_ids))
             .order_by(DeploymentEvent.id)
         )
+        found: dict[str, list[DeploymentEvent]] = {i: [] for i in deployment_ids}
         with self._read() as session:
-            return session.exec(query).all()
+            for event in session.exec(query):
+                found[event.deployment_id].append(event)
+        return found
 
     def list_deployments(
         self,

@@ -11,6 +11,7 @@ engine through the real HTTP API:
 | `transientN`    | deploy raises a transient error N times, then works         |
 | `down`          | every call raises a transient error (retry budget runs out) |
 | `perm`          | deploy raises a permanent error                             |
+| `crash`         | deploy raises an unexpected exception (a plugin bug)        |
 
 A job run fails when its env has `EXIT` other than `0`. A target whose `name` starts with
 `missing` does not exist. With `state_dir`, state and the log of calls live in a file, shared
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
 import threading
 import time
@@ -88,7 +90,28 @@ class ScriptedBackend(Backend):
             return s.get("images", {}).get(target)
 
     def _log(self, s: dict[str, Any], op: str, **fields: Any) -> None:
-        s.setdefault("calls", []).append({"op": op, "at": time.time(), **fields})
+        s.setdefault("calls", []).append(
+            {"op": op, "at": time.time(), "pid": os.getpid(), **fields}
+        )
+
+    @staticmethod
+    def _enter(s: dict[str, Any], target: str) -> None:
+        """Count a rollout or run as in flight until its progress first reports an end."""
+        in_flight = s.setdefault("in_flight", {})
+        in_flight[target] = in_flight.get(target, 0) + 1
+        peak = s.setdefault("max_in_flight", {})
+        peak[target] = max(peak.get(target, 0), in_flight[target])
+
+    @staticmethod
+    def _leave(s: dict[str, Any], target: str, deployment_id: str) -> None:
+        ended = s.setdefault("ended", {})
+        if deployment_id not in ended:
+            ended[deployment_id] = True
+            s["in_flight"][target] -= 1
+
+    def max_in_flight(self, target: str) -> int:
+        with self.state() as s:
+            return s.get("max_in_flight", {}).get(target, 0)
 
     # -- Backend -----------------------------------------------------------------------
 
@@ -117,12 +140,16 @@ class ScriptedBackend(Backend):
                 raise BackendError("connection refused", transient=True)
             if image_tag.startswith("down"):
                 raise BackendError("connection refused", transient=True)
+            if image_tag.startswith("crash"):
+                raise KeyError("a bug in the plugin")
             if image_tag.startswith("perm"):
                 raise BackendError(f"invalid image reference {image_tag!r}")
             images = s.setdefault("images", {})
             previous = images.get(target.name, f"{target.options.repository}:initial")
             images[target.name] = f"{target.options.repository}:{image_tag}"
-            s.setdefault("previous", {})[deployment_id] = previous
+            if deployment_id not in s.setdefault("previous", {}):  # idempotent on a repeat
+                s["previous"][deployment_id] = previous
+                self._enter(s, target.name)
         return {"op": "deploy", "deployment": deployment_id, "tag": image_tag, "at": time.time()}
 
     def run_job(
@@ -134,6 +161,7 @@ class ScriptedBackend(Backend):
             if deployment_id not in runs:  # idempotent per deployment, like a derived job name
                 runs[deployment_id] = {"env": env, "tag": image_tag}
                 self._log(s, "run", target=target.name, env=env, deployment=deployment_id)
+                self._enter(s, target.name)
         return {"op": "run", "deployment": deployment_id, "at": time.time()}
 
     def progress(self, target: Target, ref: dict[str, Any]) -> Progress:
@@ -147,6 +175,8 @@ class ScriptedBackend(Backend):
         if ref["op"] == "run":
             if count < self.options.polls:
                 return Progress("running", "job running")
+            with self.state() as s:
+                self._leave(s, target.name, ref["deployment"])
             if run and run["env"].get("EXIT", "0") != "0":
                 return Progress("failed", f"task exited with code {run['env']['EXIT']}")
             return Progress("succeeded", "job completed")
@@ -158,6 +188,8 @@ class ScriptedBackend(Backend):
         elapsed = time.time() - ref["at"]
         if count < self.options.polls or elapsed < self.options.rollout_seconds:
             return Progress("running", "updating")
+        with self.state() as s:
+            self._leave(s, target.name, ref["deployment"])
         if tag.startswith("bad"):
             return Progress("failed", "update paused: task exited with code 1")
         return Progress("succeeded", "update completed")
@@ -170,6 +202,7 @@ class ScriptedBackend(Backend):
                 raise BackendError(f"service {target.options.name} does not have a previous spec")
             s["images"][target.name] = previous
             self._log(s, "rollback", target=target.name, deployment=ref["deployment"])
+            self._leave(s, target.name, ref["deployment"])  # a timed-out rollout ends here
         return {"op": "rollback", "deployment": ref["deployment"], "image": previous}
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 15:42:22.717554
+Create Date: 2026-11-29 15:48:04.021982
 """
 
 import sqlalchemy as sa
@@ -32,14 +32,20 @@ def upgrade() -> None:
         sa.Column("previous_image", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("backend_ref", sa.JSON(), nullable=True),
         sa.Column("superseded_by", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+        sa.Column("rollback_of", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
         sa.Column("rollback_ref", sa.JSON(), nullable=True),
         sa.Column("slot", sa.Integer(), nullable=True),
         sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("idempotency_key", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
+        sa.Column("request_digest", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("deployment", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_deployment_hook_id"), ["hook_id"], unique=False)
+        batch_op.create_index(
+            "ix_deployment_idempotency", ["hook_id", "idempotency_key"], unique=True
+        )
         batch_op.create_index("ix_deployment_target_status", ["target", "status"], unique=False)
 
     op.create_table(
@@ -92,6 +98,7 @@ def downgrade() -> None:
     op.drop_table("deployment_event")
     with op.batch_alter_table("deployment", schema=None) as batch_op:
         batch_op.drop_index("ix_deployment_target_status")
+        batch_op.drop_index("ix_deployment_idempotency")
         batch_op.drop_index(batch_op.f("ix_deployment_hook_id"))
 
     op.drop_table("deployment")

@@ -1,0 +1,89 @@
+"""`?wait=<seconds>`: let request handlers await a deployment's end without holding a thread.
+
+The engine of this process announces every end it records; a single poller per event loop reads
+the database for the ends that other processes record (several replicas share one queue). A
+waiting CI job costs a future and an open connection, never a thread or a query of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from shiphook.models import TERMINAL
+from shiphook.storage import Storage
+
+log = logging.getLogger("shiphook.waiters")
+
+
+class Waiters:
+    def __init__(self, storage: Storage, *, poll_interval: float = 1.0) -> None:
+        self.storage = storage
+        self.poll_interval = poll_interval
+        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._lock = threading.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    def announce(self, deployment_id: str, status: str) -> None:
+        """Engine listener (any thread): wake whoever waits for this deployment's end."""
+        if status in TERMINAL:
+            self._release(deployment_id)
+
+    async def wait(self, deployment_id: str, timeout: float) -> None:
+        """Return when the deployment has ended or `timeout` seconds have passed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiting.setdefault(deployment_id, set()).add(future)
+        self._ensure_poller()
+        try:
+            # it may have ended before we registered
+            if self.storage.statuses([deployment_id]).get(deployment_id) in TERMINAL:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, timeout)
+        finally:
+            with self._lock:
+                futures = self._waiting.get(deployment_id)
+                if futures is not None:
+                    futures.discard(future)
+                    if not futures:
+                        del self._waiting[deployment_id]
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(f) for f in self._waiting.values())
+
+    def _release(self, deployment_id: str) -> None:
+        with self._lock:
+            futures = list(self._waiting.get(deployment_id, ()))
+        for future in futures:
+            future.get_loop().call_soon_threadsafe(_resolve, future)
+
+    def _ensure_poller(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._poller is None or self._poller.done() or self._poller.get_loop() is not loop:
+            self._poller = loop.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            with self._lock:
+                ids = list(self._waiting)
+            if not ids:
+                return
+            try:  # one indexed query a second for every waiter of this process
+                statuses = self.storage.statuses(ids)
+            except Exception:
+                log.exception("waiters: reading deployment states failed; retrying")
+                continue
+            for deployment_id, status in statuses.items():
+                if status in TERMINAL:
+                    self._release(deployment_id)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,277 @@
+"""The deployment lifecycle: ?wait, Idempotency-Key, coalescing, job queues, resume, rollback
+on demand, history. In process, through falcon.testing and the scripted backend."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from conftest import ADMIN_TOKEN, run_cli, scripted_config
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def wait_post(harness, token, body, seconds, **kwargs):
+    return harness.post_hook(token, body, params={"wait": str(seconds)}, **kwargs)
+
+
+# -- ?wait ------------------------------------------------------------------------------------
+
+
+def test_wait_answers_201_when_the_rollout_succeeds(harness):
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "1.0"}, 10)
+    assert result.status_code == 201
+    assert result.json["deployment"]["status"] == "succeeded"
+    assert result.json["deployment"]["history"][-1]["status"] == "succeeded"
+
+
+def test_wait_answers_502_with_the_reason_when_the_rollout_is_rolled_back(harness):
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "bad-1"}, 10)
+    assert result.status_code == 502
+    assert result.json["deployment"]["status"] == "rolled_back"
+    assert "rolled back" in result.json["description"]
+    assert "task exited with code 1" in result.json["description"]
+
+
+def test_wait_answers_502_when_the_rollout_failed(harness):
+    result = wait_post(harness, harness.new_hook("api"), {"imageTag": "bad-1"}, 10)
+    assert result.status_code == 502
+    assert result.json["deployment"]["status"] == "failed"
+    assert "failed: update paused: task exited with code 1" in result.json["description"]
+
+
+def test_wait_answers_504_at_the_deadline_and_the_deployment_goes_on(harness):
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "hang-1"}, 0.3)
+    assert result.status_code == 504
+    assert "still in_progress after 0.3s" in result.json["description"]
+    deployment_id = result.json["deployment"]["id"]
+    assert result.headers["location"] == f"/api/v1/deployments/{deployment_id}"
+    assert harness.wait_for(deployment_id)["status"] == "rolled_back"  # after its 5 s timeout
+
+
+def test_wait_answers_409_naming_the_deployment_that_superseded_it(harness):
+    token = harness.new_hook("web")
+    harness.wait_started(harness.deploy(token, {"imageTag": "hang-1"}))  # holds the target
+    hook = {"X-Deploy-Hook-Token": token}
+
+    async def waiting_ci_job(conductor):
+        return await conductor.simulate_post(
+            "/api/v1/dh", json={"imageTag": "1.0"}, headers=hook, params={"wait": "20"}
+        )
+
+    async def newer_push(conductor):
+        await asyncio.sleep(0.2)
+        return await conductor.simulate_post("/api/v1/dh", json={"imageTag": "2.0"}, headers=hook)
+
+    result, pushed = harness.gather(waiting_ci_job, newer_push)
+    newer = pushed.json["deployment"]["id"]
+    assert result.status_code == 409
+    assert result.json["deployment"]["status"] == "superseded"
+    assert result.json["deployment"]["supersededBy"] == newer
+    assert f"superseded by deployment {newer}" in result.json["description"]
+    assert harness.wait_for(newer)["status"] == "succeeded"
+    assert harness.backend.image("web") == "registry.test/app:2.0"
+
+
+def test_wait_is_capped_by_max_wait(harness_factory):
+    harness = harness_factory(server="max_wait = 0.2")
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "hang-1"}, 600)
+    assert result.status_code == 504
+    assert "after 0.2s" in result.json["description"]
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_bad_wait_value_is_400_and_stores_nothing(harness, value):
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "1.0"}, value)
+    assert result.status_code == 400
+    assert "wait:" in result.json["description"]
+    assert harness.instance.deployments.list() == []
+
+
+def test_many_waiters_are_released_by_the_engine(harness):
+    hook = {"X-Deploy-Hook-Token": harness.new_hook("report")}
+
+    async def ci_job(conductor):
+        return await conductor.simulate_post("/api/v1/dh", headers=hook, params={"wait": "20"})
+
+    results = harness.gather(*[ci_job] * 50)
+    assert [r.status_code for r in results] == [201] * 50
+
+
+# -- Idempotency-Key ----------------------------------------------------------------------------
+
+
+def test_a_retry_with_the_same_key_returns_the_original_deployment(harness):
+    token = harness.new_hook("web")
+    headers = {"Idempotency-Key": "build-77"}
+    first = harness.post_hook(token, {"imageTag": "1.0"}, headers=headers)
+    second = harness.post_hook(token, {"imageTag": "1.0"}, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.json["deployment"]["id"] == second.json["deployment"]["id"]
+    assert second.headers["idempotent-replayed"] == "true"
+    harness.wait_for(first.json["deployment"]["id"])
+    assert len(harness.instance.deployments.list()) == 1
+    assert len(harness.backend.calls("deploy")) == 1
+
+
+def test_the_same_key_with_a_different_body_is_422(harness):
+    token = harness.new_hook("web")
+    headers = {"Idempotency-Key": "build-77"}
+    first = harness.post_hook(token, {"imageTag": "1.0"}, headers=headers)
+    second = harness.post_hook(token, {"imageTag": "1.1"}, headers=headers)
+    assert second.status_code == 422
+    assert "Idempotency-Key 'build-77'" in second.json["description"]
+    assert first.json["deployment"]["id"] in second.json["description"]
+    assert len(harness.instance.deployments.list()) == 1
+
+
+def test_keys_belong_to_one_hook(harness):
+    headers = {"Idempotency-Key": "same"}
+    a = harness.post_hook(harness.new_hook("web"), {"imageTag": "1.0"}, headers=headers)
+    b = harness.post_hook(harness.new_hook("web"), {"imageTag": "1.0"}, headers=headers)
+    assert a.json["deployment"]["id"] != b.json["deployment"]["id"]
+
+
+def test_a_key_is_forgotten_after_24_hours(harness):
+    token = harness.new_hook("web")
+    headers = {"Idempotency-Key": "k"}
+    first = harness.post_hook(token, {"imageTag": "1.0"}, headers=headers).json["deployment"]
+    old = harness.instance.storage.get_deployment(first["id"]).created_at - timedelta(hours=25)
+    harness.instance.storage.update_deployment(first["id"], now=old, created_at=old)
+    second = harness.post_hook(token, {"imageTag": "1.1"}, headers=headers)
+    assert second.status_code == 201
+    assert second.json["deployment"]["id"] != first["id"]
+
+
+def test_concurrent_retries_with_one_key_create_one_deployment(harness_factory):
+    harness = harness_factory(start=False)
+    headers = {"X-Deploy-Hook-Token": harness.new_hook("web"), "Idempotency-Key": "r"}
+
+    async def retry(conductor):
+        return await conductor.simulate_post("/api/v1/dh", json={"imageTag": "1"}, headers=headers)
+
+    results = harness.gather(*[retry] * 10)
+    assert {r.status_code for r in results} == {201}
+    assert len({r.json["deployment"]["id"] for r in results}) == 1
+    assert len(harness.instance.deployments.list()) == 1
+
+
+def test_a_malformed_key_is_400(harness):
+    result = harness.post_hook(
+        harness.new_hook("web"), {"imageTag": "1.0"}, headers={"Idempotency-Key": "x" * 300}
+    )
+    assert result.status_code == 400
+    assert "Idempotency-Key" in result.json["description"]
+
+
+# -- one rollout per target; job queues ----------------------------------------------------------
+
+
+def test_queued_app_deployments_coalesce_to_the_newest(harness):
+    token = harness.new_hook("web")
+    first = harness.deploy(token, {"imageTag": "hang-0"})
+    harness.wait_started(first)
+    queued = [harness.deploy(token, {"imageTag": f"1.{i}"}) for i in range(5)]
+    for deployment_id in queued[:-1]:
+        ended = harness.wait_for(deployment_id)
+        assert ended["status"] == "superseded"
+        assert ended["supersededBy"] == queued[-1]
+    assert harness.wait_for(queued[-1], timeout=15)["status"] == "succeeded"
+    assert harness.wait_for(first)["status"] == "rolled_back"
+    assert harness.backend.image("web") == "registry.test/app:1.4"
+    assert [c["tag"] for c in harness.backend.calls("deploy")] == ["hang-0", "1.4"]
+    assert harness.backend.max_in_flight("web") == 1
+
+
+def test_job_runs_queue_per_target_up_to_max_concurrent_runs(harness_factory):
+    harness = harness_factory(backend_extra="polls = 15")
+    report, migrate = harness.new_hook("report"), harness.new_hook("migrate")
+    runs = [harness.deploy(report, {}) for _ in range(5)]
+    runs += [harness.deploy(migrate, {}) for _ in range(3)]
+    assert all(harness.wait_for(r)["status"] == "succeeded" for r in runs)
+    assert len(harness.backend.calls("run")) == 8  # job runs are never coalesced
+    assert harness.backend.max_in_flight("report") == 2
+    assert harness.backend.max_in_flight("migrate") == 1
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+
+def test_a_restarted_engine_resumes_an_in_progress_rollout_without_deploying_again(
+    harness_factory, tmp_path
+):
+    state = f'state_dir = "{tmp_path}"\nrollout_seconds = 0.5'
+    first = harness_factory(backend_extra=state, server="")
+    deployment_id = first.deploy(first.new_hook("web"), {"imageTag": "1.0"})
+    first.wait_started(deployment_id)
+    first.engine.stop()  # leaves it in progress, as a crash would
+
+    assert first.instance.deployments.get(deployment_id)["status"] == "in_progress"
+    second = harness_factory(backend_extra=state)
+    assert second.wait_for(deployment_id)["status"] == "succeeded"
+    assert len(second.backend.calls("deploy")) == 1
+
+
+# -- rollback on demand ---------------------------------------------------------------------------
+
+
+def test_rollback_deploys_the_previous_successful_image_as_a_new_deployment(harness):
+    token = harness.new_hook("web")
+    harness.wait_for(harness.deploy(token, {"imageTag": "1.0"}))
+    current = harness.deploy(token, {"imageTag": "2.0"})
+    harness.wait_for(current)
+    result = harness.client.simulate_post(f"/api/v1/deployments/{current}/rollback", headers=ADMIN)
+    assert result.status_code == 201
+    rollback = result.json["deployment"]
+    assert rollback["rollbackOf"] == current and rollback["imageTag"] == "1.0"
+    assert harness.wait_for(rollback["id"])["status"] == "succeeded"
+    assert harness.backend.image("web") == "registry.test/app:1.0"
+
+
+def test_rollback_of_a_first_deployment_returns_to_the_image_it_replaced(harness):
+    first = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
+    harness.wait_for(first)
+    rollback = harness.instance.deployments.rollback(first)
+    assert rollback.image_tag == "initial"
+
+
+def test_rollback_refuses_what_it_cannot_do(harness_factory):
+    harness = harness_factory(start=False)
+    job = harness.deploy(harness.new_hook("migrate"), {})
+    queued = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
+    post = harness.client.simulate_post
+    assert post(f"/api/v1/deployments/{job}/rollback", headers=ADMIN).status_code == 400
+    nothing = post(f"/api/v1/deployments/{queued}/rollback", headers=ADMIN)
+    assert nothing.status_code == 409
+    assert "nothing to roll back to" in nothing.json["description"]
+    assert post("/api/v1/deployments/nope/rollback", headers=ADMIN).status_code == 404
+    assert post(f"/api/v1/deployments/{queued}/rollback").status_code == 401
+
+
+def test_cli_rollback_queues_the_previous_image(harness, tmp_path):
+    token = harness.new_hook("web")
+    harness.wait_for(harness.deploy(token, {"imageTag": "1.0"}))
+    current = harness.deploy(token, {"imageTag": "2.0"})
+    harness.wait_for(current)
+    out = run_cli("deployments", "rollback", current, config=scripted_config(tmp_path)).stdout
+    assert "back to 1.0" in out
+    newest = harness.instance.deployments.list(limit=1)[0]
+    assert newest["rollbackOf"] == current
+    assert harness.wait_for(newest["id"], timeout=15)["status"] == "succeeded"
+
+
+# -- history ------------------------------------------------------------------------------
+
+
+def test_every_transition_is_in_the_history_of_show_and_the_admin_list(harness):
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "bad-1"})
+    harness.wait_for(deployment_id)
+    shown = harness.client.simulate_get(f"/api/v1/deployments/{deployment_id}", headers=ADMIN)
+    history = shown.json["deployment"]["history"]
+    assert [e["status"] for e in history][:2] == ["queued", "in_progress"]
+    assert history[-1]["status"] == "rolled_back"
+    assert any(e["message"].startswith("rolling back: ") for e in history)
+    assert all(e["at"].endswith("Z") for e in history)
+    listed = harness.client.simulate_get("/api/v1/deployments", headers=ADMIN)
+    assert listed.json["deployments"][0]["history"] == history
