@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -131,7 +133,7 @@ class Harness:
     def wait_started(self, deployment_id: str, timeout: float = 10) -> None:
         """Until the engine has started the rollout (it holds its target from then on)."""
         deadline = time.monotonic() + timeout
-        while self.instance.deployments.get(deployment_id)["backendRef"] is None:
+        while self.instance.deployments.get(deployment_id).to_json()["backendRef"] is None:
             assert time.monotonic() < deadline, f"deployment {deployment_id} did not start"
             time.sleep(0.01)
 
@@ -139,7 +141,7 @@ class Harness:
         """Poll the stored deployment until it is terminal (the engine runs in threads)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            deployment = self.instance.deployments.get(deployment_id)
+            deployment = self.instance.deployments.get(deployment_id).to_json()
             if deployment["status"] not in ("queued", "in_progress"):
                 return deployment
             time.sleep(0.02)
@@ -155,7 +157,7 @@ def harness_factory(tmp_path, monkeypatch) -> Iterator[Callable[..., Harness]]:
         path = config or scripted_config(tmp_path, **config_kwargs)
         instance = open_instance(path, plugin_modules=[], plugin_objects=[scripted_backend])
         instance.migrate()
-        app, engine = build(instance, lifespan=False)
+        app, engine = build(instance)
         if start:
             engine.start()
         harness = Harness(instance, engine, app)
@@ -225,14 +227,20 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def stop(self, sig: int = 15) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM stops it as an operator would; SIGKILL kills it and its engine at once."""
         if self.process.poll() is None:
-            self.process.send_signal(sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # nothing of it may outlive the test
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def start_server(config: Path, log_path: Path, env: dict[str, str] | None = None) -> Server:
@@ -244,6 +252,7 @@ def start_server(config: Path, log_path: Path, env: dict[str, str] | None = None
             stderr=subprocess.STDOUT,
             env=env or plugin_env(),
             cwd=log_path.parent,
+            start_new_session=True,  # its own process group, engine included
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 30

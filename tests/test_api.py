@@ -10,7 +10,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def stored_deployments(harness) -> list[dict]:
-    return harness.instance.deployments.list(limit=1000)
+    return [d.to_json() for d in harness.instance.deployments.list(limit=1000)]
 
 
 @pytest.fixture

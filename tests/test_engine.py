@@ -114,6 +114,6 @@ def test_a_deployment_accepted_while_the_engine_is_down_runs_when_it_starts(harn
     harness = harness_factory(start=False)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
     time.sleep(0.1)
-    assert harness.instance.deployments.get(deployment_id)["status"] == "queued"
+    assert harness.instance.deployments.get(deployment_id).to_json()["status"] == "queued"
     harness.engine.start()
     assert harness.wait_for(deployment_id)["status"] == "succeeded"

@@ -207,7 +207,7 @@ def test_a_restarted_engine_resumes_an_in_progress_rollout_without_deploying_aga
     first.wait_started(deployment_id)
     first.engine.stop()  # leaves it in progress, as a crash would
 
-    assert first.instance.deployments.get(deployment_id)["status"] == "in_progress"
+    assert first.instance.deployments.get(deployment_id).to_json()["status"] == "in_progress"
     second = harness_factory(backend_extra=state)
     assert second.wait_for(deployment_id)["status"] == "succeeded"
     assert len(second.backend.calls("deploy")) == 1
@@ -256,7 +256,7 @@ def test_cli_rollback_queues_the_previous_image(harness, tmp_path):
     harness.wait_for(current)
     out = run_cli("deployments", "rollback", current, config=scripted_config(tmp_path)).stdout
     assert "back to 1.0" in out
-    newest = harness.instance.deployments.list(limit=1)[0]
+    newest = harness.instance.deployments.list(limit=1)[0].to_json()
     assert newest["rollbackOf"] == current
     assert harness.wait_for(newest["id"], timeout=15)["status"] == "succeeded"
 

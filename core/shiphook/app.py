@@ -33,7 +33,6 @@ from shiphook.services import (
     Hooks,
     NewHookBody,
     parse_json_body,
-    public_deployment,
 )
 from shiphook.waiters import Waiters
 
@@ -100,7 +99,7 @@ class DeployHookResource:
         self,
         hooks: Hooks,
         deployments: Deployments,
-        notify: Callable[[], None],
+        notify: Callable[[str], None],
         waiters: Waiters,
         max_wait: float,
     ) -> None:
@@ -120,16 +119,16 @@ class DeployHookResource:
             hook, await read_body(req), idempotency_key=req.get_header("Idempotency-Key")
         )
         if created:
-            self.notify()
+            self.notify(deployment.target)
         else:
             resp.set_header("Idempotent-Replayed", "true")
         resp.location = f"/api/v1/deployments/{deployment.id}"
         if not wait:
             resp.status = falcon.HTTP_201
-            resp.media = {"deployment": public_deployment(deployment)}
+            resp.media = {"deployment": deployment.to_json()}
             return
         await self.waiters.wait(deployment.id, wait)
-        outcome = self.deployments.get(deployment.id)
+        outcome = self.deployments.get(deployment.id).to_json()
         resp.status = WAIT_STATUS[Status(outcome["status"])]
         if resp.status == falcon.HTTP_201:
             resp.media = {"deployment": outcome}
@@ -174,7 +173,7 @@ class DeploymentsResource:
         hooks: Hooks,
         deployments: Deployments,
         guard: AdminGuard,
-        notify: Callable[[], None],
+        notify: Callable[[str], None],
     ) -> None:
         self.hooks = hooks
         self.deployments = deployments
@@ -184,11 +183,14 @@ class DeploymentsResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         self.guard.check(req)
         resp.media = {
-            "deployments": self.deployments.list(
-                target=req.get_param("target"),
-                status=req.get_param("status"),
-                limit=_int_param(req, "limit", 50),
-            )
+            "deployments": [
+                d.to_json()
+                for d in self.deployments.list(
+                    target=req.get_param("target"),
+                    status=req.get_param("status"),
+                    limit=_int_param(req, "limit", 50),
+                )
+            ]
         }
 
     async def on_get_item(
@@ -197,20 +199,20 @@ class DeploymentsResource:
         token = req.get_header(TOKEN_HEADER)
         if token is not None:
             hook = self.hooks.authenticate(token)
-            resp.media = {"deployment": self.deployments.get(deployment_id, hook=hook)}
+            resp.media = {"deployment": self.deployments.get(deployment_id, hook=hook).to_json()}
             return
         self.guard.check(req)
-        resp.media = {"deployment": self.deployments.get(deployment_id)}
+        resp.media = {"deployment": self.deployments.get(deployment_id).to_json()}
 
     async def on_post_rollback(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
     ) -> None:
         self.guard.check(req)
         deployment = self.deployments.rollback(deployment_id)
-        self.notify()
+        self.notify(deployment.target)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/deployments/{deployment.id}"
-        resp.media = {"deployment": public_deployment(deployment)}
+        resp.media = {"deployment": deployment.to_json()}
 
 
 class TargetsResource:
@@ -311,7 +313,7 @@ def create_app(
     hooks: Hooks,
     deployments: Deployments,
     targets: dict[str, Target],
-    notify: Callable[[], None],
+    notify: Callable[[str], None],
     waiters: Waiters,
     admin_token: str | None,
     max_wait: float = 900,

@@ -104,8 +104,9 @@ class Backend(ABC):
     TargetOptions: ClassVar[type[BaseModel]] = NoOptions
     kinds: ClassVar[frozenset[Kind]] = frozenset({"app", "job"})
     can_rollback: ClassVar[bool] = True
-    poll_interval: ClassVar[float] = 1.0
-    """Seconds between `progress` calls while work runs."""
+    poll_interval: float = 1.0
+    """Seconds between `progress` calls while work runs; a backend may set it per instance
+    (from an option, say)."""
 
     def __init__(self, options: BaseModel) -> None:
         self.options = options

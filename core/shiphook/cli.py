@@ -259,7 +259,8 @@ def deployments_list(
     ctx: click.Context, target: str | None, status: str | None, limit: int, as_json: bool
 ) -> None:
     """List recent deployments, newest first."""
-    data = instance_of(ctx).deployments.list(target=target, status=status, limit=limit)
+    found = instance_of(ctx).deployments.list(target=target, status=status, limit=limit)
+    data = [d.to_json() for d in found]
     emit(
         data,
         as_json,
@@ -287,7 +288,7 @@ def deployments_list(
 @click.pass_context
 def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """Show one deployment with its history."""
-    data = instance_of(ctx).deployments.get(deployment_id)
+    data = instance_of(ctx).deployments.get(deployment_id).to_json()
 
     def human() -> None:
         for key in (
@@ -322,11 +323,9 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
 @click.pass_context
 def deployments_rollback(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """Deploy the image that ran successfully before DEPLOYMENT_ID, as a new deployment."""
-    from shiphook.services import public_deployment
-
     created = instance_of(ctx).deployments.rollback(deployment_id)
     emit(
-        public_deployment(created),
+        created.to_json(),
         as_json,
         lambda: click.echo(
             f"Queued deployment {created.id}: {created.target} back to {created.image_tag} "

@@ -81,8 +81,19 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def notify(self) -> None:
-        """New work was committed: look for it now rather than at the next scan."""
+    def notify(self, target: str | None = None) -> None:
+        """New work was committed: look for it now rather than at the next scan.
+
+        When every slot of `target` is already worked on here, its worker takes the new
+        deployment when it is done, so the dispatcher is left asleep (a burst of hook requests
+        wakes nothing).
+        """
+        config = self.targets.get(target) if target is not None else None
+        if config is not None:
+            slots = 1 if config.kind == "app" else config.max_concurrent_runs
+            with self._running_lock:
+                if all((target, slot) in self._running for slot in range(slots)):
+                    return
         self._wake.set()
 
     # -- dispatching ---------------------------------------------------------------
@@ -118,6 +129,8 @@ class Engine:
                 with self._running_lock:
                     if key in self._running or key in held:
                         continue
+                    if len(self._running) >= self.settings.threads:
+                        return  # hold no slot it cannot work on; other replicas may take it
                     if not self.storage.claim_lease(
                         target=target.name,
                         slot=slot,
@@ -242,14 +255,15 @@ class Run:
             return
         ref = d.backend_ref
         if ref is None:
-            current = self._call(self.backend.describe, self.target)
+            if d.previous_image is None:  # kept from before a crash: describe would see the new
+                current = self._call(self.backend.describe, self.target)
+                self._record(previous_image=current.image)
             ref = self._call(
                 self.backend.deploy, self.target, image_tag=d.image_tag, deployment_id=d.id
             )
             self._record(
                 backend_ref=ref,
-                previous_image=current.image,
-                message=f"rolling out {d.image_tag} (was {current.image or 'unknown'})",
+                message=f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})",
             )
         outcome = self._track(ref)
         if outcome.state == "succeeded":

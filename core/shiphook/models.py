@@ -1,7 +1,9 @@
 """Database tables and the public shapes of what they hold.
 
-A family per entity: the base fields, the table, and the public model the API and CLI show
-(never a table object). Times are timezone-aware UTC, and ISO 8601 with `Z` outside.
+A family per entity: the table (SQLModel), the create model (what a new row is made of), and the
+public model the API and CLI show (never a table object). Create and public models are plain
+pydantic: the accept path builds one of each per request, and a SQLModel table object costs
+some fifty microseconds to construct. Times are timezone-aware UTC, ISO 8601 with `Z` outside.
 """
 
 from __future__ import annotations
@@ -10,20 +12,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import ConfigDict, field_serializer
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PydanticField
 from pydantic.alias_generators import to_camel
-from sqlalchemy import JSON, Column, Index
+from sqlalchemy import JSON, Column, Index, text
 from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def isoformat(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Status(StrEnum):
@@ -42,33 +39,36 @@ class Status(StrEnum):
 TERMINAL = tuple(s.value for s in Status if s.terminal)
 
 
-class PublicModel(SQLModel):
+class PublicModel(BaseModel):
     """camelCase JSON, like the hook contract's own `imageTag`."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-
-    @field_serializer("*", when_used="json")
-    def _times(self, value: Any) -> Any:
-        return isoformat(value) if isinstance(value, datetime) else value
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
 
 
 # -- hooks ------------------------------------------------------------------
 
 
-class HookBase(SQLModel):
+class Hook(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=100)
     target: str = Field(index=True, max_length=63)
-
-
-class Hook(HookBase, table=True):
-    id: int | None = Field(default=None, primary_key=True)
     token_digest: str = Field(unique=True, max_length=64)
     created_at: datetime
     last_used_at: datetime | None = None
 
 
-class HookPublic(PublicModel, HookBase):
+class HookIdentity(BaseModel):
+    """What the accept path needs of the hook a token opened."""
+
     id: int
+    name: str
+    target: str
+
+
+class HookPublic(PublicModel):
+    id: int
+    name: str
+    target: str
     created_at: datetime
     last_used_at: datetime | None
 
@@ -82,36 +82,57 @@ class HookCreated(HookPublic):
 # -- deployments --------------------------------------------------------------
 
 
-class DeploymentBase(SQLModel):
+class Deployment(SQLModel, table=True):
+    __table_args__ = (
+        # status first: the engine looks for queued and in-progress work across all targets
+        Index("ix_deployment_status_target", "status", "target"),
+        Index(
+            "ix_deployment_idempotency",
+            "hook_id",
+            "idempotency_key",
+            unique=True,
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
     target: str = Field(max_length=63)
     kind: str = Field(max_length=8)
-    hook_id: int | None = Field(default=None, index=True)
+    hook_id: int | None = None
     hook_name: str | None = None
     image_tag: str | None = Field(default=None, max_length=128)
     env: list[dict[str, str]] | None = Field(default=None, sa_column=Column(JSON))
     status: str = Field(default=Status.queued, max_length=16)
     message: str = ""
     created_at: datetime
+    updated_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
     previous_image: str | None = None
     backend_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    rollback_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     superseded_by: str | None = None
     rollback_of: str | None = None
-
-
-class Deployment(DeploymentBase, table=True):
-    __table_args__ = (
-        Index("ix_deployment_target_status", "target", "status"),
-        Index("ix_deployment_idempotency", "hook_id", "idempotency_key", unique=True),
-    )
-
-    id: str = Field(primary_key=True, max_length=36)
-    rollback_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     slot: int | None = None
-    updated_at: datetime
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_digest: str | None = Field(default=None, max_length=64)
+
+
+class DeploymentCreate(BaseModel):
+    """A new deployment as the accept path records it: queued, nothing started."""
+
+    id: str
+    target: str
+    kind: str
+    created_at: datetime
+    hook_id: int | None = None
+    hook_name: str | None = None
+    image_tag: str | None = None
+    env: list[dict[str, str]] | None = None
+    rollback_of: str | None = None
+    idempotency_key: str | None = None
+    request_digest: str | None = None
 
 
 class DeploymentEvent(SQLModel, table=True):
@@ -130,10 +151,32 @@ class EventPublic(PublicModel):
     message: str
 
 
-class DeploymentPublic(PublicModel, DeploymentBase):
+class DeploymentPublic(PublicModel):
     id: str
-    env: list[dict[str, str]] | None = Field(default=None, alias="instanceEnvironmentVariables")
-    history: list[EventPublic] = []
+    target: str
+    kind: str
+    status: str = Status.queued
+    message: str = ""
+    hook_id: int | None = None
+    hook_name: str | None = None
+    image_tag: str | None = None
+    env: list[dict[str, str]] | None = PydanticField(
+        default=None, alias="instanceEnvironmentVariables"
+    )
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    previous_image: str | None = None
+    backend_ref: dict[str, Any] | None = None
+    superseded_by: str | None = None
+    rollback_of: str | None = None
+    history: list[EventPublic] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object the API and `--json` print; `history` only where it was read."""
+        return self.model_dump(
+            mode="json", by_alias=True, exclude={"history"} if self.history is None else None
+        )
 
 
 class Lease(SQLModel, table=True):

@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -30,11 +30,12 @@ from shiphook.errors import (
 )
 from shiphook.models import (
     Deployment,
+    DeploymentCreate,
     DeploymentEvent,
     DeploymentPublic,
     EventPublic,
-    Hook,
     HookCreated,
+    HookIdentity,
     HookPublic,
     Status,
     utcnow,
@@ -42,6 +43,7 @@ from shiphook.models import (
 from shiphook.storage import KeyTaken, Storage
 
 M = TypeVar("M", bound=BaseModel)
+STAMP_RESOLUTION = timedelta(seconds=1)
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -126,19 +128,23 @@ def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
 
 
 def public_deployment(
-    deployment: Deployment, history: Iterable[DeploymentEvent] | None = None
-) -> dict[str, Any]:
-    """The API's view of a deployment; with `history`, its transitions, starting at queued."""
-    public = DeploymentPublic.model_validate(deployment, from_attributes=True)
+    deployment: Deployment | DeploymentCreate,
+    history: Iterable[DeploymentEvent] | None = None,
+) -> DeploymentPublic:
+    """The API's view of a deployment; with `history`, every transition from queued on."""
+    public = DeploymentPublic.model_validate(
+        dict(deployment) if isinstance(deployment, DeploymentCreate) else deployment
+    )
     if history is not None:
         public.history = [
-            EventPublic(at=deployment.created_at, status=Status.queued, message=""),
-            *(EventPublic.model_validate(e, from_attributes=True) for e in history),
+            EventPublic(at=public.created_at, status=Status.queued, message=""),
+            *(EventPublic.model_validate(e) for e in history),
         ]
-    data = public.model_dump(
-        mode="json", by_alias=True, exclude={"history"} if history is None else None
-    )
-    return {"id": data.pop("id"), **data}
+        if public.status == Status.superseded:  # recorded on the row, in bulk
+            public.history.append(
+                EventPublic(at=public.finished_at, status=public.status, message=public.message)
+            )
+    return public
 
 
 class Hooks:
@@ -167,23 +173,20 @@ class Hooks:
         hook = self.storage.create_hook(
             name=name, target=target, token_digest=tokens.digest(token), now=self.clock()
         )
-        return HookCreated.model_validate({**hook.model_dump(), "token": token})
+        return HookCreated(**HookPublic.model_validate(hook).model_dump(), token=token)
 
     def list(self, *, target: str | None = None) -> list[HookPublic]:
         if target is not None and target not in self.targets:
             raise NotFound(f"no target named {target!r} (configured: {self._target_names()})")
-        return [
-            HookPublic.model_validate(h.model_dump())
-            for h in self.storage.list_hooks(target=target)
-        ]
+        return [HookPublic.model_validate(h) for h in self.storage.list_hooks(target=target)]
 
     def delete(self, hook_id: int) -> HookPublic:
         hook = self.storage.delete_hook(hook_id)
         if hook is None:
             raise NotFound(f"no hook with id {hook_id}")
-        return HookPublic.model_validate(hook.model_dump())
+        return HookPublic.model_validate(hook)
 
-    def authenticate(self, token: str) -> Hook:
+    def authenticate(self, token: str) -> HookIdentity:
         """The hook this token opens; `NotFound` for a malformed, unknown or deleted token."""
         hook = (
             self.storage.hook_by_digest(tokens.digest(token))
@@ -213,10 +216,11 @@ class Deployments:
         self.targets = targets
         self.clock = clock
         self.new_id = new_id
+        self._stamped: dict[int, datetime] = {}
 
     def accept(
-        self, hook: Hook, body: bytes, *, idempotency_key: str | None = None
-    ) -> tuple[Deployment, bool]:
+        self, hook: HookIdentity, body: bytes, *, idempotency_key: str | None = None
+    ) -> tuple[DeploymentPublic, bool]:
         """Validate the body for the hook's target and record a queued deployment.
 
         With an idempotency key already used by this hook within 24 hours for the same request,
@@ -232,32 +236,40 @@ class Deployments:
             digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
             replayed = self._replay(hook, idempotency_key, digest)
             if replayed is not None:
-                return replayed, False
+                return public_deployment(replayed), False
         now = self.clock()
-        deployment = Deployment(
+        new = DeploymentCreate(
             id=self.new_id(),
             target=target.name,
             kind=target.kind,
+            created_at=now,
             hook_id=hook.id,
             hook_name=hook.name,
             image_tag=request.imageTag,
-            env=[v.model_dump() for v in request.instanceEnvironmentVariables]
+            env=[dict(v) for v in request.instanceEnvironmentVariables]
             if isinstance(request, JobHookBody)
             else None,
-            created_at=now,
-            updated_at=now,
             idempotency_key=idempotency_key,
             request_digest=digest,
         )
         try:
-            return self.storage.add_deployment(deployment, touch_hook=hook.id), True
+            self.storage.add_deployment(new, stamp_hook=self._due_for_stamp(hook.id, now))
         except KeyTaken:  # the same key raced us; answer with the winner
             replayed = self._replay(hook, idempotency_key, digest)
             if replayed is None:
                 raise
-            return replayed, False
+            return public_deployment(replayed), False
+        return public_deployment(new), True
 
-    def _replay(self, hook: Hook, key: str, digest: str | None) -> Deployment | None:
+    def _due_for_stamp(self, hook_id: int, now: datetime) -> bool:
+        """`last_used_at` is kept to the second: a burst of requests stamps it once."""
+        last = self._stamped.get(hook_id)
+        if last is not None and now - last < STAMP_RESOLUTION:
+            return False
+        self._stamped[hook_id] = now
+        return True
+
+    def _replay(self, hook: HookIdentity, key: str, digest: str | None) -> Deployment | None:
         earlier = self.storage.deployment_by_key(hook_id=hook.id, idempotency_key=key)
         if earlier is None:
             return None
@@ -271,7 +283,7 @@ class Deployments:
             )
         return earlier
 
-    def rollback(self, deployment_id: str) -> Deployment:
+    def rollback(self, deployment_id: str) -> DeploymentPublic:
         """Queue a new deployment of the image the target ran successfully before this one."""
         source = self.storage.get_deployment(deployment_id)
         if source is None:
@@ -287,19 +299,18 @@ class Deployments:
                 f"nothing to roll back to: no deployment of {source.target} succeeded before "
                 f"{deployment_id}, and the image it replaced is unknown"
             )
-        now = self.clock()
-        deployment = Deployment(
+        new = DeploymentCreate(
             id=self.new_id(),
             target=source.target,
             kind=source.kind,
+            created_at=self.clock(),
             image_tag=tag,
             rollback_of=source.id,
-            created_at=now,
-            updated_at=now,
         )
-        return self.storage.add_deployment(deployment)
+        self.storage.add_deployment(new)
+        return public_deployment(new)
 
-    def get(self, deployment_id: str, *, hook: Hook | None = None) -> dict[str, Any]:
+    def get(self, deployment_id: str, *, hook: HookIdentity | None = None) -> DeploymentPublic:
         """The deployment with its history; with `hook`, only if that hook created it."""
         deployment = self.storage.get_deployment(deployment_id)
         if deployment is None or (hook is not None and deployment.hook_id != hook.id):
@@ -308,7 +319,7 @@ class Deployments:
 
     def list(
         self, *, target: str | None = None, status: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
+    ) -> list[DeploymentPublic]:
         """Recent deployments, newest first, each with its history."""
         if status is not None and status not in Status.__members__:
             raise InvalidRequest(

@@ -1,7 +1,9 @@
 """Data functions over the hook and deployment tables. Nothing here knows HTTP or orchestrators.
 
 Every write runs in one transaction under the engine's write lock (a no-op except on SQLite,
-where it makes writers from all threads and processes queue instead of busy-waiting).
+where it makes writers from all threads and processes queue instead of busy-waiting). The two
+calls of the accept path (`hook_by_digest`, `add_deployment`) run prepared statements on direct
+DBAPI connections; everything else uses SQLModel sessions.
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, and_, func, or_, update
+from sqlalchemy import Engine, and_, bindparam, func, insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from shiphook.db import write_lock
-from shiphook.models import Deployment, DeploymentEvent, Hook, Lease, Status
+from shiphook.db import DirectConnections, Prepared, write_lock
+from shiphook.models import (
+    Deployment,
+    DeploymentCreate,
+    DeploymentEvent,
+    Hook,
+    HookIdentity,
+    Lease,
+    Status,
+)
+
+SUPERSEDE_CHUNK = 500  # rows per transaction, so a burst never holds the write lock for long
 
 
 class KeyTaken(Exception):
@@ -36,6 +48,24 @@ class Storage:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._lock = write_lock(engine)
+        self._direct = DirectConnections(engine)
+        hook, deployment = Hook.__table__, Deployment.__table__
+        self._find_hook = Prepared(
+            engine.dialect,
+            select(hook.c.id, hook.c.name, hook.c.target).where(
+                hook.c.token_digest == bindparam("token_digest")
+            ),
+        )
+        columns = [*DeploymentCreate.model_fields, "status", "message", "updated_at"]
+        self._insert_deployment = Prepared(
+            engine.dialect, insert(deployment).values({c: bindparam(c) for c in columns})
+        )
+        self._stamp_hook = Prepared(
+            engine.dialect,
+            update(hook)
+            .where(hook.c.id == bindparam("hook_id"))
+            .values(last_used_at=bindparam("at")),
+        )
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:
@@ -55,9 +85,13 @@ class Storage:
             session.flush()
         return hook
 
-    def hook_by_digest(self, token_digest: str) -> Hook | None:
-        with self._read() as session:
-            return session.exec(select(Hook).where(Hook.token_digest == token_digest)).first()
+    def hook_by_digest(self, token_digest: str) -> HookIdentity | None:
+        with self._direct.cursor() as cursor:
+            cursor.execute(
+                self._find_hook.sql, self._find_hook.params({"token_digest": token_digest})
+            )
+            row = cursor.fetchone()
+        return None if row is None else HookIdentity(id=row[0], name=row[1], target=row[2])
 
     def list_hooks(self, *, target: str | None = None) -> Sequence[Hook]:
         query = select(Hook).order_by(Hook.id)
@@ -75,25 +109,22 @@ class Storage:
 
     # -- deployments --------------------------------------------------------
 
-    def add_deployment(
-        self, deployment: Deployment, *, touch_hook: int | None = None
-    ) -> Deployment:
-        """Commit a new deployment; with `touch_hook`, stamp that hook's last use in the same
+    def add_deployment(self, new: DeploymentCreate, *, stamp_hook: bool = False) -> None:
+        """Commit a queued deployment; with `stamp_hook`, set its hook's last use in the same
         transaction. Raises `KeyTaken` when its idempotency key is already held."""
-        try:
-            with self._write() as session:
-                session.add(deployment)
-                if touch_hook is not None:
-                    session.exec(
-                        update(Hook)
-                        .where(Hook.id == touch_hook)
-                        .values(last_used_at=deployment.created_at)
-                    )
-        except IntegrityError:
-            if deployment.idempotency_key is None:
-                raise
-            raise KeyTaken(deployment.idempotency_key) from None
-        return deployment
+        values = {**dict(new), "status": Status.queued, "message": "", "updated_at": new.created_at}
+        with self._lock(), self._direct.cursor() as cursor:
+            cursor.execute("BEGIN")
+            try:
+                cursor.execute(self._insert_deployment.sql, self._insert_deployment.params(values))
+            except self.engine.dialect.loaded_dbapi.IntegrityError:
+                if new.idempotency_key is None:
+                    raise
+                raise KeyTaken(new.idempotency_key) from None
+            if stamp_hook:
+                at = {"hook_id": new.hook_id, "at": new.created_at}
+                cursor.execute(self._stamp_hook.sql, self._stamp_hook.params(at))
+            cursor.execute("COMMIT")
 
     def deployment_by_key(self, *, hook_id: int, idempotency_key: str) -> Deployment | None:
         query = select(Deployment).where(
@@ -263,10 +294,10 @@ class Storage:
         """The deployment the holder of this slot works on next.
 
         First one already in progress on the slot (resumed after a crash or a lost lease);
-        otherwise it starts a queued one: for an app the newest, superseding the older ones;
-        for a job the oldest. Also returns the ids it superseded.
+        otherwise it starts a queued one: for an app the newest, after superseding the older
+        ones; for a job the oldest. Also returns the ids it superseded.
         """
-        with self._write() as session:
+        with self._read() as session:
             resumed = session.exec(
                 select(Deployment).where(
                     Deployment.target == target,
@@ -283,50 +314,47 @@ class Storage:
                 .order_by(order)
                 .limit(1)
             ).first()
-            if chosen is None:
-                return None, []
+        if chosen is None:
+            return None, []
+        superseded: list[str] = []
+        if kind == "app":  # before starting it, so a crash in between leaves it the newest
+            while chunk := self._supersede(target=target, newest=chosen.id, now=now):
+                superseded += chunk
+        with self._write() as session:
             started = session.exec(
                 update(Deployment)
                 .where(Deployment.id == chosen.id, Deployment.status == Status.queued)
                 .values(status=Status.in_progress, slot=slot, started_at=now, updated_at=now)
             )
             if not started.rowcount:
-                return None, []
+                return None, superseded
             session.add(DeploymentEvent(deployment_id=chosen.id, at=now, status=Status.in_progress))
-            superseded = (
-                self._supersede(session, target=target, newest=chosen.id, now=now)
-                if kind == "app"
-                else []
-            )
-            session.flush()
-            session.refresh(chosen)
-            return chosen, superseded
+        chosen.status, chosen.slot, chosen.started_at = Status.in_progress, slot, now
+        return chosen, superseded
 
-    @staticmethod
-    def _supersede(session: Session, *, target: str, newest: str, now: datetime) -> list[str]:
-        older = session.exec(
-            select(Deployment.id).where(
+    def _supersede(self, *, target: str, newest: str, now: datetime) -> list[str]:
+        """Mark up to SUPERSEDE_CHUNK queued deployments older than `newest` superseded by it."""
+        older = (
+            select(Deployment.id)
+            .where(
                 Deployment.target == target,
                 Deployment.status == Status.queued,
                 col(Deployment.id) < newest,
             )
-        ).all()
-        if not older:
-            return []
-        message = f"superseded by deployment {newest}"
-        session.exec(
-            update(Deployment)
-            .where(col(Deployment.id).in_(older), Deployment.status == Status.queued)
-            .values(
-                status=Status.superseded,
-                superseded_by=newest,
-                message=message,
-                finished_at=now,
-                updated_at=now,
+            .limit(SUPERSEDE_CHUNK)
+        )
+        with self._write() as session:
+            return list(
+                session.exec(
+                    update(Deployment)
+                    .where(col(Deployment.id).in_(older.scalar_subquery()))
+                    .values(
+                        status=Status.superseded,
+                        superseded_by=newest,
+                        message=f"superseded by deployment {newest}",
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                    .returning(Deployment.id)
+                ).scalars()
             )
-        )
-        session.add_all(
-            DeploymentEvent(deployment_id=i, at=now, status=Status.superseded, message=message)
-            for i in older
-        )
-        return list(older)

@@ -91,7 +91,7 @@ class ScriptedBackend(Backend):
 
     def _log(self, s: dict[str, Any], op: str, **fields: Any) -> None:
         s.setdefault("calls", []).append(
-            {"op": op, "at": time.time(), "pid": os.getpid(), **fields}
+            {"op": op, "at": time.time(), "server": os.getpgrp(), **fields}
         )
 
     @staticmethod

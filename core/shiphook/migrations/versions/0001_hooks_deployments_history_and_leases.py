@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 15:48:04.021982
+Create Date: 2026-11-29 16:02:29.761641
 """
 
 import sqlalchemy as sa
@@ -18,6 +18,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "deployment",
+        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
         sa.Column("target", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
         sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
         sa.Column("hook_id", sa.Integer(), nullable=True),
@@ -27,26 +28,28 @@ def upgrade() -> None:
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
         sa.Column("message", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("started_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("finished_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("previous_image", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("backend_ref", sa.JSON(), nullable=True),
+        sa.Column("rollback_ref", sa.JSON(), nullable=True),
         sa.Column("superseded_by", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.Column("rollback_of", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
-        sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
-        sa.Column("rollback_ref", sa.JSON(), nullable=True),
         sa.Column("slot", sa.Integer(), nullable=True),
-        sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("idempotency_key", sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
         sa.Column("request_digest", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("deployment", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_deployment_hook_id"), ["hook_id"], unique=False)
         batch_op.create_index(
-            "ix_deployment_idempotency", ["hook_id", "idempotency_key"], unique=True
+            "ix_deployment_idempotency",
+            ["hook_id", "idempotency_key"],
+            unique=True,
+            sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
         )
-        batch_op.create_index("ix_deployment_target_status", ["target", "status"], unique=False)
+        batch_op.create_index("ix_deployment_status_target", ["status", "target"], unique=False)
 
     op.create_table(
         "deployment_event",
@@ -64,9 +67,9 @@ def upgrade() -> None:
 
     op.create_table(
         "hook",
+        sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
         sa.Column("target", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
-        sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("token_digest", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("last_used_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
@@ -97,8 +100,11 @@ def downgrade() -> None:
 
     op.drop_table("deployment_event")
     with op.batch_alter_table("deployment", schema=None) as batch_op:
-        batch_op.drop_index("ix_deployment_target_status")
-        batch_op.drop_index("ix_deployment_idempotency")
-        batch_op.drop_index(batch_op.f("ix_deployment_hook_id"))
+        batch_op.drop_index("ix_deployment_status_target")
+        batch_op.drop_index(
+            "ix_deployment_idempotency",
+            sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        )
 
     op.drop_table("deployment")

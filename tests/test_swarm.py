@@ -1,0 +1,639 @@
+"""The Swarm backend against a real Docker Engine, driven through the real shiphook worker.
+
+A private dockerd (tests/dockerd.py) is started once for the session, unless
+SHIPHOOK_TEST_DOCKER_HOST names an engine (a swarm manager) to use instead; then the tests that
+stop the engine are skipped. Without dockerd this file is skipped, or fails when
+SHIPHOOK_REQUIRE_DOCKER=1 (as in CI). Services are created without asking a registry, and every
+target sets `resolve_image = false`: no registry is reachable here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import docker.types
+import pytest
+from conftest import ROOT, run_cli, write_config
+from dockerd import (
+    APP,
+    JOB,
+    PrivateDockerd,
+    build_test_images,
+    free_port,
+    make_tls_files,
+    unavailable_reason,
+)
+from shiphook import BackendError, Target
+from shiphook.errors import ConfigError
+from shiphook.instance import open_instance
+from shiphook_swarm import SwarmBackend, SwarmOptions, SwarmTargetOptions
+
+T = TypeVar("T")
+SECOND = 1_000_000_000  # Swarm durations are nanoseconds
+
+
+def skip_or_fail(reason: str) -> None:
+    if os.environ.get("SHIPHOOK_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"SHIPHOOK_REQUIRE_DOCKER=1, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass
+class Engine:
+    """The engine under test; `daemon` is None when SHIPHOOK_TEST_DOCKER_HOST was given."""
+
+    host: str
+    daemon: PrivateDockerd | None
+
+    def client(self) -> docker.APIClient:
+        return docker.APIClient(base_url=self.host, version="auto", timeout=30)
+
+    def private(self) -> PrivateDockerd:
+        """The private daemon, for tests that stop it; skipped on a given engine."""
+        if self.daemon is None:
+            pytest.skip("stops the engine: runs only on the private dockerd")
+        return self.daemon
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    given = os.environ.get("SHIPHOOK_TEST_DOCKER_HOST")
+    if given:
+        try:
+            client = docker.APIClient(base_url=given, version="auto", timeout=30)
+            client.inspect_swarm()
+            build_test_images(client)
+        except Exception as exc:
+            skip_or_fail(f"SHIPHOOK_TEST_DOCKER_HOST={given} is not a usable swarm manager: {exc}")
+        yield Engine(given, None)
+        return
+    reason = unavailable_reason()
+    if reason:
+        skip_or_fail(reason)
+    daemon = PrivateDockerd.create()
+    try:
+        try:
+            daemon.start()
+            daemon.init_swarm()
+            build_test_images(daemon.client())
+        except Exception as exc:
+            skip_or_fail(f"a private dockerd could not be started: {exc}")
+        yield Engine(daemon.host, daemon)
+    finally:
+        daemon.remove()
+
+
+def wait_until(check: Callable[[], T], timeout: float = 60, what: str = "") -> T:
+    """Poll `check` until it returns something truthy; its last value goes in the failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or check} did not happen within {timeout:g}s: {value!r}")
+        time.sleep(0.1)
+
+
+class Services:
+    """Test services on the engine, each with a fresh name, removed after the test."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.names: list[str] = []
+
+    @property
+    def client(self) -> docker.APIClient:
+        return self.engine.client()  # a fresh client: the engine may have been restarted
+
+    def _name(self, prefix: str) -> str:
+        name = f"shiphook-test-{prefix}-{uuid.uuid4().hex[:8]}"
+        self.names.append(name)
+        return name
+
+    def app(self, *, replicas: int = 1, failure_action: str = "pause", monitor: float = 1) -> str:
+        """A replicated service on APP:v1, with quick failure detection, running when returned."""
+        name = self._name("web")
+        self.client.create_service(
+            docker.types.TaskTemplate(
+                container_spec=docker.types.ContainerSpec(f"{APP}:v1", stop_signal="SIGKILL"),
+                restart_policy=docker.types.RestartPolicy(condition="any", delay=SECOND // 2),
+            ),
+            name=name,
+            mode=docker.types.ServiceMode("replicated", replicas=replicas),
+            update_config=docker.types.UpdateConfig(
+                parallelism=1, monitor=int(monitor * SECOND), failure_action=failure_action
+            ),
+            rollback_config=docker.types.RollbackConfig(parallelism=1, monitor=SECOND),
+        )
+        wait_until(lambda: len(self.running_images(name)) == replicas, what=f"{name} running")
+        return name
+
+    def job(self, *, env: list[str]) -> str:
+        """A replicated-job service on JOB:ok that Swarm does not restart on failure."""
+        name = self._name("job")
+        self.client.create_service(
+            docker.types.TaskTemplate(
+                container_spec=docker.types.ContainerSpec(f"{JOB}:ok", env=env),
+                restart_policy=docker.types.RestartPolicy(condition="none"),
+            ),
+            name=name,
+            mode=docker.types.ServiceMode("replicated-job", concurrency=1, replicas=1),
+        )
+        return name
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        return self.client.inspect_service(name)
+
+    def image(self, name: str) -> str:
+        return self.inspect(name)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+    def running_images(self, name: str) -> list[str]:
+        """Images of the service's tasks that run now and are meant to."""
+        tasks = self.client.tasks(filters={"service": name, "desired-state": "running"})
+        return sorted(
+            t["Spec"]["ContainerSpec"]["Image"] for t in tasks if t["Status"]["State"] == "running"
+        )
+
+    def job_output(self, name: str, iteration: int) -> str:
+        """What the task of one job iteration printed."""
+        tasks = self.client.tasks(filters={"service": name})
+        (task,) = [t for t in tasks if (t.get("JobIteration") or {}).get("Index", 0) == iteration]
+        container = task["Status"]["ContainerStatus"]["ContainerID"]
+        return self.client.logs(container, stdout=True, stderr=True).decode()
+
+    def remove_all(self) -> None:
+        client = self.client
+        for name in self.names:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.remove_service(name)
+
+
+@pytest.fixture
+def services(engine: Engine) -> Iterator[Services]:
+    made = Services(engine)
+    yield made
+    made.remove_all()
+
+
+def swarm_config(tmp_path: Path, engine: Engine, *targets: str) -> Path:
+    text = f"""
+[server]
+database_url = "sqlite:///{tmp_path}/shiphook.db"
+
+[backends.swarm]
+plugin = "swarm"
+host = "{engine.host}"
+timeout = 10
+poll_interval = 0.2
+"""
+    return write_config(tmp_path, text + "".join(targets))
+
+
+def target(name: str, kind: str, service: str, **keys: Any) -> str:
+    """A `[targets.<name>]` table on the swarm backend; no registry, so no image resolution."""
+    keys = {"rollout_timeout": 90, "retry_budget": 10, **keys}
+    lines = [f"[targets.{name}]", f'kind = "{kind}"', 'backend = "swarm"']
+    lines += [f'service = "{service}"', "resolve_image = false"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def job_body(**env: str) -> dict:
+    return {"instanceEnvironmentVariables": [{"name": k, "value": v} for k, v in env.items()]}
+
+
+def stored(harness: Any, deployment_id: str) -> dict:
+    return harness.instance.deployments.get(deployment_id).to_json()
+
+
+def statuses(deployment: dict) -> list[str]:
+    return [event["status"] for event in deployment["history"]]
+
+
+def backend_on(host: str) -> SwarmBackend:
+    return SwarmBackend(SwarmOptions(host=host, timeout=10, poll_interval=0.2))
+
+
+def target_of(kind: str, service: str, **options: Any) -> Target:
+    return Target(
+        name="t",
+        kind=kind,
+        backend="swarm",
+        options=SwarmTargetOptions(service=service, resolve_image=False, **options),
+    )
+
+
+def progress_until_done(backend: SwarmBackend, t: Target, ref: dict) -> Any:
+    return wait_until(
+        lambda: (p := backend.progress(t, ref)).state != "running" and p, what="progress"
+    )
+
+
+# -- app rollouts ----------------------------------------------------------------------------
+
+
+def test_a_new_tag_rolls_out_and_the_running_tasks_use_it(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app(replicas=2)
+    harness = harness_factory(swarm_config(tmp_path, engine, target("web", "app", service)))
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "v2"}), timeout=90
+    )
+    assert deployment["status"] == "succeeded", deployment
+    assert deployment["message"] == "update completed"
+    assert deployment["previousImage"] == f"{APP}:v1"
+    assert services.image(service) == f"{APP}:v2"
+    assert services.running_images(service) == [f"{APP}:v2", f"{APP}:v2"]
+
+
+def test_deploying_the_image_already_running_succeeds_at_once(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app()
+    version = services.inspect(service)["Version"]["Index"]
+    harness = harness_factory(swarm_config(tmp_path, engine, target("web", "app", service)))
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "v1"}))
+    assert deployment["status"] == "succeeded", deployment
+    assert deployment["message"] == f"service {service} already runs {APP}:v1"
+    assert deployment["backendRef"]["updated"] is False
+    assert services.inspect(service)["Version"]["Index"] == version  # not updated at all
+
+
+def test_a_broken_tag_is_rolled_back_to_the_old_image_with_swarms_message(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app()
+    harness = harness_factory(swarm_config(tmp_path, engine, target("web", "app", service)))
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
+    )
+    assert deployment["status"] == "rolled_back", deployment
+    message = deployment["message"]
+    assert message.startswith("update paused due to failure or early termination of task ")
+    assert "(task: non-zero exit (1))" in message
+    assert message.endswith("; rolled back (rollback completed)")
+    assert services.image(service) == f"{APP}:v1"
+    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v1"])
+
+
+def test_with_on_failure_leave_a_broken_tag_is_left_as_swarm_left_it(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app()
+    config = swarm_config(tmp_path, engine, target("web", "app", service, on_failure="leave"))
+    harness = harness_factory(config)
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
+    )
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].startswith("update paused due to failure or early termination")
+    assert "rolled back" not in deployment["message"]
+    inspected = services.inspect(service)
+    assert inspected["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == f"{APP}:broken"
+    assert inspected["UpdateStatus"]["State"] == "paused"
+
+
+def test_a_service_that_rolls_itself_back_is_not_swapped_a_second_time(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app(failure_action="rollback")
+    harness = harness_factory(swarm_config(tmp_path, engine, target("web", "app", service)))
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
+    )
+    assert deployment["status"] == "rolled_back", deployment
+    assert deployment["message"].startswith(
+        f"rollback completed (Swarm rolled back the update to {APP}:broken: task "
+    )
+    assert "failed: task: non-zero exit (1))" in deployment["message"]
+    inspected = services.inspect(service)
+    assert inspected["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == f"{APP}:v1"
+    assert inspected["UpdateStatus"]["State"] == "rollback_completed"
+    # Swarm's own rollback drops PreviousSpec: a rollback=previous from shiphook would have
+    # been refused ("does not have a previous spec") and the deployment would say so
+    assert "PreviousSpec" not in inspected
+
+    # a deploy repeated for this deployment (a crash before its ref was stored) finds the
+    # rollout Swarm undid, through the tasks it created, and does not start it again
+    backend, t = backend_on(engine.host), target_of("app", service)
+    ref = backend.deploy(t, image_tag="broken", deployment_id=deployment["id"])
+    assert ref["updated"] and ref["image"] == f"{APP}:broken"
+    assert services.image(service) == f"{APP}:v1"
+    assert backend.progress(t, ref).state == "failed"
+
+
+def test_a_missing_service_fails_at_once_with_the_engines_message(
+    engine, harness_factory, tmp_path
+):
+    # with a long retry budget, an error taken for transient would keep it running for minutes
+    config = swarm_config(
+        tmp_path, engine, target("gone", "app", "no-such-service", retry_budget=600)
+    )
+    harness = harness_factory(config)
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("gone"), {"imageTag": "v2"}))
+    assert deployment["status"] == "failed"
+    assert deployment["message"] == "service no-such-service not found"
+    assert deployment["backendRef"] is None
+
+
+# -- job runs ----------------------------------------------------------------------------------
+
+
+def test_a_job_run_gets_its_overrides_and_its_task_log_shows_them(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.job(env=["GREETING=hello from the service", "NAME=service"])
+    harness = harness_factory(swarm_config(tmp_path, engine, target("migrate", "job", service)))
+    body = job_body(GREETING="hi from ci")
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("migrate"), body), timeout=60)
+    assert deployment["status"] == "succeeded", deployment
+    assert deployment["message"] == "job completed: 1 of 1 tasks complete"
+    iteration = deployment["backendRef"]["iteration"]
+    assert services.job_output(service, iteration) == "GREETING=hi from ci NAME=service\n"
+
+
+def test_a_failing_job_run_fails_with_the_tasks_error(engine, services, harness_factory, tmp_path):
+    service = services.job(env=[])
+    harness = harness_factory(swarm_config(tmp_path, engine, target("migrate", "job", service)))
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("migrate"), {"imageTag": "fail"}), timeout=60
+    )
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].endswith(" failed: task: non-zero exit (1)")
+    assert services.image(service) == f"{JOB}:fail"
+
+
+def test_two_job_runs_are_two_iterations_each_tracked_with_its_own_env(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.job(env=["GREETING=hello", "NAME=service"])
+    harness = harness_factory(swarm_config(tmp_path, engine, target("migrate", "job", service)))
+    token = harness.new_hook("migrate")
+    first = harness.deploy(token, job_body(NAME="a"))
+    second = harness.deploy(token, job_body(GREETING="bye"))
+    first, second = harness.wait_for(first, timeout=60), harness.wait_for(second, timeout=60)
+    assert first["status"] == second["status"] == "succeeded", (first, second)
+    one, two = first["backendRef"]["iteration"], second["backendRef"]["iteration"]
+    assert two == one + 1
+    assert services.job_output(service, one) == "GREETING=hello NAME=a\n"
+    # the first run's override does not leak into the second: it merges over the service's env
+    assert services.job_output(service, two) == "GREETING=bye NAME=service\n"
+
+
+# -- the engine going away -------------------------------------------------------------------
+
+
+def test_a_rollout_goes_on_when_the_engine_is_killed_and_started_again(
+    engine, services, harness_factory, tmp_path, caplog
+):
+    daemon = engine.private()
+    service = services.app(replicas=2, monitor=2)
+    config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=120))
+    harness = harness_factory(config)
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
+    wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
+    caplog.set_level(logging.WARNING, logger="shiphook.engine")
+    daemon.kill()
+    wait_until(lambda: "cannot reach the Docker engine" in caplog.text, what="a failed poll")
+    daemon.start()
+    daemon.wait_for_swarm()
+
+    deployment = harness.wait_for(deployment_id, timeout=120)
+    assert deployment["status"] == "succeeded", deployment
+    assert services.image(service) == f"{APP}:v2"
+    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v2", f"{APP}:v2"])
+
+
+def test_an_engine_down_past_the_retry_budget_fails_clearly_and_loses_nothing(
+    engine, services, harness_factory, tmp_path
+):
+    daemon = engine.private()
+    service = services.app(replicas=2, monitor=2)
+    config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=2))
+    harness = harness_factory(config)
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
+    wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
+    daemon.kill()
+    try:
+        deployment = harness.wait_for(deployment_id, timeout=60)
+    finally:
+        daemon.start()
+        daemon.wait_for_swarm()
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].startswith("gave up after ")
+    assert f"cannot reach the Docker engine at {engine.host}" in deployment["message"]
+    # the record keeps the whole story, and Swarm kept the update it had been given
+    assert statuses(deployment)[0] == "queued" and statuses(deployment)[-1] == "failed"
+    assert "rolling out v2 (was shiphook-test/app:v1)" in [
+        event["message"] for event in deployment["history"]
+    ]
+    assert deployment["backendRef"]["image"] == f"{APP}:v2"
+    assert services.image(service) == f"{APP}:v2"
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def test_serve_then_hooks_create_then_curl_runs_the_new_tag_on_the_service(
+    engine, services, serve, tmp_path
+):
+    service = services.app()
+    config = swarm_config(tmp_path, engine, target("web", "app", service))
+    server = serve(config)
+    created = run_cli("hooks", "create", "web", "--name", "github-actions", "--json", config=config)
+    token = json.loads(created.stdout)["token"]
+    result = subprocess.run(
+        [
+            *("curl", "--fail-with-body", "-sS", "-X", "POST", f"{server.url}/api/v1/dh"),
+            *("-H", f"X-Deploy-Hook-Token: {token}", "--data", '{"imageTag":"v2"}'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    deployment_id = json.loads(result.stdout)["deployment"]["id"]
+
+    def finished() -> dict | None:
+        status, _, body = server.request(
+            "GET", f"/api/v1/deployments/{deployment_id}", headers={"X-Deploy-Hook-Token": token}
+        )
+        assert status == 200, body
+        shown = json.loads(body)["deployment"]
+        return None if shown["status"] in ("queued", "in_progress") else shown
+
+    deployment = wait_until(finished, timeout=90, what="the deployment to end")
+    assert deployment["status"] == "succeeded", deployment
+    assert services.image(service) == f"{APP}:v2"
+    assert services.running_images(service) == [f"{APP}:v2"]
+
+
+# -- the backend on its own ----------------------------------------------------------------------
+
+
+def test_check_describes_the_swarm_manager_it_reached(engine):
+    line = backend_on(engine.host).check()
+    assert line.startswith("Docker Engine ") and "swarm manager" in line
+
+
+def test_an_engine_that_is_no_swarm_manager_answers_check_with_swarms_message(engine, tmp_path):
+    engine.private()  # starts a second private engine: only where the first one is ours
+    if shutil.which("openssl") is None:
+        skip_or_fail("openssl is needed to make TLS certificates")
+    tls = make_tls_files(tmp_path)
+    address = f"127.0.0.1:{free_port()}"
+    loner = PrivateDockerd.create(extra_args=tls.dockerd_args(address))  # and its unix socket
+    over_tls = SwarmOptions(
+        host=f"tcp://{address}",
+        tls_ca_cert=tls.ca,
+        tls_client_cert=tls.client_cert,
+        tls_client_key=tls.client_key,
+        timeout=10,
+    )
+    answers = []
+    try:
+        loner.start()
+        for backend in (
+            backend_on(loner.host),
+            SwarmBackend(over_tls),
+            SwarmBackend(SwarmOptions(host=f"tcp://{address}", tls_ca_cert=tls.ca, timeout=10)),
+        ):
+            with pytest.raises(BackendError) as caught:
+                backend.check()
+            answers.append(caught.value)
+    finally:
+        loner.remove()
+    over_socket, with_certificate, without_certificate = answers
+    for answer in (over_socket, with_certificate):
+        assert answer.message.startswith("This node is not a swarm manager.")
+        assert "docker swarm init" in answer.message
+        assert not answer.transient
+    # an engine started with --tlsverify refuses a client without a certificate
+    assert without_certificate.message.startswith(
+        f"cannot reach the Docker engine at tcp://{address}"
+    )
+    assert without_certificate.transient
+
+
+def test_the_backend_starts_without_an_engine_and_reports_it_unreachable(tmp_path):
+    backend = backend_on(f"unix://{tmp_path}/no-docker.sock")  # must not contact anything
+    with pytest.raises(BackendError) as caught:
+        backend.check()
+    assert caught.value.transient
+    assert caught.value.message.startswith(f"cannot reach the Docker engine at unix://{tmp_path}")
+
+
+def test_a_service_of_the_wrong_mode_for_the_target_kind_is_refused(engine, services):
+    app, job = services.app(), services.job(env=[])
+    backend = backend_on(engine.host)
+    with pytest.raises(BackendError) as as_app:
+        backend.describe(target_of("app", job))
+    assert as_app.value.message == (
+        f"service {job} is a replicated-job service, but target t is of kind 'app', which needs "
+        "a replicated or global service: point the target at such a service or change its kind"
+    )
+    with pytest.raises(BackendError) as as_job:
+        backend.run_job(target_of("job", app), env={}, image_tag=None, deployment_id="d")
+    assert "is a replicated service, but target t is of kind 'job'" in as_job.value.message
+    assert not as_app.value.transient and not as_job.value.transient
+
+
+def test_deploy_and_rollback_are_idempotent_for_a_deployment(engine, services):
+    service = services.app()
+    backend, t = backend_on(engine.host), target_of("app", service)
+
+    ref = backend.deploy(t, image_tag="v2", deployment_id="d-1")
+    assert backend.deploy(t, image_tag="v2", deployment_id="d-1") == ref  # a retry after a crash
+    assert ref["updated"] and ref["image"] == f"{APP}:v2" and ref["previous_image"] == f"{APP}:v1"
+    # updated once: a second update would have made v2 the previous spec
+    assert services.inspect(service)["PreviousSpec"]["TaskTemplate"]["ContainerSpec"]["Image"] == (
+        f"{APP}:v1"
+    )
+    assert progress_until_done(backend, t, ref).state == "succeeded"
+
+    first = backend.rollback(t, ref)
+    again = backend.rollback(t, ref)
+    assert first["requested"] and not again["requested"]  # swapped back once, not twice
+    assert services.image(service) == f"{APP}:v1"
+    assert progress_until_done(backend, t, first).state == "succeeded"
+    # the deployment's update is now the previous spec: a late retry still does not redo it
+    assert backend.deploy(t, image_tag="v2", deployment_id="d-1")["image"] == f"{APP}:v2"
+    assert services.image(service) == f"{APP}:v1"
+
+
+def test_run_job_is_idempotent_for_a_deployment(engine, services):
+    service = services.job(env=["NAME=service"])
+    backend, t = backend_on(engine.host), target_of("job", service)
+    ref = backend.run_job(t, env={"NAME": "once"}, image_tag=None, deployment_id="r-1")
+    assert backend.run_job(t, env={"NAME": "once"}, image_tag=None, deployment_id="r-1") == ref
+    job_status = services.inspect(service)["JobStatus"]
+    assert job_status["JobIteration"]["Index"] == ref["iteration"]  # one new iteration only
+    assert progress_until_done(backend, t, ref).state == "succeeded"
+    assert services.job_output(service, ref["iteration"]) == "GREETING= NAME=once\n"
+
+
+def test_a_job_update_refused_by_the_engine_fails_permanently_with_its_message(engine, services):
+    service = services.job(env=[])
+    backend = backend_on(engine.host)
+    t = target_of("job", service, image="Not/A-Valid/Repository")
+    with pytest.raises(BackendError) as caught:
+        backend.run_job(t, env={}, image_tag="ok", deployment_id="r-2")
+    assert not caught.value.transient
+    assert '"Not/A-Valid/Repository:ok" is not a valid repository/tag' in caught.value.message
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend_keys", "target_keys", "expected"),
+    [
+        ('hots = "unix:///x.sock"', "", "backends.swarm.hots: unknown key"),
+        ('host = "http://x"', "", "backends.swarm.host: expected unix:///path/to/docker.sock"),
+        ("tls = true", "", "backends.swarm: TLS options apply to tcp:// hosts only"),
+        ('host = "tcp://d:2376"\ntls_client_cert = "{cert}"', "", "set both or neither"),
+        ('host = "tcp://d:2376"\ntls_ca_cert = "/nope.pem"', "", "backends.swarm.tls_ca_cert"),
+        ('api_version = "latest"', "", 'backends.swarm.api_version: expected "auto"'),
+        ("timeout = 0", "", "backends.swarm.timeout: Input should be greater than 0"),
+        ("", 'image = "web:1.0"', "targets.web.image: expected a repository without tag"),
+        ("", 'servise = "web"', "targets.web.servise: unknown key"),
+    ],
+)
+def test_swarm_options_are_validated_when_the_config_loads(
+    tmp_path, backend_keys, target_keys, expected
+):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here")
+    text = (
+        f'[server]\ndatabase_url = "sqlite:///{tmp_path}/s.db"\n'
+        f'[backends.swarm]\nplugin = "swarm"\n{backend_keys.format(cert=cert)}\n'
+        f'[targets.web]\nkind = "app"\nbackend = "swarm"\nservice = "web"\n{target_keys}\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        open_instance(write_config(tmp_path, text), plugin_modules=[])
+    assert expected in caught.value.message
+
+
+def test_the_example_config_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    instance = open_instance(ROOT / "configs" / "examples" / "swarm.toml", plugin_modules=[])
+    try:
+        assert instance.config.backends["swarm"].plugin == "swarm"
+        assert {t.kind for t in instance.config.targets.values()} == {"app", "job"}
+    finally:
+        instance.close()
