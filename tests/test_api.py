@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import scripted_backend
 from conftest import ADMIN_TOKEN
 from shiphook import tokens
+from shiphook.instance import open_instance
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -91,6 +93,26 @@ def test_a_deleted_hook_is_404_at_once(quiet):
     quiet.instance.hooks.delete(hook_id)
     assert quiet.post_hook(token, {"imageTag": "1.1"}).status_code == 404
     assert len(stored_deployments(quiet)) == 1
+
+
+def test_a_hook_deleted_by_another_process_is_404_at_once_despite_the_token_cache(quiet, tmp_path):
+    token = quiet.new_hook("web")
+    assert quiet.post_hook(token, {"imageTag": "1.0"}).status_code == 201  # token now cached
+    other = open_instance(
+        quiet.instance.config.path, plugin_modules=[], plugin_objects=[scripted_backend]
+    )  # like `shiphook hooks delete` in another process
+    other.hooks.delete(other.hooks.list()[0].id)
+    other.close()
+    result = quiet.post_hook(token, {"imageTag": "1.1"})
+    assert result.status_code == 404
+    assert [d["imageTag"] for d in stored_deployments(quiet)] == ["1.0"]
+    assert quiet.post_hook(token, {"imageTag": "1.2"}).status_code == 404
+
+
+def test_hook_ids_are_never_reused(quiet):
+    first = quiet.instance.hooks.create(target="web", name="a")
+    quiet.instance.hooks.delete(first.id)
+    assert quiet.instance.hooks.create(target="web", name="b").id > first.id
 
 
 def test_the_token_is_checked_before_the_body(quiet):
@@ -275,7 +297,7 @@ def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, cap
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(quiet.instance.storage, "add_deployment", broken)
+    monkeypatch.setattr(quiet.instance.storage, "add_deployments", broken)
     result = quiet.post_hook(token, {"imageTag": "1.0"})
     assert result.status_code == 500
     request_id = result.json["requestId"]

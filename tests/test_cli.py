@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -102,7 +103,7 @@ def test_deployments_list_and_show(cli, tmp_path):
         scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
     )
     hook = instance.hooks.authenticate(token)
-    deployment, _ = instance.deployments.accept(hook, b'{"imageTag": "7.0"}')
+    deployment, _ = asyncio.run(instance.deployments.accept(hook, b'{"imageTag": "7.0"}'))
     instance.close()
 
     listed = json.loads(cli("deployments", "list", "--json").output)

@@ -629,6 +629,18 @@ def test_swarm_options_are_validated_when_the_config_loads(
     assert expected in caught.value.message
 
 
+def test_a_swarm_job_target_cannot_ask_for_concurrent_runs(tmp_path):
+    text = (
+        f'[server]\ndatabase_url = "sqlite:///{tmp_path}/s.db"\n'
+        '[backends.swarm]\nplugin = "swarm"\n'
+        '[targets.nightly]\nkind = "job"\nbackend = "swarm"\nservice = "n"\n'
+        "max_concurrent_runs = 2\n"
+    )
+    expected = r"targets\.nightly\.max_concurrent_runs: the swarm backend"
+    with pytest.raises(ConfigError, match=expected):
+        open_instance(write_config(tmp_path, text), plugin_modules=[])
+
+
 def test_the_example_config_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     instance = open_instance(ROOT / "configs" / "examples" / "swarm.toml", plugin_modules=[])

@@ -14,6 +14,8 @@ from typing import Any
 
 import falcon
 import falcon.asgi
+import falcon.media
+import orjson
 
 from shiphook.backends import Target
 from shiphook.errors import (
@@ -113,9 +115,9 @@ class DeployHookResource:
         token = req.get_header(TOKEN_HEADER)
         if token is None:
             raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
-        hook = self.hooks.authenticate(token)
+        hook = self.hooks.authenticate(token, for_deploy=True)
         wait = self._wait_seconds(req)
-        deployment, created = self.deployments.accept(
+        deployment, created = await self.deployments.accept(
             hook, await read_body(req), idempotency_key=req.get_header("Idempotency-Key")
         )
         if created:
@@ -322,6 +324,9 @@ def create_app(
     """Build the API. `notify` is called after each committed deployment (the engine's wake-up);
     `waiters` serves `?wait`."""
     app = falcon.asgi.App(middleware=middleware or [])
+    json_handler = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = json_handler
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     guard = AdminGuard(admin_token)
     deployments_resource = DeploymentsResource(hooks, deployments, guard, notify)
     hooks_resource = HooksResource(hooks, guard)

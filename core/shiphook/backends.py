@@ -104,6 +104,8 @@ class Backend(ABC):
     TargetOptions: ClassVar[type[BaseModel]] = NoOptions
     kinds: ClassVar[frozenset[Kind]] = frozenset({"app", "job"})
     can_rollback: ClassVar[bool] = True
+    concurrent_runs: ClassVar[bool] = True
+    """Whether several runs of one job target can go at once (`max_concurrent_runs` > 1)."""
     poll_interval: float = 1.0
     """Seconds between `progress` calls while work runs; a backend may set it per instance
     (from an option, say)."""

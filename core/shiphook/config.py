@@ -36,6 +36,7 @@ class ServerSettings(BaseModel):
     public_url: str | None = Field(None, description="base URL CI jobs use, for printed curl lines")
     disabled_plugins: list[str] = []
     max_wait: Seconds = 900
+    workers: int = Field(1, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -162,6 +163,11 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
             raise ConfigError(
                 f"{path}: targets.{name}.kind: the {backend.plugin} backend does not run "
                 f"{section.kind} targets (it supports: {', '.join(sorted(backend_class.kinds))})"
+            )
+        if section.max_concurrent_runs > 1 and not backend_class.concurrent_runs:
+            raise ConfigError(
+                f"{path}: targets.{name}.max_concurrent_runs: the {backend.plugin} backend runs "
+                "one run of a job at a time; remove the key or set it to 1"
             )
         options = _plugin_model(path, f"targets.{name}", backend_class.TargetOptions, section)
         common = section.model_dump(exclude=set(section.model_extra or ()))

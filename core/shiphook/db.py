@@ -135,20 +135,20 @@ class Prepared:
     def __init__(self, dialect: Dialect, statement: Executable) -> None:
         compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
-        self._order = compiled.positiontup if compiled.positional else None
-        self._processors = {
-            key: bind.type.dialect_impl(dialect).bind_processor(dialect)
+        self._processors = [
+            (key, bind.type.dialect_impl(dialect).bind_processor(dialect))
             for key, bind in compiled.binds.items()
-        }
+        ]
+        self._order = compiled.positiontup if compiled.positional else None
 
     def params(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
         processed = {
             key: process(values[key]) if process else values[key]
-            for key, process in self._processors.items()
+            for key, process in self._processors
         }
         if self._order is None:
             return processed
-        return tuple(processed[key] for key in self._order)
+        return tuple([processed[key] for key in self._order])
 
 
 class DirectConnections:

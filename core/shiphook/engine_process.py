@@ -1,11 +1,11 @@
-"""`shiphook serve` runs the engine in a child process.
+"""`shiphook serve` runs the engine in a process of its own, next to the HTTP worker(s).
 
 Orchestrator clients parse large JSON documents and the engine supersedes bursts of deployments;
-in the server's own process that work would hold the GIL the event loop needs, and every hook
-request would wait for it. The child shares nothing with the server but the database and two
-sockets: the server sends the name of a target that has new work (so dispatch is immediate), the
-engine sends each deployment's end (so `?wait` answers at once). Both are hints: the engine also
-scans the database, and the waiters also poll it, so a lost message only delays.
+inside an HTTP worker that work would hold the GIL the event loop needs, and every hook request
+would wait for it. The engine process shares nothing with the workers but the database and one
+datagram socket, on which a worker names a target that has new work so that dispatch is
+immediate. It is a hint: the engine also scans the database, and `?wait` reads outcomes from the
+database, so a lost message only delays.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 from shiphook.backends import BackendError
 from shiphook.engine import Engine
 from shiphook.instance import Instance, open_instance
-from shiphook.waiters import Waiters
 
 log = logging.getLogger("shiphook.engine")
 
@@ -32,34 +31,67 @@ RESTART_DELAY = 1.0
 NOTIFY_INTERVAL = 0.05
 
 
-class EngineProcess:
-    """The server's handle on its engine child: start, notify, hear of ends, restart, stop."""
+class EngineSupervisor:
+    """Owned by `shiphook serve`: starts the engine process, restarts it if it dies, stops it."""
 
-    def __init__(self, config_path: Path, waiters: Waiters, log_level: str = "info") -> None:
+    def __init__(self, config_path: Path, socket_path: Path, log_level: str) -> None:
         self.config_path = config_path
-        self.waiters = waiters
+        self.socket_path = socket_path
         self.log_level = log_level
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._to_engine: socket.socket | None = None
-        self._from_engine: socket.socket | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._notified: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+
+    def _spawn(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._process = context.Process(
+            target=run_engine,
+            args=(str(self.config_path), str(self.socket_path), self.log_level),
+            name="shiphook-engine",
+        )
+        self._process.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(RESTART_DELAY):
+            if self._process is not None and not self._process.is_alive():
+                log.error(
+                    "engine process exited with status %s; starting a new one",
+                    self._process.exitcode,
+                )
+                self._spawn()
+
+
+class EngineNotifier:
+    """An HTTP worker's line to the engine process; never blocks the event loop.
+
+    At most one message per target per NOTIFY_INTERVAL, the rest deferred to its end: in a burst
+    the engine is already busy with the target, and one wake-up is all it needs.
+    """
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = str(socket_path)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+        self._sent: dict[str, float] = {}
         self._deferred: set[str] = set()
 
-    async def start(self) -> None:
-        self._spawn()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    def notify(self, target: str) -> None:
-        """Tell the engine a target has new work; never blocks the event loop.
-
-        At most one message per target per NOTIFY_INTERVAL, the rest deferred to its end: in a
-        burst the engine is already busy with the target, and one wake-up is all it needs.
-        """
+    def __call__(self, target: str) -> None:
         if target in self._deferred:
             return
-        wait = self._notified.get(target, -NOTIFY_INTERVAL) + NOTIFY_INTERVAL - time.monotonic()
+        wait = self._sent.get(target, -NOTIFY_INTERVAL) + NOTIFY_INTERVAL - time.monotonic()
         if wait > 0:
             self._deferred.add(target)
             asyncio.get_running_loop().call_later(wait, self._send, target)
@@ -68,78 +100,13 @@ class EngineProcess:
 
     def _send(self, target: str) -> None:
         self._deferred.discard(target)
-        self._notified[target] = time.monotonic()
-        if self._to_engine is not None:
-            with contextlib.suppress(OSError):  # full or restarting: its next scan finds it
-                self._to_engine.send(target.encode())
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-        process = self._process
-        if process is not None and process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
-            await asyncio.to_thread(process.join, 30)
-            if process.is_alive():
-                process.kill()
-        self._close_sockets()
-
-    def _spawn(self) -> None:
-        self._close_sockets()
-        to_engine, engine_in = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        from_engine, engine_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        to_engine.setblocking(False)
-        from_engine.setblocking(False)
-        context = multiprocessing.get_context("spawn")
-        self._process = context.Process(
-            target=run_engine,
-            args=(str(self.config_path), engine_in, engine_out, self.log_level),
-            name="shiphook-engine",
-        )
-        self._process.start()
-        engine_in.close()
-        engine_out.close()
-        self._to_engine, self._from_engine = to_engine, from_engine
-        asyncio.get_running_loop().add_reader(from_engine.fileno(), self._hear, from_engine)
-
-    def _hear(self, channel: socket.socket) -> None:
-        while True:
-            try:
-                message = channel.recv(256)
-            except BlockingIOError:
-                return
-            except OSError:
-                message = b""
-            if not message:  # the engine is gone; the watcher restarts it
-                asyncio.get_running_loop().remove_reader(channel.fileno())
-                return
-            deployment_id, _, status = message.decode().partition(" ")
-            self.waiters.announce(deployment_id, status)
-
-    async def _watch(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(RESTART_DELAY)
-            if self._process is not None and not self._process.is_alive() and not self._stopping:
-                log.error(
-                    "engine process exited with status %s; starting a new one",
-                    self._process.exitcode,
-                )
-                self._spawn()
-
-    def _close_sockets(self) -> None:
-        for channel in (self._to_engine, self._from_engine):
-            if channel is not None:
-                with contextlib.suppress(Exception):
-                    asyncio.get_running_loop().remove_reader(channel.fileno())
-                channel.close()
-        self._to_engine = self._from_engine = None
+        self._sent[target] = time.monotonic()
+        with contextlib.suppress(OSError):  # full, or the engine restarting: its scan finds it
+            self._socket.sendto(target.encode(), self.socket_path)
 
 
-def run_engine(
-    config_path: str, inbox: socket.socket, outbox: socket.socket, log_level: str
-) -> None:
-    """The child process: run the engine until SIGTERM or until the server goes away."""
+def run_engine(config_path: str, socket_path: str, log_level: str) -> None:
+    """The engine process: run until SIGTERM, or until `shiphook serve` is gone."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -150,32 +117,30 @@ def run_engine(
         instance.backends,
         settings=instance.config.engine,
     )
-
-    def tell_server(deployment_id: str, status: str) -> None:
-        with contextlib.suppress(OSError):
-            outbox.send(f"{deployment_id} {status}".encode())
-
-    engine.listeners.append(tell_server)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox.bind(socket_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us
     engine.start()
     threading.Thread(target=report_backends, args=(instance,), daemon=True).start()
-    threading.Thread(target=_relay, args=(inbox, engine, stop), daemon=True).start()
-    stop.wait()
+    threading.Thread(target=_relay, args=(inbox, engine), daemon=True).start()
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # serve died without stopping us
+            break
     engine.stop()
+    inbox.close()
     instance.close()
 
 
-def _relay(inbox: socket.socket, engine: Engine, stop: threading.Event) -> None:
-    """Pass the server's hints to the engine; the server closing its end means it is gone."""
+def _relay(inbox: socket.socket, engine: Engine) -> None:
     while True:
         try:
             message = inbox.recv(256)
         except OSError:
-            message = b""
-        if not message:
-            stop.set()
             return
         engine.notify(message.decode())
 

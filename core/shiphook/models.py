@@ -49,6 +49,8 @@ class PublicModel(BaseModel):
 
 
 class Hook(SQLModel, table=True):
+    __table_args__ = {"sqlite_autoincrement": True}  # an id, like a token, is never reused
+
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=100)
     target: str = Field(index=True, max_length=63)
@@ -63,6 +65,7 @@ class HookIdentity(BaseModel):
     id: int
     name: str
     target: str
+    token_digest: str
 
 
 class HookPublic(PublicModel):

@@ -1,35 +1,36 @@
-"""`shiphook serve`: the API on uvicorn (uvloop, httptools); the engine in a child process."""
+"""`shiphook serve`: HTTP workers on uvicorn (uvloop, httptools) and one engine process."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import falcon.asgi
 import uvicorn
 
 from shiphook.app import create_app
 from shiphook.engine import Engine
-from shiphook.engine_process import EngineProcess
-from shiphook.instance import Instance
+from shiphook.engine_process import EngineNotifier, EngineSupervisor
+from shiphook.instance import Instance, open_instance
 from shiphook.waiters import Waiters
 
 log = logging.getLogger("shiphook.server")
 
-
-class EngineLifespan:
-    """Starts the engine process with the server and stops it with the server."""
-
-    def __init__(self, engine: EngineProcess) -> None:
-        self.engine = engine
-
-    async def process_startup(self, scope, event) -> None:
-        await self.engine.start()
-
-    async def process_shutdown(self, scope, event) -> None:
-        await self.engine.stop()
+ENGINE_SOCKET = "SHIPHOOK_ENGINE_SOCKET"
+WAIT_POLL = 0.2  # seconds between a worker's reads of the outcomes its ?wait callers await
 
 
-def _app(instance: Instance, notify, waiters: Waiters, middleware=()) -> falcon.asgi.App:
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _app(instance: Instance, notify: Callable[[str], None], waiters: Waiters) -> falcon.asgi.App:
     return create_app(
         hooks=instance.hooks,
         deployments=instance.deployments,
@@ -38,7 +39,6 @@ def _app(instance: Instance, notify, waiters: Waiters, middleware=()) -> falcon.
         waiters=waiters,
         max_wait=instance.config.server.max_wait,
         admin_token=instance.admin_token,
-        middleware=list(middleware),
     )
 
 
@@ -55,29 +55,44 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Engine]:
     return _app(instance, engine.notify, waiters), engine
 
 
+def worker_app() -> falcon.asgi.App:
+    """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
+    instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
+    configure_logging(instance.config.server.log_level)
+    notify = EngineNotifier(Path(os.environ[ENGINE_SOCKET]))
+    return _app(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
+
+
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
     settings = instance.config.server
     instance.migrate()
-    waiters = Waiters(instance.storage, poll_interval=instance.config.engine.scan_interval)
-    engine = EngineProcess(instance.config.path.resolve(), waiters, settings.log_level)
-    app = _app(instance, engine.notify, waiters, [EngineLifespan(engine)])
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
+    config_path = instance.config.path.resolve()
+    runtime = Path(tempfile.mkdtemp(prefix="shiphook-"))  # private (0700): the engine's socket
+    engine = EngineSupervisor(config_path, runtime / "engine.sock", settings.log_level)
+    os.environ["SHIPHOOK_CONFIG"] = str(config_path)
+    os.environ[ENGINE_SOCKET] = str(runtime / "engine.sock")
+    log.info(
+        "shiphook serving on http://%s:%d (config %s, %d targets, %d HTTP workers)",
+        host or settings.host,
+        port or settings.port,
+        config_path,
+        len(instance.config.targets),
+        settings.workers,
+    )
+    engine.start()
+    try:
+        uvicorn.run(
+            "shiphook.server:worker_app",
+            factory=True,
             host=host or settings.host,
             port=port or settings.port,
+            workers=settings.workers,
             loop="uvloop",
             http="httptools",
-            lifespan="on",
+            lifespan="off",
             access_log=False,
             log_config=None,
         )
-    )
-    log.info(
-        "shiphook serving on http://%s:%d (config %s, %d targets)",
-        host or settings.host,
-        port or settings.port,
-        instance.config.path,
-        len(instance.config.targets),
-    )
-    server.run()
+    finally:
+        engine.stop()
+        shutil.rmtree(runtime, ignore_errors=True)

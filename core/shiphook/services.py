@@ -16,7 +16,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
-from uuid6 import uuid7
+from uuid_utils import uuid7
 
 from shiphook import tokens
 from shiphook.backends import Target
@@ -40,10 +40,11 @@ from shiphook.models import (
     Status,
     utcnow,
 )
-from shiphook.storage import KeyTaken, Storage
+from shiphook.storage import Accepted, GroupCommit, HookGone, KeyTaken, Storage
 
 M = TypeVar("M", bound=BaseModel)
 STAMP_RESOLUTION = timedelta(seconds=1)
+NO_SUCH_HOOK = "no deploy hook matches this token"
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -133,7 +134,7 @@ def public_deployment(
 ) -> DeploymentPublic:
     """The API's view of a deployment; with `history`, every transition from queued on."""
     public = DeploymentPublic.model_validate(
-        dict(deployment) if isinstance(deployment, DeploymentCreate) else deployment
+        deployment.model_dump() if isinstance(deployment, DeploymentCreate) else deployment
     )
     if history is not None:
         public.history = [
@@ -186,15 +187,19 @@ class Hooks:
             raise NotFound(f"no hook with id {hook_id}")
         return HookPublic.model_validate(hook)
 
-    def authenticate(self, token: str) -> HookIdentity:
-        """The hook this token opens; `NotFound` for a malformed, unknown or deleted token."""
+    def authenticate(self, token: str, *, for_deploy: bool = False) -> HookIdentity:
+        """The hook this token opens; `NotFound` for a malformed, unknown or deleted token.
+
+        `for_deploy` may answer from a cache of known tokens: the deployment's insert checks
+        the hook again, in its own transaction, so a deleted hook still records nothing.
+        """
         hook = (
-            self.storage.hook_by_digest(tokens.digest(token))
+            self.storage.hook_by_digest(tokens.digest(token), cached=for_deploy)
             if tokens.is_well_formed(token)
             else None
         )
         if hook is None:
-            raise NotFound("no deploy hook matches this token")
+            raise NotFound(NO_SUCH_HOOK)
         return hook
 
     def _target_names(self) -> str:
@@ -217,8 +222,9 @@ class Deployments:
         self.clock = clock
         self.new_id = new_id
         self._stamped: dict[int, datetime] = {}
+        self.commits = GroupCommit(storage)
 
-    def accept(
+    async def accept(
         self, hook: HookIdentity, body: bytes, *, idempotency_key: str | None = None
     ) -> tuple[DeploymentPublic, bool]:
         """Validate the body for the hook's target and record a queued deployment.
@@ -246,14 +252,17 @@ class Deployments:
             hook_id=hook.id,
             hook_name=hook.name,
             image_tag=request.imageTag,
-            env=[dict(v) for v in request.instanceEnvironmentVariables]
+            env=[v.model_dump() for v in request.instanceEnvironmentVariables]
             if isinstance(request, JobHookBody)
             else None,
             idempotency_key=idempotency_key,
             request_digest=digest,
         )
+        accepted = Accepted(new, self._due_for_stamp(hook.id, now), hook.token_digest)
         try:
-            self.storage.add_deployment(new, stamp_hook=self._due_for_stamp(hook.id, now))
+            await self.commits.add(accepted)
+        except HookGone:
+            raise NotFound(NO_SUCH_HOOK) from None
         except KeyTaken:  # the same key raced us; answer with the winner
             replayed = self._replay(hook, idempotency_key, digest)
             if replayed is None:

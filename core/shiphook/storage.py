@@ -8,12 +8,13 @@ DBAPI connections; everything else uses SQLModel sessions.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, and_, bindparam, func, insert, or_, update
+from sqlalchemy import Engine, and_, bindparam, exists, func, insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
@@ -28,11 +29,32 @@ from shiphook.models import (
     Status,
 )
 
-SUPERSEDE_CHUNK = 500  # rows per transaction, so a burst never holds the write lock for long
+KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
+SUPERSEDE_CHUNK = 200  # rows per transaction, so a burst never holds the write lock for long
 
 
 class KeyTaken(Exception):
     """Another deployment of this hook already holds the idempotency key."""
+
+
+class HookGone(Exception):
+    """The hook that made a request was deleted before its deployment was committed."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A deployment to commit; `hook_digest` makes the insert conditional on that hook."""
+
+    new: DeploymentCreate
+    stamp_hook: bool = False
+    hook_digest: str | None = None
+
+    def row(self) -> dict[str, object]:
+        values = self.new.model_dump()
+        values |= {"status": Status.queued, "message": ""}
+        if self.hook_digest is not None:
+            values["hook_digest"] = self.hook_digest
+        return values
 
 
 @dataclass(frozen=True)
@@ -56,9 +78,22 @@ class Storage:
                 hook.c.token_digest == bindparam("token_digest")
             ),
         )
-        columns = [*DeploymentCreate.model_fields, "status", "message", "updated_at"]
-        self._insert_deployment = Prepared(
-            engine.dialect, insert(deployment).values({c: bindparam(c) for c in columns})
+        columns = [*DeploymentCreate.model_fields, "status", "message"]
+        values = {c: bindparam(c) for c in columns} | {"updated_at": bindparam("created_at")}
+        self._insert_deployment = Prepared(engine.dialect, insert(deployment).values(values))
+        # the same insert, made only if the hook still exists: a token that was deleted after
+        # it was looked up (or while it sat in the cache) records nothing
+        hook_alive = exists().where(
+            hook.c.id == bindparam("hook_id"), hook.c.token_digest == bindparam("hook_digest")
+        )
+        self._insert_if_hook = Prepared(
+            engine.dialect,
+            insert(deployment).from_select(
+                list(values),
+                select(
+                    *(bindparam(b.key, type_=deployment.c[c].type) for c, b in values.items())
+                ).where(hook_alive),
+            ),
         )
         self._stamp_hook = Prepared(
             engine.dialect,
@@ -66,6 +101,7 @@ class Storage:
             .where(hook.c.id == bindparam("hook_id"))
             .values(last_used_at=bindparam("at")),
         )
+        self._known_hooks: dict[str, HookIdentity] = {}
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:
@@ -85,13 +121,24 @@ class Storage:
             session.flush()
         return hook
 
-    def hook_by_digest(self, token_digest: str) -> HookIdentity | None:
+    def hook_by_digest(self, token_digest: str, *, cached: bool = False) -> HookIdentity | None:
+        """The hook with this token digest. `cached` may answer from memory, for callers whose
+        write re-checks the hook (`add_deployments` does)."""
+        if cached and (known := self._known_hooks.get(token_digest)) is not None:
+            return known
         with self._direct.cursor() as cursor:
             cursor.execute(
                 self._find_hook.sql, self._find_hook.params({"token_digest": token_digest})
             )
             row = cursor.fetchone()
-        return None if row is None else HookIdentity(id=row[0], name=row[1], target=row[2])
+        if row is None:
+            return None
+        hook = HookIdentity(id=row[0], name=row[1], target=row[2], token_digest=token_digest)
+        if cached:
+            if len(self._known_hooks) >= KNOWN_HOOKS:
+                self._known_hooks.clear()
+            self._known_hooks[token_digest] = hook
+        return hook
 
     def list_hooks(self, *, target: str | None = None) -> Sequence[Hook]:
         query = select(Hook).order_by(Hook.id)
@@ -105,26 +152,60 @@ class Storage:
             hook = session.get(Hook, hook_id)
             if hook is not None:
                 session.delete(hook)
+                self._known_hooks.pop(hook.token_digest, None)
             return hook
 
     # -- deployments --------------------------------------------------------
 
-    def add_deployment(self, new: DeploymentCreate, *, stamp_hook: bool = False) -> None:
-        """Commit a queued deployment; with `stamp_hook`, set its hook's last use in the same
-        transaction. Raises `KeyTaken` when its idempotency key is already held."""
-        values = {**dict(new), "status": Status.queued, "message": "", "updated_at": new.created_at}
+    def add_deployment(self, new: DeploymentCreate) -> None:
+        """Commit one queued deployment that no hook request made (a rollback on demand)."""
+        self.add_deployments([Accepted(new)])
+
+    def add_deployments(self, batch: Sequence[Accepted]) -> set[str]:
+        """Commit queued deployments in one transaction; return the ids of those not recorded
+        because their hook no longer exists. Raises `KeyTaken` (committing nothing) when an
+        idempotency key is already held."""
+        checked = [a for a in batch if a.hook_digest is not None]
+        plain = [a for a in batch if a.hook_digest is None]
+        stamps = [
+            self._stamp_hook.params({"hook_id": a.new.hook_id, "at": a.new.created_at})
+            for a in batch
+            if a.stamp_hook
+        ]
         with self._lock(), self._direct.cursor() as cursor:
             cursor.execute("BEGIN")
             try:
-                cursor.execute(self._insert_deployment.sql, self._insert_deployment.params(values))
+                if checked:
+                    cursor.executemany(
+                        self._insert_if_hook.sql,
+                        [self._insert_if_hook.params(a.row()) for a in checked],
+                    )
+                    recorded = cursor.rowcount
+                if plain:
+                    cursor.executemany(
+                        self._insert_deployment.sql,
+                        [self._insert_deployment.params(a.row()) for a in plain],
+                    )
             except self.engine.dialect.loaded_dbapi.IntegrityError:
-                if new.idempotency_key is None:
+                keys = [a.new.idempotency_key for a in batch if a.new.idempotency_key]
+                if not keys:
                     raise
-                raise KeyTaken(new.idempotency_key) from None
-            if stamp_hook:
-                at = {"hook_id": new.hook_id, "at": new.created_at}
-                cursor.execute(self._stamp_hook.sql, self._stamp_hook.params(at))
+                raise KeyTaken(", ".join(keys)) from None
+            if stamps:
+                cursor.executemany(self._stamp_hook.sql, stamps)
             cursor.execute("COMMIT")
+        if not checked or recorded == len(checked):
+            return set()
+        missing = {a.new.id for a in checked} - self._existing([a.new.id for a in checked])
+        for accepted in checked:
+            if accepted.new.id in missing:
+                self._known_hooks.pop(accepted.hook_digest, None)
+        return missing
+
+    def _existing(self, deployment_ids: list[str]) -> set[str]:
+        query = select(Deployment.id).where(col(Deployment.id).in_(deployment_ids))
+        with self._read() as session:
+            return set(session.exec(query).all())
 
     def deployment_by_key(self, *, hook_id: int, idempotency_key: str) -> Deployment | None:
         query = select(Deployment).where(
@@ -358,3 +439,58 @@ class Storage:
                     .returning(Deployment.id)
                 ).scalars()
             )
+
+
+class GroupCommit:
+    """Commits the deployments accepted in one turn of the event loop in one transaction.
+
+    When many CI jobs call at once, a transaction per request spends most of its time in BEGIN,
+    COMMIT and the write lock; a transaction for all the requests read in one turn costs little
+    more than one of them. Every caller is still answered only after the commit holding its
+    row. Used from the event loop's thread only.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._batch: list[tuple[Accepted, asyncio.Future[None]]] = []
+
+    async def add(self, accepted: Accepted) -> None:
+        """Return once `accepted` is committed; raise `HookGone` or `KeyTaken` if it was not."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._commit)  # after the requests already read this turn
+        self._batch.append((accepted, future))
+        await future
+
+    def _commit(self) -> None:
+        batch, self._batch = self._batch, []
+        try:
+            missing = self.storage.add_deployments([accepted for accepted, _ in batch])
+        except KeyTaken:
+            if len(batch) == 1:
+                _settle(batch[0][1], KeyTaken(batch[0][0].new.idempotency_key))
+                return
+            for accepted, future in batch:  # one by one: only the holder of a taken key fails
+                try:
+                    alone = self.storage.add_deployments([accepted])
+                except Exception as error:
+                    _settle(future, error)
+                else:
+                    _settle(future, HookGone() if alone else None)
+            return
+        except Exception as error:
+            for _, future in batch:
+                _settle(future, error)
+            return
+        for accepted, future in batch:
+            _settle(future, HookGone() if accepted.new.id in missing else None)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # its request was cancelled (the client went away)
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -173,6 +173,7 @@ class SwarmBackend(Backend):
     TargetOptions = SwarmTargetOptions
     kinds = frozenset({"app", "job"})
     can_rollback = True
+    concurrent_runs = False  # each update of a job service replaces the running iteration
 
     def __init__(self, options: SwarmOptions) -> None:
         super().__init__(options)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 16:02:29.761641
+Create Date: 2026-11-29 16:18:58.236835
 """
 
 import sqlalchemy as sa
@@ -75,6 +75,7 @@ def upgrade() -> None:
         sa.Column("last_used_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("token_digest"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("hook", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_hook_target"), ["target"], unique=False)
