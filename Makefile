@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,12 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every benchmark of bench/README.md, on this machine; results go to bench/results/.
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	cd bench && for b in accept reject dispatch burst waiters memory; do ../$(BIN)/python $$b.py || exit 1; done
+	$(BIN)/python bench/plot.py
 
 lint: install
 	$(BIN)/ruff check core plugins tests bench

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,10 @@ T = TypeVar("T")
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+
+
+def _slots(target: Target) -> range:
+    return range(1 if target.kind == "app" else target.max_concurrent_runs)
 
 
 class Stopping(Exception):
@@ -60,6 +65,7 @@ class Engine:
         self._stopping = threading.Event()
         self._running: set[tuple[str, int]] = set()
         self._running_lock = threading.Lock()
+        self._hinted: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._dispatcher: threading.Thread | None = None
 
@@ -90,26 +96,44 @@ class Engine:
         """
         config = self.targets.get(target) if target is not None else None
         if config is not None:
-            slots = 1 if config.kind == "app" else config.max_concurrent_runs
             with self._running_lock:
-                if all((target, slot) in self._running for slot in range(slots)):
+                if all((target, slot) in self._running for slot in _slots(config)):
                     return
+                self._hinted.add(target)
         self._wake.set()
 
     # -- dispatching ---------------------------------------------------------------
 
     def _dispatch_loop(self) -> None:
+        next_scan = 0.0
         while not self._stopping.is_set():
-            self._wake.wait(self.settings.scan_interval)
+            self._wake.wait(max(0.0, next_scan - time.monotonic()))
             self._wake.clear()
             if self._stopping.is_set():
                 return
+            with self._running_lock:
+                hinted, self._hinted = self._hinted, set()
             try:
-                self.dispatch_once()
+                if hinted and time.monotonic() < next_scan:
+                    self.dispatch_hinted(hinted)
+                else:
+                    self.dispatch_once()
+                    next_scan = time.monotonic() + self.settings.scan_interval
             except Exception:
                 log.exception("engine: looking for work failed; retrying at the next scan")
 
+    def dispatch_hinted(self, targets: set[str]) -> None:
+        """The fast path for targets this process was told about: claim their free slots
+        without scanning the database (a worker that finds nothing lets its slot go)."""
+        now = self.clock()
+        for name in targets:
+            target = self.targets[name]
+            for slot in _slots(target):
+                self._claim(target, slot, now)
+
     def dispatch_once(self) -> None:
+        """Scan the database for every target with work: queued deployments (also those other
+        processes accepted) and in-progress ones whose holder is gone."""
         now = self.clock()
         held = self.storage.held_slots(now=now)
         for pending in self.storage.pending_targets():
@@ -120,28 +144,29 @@ class Engine:
             if target.kind == "app":
                 wanted = [0]
             else:
-                free = [
-                    s for s in range(target.max_concurrent_runs) if s not in pending.active_slots
-                ]
+                free = [s for s in _slots(target) if s not in pending.active_slots]
                 wanted = sorted(pending.active_slots) + free[: pending.queued]
             for slot in wanted:
-                key = (target.name, slot)
-                with self._running_lock:
-                    if key in self._running or key in held:
-                        continue
-                    if len(self._running) >= self.settings.threads:
-                        return  # hold no slot it cannot work on; other replicas may take it
-                    if not self.storage.claim_lease(
-                        target=target.name,
-                        slot=slot,
-                        owner=self.owner,
-                        now=now,
-                        until=now + timedelta(seconds=self.settings.lease_seconds),
-                    ):
-                        continue
-                    self._running.add(key)
-                assert self._pool is not None
-                self._pool.submit(self._work_slot, target, slot)
+                if (target.name, slot) not in held:
+                    self._claim(target, slot, now)
+
+    def _claim(self, target: Target, slot: int, now: datetime) -> None:
+        """Take the slot's lease unless this process works on it already, and work on it."""
+        key = (target.name, slot)
+        with self._running_lock:
+            if key in self._running or len(self._running) >= self.settings.threads:
+                return  # hold no slot it cannot work on; other replicas may take it
+            if not self.storage.claim_lease(
+                target=target.name,
+                slot=slot,
+                owner=self.owner,
+                now=now,
+                until=now + timedelta(seconds=self.settings.lease_seconds),
+            ):
+                return
+            self._running.add(key)
+        assert self._pool is not None
+        self._pool.submit(self._work_slot, target, slot)
 
     def _fail_unconfigured(self, target: str) -> None:
         for deployment in self.storage.list_deployments(target=target, limit=1000):

@@ -14,9 +14,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, and_, bindparam, exists, func, insert, or_, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, select
 
 from shiphook.db import DirectConnections, Prepared, write_lock
 from shiphook.models import (
@@ -29,6 +41,7 @@ from shiphook.models import (
     Status,
 )
 
+DEPLOYMENT, EVENT, LEASE = Deployment.__table__, DeploymentEvent.__table__, Lease.__table__
 KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
 SUPERSEDE_CHUNK = 200  # rows per transaction, so a burst never holds the write lock for long
 
@@ -272,25 +285,26 @@ class Storage:
             return session.exec(query).all()
 
     def statuses(self, deployment_ids: Sequence[str]) -> dict[str, str]:
-        query = select(Deployment.id, Deployment.status).where(
-            col(Deployment.id).in_(deployment_ids)
+        """Status by id, for the waiters' poll (a Core query: it runs on the event loop)."""
+        query = select(DEPLOYMENT.c.id, DEPLOYMENT.c.status).where(
+            DEPLOYMENT.c.id.in_(deployment_ids)
         )
-        with self._read() as session:
-            return dict(session.exec(query).all())
+        with self.engine.connect() as connection:
+            return {deployment_id: status for deployment_id, status in connection.execute(query)}
 
     def update_deployment(
         self, deployment_id: str, *, now: datetime, event: str | None = None, **values
     ) -> None:
         """Set `values` on the deployment; with `event`, record it in the history."""
-        with self._write() as session:
-            session.exec(
-                update(Deployment)
-                .where(Deployment.id == deployment_id)
+        with self._core() as connection:
+            connection.execute(
+                update(DEPLOYMENT)
+                .where(DEPLOYMENT.c.id == deployment_id)
                 .values(updated_at=now, **values)
             )
             if event is not None:
-                session.add(
-                    DeploymentEvent(
+                connection.execute(
+                    insert(EVENT).values(
                         deployment_id=deployment_id,
                         at=now,
                         status=values.get("status", event),
@@ -299,18 +313,26 @@ class Storage:
                 )
 
     # -- the engine's work queue -------------------------------------------------
+    # Core statements, not ORM sessions: dispatch latency is a handful of these, and a session
+    # costs ten times the statement.
+
+    @contextlib.contextmanager
+    def _core(self) -> Iterator[Connection]:
+        """One write transaction on a Core connection, under the write lock."""
+        with self._lock(), self.engine.begin() as connection:
+            yield connection
 
     def pending_targets(self) -> list[PendingTarget]:
         """Targets with queued or in-progress deployments."""
         query = (
-            select(Deployment.target, Deployment.status, Deployment.slot, func.count())
-            .where(col(Deployment.status).in_([Status.queued, Status.in_progress]))
-            .group_by(Deployment.target, Deployment.status, Deployment.slot)
+            select(DEPLOYMENT.c.target, DEPLOYMENT.c.status, DEPLOYMENT.c.slot, func.count())
+            .where(DEPLOYMENT.c.status.in_([Status.queued, Status.in_progress]))
+            .group_by(DEPLOYMENT.c.target, DEPLOYMENT.c.status, DEPLOYMENT.c.slot)
         )
         queued: dict[str, int] = {}
         active: dict[str, set[int]] = {}
-        with self._read() as session:
-            for target, status, slot, count in session.exec(query):
+        with self.engine.connect() as connection:
+            for target, status, slot, count in connection.execute(query):
                 if status == Status.queued:
                     queued[target] = queued.get(target, 0) + count
                 else:
@@ -323,49 +345,51 @@ class Storage:
         ]
 
     def held_slots(self, *, now: datetime) -> set[tuple[str, int]]:
-        with self._read() as session:
-            rows = session.exec(select(Lease.target, Lease.slot).where(Lease.expires_at > now))
-            return set(rows.all())
+        query = select(LEASE.c.target, LEASE.c.slot).where(LEASE.c.expires_at > now)
+        with self.engine.connect() as connection:
+            return {(target, slot) for target, slot in connection.execute(query)}
 
     def claim_lease(
         self, *, target: str, slot: int, owner: str, now: datetime, until: datetime
     ) -> bool:
         """Take the slot if it is free, expired, or already ours; True when we hold it."""
-        with self._write() as session:
-            taken = session.exec(
-                update(Lease)
+        with self._core() as connection:
+            taken = connection.execute(
+                update(LEASE)
                 .where(
-                    and_(
-                        Lease.target == target,
-                        Lease.slot == slot,
-                        or_(Lease.expires_at <= now, Lease.owner == owner),
-                    )
+                    LEASE.c.target == target,
+                    LEASE.c.slot == slot,
+                    or_(LEASE.c.expires_at <= now, LEASE.c.owner == owner),
                 )
                 .values(owner=owner, expires_at=until)
             )
             if taken.rowcount:
                 return True
             try:
-                with session.begin_nested():
-                    session.add(Lease(target=target, slot=slot, owner=owner, expires_at=until))
+                with connection.begin_nested():
+                    connection.execute(
+                        insert(LEASE).values(
+                            target=target, slot=slot, owner=owner, expires_at=until
+                        )
+                    )
             except IntegrityError:
                 return False
             return True
 
     def renew_lease(self, *, target: str, slot: int, owner: str, until: datetime) -> bool:
-        with self._write() as session:
-            renewed = session.exec(
-                update(Lease)
-                .where(and_(Lease.target == target, Lease.slot == slot, Lease.owner == owner))
+        with self._core() as connection:
+            renewed = connection.execute(
+                update(LEASE)
+                .where(LEASE.c.target == target, LEASE.c.slot == slot, LEASE.c.owner == owner)
                 .values(expires_at=until)
             )
             return bool(renewed.rowcount)
 
     def release_lease(self, *, target: str, slot: int, owner: str) -> None:
-        with self._write() as session:
-            session.exec(
-                delete(Lease).where(
-                    and_(Lease.target == target, Lease.slot == slot, Lease.owner == owner)
+        with self._core() as connection:
+            connection.execute(
+                delete(LEASE).where(
+                    LEASE.c.target == target, LEASE.c.slot == slot, LEASE.c.owner == owner
                 )
             )
 
@@ -378,67 +402,77 @@ class Storage:
         otherwise it starts a queued one: for an app the newest, after superseding the older
         ones; for a job the oldest. Also returns the ids it superseded.
         """
-        with self._read() as session:
-            resumed = session.exec(
-                select(Deployment).where(
-                    Deployment.target == target,
-                    Deployment.status == Status.in_progress,
-                    Deployment.slot == slot,
-                )
-            ).first()
-            if resumed is not None:
-                return resumed, []
-            order = col(Deployment.id).desc() if kind == "app" else col(Deployment.id)
-            chosen = session.exec(
-                select(Deployment)
-                .where(Deployment.target == target, Deployment.status == Status.queued)
-                .order_by(order)
-                .limit(1)
-            ).first()
-        if chosen is None:
-            return None, []
-        superseded: list[str] = []
-        if kind == "app":  # before starting it, so a crash in between leaves it the newest
-            while chunk := self._supersede(target=target, newest=chosen.id, now=now):
-                superseded += chunk
-        with self._write() as session:
-            started = session.exec(
-                update(Deployment)
-                .where(Deployment.id == chosen.id, Deployment.status == Status.queued)
-                .values(status=Status.in_progress, slot=slot, started_at=now, updated_at=now)
+        order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
+        query = (
+            select(DEPLOYMENT)
+            .where(
+                DEPLOYMENT.c.target == target,
+                or_(
+                    and_(DEPLOYMENT.c.status == Status.in_progress, DEPLOYMENT.c.slot == slot),
+                    DEPLOYMENT.c.status == Status.queued,
+                ),
             )
-            if not started.rowcount:
-                return None, superseded
-            session.add(DeploymentEvent(deployment_id=chosen.id, at=now, status=Status.in_progress))
-        chosen.status, chosen.slot, chosen.started_at = Status.in_progress, slot, now
-        return chosen, superseded
+            .order_by(case((DEPLOYMENT.c.status == Status.in_progress, 0), else_=1), order)
+            .limit(1)
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        if row is None:
+            return None, []
+        chosen = Deployment(**row._mapping)
+        if chosen.status == Status.in_progress:
+            return chosen, []
+        superseded: list[str] = []
+        while True:
+            with self._core() as connection:
+                # an app's older queued deployments are superseded before it starts, in chunks
+                # (a burst never holds the write lock long), so a crash in between leaves it
+                # the newest; the last chunk and the start share one transaction
+                chunk = self._supersede(connection, chosen, now) if kind == "app" else []
+                superseded += chunk
+                if len(chunk) == SUPERSEDE_CHUNK:
+                    continue
+                started = connection.execute(
+                    update(DEPLOYMENT)
+                    .where(DEPLOYMENT.c.id == chosen.id, DEPLOYMENT.c.status == Status.queued)
+                    .values(status=Status.in_progress, slot=slot, started_at=now, updated_at=now)
+                )
+                if not started.rowcount:
+                    return None, superseded
+                connection.execute(
+                    insert(EVENT).values(
+                        deployment_id=chosen.id, at=now, status=Status.in_progress, message=""
+                    )
+                )
+            chosen.status, chosen.slot, chosen.started_at = Status.in_progress, slot, now
+            return chosen, superseded
 
-    def _supersede(self, *, target: str, newest: str, now: datetime) -> list[str]:
+    @staticmethod
+    def _supersede(connection: Connection, newest: Deployment, now: datetime) -> list[str]:
         """Mark up to SUPERSEDE_CHUNK queued deployments older than `newest` superseded by it."""
         older = (
-            select(Deployment.id)
+            select(DEPLOYMENT.c.id)
             .where(
-                Deployment.target == target,
-                Deployment.status == Status.queued,
-                col(Deployment.id) < newest,
+                DEPLOYMENT.c.target == newest.target,
+                DEPLOYMENT.c.status == Status.queued,
+                DEPLOYMENT.c.id < newest.id,
             )
             .limit(SUPERSEDE_CHUNK)
         )
-        with self._write() as session:
-            return list(
-                session.exec(
-                    update(Deployment)
-                    .where(col(Deployment.id).in_(older.scalar_subquery()))
-                    .values(
-                        status=Status.superseded,
-                        superseded_by=newest,
-                        message=f"superseded by deployment {newest}",
-                        finished_at=now,
-                        updated_at=now,
-                    )
-                    .returning(Deployment.id)
-                ).scalars()
-            )
+        return list(
+            connection.execute(
+                update(DEPLOYMENT)
+                .where(DEPLOYMENT.c.id.in_(older.scalar_subquery()))
+                .values(
+                    status=Status.superseded,
+                    superseded_by=newest.id,
+                    message=f"superseded by deployment {newest.id}",
+                    finished_at=now,
+                    updated_at=now,
+                )
+                .returning(DEPLOYMENT.c.id)
+            ).scalars()
+        )
 
 
 class GroupCommit:

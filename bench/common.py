@@ -1,0 +1,328 @@
+"""What every benchmark shares: a shiphook server as a user runs it, the bare-framework server,
+wrk, seeding hooks, and reading memory. Loopback only; everything under a temporary directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+PLUGINS = ROOT / "tests" / "plugins"  # the scripted test backend records every call
+BIN = Path(sys.executable).parent
+ADMIN_TOKEN = "bench-admin-token"
+HOOK_BODY = '{"imageTag":"1.2.0"}'
+
+
+def ensure_wrk() -> str:
+    """wrk from Debian's package, installed on first use."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk (apt-get) ...", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    return shutil.which("wrk") or "wrk"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+@dataclass
+class Shiphook:
+    """A `shiphook serve` in its own directory, with the scripted backend recording calls."""
+
+    directory: Path
+    config: Path
+    process: subprocess.Popen | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PYTHONPATH": str(PLUGINS),
+            "SHIPHOOK_PLUGINS": "scripted_backend",
+            "SHIPHOOK_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(
+            [str(BIN / "shiphook"), "--config", str(self.config), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.directory,
+        ).stdout
+
+    def create_hook(self, target: str = "web") -> str:
+        return json.loads(self.cli("hooks", "create", target, "--name", "bench", "--json"))["token"]
+
+    def start(self) -> None:
+        self.port = free_port()
+        log = open(self.directory / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "shiphook"),
+                "--config",
+                str(self.config),
+                "serve",
+                "--port",
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.directory,
+            start_new_session=True,
+        )
+        wait_http(self.url + "/healthz")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def pids(self) -> list[int]:
+        """The server and its engine process."""
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [self.process.pid, *map(int, children.read_text().split())]
+
+    def database(self) -> Path:
+        return self.directory / "shiphook.db"
+
+    def count(self, sql: str) -> int:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.database())) as db:
+            return db.execute(sql).fetchone()[0]
+
+
+@contextlib.contextmanager
+def shiphook(
+    targets: str = "", *, rollout_seconds: float = 1.0, polls: int = 1
+) -> Iterator[Shiphook]:
+    """A configured (not started) shiphook in a fresh directory: target `web` plus `targets`
+    (TOML, where `{directory}` stands for that directory)."""
+    with tempfile.TemporaryDirectory(prefix="shiphook-bench-") as tmp:
+        directory = Path(tmp)
+        config = directory / "shiphook.toml"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                [server]
+                database_url = "sqlite:///{directory}/shiphook.db"
+                log_level = "warning"
+                disabled_plugins = ["swarm"]
+
+                [backends.rec]
+                plugin = "scripted"
+                state_dir = "{directory}"
+                rollout_seconds = {rollout_seconds}
+                polls = {polls}
+
+                [targets.web]
+                kind = "app"
+                backend = "rec"
+                name = "web"
+                """
+            )
+            + textwrap.dedent(targets).replace("{directory}", str(directory))
+        )
+        server = Shiphook(directory, config)
+        server.cli("db", "upgrade")
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def seed_hooks(server: Shiphook, count: int, target: str = "web") -> None:
+    """`count` hooks with random digests, straight into the table (as a million API calls
+    would leave it), in batches."""
+    from shiphook.db import create_db_engine
+    from shiphook.models import Hook
+    from sqlalchemy import insert
+
+    engine = create_db_engine(f"sqlite:///{server.database()}")
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        for start in range(0, count, 50_000):
+            rows = [
+                {
+                    "name": f"seed-{i}",
+                    "target": target,
+                    "token_digest": secrets.token_hex(32),
+                    "created_at": now,
+                }
+                for i in range(start, min(count, start + 50_000))
+            ]
+            connection.execute(insert(Hook.__table__), rows)
+    engine.dispose()
+
+
+@contextlib.contextmanager
+def bare_server() -> Iterator[str]:
+    """The framework's limit: bench/bare_app.py on the same stack, one process."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(BIN / "uvicorn"),
+            "bare_app:app",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=BENCH,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+@dataclass
+class WrkResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    non_2xx: int
+
+    def row(self) -> str:
+        return f"{self.requests_per_second:9.0f} req/s  p50 {self.p50_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms"
+
+
+def wrk(
+    url: str,
+    *,
+    token: str,
+    connections: int,
+    seconds: int = 10,
+    close: bool = False,
+    body: str = HOOK_BODY,
+) -> WrkResult:
+    """POST the hook request with wrk (one thread: the other core is the server's)."""
+    env = {**os.environ, "TOKEN": token, "BODY": body, "CLOSE": "1" if close else ""}
+    out = subprocess.run(
+        [
+            ensure_wrk(),
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(BENCH / "post.lua"),
+            url + "/api/v1/dh",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> WrkResult:
+    def latency(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return WrkResult(
+        requests_per_second=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        p50_ms=latency("50"),
+        p99_ms=latency("99"),
+        requests=int(re.search(r"(\d+) requests in", out).group(1)),
+        errors=sum(map(int, errors.groups())) if errors else 0,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+    )
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
+    return path
