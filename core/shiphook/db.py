@@ -82,22 +82,34 @@ class FileWriteLock:
         os.register_at_fork(after_in_child=self._forget)
 
     @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._thread_lock:
+    def __call__(self, *, blocking: bool = True) -> Iterator[None]:
+        """Hold the lock; with `blocking=False`, raise `LockBusy` rather than wait for it."""
+        if not self._thread_lock.acquire(blocking):
+            raise LockBusy
+        try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockBusy from None
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
     def _forget(self) -> None:
         self._fd = None
 
 
+class LockBusy(Exception):
+    """Another writer holds the lock (only raised to a caller that asked not to wait)."""
+
+
 @contextlib.contextmanager
-def no_lock() -> Iterator[None]:
+def no_lock(*, blocking: bool = True) -> Iterator[None]:
     yield
 
 
@@ -105,7 +117,7 @@ _file_locks: dict[Path, FileWriteLock] = {}  # one per database file, as the OS 
 _file_locks_guard = threading.Lock()
 
 
-def write_lock(engine: Engine) -> Callable[[], contextlib.AbstractContextManager[None]]:
+def write_lock(engine: Engine) -> Callable[..., contextlib.AbstractContextManager[None]]:
     """What to hold around a write transaction on this engine."""
     if engine.dialect.name != "sqlite":
         return no_lock

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from shiphook.db import DirectConnections, Prepared, write_lock
+from shiphook.db import DirectConnections, LockBusy, Prepared, write_lock
 from shiphook.models import (
     Deployment,
     DeploymentCreate,
@@ -43,6 +43,7 @@ from shiphook.models import (
 
 DEPLOYMENT, EVENT, LEASE = Deployment.__table__, DeploymentEvent.__table__, Lease.__table__
 KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
+LOCK_RETRY = 0.0005  # seconds before the accept path tries the write lock again
 SUPERSEDE_CHUNK = 200  # rows per transaction, so a burst never holds the write lock for long
 
 
@@ -174,10 +175,11 @@ class Storage:
         """Commit one queued deployment that no hook request made (a rollback on demand)."""
         self.add_deployments([Accepted(new)])
 
-    def add_deployments(self, batch: Sequence[Accepted]) -> set[str]:
+    def add_deployments(self, batch: Sequence[Accepted], *, wait: bool = True) -> set[str]:
         """Commit queued deployments in one transaction; return the ids of those not recorded
         because their hook no longer exists. Raises `KeyTaken` (committing nothing) when an
-        idempotency key is already held."""
+        idempotency key is already held; with `wait=False`, `LockBusy` instead of waiting for
+        another writer."""
         checked = [a for a in batch if a.hook_digest is not None]
         plain = [a for a in batch if a.hook_digest is None]
         stamps = [
@@ -185,7 +187,7 @@ class Storage:
             for a in batch
             if a.stamp_hook
         ]
-        with self._lock(), self._direct.cursor() as cursor:
+        with self._lock(blocking=wait), self._direct.cursor() as cursor:
             cursor.execute("BEGIN")
             try:
                 if checked:
@@ -498,27 +500,31 @@ class GroupCommit:
         await future
 
     def _commit(self) -> None:
-        batch, self._batch = self._batch, []
         try:
-            missing = self.storage.add_deployments([accepted for accepted, _ in batch])
-        except KeyTaken:
-            if len(batch) == 1:
-                _settle(batch[0][1], KeyTaken(batch[0][0].new.idempotency_key))
-                return
-            for accepted, future in batch:  # one by one: only the holder of a taken key fails
-                try:
-                    alone = self.storage.add_deployments([accepted])
-                except Exception as error:
-                    _settle(future, error)
-                else:
-                    _settle(future, HookGone() if alone else None)
+            missing = self.storage.add_deployments(
+                [accepted for accepted, _ in self._batch], wait=False
+            )
+        except LockBusy:  # the engine is writing: read more requests meanwhile, then try again
+            asyncio.get_running_loop().call_later(LOCK_RETRY, self._commit)
             return
-        except Exception as error:
-            for _, future in batch:
-                _settle(future, error)
+        except Exception:
+            batch, self._batch = self._batch, []
+            self._settle_alone(batch)
             return
+        batch, self._batch = self._batch, []
         for accepted, future in batch:
             _settle(future, HookGone() if accepted.new.id in missing else None)
+
+    def _settle_alone(self, batch: list[tuple[Accepted, asyncio.Future[None]]]) -> None:
+        """After a failed batch: commit each alone, so only the holder of a taken key (or
+        whatever else failed) gets the error."""
+        for accepted, future in batch:
+            try:
+                missing = self.storage.add_deployments([accepted])
+            except Exception as error:
+                _settle(future, error)
+            else:
+                _settle(future, HookGone() if missing else None)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
