@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -60,7 +61,9 @@ def worker_app() -> falcon.asgi.App:
     instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
     configure_logging(instance.config.server.log_level)
     notify = EngineNotifier(Path(os.environ[ENGINE_SOCKET]))
-    return _app(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
+    app = _app(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
+    gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
+    return app
 
 
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
