@@ -123,12 +123,15 @@ class Shiphook:
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):  # nothing of it outlives the run
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process = None
 
     def pids(self) -> list[int]:
-        """The server and its engine process."""
+        """The server and its child processes (engine, resource tracker, extra HTTP workers)."""
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [self.process.pid, *map(int, children.read_text().split())]
@@ -149,7 +152,7 @@ def shiphook(
 ) -> Iterator[Shiphook]:
     """A configured (not started) shiphook in a fresh directory: target `web` plus `targets`
     (TOML, where `{directory}` stands for that directory)."""
-    with tempfile.TemporaryDirectory(prefix="shiphook-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="shiphook-bench-", ignore_cleanup_errors=True) as tmp:
         directory = Path(tmp)
         config = directory / "shiphook.toml"
         config.write_text(
@@ -292,6 +295,22 @@ def parse_wrk(out: str) -> WrkResult:
         errors=sum(map(int, errors.groups())) if errors else 0,
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
     )
+
+
+def process_name(pid: int) -> str:
+    """What a process of `shiphook serve` is: the server, an HTTP worker, the engine, or
+    multiprocessing's resource tracker."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    if "resource_tracker" in command:
+        return "resource tracker"
+    if "multiprocessing" in command or "spawn_main" in command:
+        return "spawned (engine, or an HTTP worker)"
+    return "serve (the HTTP worker when workers = 1)"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pids: list[int]) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import rss_mb, save, seed_hooks, shiphook, wrk
+from common import process_name, rss_mb, save, seed_hooks, shiphook, wrk
 
 
 def measure(count: int) -> dict[str, float]:
@@ -20,7 +20,7 @@ def measure(count: int) -> dict[str, float]:
         server.start()
         time.sleep(2)
         idle = rss_mb(server.pids())
-        per_process = {pid: rss_mb([pid]) for pid in server.pids()}
+        per_process = {f"{process_name(pid)} {pid}": rss_mb([pid]) for pid in server.pids()}
         wrk(server.url, token=token, connections=16, seconds=10)
         loaded = rss_mb(server.pids())
         size = sum(p.stat().st_size for p in server.directory.glob("shiphook.db*")) / 2**20
@@ -29,7 +29,7 @@ def measure(count: int) -> dict[str, float]:
         "idle_mb": idle,
         "after_load_mb": loaded,
         "database_mb": size,
-        "processes_mb": list(per_process.values()),
+        "processes_mb": per_process,
     }
 
 
@@ -39,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     runs = [measure(1), measure(args.hooks)]
     for r in runs:
+        parts = ", ".join(f"{name}: {mb:.1f}" for name, mb in r["processes_mb"].items())
         print(
-            f"{r['hooks']:>8} hooks: idle {r['idle_mb']:.1f} MB "
-            f"(HTTP worker {r['processes_mb'][0]:.1f} + engine {r['processes_mb'][1]:.1f}), "
+            f"{r['hooks']:>8} hooks: idle {r['idle_mb']:.1f} MB ({parts}), "
             f"after 10 s of load {r['after_load_mb']:.1f} MB; database {r['database_mb']:.0f} MB"
         )
     print(f"saved {save('memory', {'runs': runs})}")

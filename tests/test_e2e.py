@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import run_cli, scripted_config
+from conftest import plugin_env, run_cli, scripted_config
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
@@ -137,3 +137,15 @@ def test_serve_starts_and_accepts_hooks_while_its_backend_is_unreachable(tmp_pat
     assert code == 201
     time.sleep(0.3)
     assert "backend fake (scripted) is not reachable: connection refused" in server.log()
+
+
+def test_the_default_config_serves_healthz_with_no_orchestrator(tmp_path, serve):
+    """What `make run` starts: configs/shiphook.toml, SQLite in the working directory."""
+    from conftest import ROOT
+
+    config = tmp_path / "shiphook.toml"
+    config.write_text((ROOT / "configs" / "shiphook.toml").read_text())
+    server = serve(config, env=plugin_env(SHIPHOOK_PLUGINS=""))
+    status, _, body = server.request("GET", "/healthz")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    assert (tmp_path / "shiphook.db").exists()
