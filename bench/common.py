@@ -210,8 +210,8 @@ def seed_hooks(server: Shiphook, count: int, target: str = "web") -> None:
 
 
 @contextlib.contextmanager
-def bare_server() -> Iterator[str]:
-    """The framework's limit: bench/bare_app.py on the same stack, one process."""
+def bare_server(workers: int = 1) -> Iterator[str]:
+    """The framework's limit: bench/bare_app.py on the same stack (uvicorn, uvloop, httptools)."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -219,6 +219,8 @@ def bare_server() -> Iterator[str]:
             "bare_app:app",
             "--port",
             str(port),
+            "--workers",
+            str(workers),
             "--loop",
             "uvloop",
             "--http",

@@ -8,40 +8,8 @@ spread the connections (keep-alive connections stay with the worker that accepte
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
-import subprocess
 
-from common import BENCH, BIN, cpu_seconds, free_port, process_name, save, shiphook, wait_http, wrk
-
-
-@contextlib.contextmanager
-def bare(workers: int):
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            str(BIN / "uvicorn"),
-            "bare_app:app",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        cwd=BENCH,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
+from common import bare_server, cpu_seconds, process_name, save, shiphook, wrk
 
 
 def main() -> None:
@@ -49,7 +17,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
-    with bare(args.workers) as url:
+    with bare_server(args.workers) as url:
         base = wrk(url, token="-", connections=16, seconds=args.seconds)
     with shiphook() as server:
         server.config.write_text(
