@@ -26,7 +26,6 @@ from shiphook.errors import (
     PayloadTooLarge,
     ShiphookError,
     Unauthenticated,
-    Unavailable,
     Unprocessable,
 )
 from shiphook.models import Status
@@ -51,7 +50,6 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Conflict: falcon.HTTP_409,
     PayloadTooLarge: falcon.HTTP_413,
     Unprocessable: falcon.HTTP_422,
-    Unavailable: falcon.HTTP_503,
 }
 
 # How `?wait` answers, by the state the deployment is in when the wait ends.

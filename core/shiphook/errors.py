@@ -43,10 +43,6 @@ class Unprocessable(ShiphookError):
     """Well formed, but contradicts what was sent before (an idempotency key reused, ...)."""
 
 
-class Unavailable(ShiphookError):
-    """Something the request needs is not possible now."""
-
-
 def describe_validation_error(exc, prefix: str = "") -> list[str]:
     """One line per pydantic error: the dotted key path, what is wrong, and what was given."""
     lines = []

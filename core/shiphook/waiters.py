@@ -51,11 +51,6 @@ class Waiters:
                     if not futures:
                         del self._waiting[deployment_id]
 
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return sum(len(f) for f in self._waiting.values())
-
     def _release(self, deployment_id: str) -> None:
         with self._lock:
             futures = list(self._waiting.get(deployment_id, ()))
