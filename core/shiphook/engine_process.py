@@ -15,8 +15,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,9 +38,9 @@ NOTIFY_INTERVAL = 0.05
 class EngineSupervisor:
     """Owned by `shiphook serve`: starts the engine process, restarts it if it dies, stops it."""
 
-    def __init__(self, config_path: Path, socket_path: Path, log_level: str) -> None:
+    def __init__(self, config_path: Path, address: str, log_level: str) -> None:
         self.config_path = config_path
-        self.socket_path = socket_path
+        self.address = address
         self.log_level = log_level
         self._process: multiprocessing.process.BaseProcess | None = None
         self._stopping = threading.Event()
@@ -59,7 +63,7 @@ class EngineSupervisor:
         context = multiprocessing.get_context("spawn")
         self._process = context.Process(
             target=run_engine,
-            args=(str(self.config_path), str(self.socket_path), self.log_level),
+            args=(str(self.config_path), self.address, self.log_level),
             name="shiphook-engine",
         )
         self._process.start()
@@ -81,8 +85,8 @@ class EngineNotifier:
     the engine is already busy with the target, and one wake-up is all it needs.
     """
 
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = str(socket_path)
+    def __init__(self, address: str) -> None:
+        self._address = _sockaddr(address)
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
         self._sent: dict[str, float] = {}
@@ -102,10 +106,27 @@ class EngineNotifier:
         self._deferred.discard(target)
         self._sent[target] = time.monotonic()
         with contextlib.suppress(OSError):  # full, or the engine restarting: its scan finds it
-            self._socket.sendto(target.encode(), self.socket_path)
+            self._socket.sendto(target.encode(), self._address)
 
 
-def run_engine(config_path: str, socket_path: str, log_level: str) -> None:
+def engine_address() -> str:
+    """Where the engine listens: an abstract socket on Linux (nothing on disk to clean up, even
+    after a SIGKILL), else a socket file in a private temporary directory."""
+    if sys.platform == "linux":
+        return f"@shiphook-engine-{secrets.token_hex(8)}"
+    return str(Path(tempfile.mkdtemp(prefix="shiphook-")) / "engine.sock")
+
+
+def release_engine_address(address: str) -> None:
+    if not address.startswith("@"):
+        shutil.rmtree(Path(address).parent, ignore_errors=True)
+
+
+def _sockaddr(address: str) -> str:
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+def run_engine(config_path: str, address: str, log_level: str) -> None:
     """The engine process: run until SIGTERM, or until `shiphook serve` is gone."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -117,10 +138,8 @@ def run_engine(config_path: str, socket_path: str, log_level: str) -> None:
         instance.backends,
         settings=instance.config.engine,
     )
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    inbox.bind(socket_path)
+    inbox.bind(_sockaddr(address))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us

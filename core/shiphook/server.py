@@ -5,17 +5,20 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
-import tempfile
+import signal
 from collections.abc import Callable
-from pathlib import Path
 
 import falcon.asgi
 import uvicorn
 
 from shiphook.app import create_app
 from shiphook.engine import Engine
-from shiphook.engine_process import EngineNotifier, EngineSupervisor
+from shiphook.engine_process import (
+    EngineNotifier,
+    EngineSupervisor,
+    engine_address,
+    release_engine_address,
+)
 from shiphook.instance import Instance, open_instance
 from shiphook.waiters import Waiters
 
@@ -60,7 +63,7 @@ def worker_app() -> falcon.asgi.App:
     """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
     instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
     configure_logging(instance.config.server.log_level)
-    notify = EngineNotifier(Path(os.environ[ENGINE_SOCKET]))
+    notify = EngineNotifier(os.environ[ENGINE_SOCKET])
     app = _app(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
     gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
     return app
@@ -70,10 +73,10 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     settings = instance.config.server
     instance.migrate()
     config_path = instance.config.path.resolve()
-    runtime = Path(tempfile.mkdtemp(prefix="shiphook-"))  # private (0700): the engine's socket
-    engine = EngineSupervisor(config_path, runtime / "engine.sock", settings.log_level)
+    address = engine_address()
+    engine = EngineSupervisor(config_path, address, settings.log_level)
     os.environ["SHIPHOOK_CONFIG"] = str(config_path)
-    os.environ[ENGINE_SOCKET] = str(runtime / "engine.sock")
+    os.environ[ENGINE_SOCKET] = address
     log.info(
         "shiphook serving on http://%s:%d (config %s, %d targets, %d HTTP workers)",
         host or settings.host,
@@ -82,6 +85,9 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
         len(instance.config.targets),
         settings.workers,
     )
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; end with an exception
+    # instead of the signal's default, so that the engine below is stopped too
+    signal.signal(signal.SIGTERM, _exit)
     engine.start()
     try:
         uvicorn.run(
@@ -98,4 +104,8 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
         )
     finally:
         engine.stop()
-        shutil.rmtree(runtime, ignore_errors=True)
+        release_engine_address(address)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
