@@ -34,6 +34,7 @@ from shiphook.services import (
     Hooks,
     NewHookBody,
     parse_json_body,
+    public_target,
 )
 from shiphook.waiters import Waiters
 
@@ -262,19 +263,6 @@ class HooksResource:
 class HealthResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = {"status": "ok"}
-
-
-def public_target(target: Target) -> dict[str, Any]:
-    return {
-        "name": target.name,
-        "kind": target.kind,
-        "backend": target.backend,
-        "onFailure": target.on_failure,
-        "rolloutTimeout": target.rollout_timeout,
-        "allowedTags": target.allowed_tags,
-        "parameters": list(target.parameters) if target.parameters is not None else None,
-        "options": target.options.model_dump(mode="json"),
-    }
 
 
 def _int_param(req: falcon.asgi.Request, name: str, default: int) -> int:

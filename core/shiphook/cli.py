@@ -10,11 +10,12 @@ from typing import Any
 
 import click
 
-from shiphook.app import TOKEN_HEADER, public_target
+from shiphook.app import TOKEN_HEADER
 from shiphook.backends import BackendError
 from shiphook.errors import ShiphookError
 from shiphook.instance import Instance, open_instance
 from shiphook.plugins import describe_plugins
+from shiphook.services import public_target
 
 
 class ShiphookGroup(click.Group):

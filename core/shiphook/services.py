@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -146,6 +146,20 @@ def public_deployment(
                 EventPublic(at=public.finished_at, status=public.status, message=public.message)
             )
     return public
+
+
+def public_target(target: Target) -> dict[str, Any]:
+    """The API's and the CLI's view of a configured target."""
+    return {
+        "name": target.name,
+        "kind": target.kind,
+        "backend": target.backend,
+        "onFailure": target.on_failure,
+        "rolloutTimeout": target.rollout_timeout,
+        "allowedTags": target.allowed_tags,
+        "parameters": list(target.parameters) if target.parameters is not None else None,
+        "options": target.options.model_dump(mode="json"),
+    }
 
 
 class Hooks:
