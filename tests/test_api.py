@@ -55,6 +55,20 @@ def test_job_hook_accepts_env_overrides_and_an_empty_body(quiet):
     assert quiet.post_hook(token, {"imageTag": "2.0", **body}).status_code == 201
 
 
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        ("web", {"imageTag": "1.2.0"}),
+        ("migrate", {"instanceEnvironmentVariables": [{"name": "GREETING", "value": "hi"}]}),
+        ("migrate", {"imageTag": "2.0"}),
+    ],
+)
+def test_the_answer_to_a_hook_is_the_deployment_as_stored(quiet, target, body):
+    answer = quiet.post_hook(quiet.new_hook(target), body).json["deployment"]
+    stored = quiet.client.simulate_get(f"/api/v1/deployments/{answer['id']}", headers=ADMIN)
+    assert answer == {k: v for k, v in stored.json["deployment"].items() if k != "history"}
+
+
 def test_hook_use_stamps_last_used_at(quiet):
     token = quiet.new_hook("web")
     assert quiet.instance.hooks.list()[0].last_used_at is None

@@ -107,11 +107,11 @@ def test_deployments_list_and_show(cli, tmp_path):
     instance.close()
 
     listed = json.loads(cli("deployments", "list", "--json").output)
-    assert [d["id"] for d in listed] == [deployment.id]
-    assert deployment.id in cli("deployments", "list", "--target", "web").output
-    shown = cli("deployments", "show", deployment.id).output
+    assert [d["id"] for d in listed] == [deployment["id"]]
+    assert deployment["id"] in cli("deployments", "list", "--target", "web").output
+    shown = cli("deployments", "show", deployment["id"]).output
     assert "status:" in shown and "queued" in shown and "imageTag=7.0" in shown
-    data = json.loads(cli("deployments", "show", deployment.id, "--json").output)
+    data = json.loads(cli("deployments", "show", deployment["id"], "--json").output)
     assert data["history"][0]["status"] == "queued"
 
 

@@ -232,6 +232,10 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
     second = serve(config, name="second")
     targets = [f"app{i}" for i in range(6)] + ["job0", "job1"]
     tokens = {t: create_hook(first, t) for t in targets}
+    deadline = time.monotonic() + 30
+    while not all("scripted backend ready" in s.log() for s in (first, second)):
+        assert time.monotonic() < deadline, "both engines should start"  # else one does it all
+        time.sleep(0.05)
 
     def send(n: int) -> str:
         target = targets[n % len(targets)]

@@ -120,16 +120,16 @@ class DeployHookResource:
             hook, await read_body(req), idempotency_key=req.get_header("Idempotency-Key")
         )
         if created:
-            self.notify(deployment.target)
+            self.notify(deployment["target"])
         else:
             resp.set_header("Idempotent-Replayed", "true")
-        resp.location = f"/api/v1/deployments/{deployment.id}"
+        resp.location = f"/api/v1/deployments/{deployment['id']}"
         if not wait:
             resp.status = falcon.HTTP_201
-            resp.media = {"deployment": deployment.to_json()}
+            resp.media = {"deployment": deployment}
             return
-        await self.waiters.wait(deployment.id, wait)
-        outcome = self.deployments.get(deployment.id).to_json()
+        await self.waiters.wait(deployment["id"], wait)
+        outcome = self.deployments.get(deployment["id"]).to_json()
         resp.status = WAIT_STATUS[Status(outcome["status"])]
         if resp.status == falcon.HTTP_201:
             resp.media = {"deployment": outcome}

@@ -147,16 +147,17 @@ class Prepared:
     def __init__(self, dialect: Dialect, statement: Executable) -> None:
         compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
-        self._processors = [
+        self._binds = [
             (key, bind.type.dialect_impl(dialect).bind_processor(dialect))
             for key, bind in compiled.binds.items()
         ]
         self._order = compiled.positiontup if compiled.positional else None
 
     def params(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The DBAPI parameters for `values`; None is always SQL NULL."""
         processed = {
-            key: process(values[key]) if process else values[key]
-            for key, process in self._processors
+            key: value if (value := values[key]) is None or process is None else process(value)
+            for key, process in self._binds
         }
         if self._order is None:
             return processed

@@ -1,13 +1,15 @@
 """Database tables and the public shapes of what they hold.
 
 A family per entity: the table (SQLModel), the create model (what a new row is made of), and the
-public model the API and CLI show (never a table object). Create and public models are plain
-pydantic: the accept path builds one of each per request, and a SQLModel table object costs
-some fifty microseconds to construct. Times are timezone-aware UTC, ISO 8601 with `Z` outside.
+public model the API and CLI show (never a table object). Create and public models are
+dataclasses or plain pydantic: the accept path builds one of each per request, and a SQLModel
+table object costs some fifty microseconds to construct. Times are timezone-aware UTC, ISO 8601
+with `Z` outside.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -122,8 +124,10 @@ class Deployment(SQLModel, table=True):
     request_digest: str | None = Field(default=None, max_length=64)
 
 
-class DeploymentCreate(BaseModel):
-    """A new deployment as the accept path records it: queued, nothing started."""
+@dataclass(frozen=True)
+class DeploymentCreate:
+    """A new deployment as the accept path records it: queued, nothing started. A dataclass,
+    not a model: its values come from validated input and the clock, and it costs a tenth."""
 
     id: str
     target: str

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -21,7 +22,6 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
-    exists,
     func,
     insert,
     or_,
@@ -57,18 +57,14 @@ class HookGone(Exception):
 
 @dataclass(frozen=True)
 class Accepted:
-    """A deployment to commit; `hook_digest` makes the insert conditional on that hook."""
+    """A deployment to commit; with `hook_digest`, only if that hook still exists."""
 
     new: DeploymentCreate
     stamp_hook: bool = False
     hook_digest: str | None = None
 
     def row(self) -> dict[str, object]:
-        values = self.new.model_dump()
-        values |= {"status": Status.queued, "message": ""}
-        if self.hook_digest is not None:
-            values["hook_digest"] = self.hook_digest
-        return values
+        return {**vars(self.new), "status": Status.queued, "message": ""}
 
 
 @dataclass(frozen=True)
@@ -92,22 +88,17 @@ class Storage:
                 hook.c.token_digest == bindparam("token_digest")
             ),
         )
-        columns = [*DeploymentCreate.model_fields, "status", "message"]
+        columns = [*(f.name for f in fields(DeploymentCreate)), "status", "message"]
         values = {c: bindparam(c) for c in columns} | {"updated_at": bindparam("created_at")}
         self._insert_deployment = Prepared(engine.dialect, insert(deployment).values(values))
-        # the same insert, made only if the hook still exists: a token that was deleted after
-        # it was looked up (or while it sat in the cache) records nothing
-        hook_alive = exists().where(
-            hook.c.id == bindparam("hook_id"), hook.c.token_digest == bindparam("hook_digest")
-        )
-        self._insert_if_hook = Prepared(
+        # a token deleted after it was looked up (or while it sat in the cache) records
+        # nothing: the insert's transaction checks its hook first, and on PostgreSQL keeps it
+        # from being deleted until the commit
+        self._hook_alive = Prepared(
             engine.dialect,
-            insert(deployment).from_select(
-                list(values),
-                select(
-                    *(bindparam(b.key, type_=deployment.c[c].type) for c, b in values.items())
-                ).where(hook_alive),
-            ),
+            select(hook.c.id)
+            .where(hook.c.id == bindparam("hook_id"), hook.c.token_digest == bindparam("digest"))
+            .with_for_update(read=True, key_share=True),
         )
         self._stamp_hook = Prepared(
             engine.dialect,
@@ -135,11 +126,13 @@ class Storage:
             session.flush()
         return hook
 
-    def hook_by_digest(self, token_digest: str, *, cached: bool = False) -> HookIdentity | None:
-        """The hook with this token digest. `cached` may answer from memory, for callers whose
-        write re-checks the hook (`add_deployments` does)."""
-        if cached and (known := self._known_hooks.get(token_digest)) is not None:
-            return known
+    def known_hook(self, token_digest: str) -> HookIdentity | None:
+        """The hook with this token digest if it was remembered: for callers whose write checks
+        the hook again (`add_deployments` does)."""
+        return self._known_hooks.get(token_digest)
+
+    def hook_by_digest(self, token_digest: str, *, remember: bool = False) -> HookIdentity | None:
+        """The hook with this token digest; with `remember`, kept for `known_hook`."""
         with self._direct.cursor() as cursor:
             cursor.execute(
                 self._find_hook.sql, self._find_hook.params({"token_digest": token_digest})
@@ -148,7 +141,7 @@ class Storage:
         if row is None:
             return None
         hook = HookIdentity(id=row[0], name=row[1], target=row[2], token_digest=token_digest)
-        if cached:
+        if remember:
             if len(self._known_hooks) >= KNOWN_HOOKS:
                 self._known_hooks.clear()
             self._known_hooks[token_digest] = hook
@@ -177,50 +170,45 @@ class Storage:
 
     def add_deployments(self, batch: Sequence[Accepted], *, wait: bool = True) -> set[str]:
         """Commit queued deployments in one transaction; return the ids of those not recorded
-        because their hook no longer exists. Raises `KeyTaken` (committing nothing) when an
-        idempotency key is already held; with `wait=False`, `LockBusy` instead of waiting for
-        another writer."""
-        checked = [a for a in batch if a.hook_digest is not None]
-        plain = [a for a in batch if a.hook_digest is None]
-        stamps = [
-            self._stamp_hook.params({"hook_id": a.new.hook_id, "at": a.new.created_at})
-            for a in batch
-            if a.stamp_hook
-        ]
+        because their hook no longer exists (checked once per hook, in the same transaction).
+        Raises `KeyTaken` (committing nothing) when an idempotency key is already held; with
+        `wait=False`, `LockBusy` instead of waiting for another writer."""
+        hooks = {a.hook_digest: a.new.hook_id for a in batch if a.hook_digest is not None}
         with self._lock(blocking=wait), self._direct.cursor() as cursor:
             cursor.execute("BEGIN")
+            gone = {
+                digest
+                for digest, hook_id in hooks.items()
+                if not self._alive(cursor, hook_id, digest)
+            }
+            kept = [a for a in batch if a.hook_digest not in gone] if gone else batch
             try:
-                if checked:
-                    cursor.executemany(
-                        self._insert_if_hook.sql,
-                        [self._insert_if_hook.params(a.row()) for a in checked],
-                    )
-                    recorded = cursor.rowcount
-                if plain:
-                    cursor.executemany(
-                        self._insert_deployment.sql,
-                        [self._insert_deployment.params(a.row()) for a in plain],
-                    )
+                cursor.executemany(
+                    self._insert_deployment.sql,
+                    [self._insert_deployment.params(a.row()) for a in kept],
+                )
             except self.engine.dialect.loaded_dbapi.IntegrityError:
                 keys = [a.new.idempotency_key for a in batch if a.new.idempotency_key]
                 if not keys:
                     raise
                 raise KeyTaken(", ".join(keys)) from None
+            stamps = [
+                self._stamp_hook.params({"hook_id": a.new.hook_id, "at": a.new.created_at})
+                for a in kept
+                if a.stamp_hook
+            ]
             if stamps:
                 cursor.executemany(self._stamp_hook.sql, stamps)
             cursor.execute("COMMIT")
-        if not checked or recorded == len(checked):
-            return set()
-        missing = {a.new.id for a in checked} - self._existing([a.new.id for a in checked])
-        for accepted in checked:
-            if accepted.new.id in missing:
-                self._known_hooks.pop(accepted.hook_digest, None)
-        return missing
+        for digest in gone:
+            self._known_hooks.pop(digest, None)
+        return {a.new.id for a in batch if a.hook_digest in gone}
 
-    def _existing(self, deployment_ids: list[str]) -> set[str]:
-        query = select(Deployment.id).where(col(Deployment.id).in_(deployment_ids))
-        with self._read() as session:
-            return set(session.exec(query).all())
+    def _alive(self, cursor: Any, hook_id: int | None, digest: str) -> bool:
+        cursor.execute(
+            self._hook_alive.sql, self._hook_alive.params({"hook_id": hook_id, "digest": digest})
+        )
+        return cursor.fetchone() is not None
 
     def deployment_by_key(self, *, hook_id: int, idempotency_key: str) -> Deployment | None:
         query = select(Deployment).where(
