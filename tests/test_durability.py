@@ -275,3 +275,21 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
             assert calls[1]["server"] == second.process.pid
     runs = Counter(c["deployment"] for c in state.calls("run"))
     assert all(count == 1 for count in runs.values())
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_an_http_worker_can_leave_checkpoints_to_the_engine(harness_factory, deferred):
+    """`serve`'s workers never stall on a checkpoint's disk syncs; its engine process does them."""
+    quiet = harness_factory(start=False)
+    storage = quiet.instance.storage
+    if deferred:
+        storage.defer_checkpoints()
+    token = quiet.new_hook("web")
+    for n in range(500):  # a commit each, writing three pages or more to the log
+        assert quiet.post_hook(token, {"imageTag": f"{n}.0"}).status_code == 201
+    frames, copied = storage.checkpoint()
+    if deferred:  # past SQLite's automatic checkpoint at 1 000 pages: none ran
+        assert frames > 1000
+        assert copied == frames
+    else:
+        assert frames < 1000

@@ -170,6 +170,7 @@ class DirectConnections:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.autocheckpoint = True  # SQLite: commits copy the WAL into the database now and then
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     @contextlib.contextmanager
@@ -200,6 +201,8 @@ class DirectConnections:
         fairy.detach()  # ours from now on; the pool neither counts nor resets it
         connection = fairy.dbapi_connection
         self.engine.dialect.set_isolation_level(connection, "AUTOCOMMIT")
+        if not self.autocheckpoint and self.engine.dialect.name == "sqlite":
+            connection.execute("PRAGMA wal_autocheckpoint=0")
         return connection
 
     @staticmethod

@@ -33,6 +33,7 @@ log = logging.getLogger("shiphook.engine")
 
 RESTART_DELAY = 1.0
 NOTIFY_INTERVAL = 0.05
+CHECKPOINT_INTERVAL = 1.0  # seconds between checkpoints of the HTTP workers' SQLite writes
 
 
 class EngineSupervisor:
@@ -146,6 +147,7 @@ def run_engine(config_path: str, address: str, log_level: str) -> None:
     engine.start()
     threading.Thread(target=report_backends, args=(instance,), daemon=True).start()
     threading.Thread(target=_relay, args=(inbox, engine), daemon=True).start()
+    threading.Thread(target=_checkpoints, args=(instance, stop), daemon=True).start()
     parent = os.getppid()
     while not stop.wait(1.0):
         if os.getppid() != parent:  # serve died without stopping us
@@ -162,6 +164,15 @@ def _relay(inbox: socket.socket, engine: Engine) -> None:
         except OSError:
             return
         engine.notify(message.decode())
+
+
+def _checkpoints(instance: Instance, stop: threading.Event) -> None:
+    """Checkpoint the database for the HTTP workers, which leave it to us."""
+    while not stop.wait(CHECKPOINT_INTERVAL):
+        try:
+            instance.storage.checkpoint()
+        except Exception as exc:  # the next one will do
+            log.warning("checkpointing the database failed: %s", exc)
 
 
 def report_backends(instance: Instance) -> None:

@@ -62,6 +62,7 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Engine]:
 def worker_app() -> falcon.asgi.App:
     """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
     instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
+    instance.storage.defer_checkpoints()  # the engine process checkpoints
     configure_logging(instance.config.server.log_level)
     notify = EngineNotifier(os.environ[ENGINE_SOCKET])
     app = _app(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))

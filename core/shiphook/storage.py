@@ -108,6 +108,28 @@ class Storage:
         )
         self._known_hooks: dict[str, HookIdentity] = {}
 
+    def defer_checkpoints(self) -> None:
+        """Keep the accept path's commits from checkpointing SQLite's write-ahead log.
+
+        A checkpoint copies the log into the database and syncs both to disk, which can take a
+        slow disk's whole latency; in an HTTP worker that stalls every request in flight. Call
+        before the first request; then something else must call `checkpoint` regularly (the
+        engine process of `shiphook serve` does, every second).
+        """
+        self._direct.autocheckpoint = False
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy what SQLite's write-ahead log holds into the database without waiting for
+        readers or writers; return the log's frames and how many are now in the database.
+        Nothing to do on other databases."""
+        if self.engine.dialect.name != "sqlite":
+            return 0, 0
+        with self.engine.connect() as connection:
+            _busy, frames, copied = connection.exec_driver_sql(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).one()
+        return frames, copied
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:
         with self._lock(), Session(self.engine, expire_on_commit=False) as session:
@@ -466,12 +488,14 @@ class Storage:
 
 
 class GroupCommit:
-    """Commits the deployments accepted in one turn of the event loop in one transaction.
+    """Commits the deployments accepted in two turns of the event loop in one transaction.
 
     When many CI jobs call at once, a transaction per request spends most of its time in BEGIN,
-    COMMIT and the write lock; a transaction for all the requests read in one turn costs little
-    more than one of them. Every caller is still answered only after the commit holding its
-    row. Used from the event loop's thread only.
+    COMMIT and the write lock; a transaction for all the requests read in one turn, and in the
+    turn after it, costs little more than one of them. The second turn matters when each CI job
+    opens its own connection: its request often arrives a turn after the one before. Every
+    caller is still answered only after the commit holding its row. Used from the event loop's
+    thread only.
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -483,7 +507,7 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._batch:
-            loop.call_soon(self._commit)  # after the requests already read this turn
+            loop.call_soon(loop.call_soon, self._commit)  # after this turn and the next
         self._batch.append((accepted, future))
         await future
 
