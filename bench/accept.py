@@ -5,12 +5,20 @@ take a second), with N hooks stored, driven by wrk on POST /api/v1/dh; in the sa
 wrk against a bare Falcon app on the same stack. With keep-alive, and with a new connection per
 request (`Connection: close`), which is what CI jobs calling once each do.
 
-    .venv/bin/python bench/accept.py [--seconds 10] [--hooks 10,100000,1000000]
+All servers run side by side and each setting is measured on all of them back to back, so that
+the ratios compare figures taken within a minute of each other: this machine's speed drifts by
+tens of percent over minutes. With `--rounds 3` (the default) every setting is measured three
+times, every other time with the servers in reverse order; req/s and p50 are the means, p99 the
+worst round.
+
+    .venv/bin/python bench/accept.py [--seconds 10] [--rounds 3] [--hooks 10,100000,1000000]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 
 from common import bare_server, save, seed_hooks, shiphook, wrk
 
@@ -20,49 +28,66 @@ CONNECTIONS = (16, 64)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hooks", default="10,100000,1000000")
     args = parser.parse_args()
     counts = [int(n) for n in args.hooks.split(",")]
-    runs = []
+    settings = [(c, close) for close in (False, True) for c in CONNECTIONS]
+    measured: dict[tuple, list] = {}
 
-    with bare_server() as url:
-        bare = {
-            (c, close): wrk(url, token="-", connections=c, seconds=args.seconds, close=close)
-            for close in (False, True)
-            for c in CONNECTIONS
-        }
-    for (c, close), result in bare.items():
-        runs.append(
-            {"server": "bare", "hooks": 0, "connections": c, "close": close, **vars(result)}
-        )
-
-    for count in counts:
-        with shiphook() as server:
+    with contextlib.ExitStack() as stack:
+        servers = {("bare", 0): (stack.enter_context(bare_server()), "-")}
+        shiphooks = {}
+        for count in counts:
+            server = shiphooks[count] = stack.enter_context(shiphook())
             token = server.create_hook()
             seed_hooks(server, count - 1)
             server.start()
-            for close in (False, True):
-                for c in CONNECTIONS:
-                    result = wrk(
-                        server.url, token=token, connections=c, seconds=args.seconds, close=close
+            servers[("shiphook", count)] = (server.url, token)
+            print(f"shiphook with {count} hooks started", flush=True)
+        for url, token in servers.values():  # warm up: first connections, caches, the engine
+            wrk(url, token=token, connections=16, seconds=2)
+        for round_ in range(args.rounds):
+            for c, close in settings:
+                order = list(servers.items())
+                for (kind, count), (url, token) in order if round_ % 2 == 0 else order[::-1]:
+                    result = wrk(url, token=token, connections=c, seconds=args.seconds, close=close)
+                    measured.setdefault((kind, count, c, close), []).append(result)
+                    mode = "close" if close else "keep-alive"
+                    print(
+                        f"round {round_ + 1}: {kind:8} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}",
+                        flush=True,
                     )
-                    ratio = result.requests_per_second / bare[(c, close)].requests_per_second
-                    runs.append(
-                        {
-                            "server": "shiphook",
-                            "hooks": count,
-                            "connections": c,
-                            "close": close,
-                            "ratio": ratio,
-                            **vars(result),
-                        }
-                    )
-            recorded = server.count("SELECT count(*) FROM deployment")
+        for count, server in shiphooks.items():  # every answered request is recorded
             answered = sum(
-                r["requests"] for r in runs if r["server"] == "shiphook" and r["hooks"] == count
+                r.requests for (kind, n, *_), rs in measured.items() if n == count for r in rs
             )
-            runs[-1]["recorded_total"] = recorded
+            recorded = server.count("SELECT count(*) FROM deployment")
             print(f"{count} hooks: {answered} requests answered, {recorded} deployments recorded")
+
+    runs = []
+    for (kind, count, c, close), results in measured.items():
+        bare = measured[("bare", 0, c, close)]
+        run = {
+            "server": kind,
+            "hooks": count,
+            "connections": c,
+            "close": close,
+            "requests_per_second": statistics.mean(r.requests_per_second for r in results),
+            "p50_ms": statistics.mean(r.p50_ms for r in results),
+            "p99_ms": max(r.p99_ms for r in results),
+            "requests": sum(r.requests for r in results),
+            "errors": sum(r.errors for r in results),
+            "non_2xx": sum(r.non_2xx for r in results),
+            "rounds": [vars(r) for r in results],
+        }
+        if kind == "shiphook":
+            # each round's ratio against the bare run of the same round, then their mean
+            run["ratio"] = statistics.mean(
+                mine.requests_per_second / theirs.requests_per_second
+                for mine, theirs in zip(results, bare, strict=True)
+            )
+        runs.append(run)
 
     print(
         f"\n{'server':9} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} errors"
@@ -75,7 +100,9 @@ def main() -> None:
             f"{r['requests_per_second']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {ratio:>6} "
             f"{r['errors'] + r['non_2xx']}"
         )
-    print(f"\nsaved {save('accept', {'runs': runs})}")
+    print(
+        f"\nsaved {save('accept', {'runs': runs, 'seconds': args.seconds, 'rounds': args.rounds})}"
+    )
 
 
 if __name__ == "__main__":
