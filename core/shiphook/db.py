@@ -138,7 +138,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 class Prepared:
     """A Core statement compiled once for a dialect, run on a DBAPI cursor.
 
-    The accept path runs two of these per request. Going through an ORM session costs about
+    The accept path runs its insert per request this way. Going through an ORM session costs about
     0.8 ms per request and SQLAlchemy Core about 0.1 ms; a DBAPI cursor with SQL that SQLAlchemy
     compiled from the same table definitions, and parameters passed through the same type
     processors, costs what SQLite itself costs.

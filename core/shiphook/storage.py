@@ -2,8 +2,8 @@
 
 Every write runs in one transaction under the engine's write lock (a no-op except on SQLite,
 where it makes writers from all threads and processes queue instead of busy-waiting). The two
-calls of the accept path (`hook_by_digest`, `add_deployment`) run prepared statements on direct
-DBAPI connections; everything else uses SQLModel sessions.
+calls of the accept path (`hook_by_digest`, `add_deployments`) run prepared statements on direct
+DBAPI connections; everything else uses SQLModel sessions or Core.
 """
 
 from __future__ import annotations
