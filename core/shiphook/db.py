@@ -147,21 +147,24 @@ class Prepared:
     def __init__(self, dialect: Dialect, statement: Executable) -> None:
         compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
-        self._binds = [
-            (key, bind.type.dialect_impl(dialect).bind_processor(dialect))
+        self._processors = [
+            (key, process)
             for key, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
         self._order = compiled.positiontup if compiled.positional else None
 
     def params(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        """The DBAPI parameters for `values`; None is always SQL NULL."""
-        processed = {
-            key: value if (value := values[key]) is None or process is None else process(value)
-            for key, process in self._binds
+        """The DBAPI parameters for `values` (which holds every bind's value, processed here
+        once each); None is always SQL NULL."""
+        processed = values | {
+            key: process(value)
+            for key, process in self._processors
+            if (value := values[key]) is not None
         }
         if self._order is None:
             return processed
-        return tuple([processed[key] for key in self._order])
+        return tuple(map(processed.__getitem__, self._order))
 
 
 class DirectConnections:

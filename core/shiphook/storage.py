@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Update,
     and_,
     bindparam,
     case,
@@ -435,12 +436,13 @@ class Storage:
         if chosen.status == Status.in_progress:
             return chosen, []
         superseded: list[str] = []
+        supersede = _supersede(chosen, now) if kind == "app" else None
         while True:
             with self._core() as connection:
                 # an app's older queued deployments are superseded before it starts, in chunks
                 # (a burst never holds the write lock long), so a crash in between leaves it
                 # the newest; the last chunk and the start share one transaction
-                chunk = self._supersede(connection, chosen, now) if kind == "app" else []
+                chunk = [] if supersede is None else list(connection.execute(supersede).scalars())
                 superseded += chunk
                 if len(chunk) == SUPERSEDE_CHUNK:
                     continue
@@ -459,32 +461,31 @@ class Storage:
             chosen.status, chosen.slot, chosen.started_at = Status.in_progress, slot, now
             return chosen, superseded
 
-    @staticmethod
-    def _supersede(connection: Connection, newest: Deployment, now: datetime) -> list[str]:
-        """Mark up to SUPERSEDE_CHUNK queued deployments older than `newest` superseded by it."""
-        older = (
-            select(DEPLOYMENT.c.id)
-            .where(
-                DEPLOYMENT.c.target == newest.target,
-                DEPLOYMENT.c.status == Status.queued,
-                DEPLOYMENT.c.id < newest.id,
-            )
-            .limit(SUPERSEDE_CHUNK)
+
+def _supersede(newest: Deployment, now: datetime) -> Update:
+    """Marks up to SUPERSEDE_CHUNK queued deployments older than `newest` superseded by it, and
+    returns their ids. Built once per start, outside the write lock."""
+    older = (
+        select(DEPLOYMENT.c.id)
+        .where(
+            DEPLOYMENT.c.target == newest.target,
+            DEPLOYMENT.c.status == Status.queued,
+            DEPLOYMENT.c.id < newest.id,
         )
-        return list(
-            connection.execute(
-                update(DEPLOYMENT)
-                .where(DEPLOYMENT.c.id.in_(older.scalar_subquery()))
-                .values(
-                    status=Status.superseded,
-                    superseded_by=newest.id,
-                    message=f"superseded by deployment {newest.id}",
-                    finished_at=now,
-                    updated_at=now,
-                )
-                .returning(DEPLOYMENT.c.id)
-            ).scalars()
+        .limit(SUPERSEDE_CHUNK)
+    )
+    return (
+        update(DEPLOYMENT)
+        .where(DEPLOYMENT.c.id.in_(older.scalar_subquery()))
+        .values(
+            status=Status.superseded,
+            superseded_by=newest.id,
+            message=f"superseded by deployment {newest.id}",
+            finished_at=now,
+            updated_at=now,
         )
+        .returning(DEPLOYMENT.c.id)
+    )
 
 
 class GroupCommit:
