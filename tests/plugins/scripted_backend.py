@@ -89,9 +89,10 @@ class ScriptedBackend(Backend):
         with self.state() as s:
             return s.get("images", {}).get(target)
 
-    def _log(self, s: dict[str, Any], op: str, **fields: Any) -> None:
+    def _log(self, s: dict[str, Any], op: str, *, at: float | None = None, **fields: Any) -> None:
+        """Record a call; `at` is when it arrived (before this recording's own file work)."""
         s.setdefault("calls", []).append(
-            {"op": op, "at": time.time(), "server": os.getpgrp(), **fields}
+            {"op": op, "at": at or time.time(), "server": os.getpgrp(), **fields}
         )
 
     @staticmethod
@@ -130,11 +131,14 @@ class ScriptedBackend(Backend):
         return TargetState(image=image)
 
     def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> dict[str, Any]:
+        called = time.time()
         self.check()
         with self.state() as s:
             attempts = s.setdefault("attempts", {})
             attempts[deployment_id] = attempts.get(deployment_id, 0) + 1
-            self._log(s, "deploy", target=target.name, tag=image_tag, deployment=deployment_id)
+            self._log(
+                s, "deploy", at=called, target=target.name, tag=image_tag, deployment=deployment_id
+            )
             flaky = re.match(r"transient(\d+)", image_tag)
             if flaky and attempts[deployment_id] <= int(flaky.group(1)):
                 raise BackendError("connection refused", transient=True)
