@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
+
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN
 from shiphook import tokens
 from shiphook.instance import open_instance
+from shiphook.models import DeploymentCreate
+from shiphook.storage import Accepted, GroupCommit
+from uuid_utils import uuid7
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -317,3 +323,35 @@ def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, cap
     request_id = result.json["requestId"]
     assert "disk on fire" not in result.text
     assert any(request_id in r.getMessage() for r in caplog.records)
+
+
+def test_requests_read_within_three_loop_turns_share_one_commit(quiet, monkeypatch):
+    storage = quiet.instance.storage
+    batches: list[list[str]] = []
+    add_deployments = storage.add_deployments
+
+    def counted(batch, **kwargs):
+        batches.append([a.new.image_tag for a in batch])
+        return add_deployments(batch, **kwargs)
+
+    monkeypatch.setattr(storage, "add_deployments", counted)
+
+    async def accept(tag: str, turns: int) -> None:
+        for _ in range(turns):  # each sleep(0) is one turn of the event loop
+            await asyncio.sleep(0)
+        now = datetime.now(UTC)
+        new = DeploymentCreate(
+            id=str(uuid7()), target="web", kind="app", created_at=now, image_tag=tag
+        )
+        await commits.add(Accepted(new))
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(accept(f"{turns}.{n}", turns) for turns in (0, 1, 2, 8) for n in (0, 1))
+        )
+
+    commits = GroupCommit(storage)
+    asyncio.run(main())
+    first, second = ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"], ["8.0", "8.1"]
+    assert batches == [first, second]  # those read in the three turns, then the late ones
+    assert sorted(d.image_tag for d in quiet.instance.deployments.list()) == first + second
