@@ -466,8 +466,8 @@ class Storage:
 
 
 def _supersede(newest: Deployment, now: datetime) -> Update:
-    """Marks up to SUPERSEDE_CHUNK queued deployments older than `newest` superseded by it, and
-    returns their ids. Built once per start, outside the write lock."""
+    """The statement that marks up to SUPERSEDE_CHUNK queued deployments older than `newest`
+    superseded by it and returns their ids; built once per start, outside the write lock."""
     older = (
         select(DEPLOYMENT.c.id)
         .where(
