@@ -118,7 +118,7 @@ class Storage:
         A checkpoint copies the log into the database and syncs both to disk, which can take a
         slow disk's whole latency; in an HTTP worker that stalls every request in flight. Call
         before the first request; then something else must call `checkpoint` regularly (the
-        engine process of `shiphook serve` does, every second).
+        engine process of `shiphook serve` does, five times a second).
         """
         self._direct.autocheckpoint = False
 
