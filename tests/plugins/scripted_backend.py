@@ -92,7 +92,7 @@ class ScriptedBackend(Backend):
     def _log(self, s: dict[str, Any], op: str, *, at: float | None = None, **fields: Any) -> None:
         """Record a call; `at` is when it arrived (before this recording's own file work)."""
         s.setdefault("calls", []).append(
-            {"op": op, "at": at or time.time(), "server": os.getpgrp(), **fields}
+            {"op": op, "at": time.time() if at is None else at, "server": os.getpgrp(), **fields}
         )
 
     @staticmethod
