@@ -34,7 +34,9 @@ def test_a_failed_rollout_is_rolled_back_with_the_orchestrators_message(harness)
 def test_with_on_failure_leave_a_failed_rollout_is_left_as_it_is(harness):
     deployment = harness.wait_for(harness.deploy(harness.new_hook("api"), {"imageTag": "bad-2"}))
     assert deployment["status"] == "failed"
-    assert deployment["message"] == "update paused: task exited with code 1"
+    assert deployment["message"] == (
+        "update paused: task exited with code 1; left as it is (on_failure = leave)"
+    )
     assert harness.backend.image("api") == "registry.test/app:bad-2"
     assert harness.backend.calls("rollback") == []
 

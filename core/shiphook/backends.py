@@ -69,10 +69,12 @@ class Progress:
     """Where a rollout, job run or rollback stands, in the orchestrator's own words.
 
     `state` is `running` until the orchestrator's own signals say the work ended, then
-    `succeeded` or `failed`; `message` is shown to the operator and to a waiting CI job.
+    `succeeded` or `failed`, or `rolled_back` when a rollout failed and the orchestrator already
+    returned the target to what ran before (its own automatic rollback: shiphook does not roll
+    back again); `message` is shown to the operator and to a waiting CI job.
     """
 
-    state: Literal["running", "succeeded", "failed"]
+    state: Literal["running", "succeeded", "failed", "rolled_back"]
     message: str = ""
 
 
@@ -130,10 +132,12 @@ class Backend(ABC):
 
     @abstractmethod
     def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
-        """Start rolling the app target to `image_tag`; return a reference for `progress`.
+        """Start rolling the app target to `image_tag`; return a reference for `progress`,
+        with `image`: the full image reference rolled out (shown to users).
 
         Deploying the image already running is not an error: the reference's progress reports
-        success at once.
+        success at once (and an `image` equal to the one running tells shiphook no rollout
+        started).
         """
 
     @abstractmethod
@@ -145,7 +149,12 @@ class Backend(ABC):
         image_tag: str | None,
         deployment_id: str,
     ) -> Ref:
-        """Start one run of the job target with `env` merged over its own environment."""
+        """Start one run of the job target with `env` merged over its own environment; return
+        a reference for `progress`, with `image`: the image this run runs (shown to users).
+
+        `env` and `image_tag` apply to this run only: the next run merges over, and without an
+        `image_tag` runs, what the target had before shiphook's overrides.
+        """
 
     @abstractmethod
     def progress(self, target: Target, ref: Ref) -> Progress:

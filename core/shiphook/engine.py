@@ -286,16 +286,23 @@ class Run:
             ref = self._call(
                 self.backend.deploy, self.target, image_tag=d.image_tag, deployment_id=d.id
             )
-            self._record(
-                backend_ref=ref,
-                message=f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})",
-            )
+            if ref.get("image") is not None and ref.get("image") == d.previous_image:
+                message = f"already runs {d.previous_image}: no rollout"
+            else:
+                message = f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})"
+            self._record(backend_ref=ref, message=message)
         outcome = self._track(ref)
         if outcome.state == "succeeded":
             self._finish(Status.succeeded, outcome.message or "rollout completed")
             return
+        if outcome.state == "rolled_back":  # the orchestrator rolled back on its own
+            self._finish(Status.rolled_back, outcome.message or "rolled back by the orchestrator")
+            return
         reason = outcome.message or "rollout failed"
-        if self.target.on_failure != "rollback" or not self.backend.can_rollback:
+        if self.target.on_failure != "rollback":
+            self._finish(Status.failed, f"{reason}; left as it is (on_failure = leave)")
+            return
+        if not self.backend.can_rollback:
             self._finish(Status.failed, reason)
             return
         self._record(message=f"rolling back: {reason}")
