@@ -39,7 +39,7 @@ class ShiphookGroup(click.Group):
 )
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
-    """shiphook: deploy hooks for Kubernetes, Docker Swarm and Nomad."""
+    """shiphook: deploy hooks for Docker Swarm (Kubernetes and Nomad backends are planned)."""
     ctx.obj = {"config": config}
 
 
@@ -133,9 +133,9 @@ def targets(ctx: click.Context, as_json: bool) -> None:
                     t["name"],
                     t["kind"],
                     t["backend"],
-                    t["onFailure"],
+                    t["onFailure"] if t["kind"] == "app" else "-",  # a job run is not undone
                     f"{t['rolloutTimeout']:g}s",
-                    " ".join(f"{k}={v}" for k, v in t["options"].items()),
+                    " ".join(f"{k}={v}" for k, v in t["options"].items() if v is not None),
                 )
                 for t in data
             ],
@@ -266,12 +266,13 @@ def deployments_list(
         data,
         as_json,
         lambda: table(
-            ["ID", "TARGET", "REQUESTED", "STATUS", "CREATED", "HOOK", "MESSAGE"],
+            ["ID", "TARGET", "REQUESTED", "IMAGE", "STATUS", "CREATED", "HOOK", "MESSAGE"],
             [
                 (
                     d["id"],
                     d["target"],
                     requested(d),
+                    image_of(d),
                     d["status"],
                     d["createdAt"],
                     d["hookName"],
@@ -308,6 +309,8 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
             if data.get(key) not in (None, ""):
                 click.echo(f"{key + ':':15} {data[key]}")
         click.echo(f"{'requested:':15} {requested(data)}")
+        if image_of(data):
+            click.echo(f"{'image:':15} {image_of(data)}")
         if data["backendRef"]:
             click.echo(f"{'backendRef:':15} {json.dumps(data['backendRef'])}")
         click.echo("history:")
@@ -323,7 +326,8 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
 @json_option
 @click.pass_context
 def deployments_rollback(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
-    """Deploy the image that ran successfully before DEPLOYMENT_ID, as a new deployment."""
+    """Deploy again the tag of the last deployment shiphook completed successfully before
+    DEPLOYMENT_ID (or, with none, of the image DEPLOYMENT_ID replaced), as a new deployment."""
     created = instance_of(ctx).deployments.rollback(deployment_id)
     emit(
         created.to_json(),
@@ -341,6 +345,11 @@ def requested(deployment: dict[str, Any]) -> str:
         parts.append(f"imageTag={deployment['imageTag']}")
     parts += [f"{v['name']}={v['value']}" for v in deployment["instanceEnvironmentVariables"] or ()]
     return " ".join(parts) or "-"
+
+
+def image_of(deployment: dict[str, Any]) -> str | None:
+    """The image the deployment rolled out or the job run ran, as its backend reference says."""
+    return (deployment["backendRef"] or {}).get("image")
 
 
 def _short(text: str, width: int = 60) -> str:

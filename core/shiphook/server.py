@@ -79,12 +79,12 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     os.environ["SHIPHOOK_CONFIG"] = str(config_path)
     os.environ[ENGINE_SOCKET] = address
     log.info(
-        "shiphook serving on http://%s:%d (config %s, %d targets, %d HTTP workers)",
+        "shiphook serving on http://%s:%d (config %s, %s, %s)",
         host or settings.host,
         port or settings.port,
         config_path,
-        len(instance.config.targets),
-        settings.workers,
+        _count(len(instance.config.targets), "target"),
+        _count(settings.workers, "HTTP worker"),
     )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; end with an exception
     # instead of the signal's default, so that the engine below is stopped too
@@ -110,3 +110,7 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
 
 def _exit(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
