@@ -17,8 +17,15 @@ would warn about that.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import json
 import os
+import shutil
+import socket
+import socketserver
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -116,12 +123,24 @@ class Services:
         self.names.append(name)
         return name
 
-    def app(self, *, replicas: int = 1, failure_action: str = "pause", monitor: float = 1) -> str:
-        """A replicated service on APP:v1, with quick failure detection, running when returned."""
+    def app(
+        self,
+        *,
+        replicas: int = 1,
+        failure_action: str = "pause",
+        monitor: float = 1,
+        stop_signal: str | None = "SIGKILL",
+    ) -> str:
+        """A replicated service on APP:v1, with quick failure detection, running when returned.
+        Its tasks stop at once; with `stop_signal=None` they ignore the SIGTERM they get (busybox
+        as pid 1) and are killed after a 3 s grace period, as a slow-stopping service would."""
         name = self._name("web")
+        grace = None if stop_signal else 3 * SECOND
         self.client.create_service(
             docker.types.TaskTemplate(
-                container_spec=docker.types.ContainerSpec(f"{APP}:v1", stop_signal="SIGKILL"),
+                container_spec=docker.types.ContainerSpec(
+                    f"{APP}:v1", stop_signal=stop_signal, stop_grace_period=grace
+                ),
                 restart_policy=docker.types.RestartPolicy(condition="any", delay=SECOND // 2),
             ),
             name=name,
@@ -181,14 +200,15 @@ def services(engine: Engine) -> Iterator[Services]:
     made.remove_all()
 
 
-def swarm_config(tmp_path: Path, engine: Engine, *targets: str) -> Path:
+def swarm_config(tmp_path: Path, engine: Engine, *targets: str, host: str | None = None) -> Path:
+    """A config on the engine (or on `host`, say a proxy in front of it) with `targets`."""
     text = f"""
 [server]
 database_url = "sqlite:///{tmp_path}/shiphook.db"
 
 [backends.swarm]
 plugin = "swarm"
-host = "{engine.host}"
+host = "{host or engine.host}"
 timeout = 10
 poll_interval = 0.2
 """
@@ -206,3 +226,127 @@ def target(name: str, kind: str, service: str, **keys: Any) -> str:
 
 def job_body(**env: str) -> dict:
     return {"instanceEnvironmentVariables": [{"name": k, "value": v} for k, v in env.items()]}
+
+
+# What a swarm manager's dockerd answers to swarm calls for a few seconds of a graceful stop
+# (SIGTERM, as `systemctl restart docker` sends): its cluster component has stopped while its API
+# still serves the connections it had. Recorded from the private dockerd (Docker 20.10) during
+# a restart; a node that never was a manager gives the very same answer.
+NOT_A_MANAGER_BODY = (
+    b'{"message":"This node is not a swarm manager. Use \\"docker swarm init\\" or '
+    b'\\"docker swarm join\\" to connect this node to swarm and try again."}\n'
+)
+SWARM_PATHS = ("/services", "/tasks", "/swarm", "/nodes")
+
+
+class NotAManagerProxy:
+    """A unix-socket HTTP proxy in front of the engine that answers swarm calls with dockerd's
+    "not a swarm manager" 503, as often as `answer_not_a_manager` says, and relays the rest."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.root = Path(tempfile.mkdtemp(prefix="shp-", dir="/tmp"))  # short: a socket path
+        self.answered = 0  # 503s given so far
+        self._left: float = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the engine's own API
+
+            def handle_one_request(self) -> None:
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    self.close_connection = True
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._fails(self.path):
+                    status, headers, answer = (
+                        503,
+                        [("Content-Type", "application/json")],
+                        (NOT_A_MANAGER_BODY),
+                    )
+                else:
+                    status, headers, answer = proxy._relay(
+                        self.command, self.path, self.headers, body
+                    )
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                self.wfile.flush()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+            block_on_close = False
+
+        self._server = Server(str(self.socket), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "proxy.sock"
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def answer_not_a_manager(self, times: float) -> None:
+        """The next `times` swarm calls (`math.inf`: all) get the 503."""
+        with self._lock:
+            self._left = times
+
+    def _fails(self, path: str) -> bool:
+        with self._lock:
+            if self._left <= 0 or not any(p in path for p in SWARM_PATHS):
+                return False
+            self._left -= 1
+            self.answered += 1
+            return True
+
+    def _relay(
+        self, method: str, path: str, headers: Any, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        connection = _UnixConnection(self.upstream.removeprefix("unix://"))
+        try:
+            sent = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+            connection.request(method, path, body=body or None, headers=sent)
+            answer = connection.getresponse()
+            data = answer.read()  # de-chunked: sent back with a Content-Length
+            kept = [(k, v) for k, v in answer.getheaders() if k.lower() not in HOP_BY_HOP]
+            return answer.status, kept, data
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=30)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+@pytest.fixture
+def not_a_manager_proxy(engine: Engine) -> Iterator[NotAManagerProxy]:
+    if not engine.host.startswith("unix://"):
+        pytest.skip("the proxy sits in front of a unix-socket engine")
+    proxy = NotAManagerProxy(engine.host)
+    yield proxy
+    proxy.close()

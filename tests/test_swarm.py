@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -21,8 +23,16 @@ from dockerd import APP, JOB, PrivateDockerd, free_port, make_tls_files
 from shiphook import BackendError, Target
 from shiphook.errors import ConfigError
 from shiphook.instance import open_instance
+from shiphook.services import parse_hook_body
 from shiphook_swarm import SwarmBackend, SwarmOptions, SwarmTargetOptions
-from swarm_support import job_body, skip_or_fail, swarm_config, target, wait_until
+from swarm_support import (
+    NotAManagerProxy,
+    job_body,
+    skip_or_fail,
+    swarm_config,
+    target,
+    wait_until,
+)
 
 # the `engine` and `services` fixtures; a plugin, so that one engine serves every module
 pytest_plugins = ["swarm_support"]
@@ -84,6 +94,10 @@ def test_deploying_the_image_already_running_succeeds_at_once(
     assert deployment["message"] == f"service {service} already runs {APP}:v1"
     assert deployment["backendRef"]["updated"] is False
     assert services.inspect(service)["Version"]["Index"] == version  # not updated at all
+    # the history says so too, rather than "rolling out v1 (was ...:v1)"
+    steps = [event["message"] for event in deployment["history"]]
+    assert f"already runs {APP}:v1: no rollout" in steps
+    assert not any(step.startswith("rolling out") for step in steps), steps
 
 
 def test_a_broken_tag_is_rolled_back_to_the_old_image_with_swarms_message(
@@ -113,8 +127,12 @@ def test_with_on_failure_leave_a_broken_tag_is_left_as_swarm_left_it(
         harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
     )
     assert deployment["status"] == "failed", deployment
-    assert deployment["message"].startswith("update paused due to failure or early termination")
-    assert "rolled back" not in deployment["message"]
+    message = deployment["message"]
+    assert message.startswith("update paused due to failure or early termination")
+    assert "rolled back" not in message
+    # where it was left: paused, and how many of its replicas still run
+    assert f"service {service} is paused with 0 of 1 replicas running" in message
+    assert message.endswith("left as it is (on_failure = leave)")
     inspected = services.inspect(service)
     assert inspected["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == f"{APP}:broken"
     assert inspected["UpdateStatus"]["State"] == "paused"
@@ -129,10 +147,17 @@ def test_a_service_that_rolls_itself_back_is_not_swapped_a_second_time(
         harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
     )
     assert deployment["status"] == "rolled_back", deployment
-    assert deployment["message"].startswith(
-        f"rollback completed (Swarm rolled back the update to {APP}:broken: task "
-    )
-    assert "failed: task: non-zero exit (1))" in deployment["message"]
+    message = deployment["message"]
+    # what failed, why, and what Swarm went back to: once, not as a rollback to the broken image
+    assert message.startswith(f"the update to {APP}:broken failed (task ")
+    assert "failed: task: non-zero exit (1))" in message
+    assert message.endswith(f"Swarm rolled service {service} back to {APP}:v1 on its own")
+    assert message.count("back") == 1, message
+    # shiphook took no rollback step of its own
+    steps = [(event["status"], event["message"]) for event in deployment["history"]]
+    assert not any("rolling back" in step for _, step in steps), steps
+    assert [status for status, _ in steps][-1] == "rolled_back"
+    assert deployment["backendRef"]["image"] == f"{APP}:broken"
     inspected = services.inspect(service)
     assert inspected["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == f"{APP}:v1"
     assert inspected["UpdateStatus"]["State"] == "rollback_completed"
@@ -146,7 +171,7 @@ def test_a_service_that_rolls_itself_back_is_not_swapped_a_second_time(
     ref = backend.deploy(t, image_tag="broken", deployment_id=deployment["id"])
     assert ref["updated"] and ref["image"] == f"{APP}:broken"
     assert services.image(service) == f"{APP}:v1"
-    assert backend.progress(t, ref).state == "failed"
+    assert backend.progress(t, ref).state == "rolled_back"
 
 
 def test_a_missing_service_fails_at_once_with_the_engines_message(
@@ -161,6 +186,22 @@ def test_a_missing_service_fails_at_once_with_the_engines_message(
     assert deployment["status"] == "failed"
     assert deployment["message"] == "service no-such-service not found"
     assert deployment["backendRef"] is None
+
+
+def test_a_service_removed_mid_rollout_fails_the_deployment_naming_the_service(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app(monitor=30)  # Swarm watches the new task for 30 s: time to remove it
+    config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=600))
+    harness = harness_factory(config)
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
+    harness.wait_started(deployment_id, timeout=30)
+    service_id = services.inspect(service)["ID"]
+    services.client.remove_service(service)
+    deployment = harness.wait_for(deployment_id, timeout=30)
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"] == f"service {service} was removed"
+    assert service_id[:12] not in deployment["message"]
 
 
 # -- job runs ----------------------------------------------------------------------------------
@@ -205,6 +246,52 @@ def test_two_job_runs_are_two_iterations_each_tracked_with_its_own_env(
     assert services.job_output(service, one) == "GREETING=hello NAME=a\n"
     # the first run's override does not leak into the second: it merges over the service's env
     assert services.job_output(service, two) == "GREETING=bye NAME=service\n"
+
+
+def test_a_job_runs_image_tag_applies_to_that_run_only_and_each_run_records_its_image(
+    engine, services, harness_factory, tmp_path
+):
+    services.client.tag(f"{JOB}:ok", JOB, "other")  # another image the job can run
+    service = services.job(env=["NAME=service"])
+    config = swarm_config(tmp_path, engine, target("migrate", "job", service))
+    harness = harness_factory(config)
+    token = harness.new_hook("migrate")
+    tagged_id = harness.deploy(token, {"imageTag": "other"})
+    plain_id = harness.deploy(token, job_body(NAME="plain"))  # queued behind it
+    tagged = harness.wait_for(tagged_id, timeout=60)
+    plain = harness.wait_for(plain_id, timeout=60)
+    assert tagged["status"] == plain["status"] == "succeeded", (tagged, plain)
+    # the plain run ran the service's own image, not the previous run's tag
+    assert tagged["backendRef"]["image"] == f"{JOB}:other"
+    assert plain["backendRef"]["image"] == f"{JOB}:ok"
+    ran = {
+        (task.get("JobIteration") or {}).get("Index"): task["Spec"]["ContainerSpec"]["Image"]
+        for task in services.client.tasks(filters={"service": service})
+    }
+    assert ran[tagged["backendRef"]["iteration"]] == f"{JOB}:other"
+    assert ran[plain["backendRef"]["iteration"]] == f"{JOB}:ok"
+    assert services.image(service) == f"{JOB}:ok"
+
+    # the CLI shows the image each run ran
+    listed = run_cli("deployments", "list", config=config).stdout.splitlines()
+    assert listed[0].split()[:4] == ["ID", "TARGET", "REQUESTED", "IMAGE"]
+    rows = {line.split()[0]: line for line in listed[1:]}
+    assert f" {JOB}:other " in rows[tagged_id] and f" {JOB}:ok " in rows[plain_id]
+    shown = run_cli("deployments", "show", tagged_id, config=config).stdout
+    assert re.search(rf"^image: +{re.escape(JOB)}:other$", shown, re.MULTILINE), shown
+
+
+def test_a_run_after_a_tagged_run_restores_the_services_image_also_when_repeated(engine, services):
+    services.client.tag(f"{JOB}:ok", JOB, "other")
+    service = services.job(env=[])
+    backend, t = backend_on(engine.host), target_of("job", service)
+    tagged = backend.run_job(t, env={}, image_tag="other", deployment_id="i-1")
+    assert tagged["image"] == f"{JOB}:other" and services.image(service) == f"{JOB}:other"
+    plain = backend.run_job(t, env={}, image_tag=None, deployment_id="i-2")
+    assert plain["image"] == f"{JOB}:ok" and services.image(service) == f"{JOB}:ok"
+    # repeated after a crash: the same run, found through the labels, not a third iteration
+    assert backend.run_job(t, env={}, image_tag=None, deployment_id="i-2") == plain
+    assert services.inspect(service)["JobStatus"]["JobIteration"]["Index"] == plain["iteration"]
 
 
 # -- the engine going away -------------------------------------------------------------------
@@ -258,6 +345,77 @@ def test_an_engine_down_past_the_retry_budget_fails_clearly_and_loses_nothing(
     assert services.image(service) == f"{APP}:v2"
 
 
+def test_a_graceful_engine_restart_mid_rollout_ends_succeeded(
+    engine, services, harness_factory, tmp_path, caplog
+):
+    daemon = engine.private()
+    # tasks slow to stop: the engine's graceful stop then takes seconds, some of them answering
+    # "This node is not a swarm manager" on the connections it still serves
+    service = services.app(replicas=3, monitor=2, stop_signal=None)
+    config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=120))
+    harness = harness_factory(config)
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
+    wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
+    caplog.set_level(logging.WARNING, logger="shiphook.engine")
+    daemon.stop()  # SIGTERM, as systemctl restart docker sends
+    daemon.start()
+    daemon.wait_for_swarm()
+
+    deployment = harness.wait_for(deployment_id, timeout=120)
+    assert deployment["status"] == "succeeded", deployment
+    assert deployment["message"] == "update completed"
+    # the engine did say it, and shiphook retried it rather than failing the deployment
+    assert "This node is not a swarm manager" in caplog.text
+    assert services.image(service) == f"{APP}:v2"
+    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v2"] * 3)
+
+
+def test_not_a_swarm_manager_mid_rollout_is_retried_and_the_rollout_succeeds(
+    engine, services, harness_factory, tmp_path, not_a_manager_proxy, caplog
+):
+    proxy: NotAManagerProxy = not_a_manager_proxy
+    service = services.app(monitor=2)
+    web = target("web", "app", service, retry_budget=120)
+    harness = harness_factory(swarm_config(tmp_path, engine, web, host=proxy.host))
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
+    harness.wait_started(deployment_id, timeout=30)
+    caplog.set_level(logging.WARNING, logger="shiphook.engine")
+    proxy.answer_not_a_manager(3)  # what a manager's engine says for a moment as it stops
+    deployment = harness.wait_for(deployment_id, timeout=90)
+    assert deployment["status"] == "succeeded", deployment
+    assert proxy.answered == 3
+    assert caplog.text.count("This node is not a swarm manager") == 3
+    assert services.running_images(service) == [f"{APP}:v2"]
+
+
+def test_not_a_swarm_manager_from_a_node_never_seen_as_one_fails_at_once(
+    engine, harness_factory, services, tmp_path, not_a_manager_proxy
+):
+    proxy: NotAManagerProxy = not_a_manager_proxy
+    proxy.answer_not_a_manager(math.inf)
+    service = services.app()
+    # with a long retry budget, an error taken for transient would keep it running for minutes
+    web = target("web", "app", service, retry_budget=600)
+    harness = harness_factory(swarm_config(tmp_path, engine, web, host=proxy.host))
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "v2"}))
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].startswith("This node is not a swarm manager.")
+    assert "docker swarm init" in deployment["message"]
+    assert proxy.answered == 1  # not retried
+
+    # the backend's own rule: permanent until the engine has answered it as a manager
+    backend = backend_on(proxy.host)
+    with pytest.raises(BackendError) as never:
+        backend.check()
+    proxy.answer_not_a_manager(0)
+    backend.check()
+    proxy.answer_not_a_manager(1)
+    with pytest.raises(BackendError) as since:
+        backend.check()
+    assert not never.value.transient and since.value.transient
+    assert never.value.message == since.value.message
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 
@@ -293,6 +451,36 @@ def test_serve_then_hooks_create_then_curl_runs_the_new_tag_on_the_service(
     assert deployment["status"] == "succeeded", deployment
     assert services.image(service) == f"{APP}:v2"
     assert services.running_images(service) == [f"{APP}:v2"]
+    assert "(config " in server.log() and ", 1 target, 1 HTTP worker)" in server.log()
+
+
+def test_rollback_returns_to_the_tag_shiphook_last_deployed_not_to_one_set_by_hand(
+    engine, services, harness_factory, tmp_path
+):
+    services.client.tag(f"{APP}:v1", APP, "by-hand")
+    service = services.app()
+    harness = harness_factory(swarm_config(tmp_path, engine, target("web", "app", service)))
+    token = harness.new_hook("web")
+    first = harness.wait_for(harness.deploy(token, {"imageTag": "v2"}), timeout=90)
+    assert first["status"] == "succeeded", first
+    inspected = services.inspect(service)
+    spec = inspected["Spec"]
+    spec["TaskTemplate"]["ContainerSpec"]["Image"] = f"{APP}:by-hand"  # outside shiphook
+    services.client._result(
+        services.client._post_json(
+            services.client._url("/services/{0}/update", inspected["ID"]),
+            data=spec,
+            params={"version": inspected["Version"]["Index"]},
+        )
+    )
+    second = harness.wait_for(harness.deploy(token, {"imageTag": "v1"}), timeout=90)
+    assert second["status"] == "succeeded", second
+    assert second["previousImage"] == f"{APP}:by-hand"
+
+    # as README.md says: the last tag shiphook deployed successfully before it, not the
+    # previousImage; with no such deployment, the tag of the previousImage
+    assert harness.instance.deployments.rollback(second["id"]).image_tag == "v2"
+    assert harness.instance.deployments.rollback(first["id"]).image_tag == "v1"
 
 
 # -- the backend on its own ----------------------------------------------------------------------
@@ -451,6 +639,47 @@ def test_a_swarm_job_target_cannot_ask_for_concurrent_runs(tmp_path):
     expected = r"targets\.nightly\.max_concurrent_runs: the swarm backend"
     with pytest.raises(ConfigError, match=expected):
         open_instance(write_config(tmp_path, text), plugin_modules=[])
+
+
+def test_targets_shows_for_each_kind_only_what_applies(tmp_path):
+    config = write_config(
+        tmp_path,
+        f'[server]\ndatabase_url = "sqlite:///{tmp_path}/s.db"\n'
+        '[backends.swarm]\nplugin = "swarm"\n'
+        '[targets.web]\nkind = "app"\nbackend = "swarm"\nservice = "web"\n'
+        '[targets.migrate]\nkind = "job"\nbackend = "swarm"\nservice = "migrate"\n',
+    )
+    out = run_cli("targets", config=config).stdout
+    assert "None" not in out  # no image=None for a target without an image key
+    header, *lines = out.splitlines()
+    assert header.split()[:4] == ["NAME", "KIND", "BACKEND", "ON"]
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert rows["web"][3] == "rollback"
+    assert rows["migrate"][3] == "-"  # a job run is never rolled back
+    assert rows["migrate"][-2:] == ["service=migrate", "resolve_image=True"]
+
+
+def test_the_example_configs_tag_policy_takes_the_tag_the_readme_workflow_deploys(
+    tmp_path, monkeypatch
+):
+    readme = (ROOT / "README.md").read_text()
+    assert """--data '{"imageTag":"${{ github.sha }}"}'""" in readme
+    monkeypatch.chdir(tmp_path)
+    instance = open_instance(ROOT / "configs" / "examples" / "swarm.toml", plugin_modules=[])
+    try:
+        web = instance.config.targets["web"]
+        for tag in ("3f786850e387550fdab836ed7e6dc881de23001b", "v1.2.3", "1.2.3"):
+            assert parse_hook_body(web, json.dumps({"imageTag": tag}).encode()).imageTag == tag
+    finally:
+        instance.close()
+
+
+def test_help_and_readme_name_swarm_and_say_kubernetes_and_nomad_are_planned(tmp_path):
+    help_text = " ".join(run_cli("--help", config=tmp_path / "unread.toml").stdout.split())
+    intro = " ".join((ROOT / "README.md").read_text().split("\n\n")[1].split())
+    for text in (help_text, intro):
+        assert "Docker Swarm" in text
+        assert re.search(r"Kubernetes and Nomad( backends)? (are )?planned", text), text
 
 
 def test_the_example_config_loads(tmp_path, monkeypatch):

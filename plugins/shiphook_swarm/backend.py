@@ -40,6 +40,8 @@ LABEL_DEPLOYMENT = "io.shiphook.deployment"
 LABEL_JOB_ITERATION = "io.shiphook.job-iteration"
 LABEL_ENV_BASE = "io.shiphook.env-base"
 LABEL_ENV_APPLIED = "io.shiphook.env-applied"
+LABEL_IMAGE_BASE = "io.shiphook.image-base"
+LABEL_IMAGE_APPLIED = "io.shiphook.image-applied"
 
 UPDATE_ATTEMPTS = 5
 """How often an update answered "update out of sequence" is re-read and sent again."""
@@ -62,8 +64,9 @@ RUNNING_RANK = TASK_STATE_RANK["running"]
 FAILED_TASK_STATES = ("failed", "rejected")
 
 OUT_OF_SEQUENCE = "update out of sequence"
-# 5xx answers that no retry can fix (besides any 501): the node is not a swarm manager
-PERMANENT_5XX = ("not a swarm manager", "not part of a swarm")
+# 5xx answers that no retry can fix (besides any 501) on a node that never was a manager; a
+# manager's engine also gives them for a few seconds while it stops (a restart, an upgrade)
+NOT_A_MANAGER = ("not a swarm manager", "not part of a swarm")
 PAUSED_BY_TASK = re.compile(r"\btask ([0-9a-z]{25})\b")
 
 
@@ -181,6 +184,9 @@ class SwarmBackend(Backend):
         self.poll_interval = options.poll_interval
         self._client: EngineClient | None = None
         self._client_lock = threading.Lock()
+        # set once the engine answered as a swarm manager, or a ref says it did: from then on
+        # "not a swarm manager" is the engine restarting, not a misconfiguration
+        self._was_manager = False
 
     # -- the engine connection -------------------------------------------------------------
 
@@ -223,7 +229,9 @@ class SwarmBackend(Backend):
         except docker.errors.APIError as exc:
             message = _explain(exc)
             status = exc.status_code or 0
-            permanent = status < 500 or status == 501 or any(p in message for p in PERMANENT_5XX)
+            permanent = status < 500 or status == 501
+            if any(p in message for p in NOT_A_MANAGER) and not self._was_manager:
+                permanent = True
             raise BackendError(message, transient=not permanent) from None
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
             # refused, socket gone, timed out, "Error while fetching server API version": the
@@ -236,8 +244,17 @@ class SwarmBackend(Backend):
         with self._engine_errors():
             return function(*args, **kwargs)
 
-    def _inspect(self, service: str) -> dict[str, Any]:
-        return self._call(lambda: self.api.inspect_service(service))
+    def _inspect(self, service: str, name: str | None = None) -> dict[str, Any]:
+        """The service by name or id; `name` names it in the error if it is gone by now."""
+        with self._engine_errors():
+            try:
+                found = self.api.inspect_service(service)
+            except docker.errors.NotFound:
+                if name is None:
+                    raise
+                raise BackendError(f"service {name} was removed") from None
+        self._was_manager = True  # only a manager lists services
+        return found
 
     def _post_update(self, service: dict[str, Any], **params: str) -> None:
         """POST `service["Spec"]`, complete, with the Version.Index it was read at. Raw, because
@@ -252,7 +269,11 @@ class SwarmBackend(Backend):
             log.warning("service %s: the engine warns: %s", service["Spec"]["Name"], warning)
 
     def _update(
-        self, service_ref: str, change: Callable[[dict[str, Any]], T | None], **params: str
+        self,
+        service_ref: str,
+        name: str,
+        change: Callable[[dict[str, Any]], T | None],
+        **params: str,
     ) -> tuple[dict[str, Any], T | None]:
         """Read the service, let `change` edit its Spec in place, and send the update.
 
@@ -261,7 +282,7 @@ class SwarmBackend(Backend):
         means the service changed after it was read: read it again and redo the change.
         """
         for _attempt in range(UPDATE_ATTEMPTS):
-            service = self._inspect(service_ref)
+            service = self._inspect(service_ref, name)
             done = change(service)
             if done is not None:
                 return service, done
@@ -273,7 +294,7 @@ class SwarmBackend(Backend):
                 raise
             return service, None
         raise BackendError(
-            f"service {service_ref}: {OUT_OF_SEQUENCE} {UPDATE_ATTEMPTS} times in a row "
+            f"service {name}: {OUT_OF_SEQUENCE} {UPDATE_ATTEMPTS} times in a row "
             "(something else keeps changing it)",
             transient=True,
         )
@@ -283,6 +304,7 @@ class SwarmBackend(Backend):
     def check(self) -> str:
         version = self._call(self.api.version)
         self._call(self.api.inspect_swarm)  # a 503 in Swarm's own words unless a manager
+        self._was_manager = True
         info = self._call(self.api.info)
         swarm = info.get("Swarm") or {}
         return (
@@ -375,7 +397,7 @@ class SwarmBackend(Backend):
             container["Labels"] = _labels(container) | {LABEL_DEPLOYMENT: deployment_id}
             return None
 
-        service, done = self._update(found["ID"], change)
+        service, done = self._update(found["ID"], found["Spec"]["Name"], change)
         return done if done is not None else ref(service, wanted, replaced["image"], True)
 
     def _image_of_deployment_tasks(self, service: dict[str, Any], deployment_id: str) -> str | None:
@@ -388,6 +410,7 @@ class SwarmBackend(Backend):
         return None
 
     def rollback(self, target: Target, ref: Ref) -> Ref:
+        self._was_manager = True  # `ref` is work this engine took as a manager
         restore = ref["previous_image"]
         answer = {"op": "rollback", "service": ref["service"], "name": ref["name"]}
         answer |= {"image": restore, "requested": False}
@@ -417,22 +440,28 @@ class SwarmBackend(Backend):
                 )
             return None  # rollback=previous swaps Spec and PreviousSpec on the engine
 
-        _, done = self._update(ref["service"], change, rollback="previous")
+        _, done = self._update(ref["service"], ref["name"], change, rollback="previous")
         return done if done is not None else answer | {"requested": True}
 
     def progress(self, target: Target, ref: Ref) -> Progress:
+        self._was_manager = True  # `ref` is work this engine took as a manager
         if ref["op"] == "run":
             return self._job_progress(ref)
-        service = self._inspect(ref["service"])
+        service = self._inspect(ref["service"], ref["name"])
         status = service.get("UpdateStatus") or {}
         state, message = status.get("State"), status.get("Message") or ""
         # read the way the docker CLI does: paused and rollback_paused are errors; so is
         # rollback_completed after this deployment's own update (Swarm undid it)
         if state in ("paused", "rollback_paused"):
-            return Progress("failed", self._with_task_error(message))
+            running, wanted = self._running(service, up_to_date=False)
+            return Progress(
+                "failed",
+                f"{self._with_task_error(message)}; service {ref['name']} is paused with "
+                f"{running} of {wanted} replicas running",
+            )
         if state == "rollback_completed" and ref["op"] == "deploy" and ref["updated"]:
             # by now Swarm's message is only "rollback completed": say what it undid, and why
-            return Progress("failed", f"{message} ({self._why_rolled_back(service, ref)})")
+            return Progress("rolled_back", self._why_rolled_back(service, ref))
         converged, counts = self._convergence(service)
         if state in ("updating", "rollback_started"):
             return Progress("running", f"{message}: {counts}")
@@ -453,9 +482,16 @@ class SwarmBackend(Backend):
     def _convergence(self, service: dict[str, Any]) -> tuple[bool, str]:
         """Whether each slot (replicated) or node (global) runs an up-to-date task: the count
         `docker service update` makes before it says "Service converged"."""
-        tasks = self._call(
-            lambda: self.api.tasks(filters={"service": service["ID"], "_up-to-date": "true"})
-        )
+        running, wanted = self._running(service, up_to_date=True)
+        where = "tasks" if service["Spec"]["Mode"].get("Replicated") is not None else "nodes"
+        converged = running == wanted and (wanted > 0 or where == "tasks")
+        return converged, f"{running} of {wanted} {where} running the current spec"
+
+    def _running(self, service: dict[str, Any], *, up_to_date: bool) -> tuple[int, int]:
+        """Slots (replicated) or nodes (global) with a running task, of those wanted; with
+        `up_to_date`, counting only tasks of the current spec."""
+        filters = {"service": service["ID"]} | ({"_up-to-date": "true"} if up_to_date else {})
+        tasks = self._call(lambda: self.api.tasks(filters=filters))
         replicated = service["Spec"]["Mode"].get("Replicated")
         chosen: dict[Any, dict[str, Any]] = {}
         for task in tasks:
@@ -480,11 +516,8 @@ class SwarmBackend(Backend):
             and task["Status"]["State"] == "running"
         )
         if replicated is not None:
-            wanted = int(replicated.get("Replicas") or 0)
-            return running == wanted, f"{running} of {wanted} tasks running the current spec"
-        return chosen != {} and running == len(chosen), (
-            f"{running} of {len(chosen)} nodes running the current spec"
-        )
+            return running, int(replicated.get("Replicas") or 0)
+        return running, len(chosen)
 
     def _with_task_error(self, message: str) -> str:
         """Swarm names the task that paused an update; that task's error says why."""
@@ -499,7 +532,8 @@ class SwarmBackend(Backend):
         return f"{message} ({error})" if error else message
 
     def _why_rolled_back(self, service: dict[str, Any], ref: Ref) -> str:
-        """The last failed task of the deployed image, which made Swarm roll back."""
+        """What Swarm's own rollback undid, and the last failed task of the deployed image,
+        which made it roll back."""
         tasks = self._call(lambda: self.api.tasks(filters={"service": service["ID"]}))
         failed = [
             t
@@ -507,12 +541,13 @@ class SwarmBackend(Backend):
             if t["Spec"]["ContainerSpec"]["Image"] == ref["image"]
             and t["Status"]["State"] in FAILED_TASK_STATES
         ]
-        why = f"Swarm rolled back the update to {ref['image']}"
-        if not failed:
-            return why
-        task = max(failed, key=lambda t: t["Status"].get("Timestamp") or "")
-        error = task["Status"].get("Err") or task["Status"]["State"]
-        return f"{why}: task {task['ID']} {task['Status']['State']}: {error}"
+        why = f"the update to {ref['image']} failed"
+        if failed:
+            task = max(failed, key=lambda t: t["Status"].get("Timestamp") or "")
+            error = task["Status"].get("Err") or task["Status"]["State"]
+            why += f" (task {task['ID'][:12]} {task['Status']['State']}: {error})"
+        back = _image(service["Spec"])
+        return f"{why}; Swarm rolled service {ref['name']} back to {back} on its own"
 
     # -- job runs ------------------------------------------------------------------------------
 
@@ -525,50 +560,55 @@ class SwarmBackend(Backend):
         deployment_id: str,
     ) -> Ref:
         found = self._service_of_kind(target)
-        image = None
+        tagged = None
         if image_tag is not None:
-            image = self._image_for(target, _image(found["Spec"]), image_tag)
-        started: dict[str, int] = {}
+            tagged = self._image_for(target, _image(found["Spec"]), image_tag)
+        started: dict[str, Any] = {}
 
-        def change(service: dict[str, Any]) -> int | None:
+        def change(service: dict[str, Any]) -> dict[str, Any] | None:
             spec = service["Spec"]
             labels = _labels(spec)
-            if labels.get(LABEL_DEPLOYMENT) == deployment_id and LABEL_JOB_ITERATION in labels:
-                return int(labels[LABEL_JOB_ITERATION])  # an earlier call started this run
             container = spec["TaskTemplate"]["ContainerSpec"]
+            if labels.get(LABEL_DEPLOYMENT) == deployment_id and LABEL_JOB_ITERATION in labels:
+                # an earlier call started this run
+                return {"iteration": int(labels[LABEL_JOB_ITERATION]), "image": container["Image"]}
+            # an earlier run's overrides (env and image) stay in the spec: start from what the
+            # service had before them, unless someone has changed it since shiphook wrote it
             current_env = list(container.get("Env") or [])
-            # an earlier run's overrides stay in the spec: merge over the env the service had
-            # before them, unless someone has changed the env since shiphook wrote it
-            base = current_env
+            base_env = current_env
             if labels.get(LABEL_ENV_APPLIED) == json.dumps(current_env):
-                base = json.loads(labels.get(LABEL_ENV_BASE) or "[]")
-            container["Env"] = _merge_env(base, env)
-            if image is not None:
-                container["Image"] = image
+                base_env = json.loads(labels.get(LABEL_ENV_BASE) or "[]")
+            base_image = container["Image"]
+            if labels.get(LABEL_IMAGE_APPLIED) == base_image:
+                base_image = labels.get(LABEL_IMAGE_BASE) or base_image
+            container["Env"] = _merge_env(base_env, env)
+            container["Image"] = tagged or base_image
             task_template = spec["TaskTemplate"]
             task_template["ForceUpdate"] = int(task_template.get("ForceUpdate") or 0) + 1
             # every accepted update of a job service starts the next iteration
-            started["iteration"] = _job_iteration(service) + 1
+            started.update(iteration=_job_iteration(service) + 1, image=container["Image"])
             spec["Labels"] = labels | {
                 LABEL_DEPLOYMENT: deployment_id,
                 LABEL_JOB_ITERATION: str(started["iteration"]),
-                LABEL_ENV_BASE: json.dumps(base),
+                LABEL_ENV_BASE: json.dumps(base_env),
                 LABEL_ENV_APPLIED: json.dumps(container["Env"]),
+                LABEL_IMAGE_BASE: base_image,
+                LABEL_IMAGE_APPLIED: container["Image"],
             }
             return None
 
-        _, done = self._update(found["ID"], change)
+        _, done = self._update(found["ID"], found["Spec"]["Name"], change)
         return {
             "op": "run",
             "service": found["ID"],
             "name": found["Spec"]["Name"],
-            "iteration": done if done is not None else started["iteration"],
+            **(done or started),
             "deployment": deployment_id,
         }
 
     def _job_progress(self, ref: Ref) -> Progress:
         """Only the tasks of this run's iteration count: complete, or failed / rejected."""
-        service = self._inspect(ref["service"])
+        service = self._inspect(ref["service"], ref["name"])
         iteration = ref["iteration"]
         tasks = self._call(lambda: self.api.tasks(filters={"service": ref["service"]}))
         mine = [t for t in tasks if _job_iteration_of(t) == iteration]
