@@ -11,6 +11,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ import scripted_backend  # noqa: E402
 ROOT = Path(__file__).parent.parent
 SHIPHOOK = str(Path(sys.executable).parent / "shiphook")
 ADMIN_TOKEN = "test-admin-token"
+POSTGRES_URL = os.environ.get(
+    "SHIPHOOK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 SCRIPTED_CONFIG = """
 [backends.fake]
@@ -173,6 +177,25 @@ def harness_factory(tmp_path, monkeypatch) -> Iterator[Callable[..., Harness]]:
 @pytest.fixture
 def harness(harness_factory) -> Harness:
     return harness_factory()
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh schema on the machine's PostgreSQL for one test, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("SHIPHOOK_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"SHIPHOOK_REQUIRE_POSTGRES=1 but PostgreSQL is not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+    schema = f"shiphook_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
 
 
 # -- a real `shiphook serve` subprocess ---------------------------------------------------

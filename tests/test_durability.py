@@ -4,10 +4,8 @@ and several replicas sharing one PostgreSQL database."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,9 +15,6 @@ import scripted_backend
 from conftest import ADMIN_TOKEN, Server, write_config
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-POSTGRES_URL = os.environ.get(
-    "SHIPHOOK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 
 def fleet_config(
@@ -201,25 +196,6 @@ def test_hundreds_of_waiting_ci_jobs_do_not_hold_up_new_hook_requests(tmp_path, 
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------
-
-
-@pytest.fixture
-def postgres_url():
-    """A fresh schema on the machine's PostgreSQL for one test, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("SHIPHOOK_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"SHIPHOOK_REQUIRE_POSTGRES=1 but PostgreSQL is not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
-    schema = f"shiphook_{uuid.uuid4().hex[:12]}"
-    admin.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
 
 
 def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
