@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 
 def statuses(deployment: dict) -> list[str]:
     return [event["status"] for event in deployment["history"]]
@@ -49,7 +51,9 @@ def test_a_rollout_past_its_timeout_is_rolled_back(harness_factory):
     assert harness.backend.image("web") == "registry.test/app:initial"
 
 
-def test_transient_errors_are_retried_until_the_call_works(harness):
+@pytest.mark.parametrize("state_dir", [False, True], ids=["in-memory", "state-dir"])
+def test_transient_errors_are_retried_until_the_call_works(harness_factory, tmp_path, state_dir):
+    harness = harness_factory(backend_extra=f'state_dir = "{tmp_path}"' if state_dir else "")
     deployment = harness.wait_for(
         harness.deploy(harness.new_hook("api"), {"imageTag": "transient2"})
     )

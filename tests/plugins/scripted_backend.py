@@ -76,10 +76,12 @@ class ScriptedBackend(Backend):
             with open(self._path.with_suffix(".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 data = json.loads(self._path.read_text()) if self._path.exists() else {}
-                yield data
-                tmp = self._path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(data))
-                tmp.replace(self._path)
+                try:
+                    yield data
+                finally:  # a scripted error is raised in here, after its call was counted
+                    tmp = self._path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(data))
+                    tmp.replace(self._path)
 
     def calls(self, op: str | None = None) -> list[dict[str, Any]]:
         with self.state() as s:
