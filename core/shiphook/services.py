@@ -20,7 +20,7 @@ from uuid_utils import uuid7
 
 from shiphook import tokens
 from shiphook.backends import Target
-from shiphook.config import ENV_NAME_PATTERN
+from shiphook.config import ENV_NAME_PATTERN, NAME_PATTERN
 from shiphook.errors import (
     Conflict,
     InvalidRequest,
@@ -47,6 +47,8 @@ STAMP_RESOLUTION = timedelta(seconds=1)
 NO_SUCH_HOOK = "no deploy hook matches this token"
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+HOOK_IDS = range(1, 2**31)  # the id column is a 32-bit SQL INTEGER on PostgreSQL
 
 
 def _oci_tag(value: str) -> str:
@@ -60,6 +62,12 @@ def _oci_tag(value: str) -> str:
 ImageTag = Annotated[str, AfterValidator(_oci_tag)]
 
 
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("a NUL character cannot be passed in a process environment")
+    return value
+
+
 class AppHookBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -70,7 +78,7 @@ class EnvironmentVariable(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN, max_length=256)]
-    value: Annotated[str, StringConstraints(max_length=32768)]
+    value: Annotated[str, StringConstraints(max_length=32768), AfterValidator(_no_nul)]
 
 
 class JobHookBody(BaseModel):
@@ -202,8 +210,10 @@ class Hooks:
         if target not in self.targets:
             raise NotFound(f"no target named {target!r} (configured: {self._target_names()})")
         name = name.strip()
-        if not name or len(name) > 100:
-            raise InvalidRequest("name: expected 1 to 100 characters naming the hook's user")
+        if not name or len(name) > 100 or not name.isprintable():
+            raise InvalidRequest(
+                "name: expected 1 to 100 printable characters naming the hook's user"
+            )
         token = self.new_token()
         hook = self.storage.create_hook(
             name=name, target=target, token_digest=tokens.digest(token), now=self.clock()
@@ -216,7 +226,7 @@ class Hooks:
         return [HookPublic.model_validate(h) for h in self.storage.list_hooks(target=target)]
 
     def delete(self, hook_id: int) -> HookPublic:
-        hook = self.storage.delete_hook(hook_id)
+        hook = self.storage.delete_hook(hook_id) if hook_id in HOOK_IDS else None
         if hook is None:
             raise NotFound(f"no hook with id {hook_id}")
         return HookPublic.model_validate(hook)
@@ -227,6 +237,8 @@ class Hooks:
         `for_deploy` may answer from a cache of known tokens: the deployment's insert checks
         the hook again, in its own transaction, so a deleted hook still records nothing.
         """
+        if not token.isascii():  # no token is; the digest is of its ASCII bytes
+            raise NotFound(NO_SUCH_HOOK)
         digest = tokens.digest(token)
         hook = self.storage.known_hook(digest) if for_deploy else None
         if hook is None and tokens.is_well_formed(token):
@@ -327,9 +339,7 @@ class Deployments:
 
     def rollback(self, deployment_id: str) -> DeploymentPublic:
         """Queue a new deployment of the image the target ran successfully before this one."""
-        source = self.storage.get_deployment(deployment_id)
-        if source is None:
-            raise NotFound(f"no deployment with id {deployment_id!r}")
+        source = self._stored(deployment_id)
         if source.kind != "app":
             raise InvalidRequest(f"deployment {deployment_id} is a job run; only apps roll back")
         if source.target not in self.targets:
@@ -354,15 +364,30 @@ class Deployments:
 
     def get(self, deployment_id: str, *, hook: HookIdentity | None = None) -> DeploymentPublic:
         """The deployment with its history; with `hook`, only if that hook created it."""
-        deployment = self.storage.get_deployment(deployment_id)
-        if deployment is None or (hook is not None and deployment.hook_id != hook.id):
+        deployment = self._stored(deployment_id)
+        if hook is not None and deployment.hook_id != hook.id:
             raise NotFound(f"no deployment with id {deployment_id!r}")
         return public_deployment(deployment, self.storage.histories([deployment_id])[deployment_id])
+
+    def _stored(self, deployment_id: str) -> Deployment:
+        """The deployment with this id; `NotFound` without a query for what is no id."""
+        deployment = (
+            self.storage.get_deployment(deployment_id)
+            if DEPLOYMENT_ID.fullmatch(deployment_id)
+            else None
+        )
+        if deployment is None:
+            raise NotFound(f"no deployment with id {deployment_id!r}")
+        return deployment
 
     def list(
         self, *, target: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[DeploymentPublic]:
         """Recent deployments, newest first, each with its history."""
+        if target is not None and not re.fullmatch(NAME_PATTERN, target):
+            raise InvalidRequest(
+                f"target: expected a target name (1 to 63 of A-Z a-z 0-9 _ . -), got {target!r}"
+            )
         if status is not None and status not in Status.__members__:
             raise InvalidRequest(
                 f"status: {status!r} is not a deployment status "

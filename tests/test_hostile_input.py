@@ -1,0 +1,218 @@
+"""Input an attacker or a slip of the hand sends: a JSON 4xx naming what is wrong, on SQLite and
+on PostgreSQL; never a 500, a traceback in the log, or a secret in a log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner
+from conftest import ADMIN_TOKEN, Harness, Server, plugin_env, scripted_config
+from shiphook.cli import main
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path}/shiphook.db"
+
+
+@pytest.fixture
+def on_each_database(request, database_url, monkeypatch) -> Harness:
+    """A harness on each database, its engine not running: what is accepted stays queued."""
+    monkeypatch.setenv("SHIPHOOK_DATABASE_URL", database_url)
+    return request.getfixturevalue("harness_factory")(start=False)  # closed before the schema
+
+
+@pytest.fixture
+def quiet(on_each_database, caplog) -> Iterator[Harness]:
+    """The harness; the test fails if anything was logged as an error (a 500 logs one)."""
+    yield on_each_database
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, caplog.text
+
+
+def stored(harness: Harness) -> tuple[list, list]:
+    return harness.instance.hooks.list(), harness.instance.deployments.list(limit=1000)
+
+
+def assert_json_error(result, status: int, *names: str) -> None:
+    assert result.status_code == status, result.text
+    assert result.headers["content-type"].startswith("application/json")
+    for name in names:
+        assert name in result.json["description"], result.json
+
+
+# -- 1: tokens that are not ASCII ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["shk_\xc3\xa9", "\xff", "shk_" + "\xe9" * 49],
+    ids=["utf-8-bytes", "latin-1-byte", "token-length"],
+)
+def test_a_token_that_is_not_ascii_is_404(quiet, token):
+    """The header's bytes arrive as Latin-1 text, which has no ASCII digest."""
+    quiet.new_hook("web")
+    before = stored(quiet)
+    assert_json_error(quiet.post_hook(token, {"imageTag": "1.0"}), 404, "no deploy hook")
+    read = quiet.client.simulate_get(
+        "/api/v1/deployments/x", headers={"X-Deploy-Hook-Token": token}
+    )
+    assert_json_error(read, 404, "no deploy hook")
+    assert stored(quiet) == before
+
+
+def raw_request(server: Server, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are (no HTTP library would send these); the status and JSON body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_raw_non_ascii_token_bytes_get_a_json_404_from_a_real_server(tmp_path, serve):
+    server = serve(scripted_config(tmp_path))
+    body = b'{"imageTag":"1.0"}'
+    for request in (
+        b"POST /api/v1/dh HTTP/1.1\r\nHost: shiphook\r\nX-Deploy-Hook-Token: shk_\xc3\xa9\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body),
+        b"GET /api/v1/deployments/x HTTP/1.1\r\nHost: shiphook\r\n"
+        b"X-Deploy-Hook-Token: \xff\r\nConnection: close\r\n\r\n",
+    ):
+        status, answer = raw_request(server, request)
+        assert status == 404, answer
+        assert answer["description"] == "no deploy hook matches this token"
+    assert "Traceback" not in server.log()
+    assert " ERROR " not in server.log()
+
+
+# -- 2: NUL and other control characters ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "deployment_id",
+    ["%00", "a%00b", "%01", "%C3%A9", "x" * 300],
+    ids=["nul", "inner-nul", "control", "non-ascii", "long"],
+)
+def test_a_deployment_id_that_is_no_uuid_is_404(quiet, deployment_id):
+    token = quiet.new_hook("web")
+    quiet.deploy(token, {"imageTag": "1.0"})
+    before = stored(quiet)
+    path = f"/api/v1/deployments/{deployment_id}"
+    for result in (
+        quiet.client.simulate_get(path, headers={"X-Deploy-Hook-Token": token}),
+        quiet.client.simulate_get(path, headers=ADMIN),
+        quiet.client.simulate_post(f"{path}/rollback", headers=ADMIN),
+    ):
+        assert_json_error(result, 404, "no deployment with id")
+    assert stored(quiet) == before
+
+
+@pytest.mark.parametrize("target", ["%00", "web%00", "web%0A", "%FF"])
+def test_a_target_filter_that_is_no_target_name_is_400(quiet, target):
+    result = quiet.client.simulate_get(
+        "/api/v1/deployments", query_string=f"target={target}", headers=ADMIN
+    )
+    assert_json_error(result, 400, "target: expected a target name")
+
+
+def test_a_well_formed_unknown_target_filter_still_lists_nothing(quiet):
+    """A target removed from the config keeps its deployments listable by name."""
+    result = quiet.client.simulate_get("/api/v1/deployments?target=removed", headers=ADMIN)
+    assert result.status_code == 200
+    assert result.json == {"deployments": []}
+
+
+@pytest.mark.parametrize("name", ["a\u0000b", "a\u0007b", "two\nlines", "\u202eevil", "tab\tbed"])
+def test_a_hook_name_with_control_characters_is_400_and_stores_nothing(quiet, name):
+    result = quiet.client.simulate_post(
+        "/api/v1/targets/web/hooks", json={"name": name}, headers=ADMIN
+    )
+    assert_json_error(result, 400, "name: expected 1 to 100 printable characters")
+    assert stored(quiet) == ([], [])
+
+
+def test_a_hook_name_in_any_script_is_fine(quiet):
+    result = quiet.client.simulate_post(
+        "/api/v1/targets/web/hooks", json={"name": "déploiement nocturne 夜"}, headers=ADMIN
+    )
+    assert result.status_code == 201, result.text
+    assert quiet.instance.hooks.list()[0].name == "déploiement nocturne 夜"
+
+
+def test_a_nul_in_a_job_environment_value_is_400_naming_the_field(quiet):
+    """A process environment is NUL-terminated strings: such a value could never be set."""
+    token = quiet.new_hook("migrate")
+    variables = [{"name": "GREETING", "value": "hi"}, {"name": "EXIT", "value": "0\u00001"}]
+    result = quiet.post_hook(token, {"instanceEnvironmentVariables": variables})
+    assert_json_error(result, 400, "instanceEnvironmentVariables[1].value", "NUL")
+    assert stored(quiet)[1] == []
+    other_controls = [{"name": "GREETING", "value": "line 1\nline 2\ttab\u0007"}]
+    result = quiet.post_hook(token, {"instanceEnvironmentVariables": other_controls})
+    assert result.status_code == 201, result.text
+
+
+# -- 3: hook ids out of the column's range -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hook_id", ["100000000000000000000", "2147483648", "-2147483649", "-1", "0"]
+)
+def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
+    quiet.new_hook("web")
+    result = quiet.client.simulate_delete(f"/api/v1/hooks/{hook_id}", headers=ADMIN)
+    assert_json_error(result, 404, f"no hook with id {int(hook_id)}")
+    assert len(quiet.instance.hooks.list()) == 1
+
+
+# -- the CLI: the same answers, one line on stderr -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["hooks", "create", "web", "--name", "a\u0000b"], "name: expected 1 to 100 printable"),
+        (["hooks", "create", "web", "--name", "a\u0001b"], "name: expected 1 to 100 printable"),
+        (["hooks", "create", "web", "--name", "\udcff"], "name: expected 1 to 100 printable"),
+        (["deployments", "show", "\u0000"], "no deployment with id"),
+        (["deployments", "show", "\udcff"], "no deployment with id"),
+        (["deployments", "rollback", "a\u0000b"], "no deployment with id"),
+        (["deployments", "list", "--target", "\u0000"], "target: expected a target name"),
+        (["hooks", "delete", "100000000000000000000"], "no hook with id 100000000000000000000"),
+        (["hooks", "delete", "2147483648"], "no hook with id 2147483648"),
+    ],
+    ids=[
+        "name-nul",
+        "name-control",
+        "name-not-utf8",
+        "show-nul",
+        "show-not-utf8",
+        "rollback-nul",
+        "list-target-nul",
+        "delete-huge-id",
+        "delete-int32-overflow",
+    ],
+)
+def test_the_cli_answers_hostile_arguments_in_one_line(
+    tmp_path, database_url, monkeypatch, args, says
+):
+    """`\\udcff` is how Python hands over an argument byte that is not UTF-8."""
+    for key, value in plugin_env(SHIPHOOK_DATABASE_URL=database_url).items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(main, ["--config", str(scripted_config(tmp_path)), *args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("shiphook: ")
+    assert says in result.stderr
+    assert result.stderr.count("\n") == 1
