@@ -216,3 +216,46 @@ def test_the_cli_answers_hostile_arguments_in_one_line(
     assert result.stderr.startswith("shiphook: ")
     assert says in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+# -- 5: repeated JSON keys ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "body", "key"),
+    [
+        ("web", b'{"imageTag":"first","imageTag":"second"}', "imageTag"),
+        ("web", b'{"imageTag":"first","image\\u0054ag":"second"}', "imageTag"),
+        ("migrate", b'{"imageTag":"1.0","imageTag":"2.0"}', "imageTag"),
+        (
+            "migrate",
+            b'{"instanceEnvironmentVariables":[{"name":"EXIT","name":"GREETING","value":"0"}]}',
+            "name",
+        ),
+        (
+            "migrate",
+            b'{"instanceEnvironmentVariables":[],"instanceEnvironmentVariables":'
+            b'[{"name":"EXIT","value":"1"}]}',
+            "instanceEnvironmentVariables",
+        ),
+    ],
+)
+def test_a_repeated_json_key_is_400_naming_it(quiet, target, body, key):
+    """A proxy or a reviewer reading the first value would see another request."""
+    token = quiet.new_hook(target)
+    assert_json_error(quiet.post_hook(token, body), 400, f'duplicate key "{key}"')
+    assert stored(quiet)[1] == []
+
+
+def test_a_repeated_key_in_the_admin_hook_body_is_400(quiet):
+    result = quiet.client.simulate_post(
+        "/api/v1/targets/web/hooks", body=b'{"name":"ci","name":"other"}', headers=ADMIN
+    )
+    assert_json_error(result, 400, 'duplicate key "name"')
+    assert stored(quiet) == ([], [])
+
+
+def test_the_same_key_in_sibling_objects_is_fine(quiet):
+    token = quiet.new_hook("migrate")
+    variables = [{"name": "EXIT", "value": "0"}, {"name": "GREETING", "value": "hi"}]
+    assert quiet.post_hook(token, {"instanceEnvironmentVariables": variables}).status_code == 201

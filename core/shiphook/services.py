@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
+import jiter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -103,11 +104,18 @@ class NewHookBody(BaseModel):
 
 def parse_json_body(model: type[M], body: bytes, expected: str) -> M:
     """Parse a JSON body whatever its Content-Type (curl --data sends a form type); an empty
-    body is `{}`. Raise `InvalidRequest` naming each wrong field and showing what is expected."""
+    body is `{}`. Raise `InvalidRequest` naming each wrong field and showing what is expected,
+    or the key an object repeats."""
+    body = body or b"{}"
     try:
-        return model.model_validate_json(body or b"{}")
+        parsed = model.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidRequest(f"{'; '.join(describe_validation_error(exc))}: {expected}") from None
+    try:  # pydantic keeps a repeated key's last value; a proxy or a reviewer may read the first
+        jiter.from_json(body, catch_duplicate_keys=True)
+    except ValueError as exc:
+        raise InvalidRequest(f"{exc}: give each key once") from None
+    return parsed
 
 
 def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
