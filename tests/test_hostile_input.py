@@ -11,7 +11,11 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 from conftest import ADMIN_TOKEN, Harness, Server, plugin_env, scripted_config
+from shiphook import tokens
+from shiphook.app import create_app
 from shiphook.cli import main
+from shiphook.services import Hooks
+from shiphook.waiters import Waiters
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -259,3 +263,38 @@ def test_the_same_key_in_sibling_objects_is_fine(quiet):
     token = quiet.new_hook("migrate")
     variables = [{"name": "EXIT", "value": "0"}, {"name": "GREETING", "value": "hi"}]
     assert quiet.post_hook(token, {"instanceEnvironmentVariables": variables}).status_code == 201
+
+
+# -- 15: no secret-derived value in a log line ----------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["token-drawn-twice", "table-gone"])
+def test_a_failed_hook_insert_logs_no_token_digest(on_each_database, caplog, failure):
+    """Neither SQLAlchemy's parameters nor PostgreSQL's detail of a unique violation quotes
+    the digest, in the 500's log line or in SQLAlchemy's statement log if one turns it on."""
+    caplog.set_level(logging.INFO, logger="sqlalchemy.engine")
+    instance = on_each_database.instance
+    token = tokens.new_token()
+    app = create_app(
+        hooks=Hooks(instance.storage, instance.config.targets, new_token=lambda: token),
+        deployments=instance.deployments,
+        targets=instance.config.targets,
+        notify=lambda target: None,
+        waiters=Waiters(instance.storage),
+        admin_token=ADMIN_TOKEN,
+    )
+    client = Harness(instance, on_each_database.engine, app).client
+    if failure == "token-drawn-twice":  # a broken random source: the digest's index refuses it
+        created = client.simulate_post(
+            "/api/v1/targets/web/hooks", json={"name": "a"}, headers=ADMIN
+        )
+        assert created.status_code == 201
+    else:
+        with instance.storage.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE hook")
+    failed = client.simulate_post("/api/v1/targets/web/hooks", json={"name": "b"}, headers=ADMIN)
+    assert failed.status_code == 500
+    assert f"request {failed.json['requestId']}" in caplog.text  # the failure is logged ...
+    for secret in (token, tokens.digest(token)):  # ... without the secret
+        assert secret not in caplog.text
+        assert secret not in failed.text

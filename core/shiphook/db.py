@@ -32,6 +32,8 @@ def normalize_url(url: str) -> str:
 
 
 def create_db_engine(url: str) -> Engine:
+    """An engine whose errors and log lines never quote a statement's parameters (a hook's
+    token digest is one)."""
     url = normalize_url(url)
     try:
         parsed = make_url(url)
@@ -47,11 +49,17 @@ def create_db_engine(url: str) -> Engine:
                 "server.database_url: an in-memory SQLite database would lose every deployment; "
                 "give a file, e.g. sqlite:///shiphook.db"
             )
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+        )
     except ImportError as exc:
         raise ConfigError(
             f"server.database_url: no driver for {parsed.drivername}: {exc}"

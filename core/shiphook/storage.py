@@ -59,6 +59,10 @@ class HookGone(Exception):
     """The hook that made a request was deleted before its deployment was committed."""
 
 
+class TokenTaken(Exception):
+    """Another hook has the new hook's token digest: the random source repeats itself."""
+
+
 @dataclass(frozen=True)
 class Accepted:
     """A deployment to commit; with `hook_digest`, only if that hook still exists."""
@@ -147,9 +151,12 @@ class Storage:
 
     def create_hook(self, *, name: str, target: str, token_digest: str, now: datetime) -> Hook:
         hook = Hook(name=name, target=target, token_digest=token_digest, created_at=now)
-        with self._write() as session:
-            session.add(hook)
-            session.flush()
+        try:
+            with self._write() as session:
+                session.add(hook)
+                session.flush()
+        except IntegrityError:  # PostgreSQL's message would quote the row, the digest with it
+            raise TokenTaken("another hook has the new hook's token digest") from None
         return hook
 
     def known_hook(self, token_digest: str) -> HookIdentity | None:
