@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shiphook.backends import BackendRegistry, Target
+from shiphook.db import DATABASE_TIMEOUT, SQLITE_SYNCHRONOUS
 from shiphook.errors import ConfigError, describe_validation_error
 
 DEFAULT_CONFIG_PATH = Path("configs/shiphook.toml")
@@ -38,6 +39,8 @@ class ServerSettings(BaseModel):
     max_wait: Seconds = 900
     workers: int = Field(1, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    database_timeout: Seconds = DATABASE_TIMEOUT
+    sqlite_synchronous: Literal["full", "normal"] = SQLITE_SYNCHRONOUS
 
 
 class EngineSettings(BaseModel):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from sqlalchemy.sql.expression import Executable
 from shiphook.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
+SQLITE_SYNCHRONOUS = "normal"  # `[server] sqlite_synchronous`
 
 
 def normalize_url(url: str) -> str:
@@ -31,9 +35,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine whose errors and log lines never quote a statement's parameters (a hook's
-    token digest is one)."""
+def create_db_engine(
+    url: str, *, timeout: float = DATABASE_TIMEOUT, synchronous: str = SQLITE_SYNCHRONOUS
+) -> Engine:
+    """An engine for `url` whose errors and log lines never quote a statement's parameters (a
+    hook's token digest is one). On a networked database every connection gives up after
+    `timeout` seconds: to connect, per statement (server side), and on a peer that stopped
+    answering (TCP keepalives, unacknowledged data); the URL's own libpq parameters take
+    precedence. On SQLite, `synchronous` is the pragma of that name ("full" or "normal")."""
     url = normalize_url(url)
     try:
         parsed = make_url(url)
@@ -54,11 +63,19 @@ def create_db_engine(url: str) -> Engine:
             connect_args={"check_same_thread": False, "timeout": 30},
             hide_parameters=True,
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, synchronous))
         return engine
     try:
         return create_engine(
-            url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            pool_timeout=timeout,
+            hide_parameters=True,
+            connect_args=_libpq_timeouts(parsed.query, timeout)
+            if parsed.get_backend_name() == "postgresql"
+            else {},
         )
     except ImportError as exc:
         raise ConfigError(
@@ -66,10 +83,27 @@ def create_db_engine(url: str) -> Engine:
         ) from None
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _libpq_timeouts(query: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    """libpq connection parameters that bound every wait on the server; the URL's win."""
+    seconds = max(1, math.ceil(timeout))
+    defaults = {
+        "connect_timeout": seconds,
+        "keepalives": 1,
+        "keepalives_idle": seconds,
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": seconds * 1000,  # ms: data sent and never acknowledged
+    }
+    given = query.get("options", "")
+    # statement_timeout first, so that one in the URL's own options overrides it
+    options = f"-c statement_timeout={seconds * 1000} {given if isinstance(given, str) else ''}"
+    return {k: v for k, v in defaults.items() if k not in query} | {"options": options.strip()}
+
+
+def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
@@ -139,6 +173,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     with write_lock(engine)(), engine.begin() as connection:
+        if engine.dialect.name == "postgresql":  # a migration may take longer than a request
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

@@ -75,7 +75,13 @@ def open_instance(
             backends[name] = registry.classes[backend_config.plugin](backend_config.options)
         except (BackendError, ValueError, OSError) as exc:
             raise ConfigError(f"{file}: backends.{name}: {exc}") from None
-    storage = Storage(create_db_engine(config.server.database_url))
+    settings = config.server
+    engine = create_db_engine(
+        settings.database_url,
+        timeout=settings.database_timeout,
+        synchronous=settings.sqlite_synchronous,
+    )
+    storage = Storage(engine, timeout=settings.database_timeout)
     return Instance(
         config=config, plugins=pm, registry=registry, storage=storage, backends=backends
     )
