@@ -21,6 +21,7 @@ from shiphook.backends import Target
 from shiphook.errors import (
     AdminDisabled,
     Conflict,
+    DatabaseUnavailable,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -51,7 +52,9 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Conflict: falcon.HTTP_409,
     PayloadTooLarge: falcon.HTTP_413,
     Unprocessable: falcon.HTTP_422,
+    DatabaseUnavailable: falcon.HTTP_503,
 }
+RETRY_AFTER = "5"  # seconds a caller is told to wait when the database is unavailable
 
 # How `?wait` answers, by the state the deployment is in when the wait ends.
 WAIT_STATUS = {
@@ -109,12 +112,13 @@ class DeployHookResource:
         self.notify = notify
         self.waiters = waiters
         self.max_wait = max_wait
+        self.db = deployments.storage.call
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         token = req.get_header(TOKEN_HEADER)
         if token is None:
             raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
-        hook = self.hooks.authenticate(token, for_deploy=True)
+        hook = await self.hooks.authenticate_deploy(token)
         wait = self._wait_seconds(req)
         deployment, created = await self.deployments.accept(
             hook, await read_body(req), idempotency_key=req.get_header("Idempotency-Key")
@@ -129,7 +133,7 @@ class DeployHookResource:
             resp.media = {"deployment": deployment}
             return
         await self.waiters.wait(deployment["id"], wait)
-        outcome = self.deployments.get(deployment["id"]).to_json()
+        outcome = (await self.db(self.deployments.get, deployment["id"])).to_json()
         resp.status = WAIT_STATUS[Status(outcome["status"])]
         if resp.status == falcon.HTTP_201:
             resp.media = {"deployment": outcome}
@@ -180,36 +184,35 @@ class DeploymentsResource:
         self.deployments = deployments
         self.guard = guard
         self.notify = notify
+        self.db = deployments.storage.call
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         self.guard.check(req)
-        resp.media = {
-            "deployments": [
-                d.to_json()
-                for d in self.deployments.list(
-                    target=req.get_param("target"),
-                    status=req.get_param("status"),
-                    limit=_int_param(req, "limit", 50),
-                )
-            ]
-        }
+        found = await self.db(
+            self.deployments.list,
+            target=req.get_param("target"),
+            status=req.get_param("status"),
+            limit=_int_param(req, "limit", 50),
+        )
+        resp.media = {"deployments": [d.to_json() for d in found]}
 
     async def on_get_item(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
     ) -> None:
         token = req.get_header(TOKEN_HEADER)
+        hook = None
         if token is not None:
-            hook = self.hooks.authenticate(token)
-            resp.media = {"deployment": self.deployments.get(deployment_id, hook=hook).to_json()}
-            return
-        self.guard.check(req)
-        resp.media = {"deployment": self.deployments.get(deployment_id).to_json()}
+            hook = await self.db(self.hooks.authenticate, token)
+        else:
+            self.guard.check(req)
+        deployment = await self.db(self.deployments.get, deployment_id, hook=hook)
+        resp.media = {"deployment": deployment.to_json()}
 
     async def on_post_rollback(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
     ) -> None:
         self.guard.check(req)
-        deployment = self.deployments.rollback(deployment_id)
+        deployment = await self.db(self.deployments.rollback, deployment_id)
         self.notify(deployment.target)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/deployments/{deployment.id}"
@@ -230,16 +233,14 @@ class HooksResource:
     def __init__(self, hooks: Hooks, guard: AdminGuard) -> None:
         self.hooks = hooks
         self.guard = guard
+        self.db = hooks.storage.call
 
     async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
     ) -> None:
         self.guard.check(req)
-        resp.media = {
-            "hooks": [
-                h.model_dump(mode="json", by_alias=True) for h in self.hooks.list(target=target)
-            ]
-        }
+        found = await self.db(self.hooks.list, target=target)
+        resp.media = {"hooks": [h.model_dump(mode="json", by_alias=True) for h in found]}
 
     async def on_post(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
@@ -248,7 +249,7 @@ class HooksResource:
         body = parse_json_body(
             NewHookBody, await read_body(req), 'expected a JSON object like {"name": "gitlab-ci"}'
         )
-        created = self.hooks.create(target=target, name=body.name)
+        created = await self.db(self.hooks.create, target=target, name=body.name)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/hooks/{created.id}"
         resp.media = {"hook": created.model_dump(mode="json", by_alias=True)}
@@ -257,7 +258,8 @@ class HooksResource:
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, hook_id: int
     ) -> None:
         self.guard.check(req)
-        resp.media = {"hook": self.hooks.delete(hook_id).model_dump(mode="json", by_alias=True)}
+        deleted = await self.db(self.hooks.delete, hook_id)
+        resp.media = {"hook": deleted.model_dump(mode="json", by_alias=True)}
 
 
 class HealthResource:
@@ -281,6 +283,9 @@ def _domain_error_handler(status: str):
         resp.media = {"title": status, "description": error.message}
         if status == falcon.HTTP_401:
             resp.set_header("WWW-Authenticate", 'Bearer realm="shiphook admin"')
+        if isinstance(error, DatabaseUnavailable):
+            resp.media["cause"] = error.cause
+            resp.set_header("Retry-After", RETRY_AFTER)
 
     return handle
 

@@ -43,6 +43,15 @@ class Unprocessable(ShiphookError):
     """Well formed, but contradicts what was sent before (an idempotency key reused, ...)."""
 
 
+class DatabaseUnavailable(ShiphookError):
+    """The database failed or did not answer in time; `cause` is the error's class name (its
+    message may name hosts and users, so it goes to the log, once, not to callers)."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"the database is unavailable ({cause}); try again later")
+        self.cause = cause
+
+
 def describe_validation_error(exc, prefix: str = "") -> list[str]:
     """One line per pydantic error: the dotted key path, what is wrong, and what was given."""
     lines = []

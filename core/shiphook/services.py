@@ -255,6 +255,14 @@ class Hooks:
             raise NotFound(NO_SUCH_HOOK)
         return hook
 
+    async def authenticate_deploy(self, token: str) -> HookIdentity:
+        """`authenticate(token, for_deploy=True)` for the event loop: a remembered token is
+        answered at once, the others are looked up through `Storage.call`."""
+        hook = self.storage.known_hook(tokens.digest(token))
+        if hook is None:
+            hook = await self.storage.call(self.authenticate, token, for_deploy=True)
+        return hook
+
     def _target_names(self) -> str:
         return ", ".join(sorted(self.targets)) or "none"
 
@@ -293,7 +301,7 @@ class Deployments:
         if idempotency_key is not None:
             _check_idempotency_key(idempotency_key)
             digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-            replayed = self._replay(hook, idempotency_key, digest)
+            replayed = await self.storage.call(self._replay, hook, idempotency_key, digest)
             if replayed is not None:
                 return public_deployment(replayed).to_json(), False
         now = self.clock()
@@ -317,7 +325,7 @@ class Deployments:
         except HookGone:
             raise NotFound(NO_SUCH_HOOK) from None
         except KeyTaken:  # the same key raced us; answer with the winner
-            replayed = self._replay(hook, idempotency_key, digest)
+            replayed = await self.storage.call(self._replay, hook, idempotency_key, digest)
             if replayed is None:
                 raise
             return public_deployment(replayed).to_json(), False

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -28,10 +32,12 @@ from sqlalchemy import (
     or_,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from shiphook.db import DirectConnections, LockBusy, Prepared, write_lock
+from shiphook.db import DATABASE_TIMEOUT, DirectConnections, LockBusy, Prepared, write_lock
+from shiphook.errors import DatabaseUnavailable
 from shiphook.models import (
     Deployment,
     DeploymentCreate,
@@ -42,6 +48,8 @@ from shiphook.models import (
     Status,
 )
 
+log = logging.getLogger("shiphook.storage")
+
 DEPLOYMENT, EVENT, LEASE = Deployment.__table__, DeploymentEvent.__table__, Lease.__table__
 KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
 # seconds before the accept path tries the write lock again; under uvloop, whose timers count
@@ -49,6 +57,8 @@ KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
 # microseconds between its chunks, and a 1 ms retry lost nearly every gap (p99 40 ms, not 9)
 LOCK_RETRY = 0.0005
 SUPERSEDE_CHUNK = 200  # rows per transaction, so a burst never holds the write lock for long
+DATABASE_THREADS = 8  # an HTTP worker's database calls in flight at once on a networked database
+T = TypeVar("T")
 
 
 class KeyTaken(Exception):
@@ -75,6 +85,36 @@ class Accepted:
         return {**vars(self.new), "status": Status.queued, "message": ""}
 
 
+class Reachability:
+    """Whether the database answered the last call: logs each change of state once, not each
+    failed request. Any thread."""
+
+    def __init__(self) -> None:
+        self.reachable = True
+        self._lock = threading.Lock()
+
+    def failed(self, error: BaseException) -> DatabaseUnavailable:
+        """Note the failure; return the error callers get, which names only its class."""
+        cause = getattr(error, "orig", None) or error  # the driver's, not SQLAlchemy's wrapper
+        with self._lock:
+            changed, self.reachable = self.reachable, False
+        if changed:
+            if isinstance(cause, TimeoutError):
+                detail = "no answer in time"
+            else:  # the driver's first line; SQLAlchemy's own text adds statements and values
+                detail = (str(cause).strip().splitlines() or [""])[0]
+            log.error("database unreachable: %s: %s", type(cause).__name__, detail)
+        return DatabaseUnavailable(type(cause).__name__)
+
+    def answered(self) -> None:
+        if self.reachable:
+            return
+        with self._lock:
+            changed, self.reachable = not self.reachable, True
+        if changed:
+            log.warning("database reachable again")
+
+
 @dataclass(frozen=True)
 class PendingTarget:
     """A target with work: queued deployments, and the slots of its in-progress ones."""
@@ -85,8 +125,23 @@ class PendingTarget:
 
 
 class Storage:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, timeout: float = DATABASE_TIMEOUT) -> None:
         self.engine = engine
+        self.timeout = timeout
+        self.reachability = Reachability()
+        dbapi = engine.dialect.loaded_dbapi
+        # what a database that is down, full, unreachable or too slow raises
+        self.unavailable: tuple[type[BaseException], ...] = (
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sa_exc.TimeoutError,
+            dbapi.OperationalError,
+            dbapi.InterfaceError,
+            TimeoutError,
+        )
+        # SQLite on local disk answers within microseconds: a thread hop would cost more
+        self.offloaded = engine.dialect.name != "sqlite"
+        self._threads: ThreadPoolExecutor | None = None
         self._lock = write_lock(engine)
         self._direct = DirectConnections(engine)
         hook, deployment = Hook.__table__, Deployment.__table__
@@ -137,6 +192,29 @@ class Storage:
                 "PRAGMA wal_checkpoint(PASSIVE)"
             ).one()
         return frames, copied
+
+    async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)`, a blocking call of this storage, for the event loop:
+        inline on SQLite, in a thread elsewhere, given up after `timeout` seconds (the thread
+        goes on until the database answers). Raises `DatabaseUnavailable` when the database
+        fails or does not answer in time."""
+        try:
+            if not self.offloaded:
+                result = function(*args, **kwargs)
+            else:
+                result = await asyncio.wait_for(
+                    self.in_thread(functools.partial(function, *args, **kwargs)), self.timeout
+                )
+        except self.unavailable as error:
+            raise self.reachability.failed(error) from None
+        self.reachability.answered()
+        return result
+
+    def in_thread(self, function: Callable[[], T]) -> asyncio.Future[T]:
+        """`function()` in one of this process's database threads."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="database")
+        return asyncio.get_running_loop().run_in_executor(self._threads, function)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Session]:
@@ -508,6 +586,10 @@ class GroupCommit:
     (three turns measured best: 11-15 % more req/s than two and a lower p99; four or six raised
     the p99). Every caller is still answered only after the commit holding its row. Used from
     the event loop's thread only.
+
+    On a networked database the commit runs in a database thread, one batch at a time: the
+    requests that arrive meanwhile form the next batch. A batch not committed within the
+    storage's `timeout` is answered `DatabaseUnavailable`; one still waiting is then dropped.
     """
 
     TURNS = 3
@@ -515,18 +597,27 @@ class GroupCommit:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._batch: list[tuple[Accepted, asyncio.Future[None]]] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._committing = False
 
     async def add(self, accepted: Accepted) -> None:
-        """Return once `accepted` is committed; raise `HookGone` or `KeyTaken` if it was not."""
+        """Return once `accepted` is committed; raise `HookGone`, `KeyTaken` or
+        `DatabaseUnavailable` if it was not."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._batch:
             # after this turn and the ones after it: each call_soon defers by one turn
             loop.call_soon(*[loop.call_soon] * (self.TURNS - 1), self._commit)
+            if self.storage.offloaded:
+                self._expiry = loop.call_later(self.storage.timeout, self._expire, self._batch)
         self._batch.append((accepted, future))
         await future
 
     def _commit(self) -> None:
+        if self.storage.offloaded:
+            if not self._committing:
+                self._commit_in_thread()
+            return  # else the commit in flight starts this batch when it ends
         try:
             missing = self.storage.add_deployments(
                 [accepted for accepted, _ in self._batch], wait=False
@@ -534,28 +625,96 @@ class GroupCommit:
         except LockBusy:  # the engine is writing: read more requests meanwhile, then try again
             asyncio.get_running_loop().call_later(LOCK_RETRY, self._commit)
             return
-        except Exception:
+        except Exception as error:
             batch, self._batch = self._batch, []
-            self._settle_alone(batch)
+            alone = None
+            if not isinstance(error, self.storage.unavailable):
+                alone = self._each_alone([accepted for accepted, _ in batch])
+            self._settle_failed(batch, error, alone)
             return
         batch, self._batch = self._batch, []
+        self._settle_committed(batch, missing)
+
+    def _commit_in_thread(self) -> None:
+        batch, expiry, self._batch, self._expiry = self._batch, self._expiry, [], None
+        waiting = [(a, f) for a, f in batch if not f.done()]  # not answered 503 already
+        if not waiting:
+            return
+        self._committing = True
+        accepted = [a for a, _ in waiting]
+        committed = self.storage.in_thread(
+            functools.partial(self.storage.add_deployments, accepted)
+        )
+
+        def committed_or_failed(committed: asyncio.Future[set[str]]) -> None:
+            if expiry is not None:
+                expiry.cancel()
+            error = committed.exception()
+            if error is None:
+                self._settle_committed(waiting, committed.result())
+            elif isinstance(error, self.storage.unavailable):
+                self._settle_failed(waiting, error)
+            else:
+                alone = self.storage.in_thread(functools.partial(self._each_alone, accepted))
+                alone.add_done_callback(functools.partial(settled_alone, error))
+                return
+            self._next()
+
+        def settled_alone(error: BaseException, alone: asyncio.Future[list]) -> None:
+            self._settle_failed(waiting, error, alone.result())
+            self._next()
+
+        committed.add_done_callback(committed_or_failed)
+
+    def _next(self) -> None:
+        self._committing = False
+        if self._batch:
+            self._commit_in_thread()
+
+    def _expire(self, batch: list[tuple[Accepted, asyncio.Future[None]]]) -> None:
+        unavailable = self.storage.reachability.failed(TimeoutError())
+        for _, future in batch:
+            _settle(future, unavailable)
+
+    def _settle_committed(
+        self, batch: list[tuple[Accepted, asyncio.Future[None]]], missing: set[str]
+    ) -> None:
+        self.storage.reachability.answered()
         for accepted, future in batch:
             _settle(future, HookGone() if accepted.new.id in missing else None)
 
-    def _settle_alone(self, batch: list[tuple[Accepted, asyncio.Future[None]]]) -> None:
-        """After a failed batch: commit each alone, so only the holder of a taken key (or
-        whatever else failed) gets the error."""
-        for accepted, future in batch:
+    def _settle_failed(
+        self,
+        batch: list[tuple[Accepted, asyncio.Future[None]]],
+        error: BaseException,
+        alone: list[BaseException | None] | None = None,
+    ) -> None:
+        """After a failed batch: a database that is unavailable fails every request; otherwise
+        `alone` holds what each request's commit on its own gave, so that only the holder of a
+        taken key (or whatever else failed) gets the error."""
+        if isinstance(error, self.storage.unavailable):
+            unavailable = self.storage.reachability.failed(error)
+            for _, future in batch:
+                _settle(future, unavailable)
+            return
+        for (_, future), outcome in zip(batch, alone or [], strict=True):
+            _settle(future, outcome)
+
+    def _each_alone(self, batch: list[Accepted]) -> list[BaseException | None]:
+        """Commit each deployment in a transaction of its own; what each gave."""
+        outcomes: list[BaseException | None] = []
+        for accepted in batch:
             try:
                 missing = self.storage.add_deployments([accepted])
             except Exception as error:
-                _settle(future, error)
+                outcomes.append(error)
             else:
-                _settle(future, HookGone() if missing else None)
+                outcomes.append(HookGone() if missing else None)
+        return outcomes
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # its request was cancelled (the client went away)
+    if future.done():  # its request was cancelled (the client went away) or timed out
         return
     if error is None:
         future.set_result(None)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 
+from shiphook.errors import DatabaseUnavailable
 from shiphook.models import TERMINAL
 from shiphook.storage import Storage
 
@@ -39,7 +40,8 @@ class Waiters:
         self._ensure_poller()
         try:
             # it may have ended before we registered
-            if self.storage.statuses([deployment_id]).get(deployment_id) in TERMINAL:
+            statuses = await self.storage.call(self.storage.statuses, [deployment_id])
+            if statuses.get(deployment_id) in TERMINAL:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(future, timeout)
@@ -70,7 +72,9 @@ class Waiters:
             if not ids:
                 return
             try:  # one indexed query a second for every waiter of this process
-                statuses = self.storage.statuses(ids)
+                statuses = await self.storage.call(self.storage.statuses, ids)
+            except DatabaseUnavailable:  # logged once by the storage; the waiters wait on
+                continue
             except Exception:
                 log.exception("waiters: reading deployment states failed; retrying")
                 continue
