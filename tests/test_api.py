@@ -12,6 +12,7 @@ from shiphook import tokens
 from shiphook.instance import open_instance
 from shiphook.models import DeploymentCreate
 from shiphook.storage import Accepted, GroupCommit
+from sqlalchemy import event
 from uuid_utils import uuid7
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -355,3 +356,31 @@ def test_requests_read_within_three_loop_turns_share_one_commit(quiet, monkeypat
     first, second = ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"], ["8.0", "8.1"]
     assert batches == [first, second]  # those read in the three turns, then the late ones
     assert sorted(d.image_tag for d in quiet.instance.deployments.list()) == first + second
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [("", 1), ('sqlite_synchronous = "full"', 2)])
+def test_sqlite_commits_sync_as_the_readme_says(harness_factory, setting, pragma):
+    """NORMAL (1) by default: a 201 survives shiphook's crash; FULL (2) when configured: it
+    survives the machine's too."""
+    storage = harness_factory(start=False, server=setting).instance.storage
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == pragma
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+
+
+def test_a_full_sqlite_disk_answers_503_and_logs_once(quiet, caplog):
+    """SQLite refusing to grow the file (`max_page_count` at the size it has) as on a full disk."""
+    token = quiet.new_hook("migrate")
+    engine = quiet.instance.storage.engine
+    with engine.connect() as connection:
+        pages = connection.exec_driver_sql("PRAGMA page_count").scalar_one()
+    # the accept path's own connection, taken at the first request, sees the limit
+    event.listen(engine, "checkout", lambda c, *_: c.execute(f"PRAGMA max_page_count={pages}"))
+    body = {"instanceEnvironmentVariables": [{"name": "GREETING", "value": "x" * 30000}]}
+    answers = [quiet.post_hook(token, body) for _ in range(3)]
+    assert [a.status_code for a in answers] == [503] * 3
+    assert all(a.headers["Retry-After"] == "5" for a in answers)
+    assert answers[0].json["cause"] == "OperationalError"
+    logged = [r.getMessage() for r in caplog.records if r.name == "shiphook.storage"]
+    assert logged == ["database unreachable: OperationalError: database or disk is full"]
+    assert not [r for r in caplog.records if r.name == "shiphook.http"]  # no 500, no traceback

@@ -3,16 +3,22 @@ and several replicas sharing one PostgreSQL database."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
+import threading
 import time
+import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN, Server, write_config
+from shiphook.db import create_db_engine
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -269,3 +275,175 @@ def test_an_http_worker_can_leave_checkpoints_to_the_engine(harness_factory, def
         assert copied == frames
     else:
         assert frames < 1000
+
+
+# -- the database failing ----------------------------------------------------------------------
+
+
+def test_every_postgresql_connection_has_connect_statement_and_keepalive_timeouts(postgres_url):
+    engine = create_db_engine(postgres_url, timeout=3)
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW statement_timeout").scalar_one() == "3s"
+            schema = connection.exec_driver_sql("SHOW search_path").scalar_one()
+            assert schema.startswith("shiphook_")  # the URL's own options are kept
+            given = connection.connection.dbapi_connection.info.get_parameters()
+    finally:
+        engine.dispose()
+    assert given["connect_timeout"] == "3"
+    assert (given["keepalives"], given["keepalives_idle"]) == ("1", "3")
+    assert given["tcp_user_timeout"] == "3000"
+
+    engine = create_db_engine(f"{postgres_url}&connect_timeout=10", timeout=3)  # the URL's wins
+    try:
+        with engine.connect() as connection:
+            given = connection.connection.dbapi_connection.info.get_parameters()
+    finally:
+        engine.dispose()
+    assert given["connect_timeout"] == "10"
+
+
+class PostgresProxy:
+    """A TCP proxy on loopback between shiphook and PostgreSQL that can go silent (stop
+    forwarding bytes, connections left open, as a partition does) or refuse connections."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.open()
+
+    def url(self, database_url: str) -> str:
+        """`database_url` through this proxy."""
+        parts = urllib.parse.urlsplit(database_url)
+        netloc = f"{parts.username}@127.0.0.1:{self.port}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        """Refuse new connections and reset the open ones, as a stopped PostgreSQL does."""
+        assert self._listener is not None
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes its accept()
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.upstream)
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self._flowing.wait()
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def postgres_proxy(postgres_url) -> Iterator[tuple[PostgresProxy, str]]:
+    """A proxy to the test PostgreSQL, and the URL of the test's schema through it."""
+    parts = urllib.parse.urlsplit(postgres_url)
+    proxy = PostgresProxy((parts.hostname, parts.port or 5432))
+    try:
+        yield proxy, proxy.url(postgres_url)
+    finally:
+        proxy.resume()
+        proxy.close()
+
+
+def outage_config(tmp_path: Path, database_url: str) -> Path:
+    config = fleet_config(tmp_path, apps=1, jobs=0, database_url=database_url)
+    text = config.read_text().replace("[server]\n", "[server]\ndatabase_timeout = 2\n", 1)
+    config.write_text(text)
+    return config
+
+
+def test_a_silent_database_gets_hooks_a_503_and_healthz_still_answers(
+    tmp_path, postgres_proxy, serve
+):
+    proxy, database_url = postgres_proxy
+    server = serve(outage_config(tmp_path, database_url))
+    token = create_hook(server, "app0")
+    assert post_hook(server, token, {"imageTag": "1.0"})[0] == 201
+
+    proxy.pause()  # every byte to and from PostgreSQL held, no connection closed
+    with ThreadPoolExecutor(4) as pool:
+        silent = list(
+            pool.map(lambda n: post_hook(server, token, {"imageTag": f"2.{n}"}), range(4))
+        )
+        assert server.request("GET", "/healthz")[0] == 200
+    assert [status for status, _ in silent] == [503] * 4, silent
+    assert all(body["cause"] == "TimeoutError" for _, body in silent), silent
+    assert server.request("GET", "/healthz")[0] == 200
+
+    proxy.resume()
+    status, body = post_hook(server, token, {"imageTag": "3.0"})
+    assert status == 201, body
+    tags = {d["imageTag"] for d in all_deployments(server)}
+    assert {"1.0", "3.0"} <= tags
+
+
+def test_a_refusing_database_gets_hooks_a_503_and_logs_each_change_once(
+    tmp_path, postgres_proxy, serve
+):
+    proxy, database_url = postgres_proxy
+    server = serve(outage_config(tmp_path, database_url))
+    token = create_hook(server, "app0")
+    assert post_hook(server, token, {"imageTag": "1.0"})[0] == 201
+
+    proxy.close()
+    for n in range(5):
+        status, headers, raw = server.request(
+            "POST",
+            "/api/v1/dh",
+            json.dumps({"imageTag": f"2.{n}"}).encode(),
+            {"X-Deploy-Hook-Token": token},
+        )
+        assert status == 503, raw
+        assert int({k.lower(): v for k, v in headers.items()}["retry-after"]) > 0
+        body = json.loads(raw)
+        assert body["cause"] == "OperationalError"
+        assert "postgres" not in body["description"] and "127.0.0.1" not in body["description"]
+    assert server.request("GET", "/api/v1/deployments", headers=ADMIN)[0] == 503
+
+    proxy.open()  # PostgreSQL is back, at the same address
+    deadline = time.monotonic() + 30
+    while (status := post_hook(server, token, {"imageTag": "3.0"})[0]) != 201:
+        assert status == 503 and time.monotonic() < deadline
+        time.sleep(0.2)
+    log = [line for line in server.log().splitlines() if "shiphook.storage" in line]
+    assert [line.split("shiphook.storage: ")[1].split(":")[0] for line in log] == [
+        "database unreachable",
+        "database reachable again",
+    ], log
+    assert "shiphook.http" not in server.log()  # no request failed unexpectedly
