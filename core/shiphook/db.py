@@ -24,7 +24,7 @@ from shiphook.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
-SQLITE_SYNCHRONOUS = "normal"  # `[server] sqlite_synchronous`
+SQLITE_SYNCHRONOUS = "full"  # `[server] sqlite_synchronous`
 
 
 def normalize_url(url: str) -> str:
@@ -111,9 +111,8 @@ def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
 class FileWriteLock:
     """Serialises SQLite writers across threads and processes.
 
-    SQLite's busy handler sleeps whole milliseconds while another connection writes, which
-    stalls the event loop; taking an OS lock around each write transaction makes writers queue
-    instead of polling.
+    SQLite's busy handler sleeps whole milliseconds while another connection writes; taking an
+    OS lock around each write transaction makes writers queue instead of polling.
     """
 
     def __init__(self, path: Path) -> None:
@@ -124,34 +123,22 @@ class FileWriteLock:
         os.register_at_fork(after_in_child=self._forget)
 
     @contextlib.contextmanager
-    def __call__(self, *, blocking: bool = True) -> Iterator[None]:
-        """Hold the lock; with `blocking=False`, raise `LockBusy` rather than wait for it."""
-        if not self._thread_lock.acquire(blocking):
-            raise LockBusy
-        try:
+    def __call__(self) -> Iterator[None]:
+        with self._thread_lock:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockBusy from None
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
 
     def _forget(self) -> None:
         self._fd = None
 
 
-class LockBusy(Exception):
-    """Another writer holds the lock (only raised to a caller that asked not to wait)."""
-
-
 @contextlib.contextmanager
-def no_lock(*, blocking: bool = True) -> Iterator[None]:
+def no_lock() -> Iterator[None]:
     yield
 
 

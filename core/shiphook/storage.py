@@ -3,7 +3,8 @@
 Every write runs in one transaction under the engine's write lock (a no-op except on SQLite,
 where it makes writers from all threads and processes queue instead of busy-waiting). The two
 calls of the accept path (`hook_by_digest`, `add_deployments`) run prepared statements on direct
-DBAPI connections; everything else uses SQLModel sessions or Core.
+DBAPI connections; everything else uses SQLModel sessions or Core. The calls are blocking: an
+event loop makes them through `Storage.call` and `GroupCommit`, which run them in threads.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from shiphook.db import DATABASE_TIMEOUT, DirectConnections, LockBusy, Prepared, write_lock
+from shiphook.db import DATABASE_TIMEOUT, DirectConnections, Prepared, write_lock
 from shiphook.errors import DatabaseUnavailable
 from shiphook.models import (
     Deployment,
@@ -52,12 +53,8 @@ log = logging.getLogger("shiphook.storage")
 
 DEPLOYMENT, EVENT, LEASE = Deployment.__table__, DeploymentEvent.__table__, Lease.__table__
 KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
-# seconds before the accept path tries the write lock again; under uvloop, whose timers count
-# whole milliseconds, this is the next turn of the loop: the engine takes the lock again within
-# microseconds between its chunks, and a 1 ms retry lost nearly every gap (p99 40 ms, not 9)
-LOCK_RETRY = 0.0005
 SUPERSEDE_CHUNK = 200  # rows per transaction, so a burst never holds the write lock for long
-DATABASE_THREADS = 8  # an HTTP worker's database calls in flight at once on a networked database
+DATABASE_THREADS = 8  # an HTTP worker's database calls in flight at once
 T = TypeVar("T")
 
 
@@ -139,8 +136,6 @@ class Storage:
             dbapi.InterfaceError,
             TimeoutError,
         )
-        # SQLite on local disk answers within microseconds: a thread hop would cost more
-        self.offloaded = engine.dialect.name != "sqlite"
         self._threads: ThreadPoolExecutor | None = None
         self._lock = write_lock(engine)
         self._direct = DirectConnections(engine)
@@ -175,7 +170,8 @@ class Storage:
         """Keep the accept path's commits from checkpointing SQLite's write-ahead log.
 
         A checkpoint copies the log into the database and syncs both to disk, which can take a
-        slow disk's whole latency; in an HTTP worker that stalls every request in flight. Call
+        slow disk's whole latency; in an HTTP worker that holds up every request waiting for its
+        commit. Call
         before the first request; then something else must call `checkpoint` regularly (the
         engine process of `shiphook serve` does, five times a second).
         """
@@ -194,17 +190,14 @@ class Storage:
         return frames, copied
 
     async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """`function(*args, **kwargs)`, a blocking call of this storage, for the event loop:
-        inline on SQLite, in a thread elsewhere, given up after `timeout` seconds (the thread
-        goes on until the database answers). Raises `DatabaseUnavailable` when the database
-        fails or does not answer in time."""
+        """`function(*args, **kwargs)`, a blocking call of this storage, for the event loop: in
+        a database thread, given up after `timeout` seconds (the thread goes on until the
+        database answers). Raises `DatabaseUnavailable` when the database fails or does not
+        answer in time."""
         try:
-            if not self.offloaded:
-                result = function(*args, **kwargs)
-            else:
-                result = await asyncio.wait_for(
-                    self.in_thread(functools.partial(function, *args, **kwargs)), self.timeout
-                )
+            result = await asyncio.wait_for(
+                self.in_thread(functools.partial(function, *args, **kwargs)), self.timeout
+            )
         except self.unavailable as error:
             raise self.reachability.failed(error) from None
         self.reachability.answered()
@@ -279,13 +272,12 @@ class Storage:
         """Commit one queued deployment that no hook request made (a rollback on demand)."""
         self.add_deployments([Accepted(new)])
 
-    def add_deployments(self, batch: Sequence[Accepted], *, wait: bool = True) -> set[str]:
+    def add_deployments(self, batch: Sequence[Accepted]) -> set[str]:
         """Commit queued deployments in one transaction; return the ids of those not recorded
         because their hook no longer exists (checked once per hook, in the same transaction).
-        Raises `KeyTaken` (committing nothing) when an idempotency key is already held; with
-        `wait=False`, `LockBusy` instead of waiting for another writer."""
+        Raises `KeyTaken` (committing nothing) when an idempotency key is already held."""
         hooks = {a.hook_digest: a.new.hook_id for a in batch if a.hook_digest is not None}
-        with self._lock(blocking=wait), self._direct.cursor() as cursor:
+        with self._lock(), self._direct.cursor() as cursor:
             cursor.execute("BEGIN")
             gone = {
                 digest
@@ -577,19 +569,20 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
 
 
 class GroupCommit:
-    """Commits the deployments accepted in three turns of the event loop in one transaction.
+    """Commits the deployments accepted in three turns of the event loop in one transaction, in
+    a database thread, one transaction at a time.
 
     When many CI jobs call at once, a transaction per request spends most of its time in BEGIN,
     COMMIT and the write lock; a transaction for all the requests read in one turn, and in the
     turns after it, costs little more than one of them. The later turns matter when each CI job
     opens its own connection: its request often arrives a turn or two after the one before
     (three turns measured best: 11-15 % more req/s than two and a lower p99; four or six raised
-    the p99). Every caller is still answered only after the commit holding its row. Used from
-    the event loop's thread only.
-
-    On a networked database the commit runs in a database thread, one batch at a time: the
-    requests that arrive meanwhile form the next batch. A batch not committed within the
-    storage's `timeout` is answered `DatabaseUnavailable`; one still waiting is then dropped.
+    the p99). While a transaction commits (waiting for the write lock or the disk's sync), the
+    event loop reads more requests: they form the next batch, committed when this one is, so
+    that deployments commit in the order they were accepted. Every caller is answered only after
+    the commit holding its row, or with `DatabaseUnavailable` when that took longer than the
+    storage's `timeout` (a batch then still waiting is dropped; one in flight may yet commit).
+    Used from the event loop's thread only.
     """
 
     TURNS = 3
@@ -608,100 +601,72 @@ class GroupCommit:
         if not self._batch:
             # after this turn and the ones after it: each call_soon defers by one turn
             loop.call_soon(*[loop.call_soon] * (self.TURNS - 1), self._commit)
-            if self.storage.offloaded:
-                self._expiry = loop.call_later(self.storage.timeout, self._expire, self._batch)
+            self._expiry = loop.call_later(self.storage.timeout, self._expire, self._batch)
         self._batch.append((accepted, future))
         await future
 
     def _commit(self) -> None:
-        if self.storage.offloaded:
-            if not self._committing:
-                self._commit_in_thread()
-            return  # else the commit in flight starts this batch when it ends
-        try:
-            missing = self.storage.add_deployments(
-                [accepted for accepted, _ in self._batch], wait=False
-            )
-        except LockBusy:  # the engine is writing: read more requests meanwhile, then try again
-            asyncio.get_running_loop().call_later(LOCK_RETRY, self._commit)
-            return
-        except Exception as error:
-            batch, self._batch = self._batch, []
-            alone = None
-            if not isinstance(error, self.storage.unavailable):
-                alone = self._each_alone([accepted for accepted, _ in batch])
-            self._settle_failed(batch, error, alone)
-            return
-        batch, self._batch = self._batch, []
-        self._settle_committed(batch, missing)
-
-    def _commit_in_thread(self) -> None:
+        if self._committing:
+            return  # the transaction in flight starts this batch when it ends
         batch, expiry, self._batch, self._expiry = self._batch, self._expiry, [], None
-        waiting = [(a, f) for a, f in batch if not f.done()]  # not answered 503 already
+        waiting = [(accepted, future) for accepted, future in batch if not future.done()]
         if not waiting:
-            return
-        self._committing = True
-        accepted = [a for a, _ in waiting]
-        committed = self.storage.in_thread(
-            functools.partial(self.storage.add_deployments, accepted)
-        )
-
-        def committed_or_failed(committed: asyncio.Future[set[str]]) -> None:
             if expiry is not None:
                 expiry.cancel()
-            error = committed.exception()
-            if error is None:
-                self._settle_committed(waiting, committed.result())
-            elif isinstance(error, self.storage.unavailable):
-                self._settle_failed(waiting, error)
-            else:
-                alone = self.storage.in_thread(functools.partial(self._each_alone, accepted))
-                alone.add_done_callback(functools.partial(settled_alone, error))
-                return
-            self._next()
+            return
+        self._committing = True
+        committed = self.storage.in_thread(
+            functools.partial(self.storage.add_deployments, [a for a, _ in waiting])
+        )
+        committed.add_done_callback(functools.partial(self._committed, waiting, expiry))
 
-        def settled_alone(error: BaseException, alone: asyncio.Future[list]) -> None:
-            self._settle_failed(waiting, error, alone.result())
-            self._next()
+    def _committed(
+        self,
+        waiting: list[tuple[Accepted, asyncio.Future[None]]],
+        expiry: asyncio.TimerHandle | None,
+        committed: asyncio.Future[set[str]],
+    ) -> None:
+        if expiry is not None:
+            expiry.cancel()
+        error = committed.exception()
+        if error is None:
+            self.storage.reachability.answered()
+            for accepted, future in waiting:
+                _settle(future, HookGone() if accepted.new.id in committed.result() else None)
+        elif isinstance(error, self.storage.unavailable):
+            unavailable = self.storage.reachability.failed(error)
+            for _, future in waiting:
+                _settle(future, unavailable)
+        else:  # each alone, so that only the holder of a taken key (or whatever failed) fails
+            alone = self.storage.in_thread(
+                functools.partial(self._each_alone, [a for a, _ in waiting])
+            )
+            alone.add_done_callback(functools.partial(self._committed_alone, waiting))
+            return
+        self._next()
 
-        committed.add_done_callback(committed_or_failed)
+    def _committed_alone(
+        self,
+        waiting: list[tuple[Accepted, asyncio.Future[None]]],
+        outcomes: asyncio.Future[list[BaseException | None]],
+    ) -> None:
+        for (_, future), outcome in zip(waiting, outcomes.result(), strict=True):
+            _settle(future, outcome)
+        self._next()
 
     def _next(self) -> None:
         self._committing = False
         if self._batch:
-            self._commit_in_thread()
+            self._commit()
 
     def _expire(self, batch: list[tuple[Accepted, asyncio.Future[None]]]) -> None:
         unavailable = self.storage.reachability.failed(TimeoutError())
         for _, future in batch:
             _settle(future, unavailable)
 
-    def _settle_committed(
-        self, batch: list[tuple[Accepted, asyncio.Future[None]]], missing: set[str]
-    ) -> None:
-        self.storage.reachability.answered()
-        for accepted, future in batch:
-            _settle(future, HookGone() if accepted.new.id in missing else None)
-
-    def _settle_failed(
-        self,
-        batch: list[tuple[Accepted, asyncio.Future[None]]],
-        error: BaseException,
-        alone: list[BaseException | None] | None = None,
-    ) -> None:
-        """After a failed batch: a database that is unavailable fails every request; otherwise
-        `alone` holds what each request's commit on its own gave, so that only the holder of a
-        taken key (or whatever else failed) gets the error."""
-        if isinstance(error, self.storage.unavailable):
-            unavailable = self.storage.reachability.failed(error)
-            for _, future in batch:
-                _settle(future, unavailable)
-            return
-        for (_, future), outcome in zip(batch, alone or [], strict=True):
-            _settle(future, outcome)
-
     def _each_alone(self, batch: list[Accepted]) -> list[BaseException | None]:
-        """Commit each deployment in a transaction of its own; what each gave."""
+        """Commit each deployment in a transaction of its own (in a database thread); what each
+        gave."""
         outcomes: list[BaseException | None] = []
         for accepted in batch:
             try:
@@ -714,7 +679,7 @@ class GroupCommit:
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # its request was cancelled (the client went away) or timed out
+    if future.done():  # its request timed out or was cancelled
         return
     if error is None:
         future.set_result(None)
