@@ -11,7 +11,13 @@ tens of percent over minutes. With `--rounds 3` (the default) every setting is m
 times, every other time with the servers in reverse order; req/s and p50 are the means, p99 the
 worst round.
 
+Each of `--databases` gets its servers: SQLite in the server's directory, PostgreSQL in a fresh
+schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests use it).
+`--synchronous full,normal` runs a SQLite server with each `[server] sqlite_synchronous`.
+
     .venv/bin/python bench/accept.py [--seconds 10] [--rounds 3] [--hooks 10,100000,1000000]
+        [--databases sqlite,postgresql] [--synchronous full,normal] [--connections 16,64]
+        [--modes keep-alive,close]
 """
 
 from __future__ import annotations
@@ -22,29 +28,44 @@ import statistics
 
 from common import bare_server, save, seed_hooks, shiphook, wrk
 
-CONNECTIONS = (16, 64)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hooks", default="10,100000,1000000")
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--synchronous", default="", help="SQLite: full, normal or both")
+    parser.add_argument("--connections", default="16,64")
+    parser.add_argument("--modes", default="keep-alive,close")
     args = parser.parse_args()
     counts = [int(n) for n in args.hooks.split(",")]
-    settings = [(c, close) for close in (False, True) for c in CONNECTIONS]
+    connections = [int(n) for n in args.connections.split(",")]
+    modes = args.modes.split(",")
+    settings = [(c, mode == "close") for mode in modes for c in connections]
+    variants = []  # (label, database, extra [server] keys)
+    for database in args.databases.split(","):
+        if database != "sqlite":
+            variants.append((f"shiphook {database}", database, ""))
+        elif args.synchronous:
+            for sync in args.synchronous.split(","):
+                variants.append((f"shiphook {sync}", "sqlite", f'sqlite_synchronous = "{sync}"'))
+        else:
+            variants.append(("shiphook", "sqlite", ""))
     measured: dict[tuple, list] = {}
 
     with contextlib.ExitStack() as stack:
         servers = {("bare", 0): (stack.enter_context(bare_server()), "-")}
         shiphooks = {}
-        for count in counts:
-            server = shiphooks[count] = stack.enter_context(shiphook())
-            token = server.create_hook()
-            seed_hooks(server, count - 1)
-            server.start()
-            servers[("shiphook", count)] = (server.url, token)
-            print(f"shiphook with {count} hooks started", flush=True)
+        for label, database, extra in variants:
+            for count in counts:
+                server = stack.enter_context(shiphook(database=database, server=extra))
+                shiphooks[(label, count)] = server
+                token = server.create_hook()
+                seed_hooks(server, count - 1)
+                server.start()
+                servers[(label, count)] = (server.url, token)
+                print(f"shiphook on {label} with {count} hooks started", flush=True)
         for url, token in servers.values():  # warm up: first connections, caches, the engine
             wrk(url, token=token, connections=16, seconds=2)
         for round_ in range(args.rounds):
@@ -55,15 +76,21 @@ def main() -> None:
                     measured.setdefault((kind, count, c, close), []).append(result)
                     mode = "close" if close else "keep-alive"
                     print(
-                        f"round {round_ + 1}: {kind:8} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}",
+                        f"round {round_ + 1}: {kind:17} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}",
                         flush=True,
                     )
-        for count, server in shiphooks.items():  # every answered request is recorded
+        for (label, count), server in shiphooks.items():  # every answered request is recorded
             answered = sum(
-                r.requests for (kind, n, *_), rs in measured.items() if n == count for r in rs
+                r.requests
+                for (kind, n, *_), rs in measured.items()
+                if (kind, n) == (label, count)
+                for r in rs
             )
             recorded = server.count("SELECT count(*) FROM deployment")
-            print(f"{count} hooks: {answered} requests answered, {recorded} deployments recorded")
+            print(
+                f"{label}, {count} hooks: {answered} requests answered, "
+                f"{recorded} deployments recorded"
+            )
 
     runs = []
     for (kind, count, c, close), results in measured.items():
@@ -81,7 +108,7 @@ def main() -> None:
             "non_2xx": sum(r.non_2xx for r in results),
             "rounds": [vars(r) for r in results],
         }
-        if kind == "shiphook":
+        if kind != "bare":
             # each round's ratio against the bare run of the same round, then their mean
             run["ratio"] = statistics.mean(
                 mine.requests_per_second / theirs.requests_per_second
@@ -90,13 +117,13 @@ def main() -> None:
         runs.append(run)
 
     print(
-        f"\n{'server':9} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} errors"
+        f"\n{'server':17} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} errors"
     )
     for r in runs:
         mode = "close" if r["close"] else "keep-alive"
         ratio = f"{r['ratio']:.0%}" if "ratio" in r else "-"
         print(
-            f"{r['server']:9} {r['hooks']:>8} {r['connections']:>5} {mode:10} "
+            f"{r['server']:17} {r['hooks']:>8} {r['connections']:>5} {mode:10} "
             f"{r['requests_per_second']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {ratio:>6} "
             f"{r['errors'] + r['non_2xx']}"
         )

@@ -30,6 +30,9 @@ PLUGINS = ROOT / "tests" / "plugins"  # the scripted test backend records every 
 BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "bench-admin-token"
 HOOK_BODY = '{"imageTag":"1.2.0"}'
+POSTGRES_URL = os.environ.get(
+    "SHIPHOOK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def ensure_wrk() -> str:
@@ -68,6 +71,7 @@ class Shiphook:
 
     directory: Path
     config: Path
+    database_url: str
     process: subprocess.Popen | None = None
     port: int = 0
 
@@ -140,26 +144,59 @@ class Shiphook:
         return self.directory / "shiphook.db"
 
     def count(self, sql: str) -> int:
-        import sqlite3
+        from shiphook.db import create_db_engine
 
-        with contextlib.closing(sqlite3.connect(self.database())) as db:
-            return db.execute(sql).fetchone()[0]
+        engine = create_db_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return connection.exec_driver_sql(sql).scalar_one()
+        finally:
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema on the machine's PostgreSQL (as the tests use it), dropped afterwards;
+    yields the database URL that puts shiphook's tables there."""
+    import psycopg
+
+    schema = f"shiphook_bench_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @contextlib.contextmanager
 def shiphook(
-    targets: str = "", *, rollout_seconds: float = 1.0, polls: int = 1
+    targets: str = "",
+    *,
+    rollout_seconds: float = 1.0,
+    polls: int = 1,
+    database: str = "sqlite",
+    server: str = "",
 ) -> Iterator[Shiphook]:
     """A configured (not started) shiphook in a fresh directory: target `web` plus `targets`
-    (TOML, where `{directory}` stands for that directory)."""
-    with tempfile.TemporaryDirectory(prefix="shiphook-bench-", ignore_cleanup_errors=True) as tmp:
+    (TOML, where `{directory}` stands for that directory), `server` (more `[server]` keys),
+    on SQLite in that directory or (`database="postgresql"`) a fresh PostgreSQL schema."""
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="shiphook-bench-", ignore_cleanup_errors=True)
+        )
         directory = Path(tmp)
+        if database == "postgresql":
+            url = stack.enter_context(postgres_schema())
+        else:
+            url = f"sqlite:///{directory}/shiphook.db"
         config = directory / "shiphook.toml"
         config.write_text(
             textwrap.dedent(
                 f"""
                 [server]
-                database_url = "sqlite:///{directory}/shiphook.db"
+                database_url = "{url}"
+                {server}
                 log_level = "warning"
                 disabled_plugins = ["swarm"]
 
@@ -177,12 +214,12 @@ def shiphook(
             )
             + textwrap.dedent(targets).replace("{directory}", str(directory))
         )
-        server = Shiphook(directory, config)
-        server.cli("db", "upgrade")
+        served = Shiphook(directory, config, url)
+        served.cli("db", "upgrade")
         try:
-            yield server
+            yield served
         finally:
-            server.stop()
+            served.stop()
 
 
 def seed_hooks(server: Shiphook, count: int, target: str = "web") -> None:
@@ -192,7 +229,7 @@ def seed_hooks(server: Shiphook, count: int, target: str = "web") -> None:
     from shiphook.models import Hook
     from sqlalchemy import insert
 
-    engine = create_db_engine(f"sqlite:///{server.database()}")
+    engine = create_db_engine(server.database_url)
     now = datetime.now(UTC)
     with engine.begin() as connection:
         for start in range(0, count, 50_000):
