@@ -239,32 +239,34 @@ class Hooks:
             raise NotFound(f"no hook with id {hook_id}")
         return HookPublic.model_validate(hook)
 
-    def authenticate(self, token: str, *, for_deploy: bool = False) -> HookIdentity:
-        """The hook this token opens; `NotFound` for a malformed, unknown or deleted token.
-
-        `for_deploy` may answer from a cache of known tokens: the deployment's insert checks
-        the hook again, in its own transaction, so a deleted hook still records nothing.
-        """
-        if not token.isascii():  # no token is; the digest is of its ASCII bytes
-            raise NotFound(NO_SUCH_HOOK)
-        digest = tokens.digest(token)
-        hook = self.storage.known_hook(digest) if for_deploy else None
-        if hook is None and tokens.is_well_formed(token):
-            hook = self.storage.hook_by_digest(digest, remember=for_deploy)
+    def authenticate(self, token: str) -> HookIdentity:
+        """The hook this token opens; `NotFound` for a malformed, unknown or deleted token."""
+        digest = _token_digest(token)
+        hook = self.storage.hook_by_digest(digest) if tokens.is_well_formed(token) else None
         if hook is None:
             raise NotFound(NO_SUCH_HOOK)
         return hook
 
     async def authenticate_deploy(self, token: str) -> HookIdentity:
-        """`authenticate(token, for_deploy=True)` for the event loop: a remembered token is
-        answered at once, the others are looked up through `Storage.call`."""
-        hook = self.storage.known_hook(tokens.digest(token))
+        """`authenticate` for the accept path, on the event loop: a known token is answered from
+        a cache (the deployment's insert checks the hook again, in its own transaction, so a
+        deleted hook still records nothing), others are looked up through `Storage.call`."""
+        digest = _token_digest(token)
+        hook = self.storage.known_hook(digest)
+        if hook is None and tokens.is_well_formed(token):
+            hook = await self.storage.call(self.storage.hook_by_digest, digest, remember=True)
         if hook is None:
-            hook = await self.storage.call(self.authenticate, token, for_deploy=True)
+            raise NotFound(NO_SUCH_HOOK)
         return hook
 
     def _target_names(self) -> str:
         return ", ".join(sorted(self.targets)) or "none"
+
+
+def _token_digest(token: str) -> str:
+    if not token.isascii():  # no token is; the digest is of its ASCII bytes
+        raise NotFound(NO_SUCH_HOOK)
+    return tokens.digest(token)
 
 
 class Deployments:

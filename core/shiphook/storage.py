@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -128,7 +129,7 @@ class Storage:
         self.reachability = Reachability()
         dbapi = engine.dialect.loaded_dbapi
         # what a database that is down, full, unreachable or too slow raises
-        self.unavailable: tuple[type[BaseException], ...] = (
+        self._unavailable: tuple[type[BaseException], ...] = (
             sa_exc.OperationalError,
             sa_exc.InterfaceError,
             sa_exc.TimeoutError,
@@ -171,9 +172,8 @@ class Storage:
 
         A checkpoint copies the log into the database and syncs both to disk, which can take a
         slow disk's whole latency; in an HTTP worker that holds up every request waiting for its
-        commit. Call
-        before the first request; then something else must call `checkpoint` regularly (the
-        engine process of `shiphook serve` does, five times a second).
+        commit. Call before the first request; then something else must call `checkpoint`
+        regularly (the engine process of `shiphook serve` does, five times a second).
         """
         self._direct.autocheckpoint = False
 
@@ -198,10 +198,20 @@ class Storage:
             result = await asyncio.wait_for(
                 self.in_thread(functools.partial(function, *args, **kwargs)), self.timeout
             )
-        except self.unavailable as error:
-            raise self.reachability.failed(error) from None
+        except Exception as error:
+            if self.unavailable(error):
+                raise self.reachability.failed(error) from None
+            raise
         self.reachability.answered()
         return result
+
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether `error` says the database is down, full, unreachable or too slow, rather
+        than that a statement failed."""
+        cause = getattr(error, "orig", None) or error
+        # SQLite reports a statement its schema does not fit ("no such table") this way too
+        generic = getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR
+        return isinstance(error, self._unavailable) and not generic
 
     def in_thread(self, function: Callable[[], T]) -> asyncio.Future[T]:
         """`function()` in one of this process's database threads."""
@@ -633,7 +643,7 @@ class GroupCommit:
             self.storage.reachability.answered()
             for accepted, future in waiting:
                 _settle(future, HookGone() if accepted.new.id in committed.result() else None)
-        elif isinstance(error, self.storage.unavailable):
+        elif self.storage.unavailable(error):
             unavailable = self.storage.reachability.failed(error)
             for _, future in waiting:
                 _settle(future, unavailable)
