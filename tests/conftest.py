@@ -304,3 +304,26 @@ def serve(tmp_path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         server.stop()
+
+
+# -- a real Kubernetes control plane (tests/k8s) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kube_cluster():
+    """One control plane for the session (tests/k8s/cluster.py). Skipped when its binaries are
+    not built (`bash tests/k8s/build.sh`); failing instead when SHIPHOOK_REQUIRE_KUBERNETES=1."""
+    from k8s.cluster import ControlPlane, built
+
+    home, ready = built()
+    if not ready:
+        reason = f"the Kubernetes binaries are not built in {home} (bash tests/k8s/build.sh)"
+        if os.environ.get("SHIPHOOK_REQUIRE_KUBERNETES") == "1":
+            pytest.fail(f"SHIPHOOK_REQUIRE_KUBERNETES=1, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    cluster = ControlPlane(home)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
