@@ -2,8 +2,8 @@
 
 Kubernetes' own controllers compute rollout status exactly as `kubectl rollout status` reads it;
 kwok plays the kubelet and turns an image tag into a failure (`:broken`, `:crashloop`, a Job's
-`:fail`); RBAC is enforced for ServiceAccount tokens. Skipped without the built binaries, failing
-then when SHIPHOOK_REQUIRE_KUBERNETES=1 (as in CI).
+`:fail`); RBAC is enforced for ServiceAccount tokens. Skipped without the built binaries
+(tests/k8s/build.sh), failing instead when SHIPHOOK_REQUIRE_KUBERNETES=1 (as in CI).
 """
 
 from __future__ import annotations
