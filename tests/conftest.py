@@ -266,7 +266,13 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def start_server(config: Path, log_path: Path, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    config: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+) -> Server:
+    """`preexec` runs in the child before `shiphook serve` starts (e.g. to set its limits)."""
     port = free_port()
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
@@ -276,6 +282,7 @@ def start_server(config: Path, log_path: Path, env: dict[str, str] | None = None
             env=env or plugin_env(),
             cwd=log_path.parent,
             start_new_session=True,  # its own process group, engine included
+            preexec_fn=preexec,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 30
@@ -296,8 +303,13 @@ def start_server(config: Path, log_path: Path, env: dict[str, str] | None = None
 def serve(tmp_path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
-    def start(config: Path, env: dict[str, str] | None = None, name: str = "serve") -> Server:
-        server = start_server(config, tmp_path / f"{name}.log", env)
+    def start(
+        config: Path,
+        env: dict[str, str] | None = None,
+        name: str = "serve",
+        preexec: Callable[[], None] | None = None,
+    ) -> Server:
+        server = start_server(config, tmp_path / f"{name}.log", env, preexec)
         started.append(server)
         return server
 

@@ -41,6 +41,10 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     database_timeout: Seconds = DATABASE_TIMEOUT
     sqlite_synchronous: Literal["full", "normal"] = SQLITE_SYNCHRONOUS
+    max_header_bytes: int = Field(65536, ge=1024, le=1048576)
+    max_headers: int = Field(100, ge=10, le=1000)
+    header_timeout: Seconds = 10
+    max_connections: int = Field(4096, ge=1, le=1048576)
 
 
 class EngineSettings(BaseModel):

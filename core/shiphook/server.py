@@ -12,6 +12,7 @@ import falcon.asgi
 import uvicorn
 
 from shiphook.app import create_app
+from shiphook.connections import connection_limits, protocol_factory
 from shiphook.engine import Engine
 from shiphook.engine_process import (
     EngineNotifier,
@@ -74,6 +75,7 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     settings = instance.config.server
     instance.migrate()
     config_path = instance.config.path.resolve()
+    limits = connection_limits(settings)
     address = engine_address()
     engine = EngineSupervisor(config_path, address, settings.log_level)
     os.environ["SHIPHOOK_CONFIG"] = str(config_path)
@@ -98,7 +100,8 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
             port=port or settings.port,
             workers=settings.workers,
             loop="uvloop",
-            http="httptools",
+            http=protocol_factory(limits),
+            ws="none",
             lifespan="off",
             access_log=False,
             log_config=None,

@@ -1,0 +1,228 @@
+"""The HTTP connections of `shiphook serve`: uvicorn's httptools protocol, with limits.
+
+uvicorn reads a request head without bound, keeps a client that never finishes one for ever,
+and answers a malformed request in plain text. `HttpProtocol` caps a head's bytes and header
+count, closes a client that does not send its head within `header_timeout`, refuses connections
+over `max_connections` (logging when it starts and when it stops), and answers each of these in
+JSON, like the app's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from shiphook.config import ServerSettings
+
+log = logging.getLogger("shiphook.server")
+
+# descriptors an HTTP worker needs besides its connections: database files, sockets, logs
+RESERVED_DESCRIPTORS = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int  # the request line and the header fields
+    max_headers: int
+    header_timeout: float  # seconds from a request's first byte (or connecting) to its head's end
+    max_connections: int  # per HTTP worker
+
+
+def connection_limits(settings: ServerSettings) -> Limits:
+    """The `[server]` limits, with the soft limit of open files raised to the hard one (the
+    workers inherit it) and `max_connections` lowered to what that limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files limit raised from %d to %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+    max_connections = min(settings.max_connections, soft - RESERVED_DESCRIPTORS)
+    if max_connections < settings.max_connections:
+        log.warning(
+            "the open files limit (%d) allows %d connections per HTTP worker, not %d "
+            "([server] max_connections); raise the limit (ulimit -n, LimitNOFILE=) to allow more",
+            soft,
+            max_connections,
+            settings.max_connections,
+        )
+    return Limits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout=settings.header_timeout,
+        max_connections=max(max_connections, 1),
+    )
+
+
+def protocol_factory(limits: Limits) -> functools.partial[HttpProtocol]:
+    """What uvicorn's `http` takes: the protocol class with this worker's guard (picklable, so
+    that each worker process unpickles a guard of its own)."""
+    return functools.partial(HttpProtocol, guard=ConnectionGuard(limits))
+
+
+class ConnectionGuard:
+    """One HTTP worker's limits and their state: the sweep that closes slow clients, and whether
+    new connections are being refused."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.refused = 0  # connections refused since the limit was reached; 0 while accepting
+        self.sweep: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, connections: set) -> None:
+        if self.sweep is None:
+            self._sweep(loop, connections)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, connections: set) -> None:
+        timeout = self.limits.header_timeout
+        deadline = loop.time() - timeout
+        for connection in list(connections):
+            started = connection.head_started
+            if started is not None and started < deadline and connection.idle():
+                connection.head_timed_out()
+        self.sweep = loop.call_later(min(timeout / 4, 1.0), self._sweep, loop, connections)
+
+    def refuse(self, open_connections: int) -> None:
+        if not self.refused:
+            log.warning(
+                "connection limit reached: %d connections open ([server] max_connections); "
+                "refusing new connections with 503 until some close",
+                open_connections,
+            )
+        self.refused += 1
+
+    def closed(self, open_connections: int) -> None:
+        if self.refused and open_connections < self.limits.max_connections:
+            log.warning(
+                "below the connection limit again: accepting new connections (%d refused)",
+                self.refused,
+            )
+            self.refused = 0
+
+
+class _TooManyHeaders(Exception):
+    """Raised in a parser callback to stop parsing a head with too many header fields."""
+
+
+class HttpProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.max_header_bytes = guard.limits.max_header_bytes
+        self.max_headers = guard.limits.max_headers
+        self.head_started: float | None = None  # loop time the current head began; None if none
+        self.head_bytes = 0
+        self.url = b""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.guard.limits.max_connections:
+            self.transport = transport
+            self.guard.refuse(len(self.connections))
+            self._reject(503, "too many connections; try again later", b"retry-after: 1\r\n")
+            return
+        super().connection_made(transport)
+        self.head_started = self.loop.time()
+        self.guard.start(self.loop, self.connections)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.head_started = None
+        self.guard.closed(len(self.connections))
+
+    def idle(self) -> bool:
+        """No request of this connection is being answered."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self.head_started is None and self.idle():
+            self.head_started = self.loop.time()
+            self.head_bytes = 0
+        try:
+            # a head is fed at most up to the limit, so that the parser never holds more
+            while data:
+                room = self.max_header_bytes - self.head_bytes
+                piece = data if self.head_started is None else data[:room]
+                data = data[len(piece) :]
+                self.parser.feed_data(piece)
+                if self.head_started is not None:
+                    self.head_bytes += len(piece)
+                    if self.head_bytes >= self.max_header_bytes:
+                        self._head_too_large()
+                        return
+        except httptools.HttpParserUpgrade:
+            pass  # no WebSocket routes: the app answers the request as plain HTTP
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _TooManyHeaders):
+                self._head_too_large(fields=True)
+            elif isinstance(exc.__context__, (httptools.HttpParserInvalidURLError, UnicodeError)):
+                self._reject(400, "malformed HTTP request: the request target is not a valid URL")
+            else:
+                self._reject(400, f"malformed HTTP request: {exc}")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.head_started is None:
+            self.head_started = self.loop.time()
+        self.head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self.max_headers:
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.head_started = None
+        super().on_headers_complete()
+
+    def head_timed_out(self) -> None:
+        if self.head_bytes or self.headers:
+            timeout = self.guard.limits.header_timeout
+            description = f"the request head did not arrive within {timeout:g} s"
+            self._reject(408, f"{description} ([server] header_timeout)")
+        else:
+            self.transport.close()  # a connection that never sent a byte is closed silently
+        self.head_started = None
+
+    def _head_too_large(self, fields: bool = False) -> None:
+        limits = self.guard.limits
+        if fields:
+            description = f"more than {limits.max_headers} header fields ([server] max_headers)"
+            self._reject(431, f"the request head is too large: {description}")
+            return
+        expected = (
+            f"the request line and headers may have at most {limits.max_header_bytes} bytes "
+            "([server] max_header_bytes)"
+        )
+        if not self.headers and len(self.url) >= self.head_bytes - 32:  # still in the URL
+            self._reject(414, f"the request target is too long: {expected}")
+        else:
+            self._reject(431, f"the request head is too large: {expected}")
+
+    def _reject(self, status: int, description: str, extra: bytes = b"") -> None:
+        """Answer in JSON, like the app, and close the connection."""
+        title = falcon.code_to_http_status(status)
+        body = orjson.dumps({"title": title, "description": description})
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n",
+            extra,
+            b"\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
