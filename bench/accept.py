@@ -17,7 +17,10 @@ schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests u
 
     .venv/bin/python bench/accept.py [--seconds 10] [--rounds 3] [--hooks 10,100000,1000000]
         [--databases sqlite,postgresql] [--synchronous full,normal] [--connections 16,64]
-        [--modes keep-alive,close]
+        [--modes keep-alive,close] [--baseline REV]
+
+`--baseline REV` adds, for each server, the shiphook of another git revision (its `core` on this
+venv), so that a change is measured against the code before it, in the same rounds.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import argparse
 import contextlib
 import statistics
 
-from common import bare_server, save, seed_hooks, shiphook, wrk
+from common import bare_server, checkout, save, seed_hooks, shiphook, wrk
 
 
 def main() -> None:
@@ -38,28 +41,38 @@ def main() -> None:
     parser.add_argument("--synchronous", default="", help="SQLite: full, normal or both")
     parser.add_argument("--connections", default="16,64")
     parser.add_argument("--modes", default="keep-alive,close")
+    parser.add_argument("--baseline", help="a git revision to measure in the same rounds")
     args = parser.parse_args()
     counts = [int(n) for n in args.hooks.split(",")]
     connections = [int(n) for n in args.connections.split(",")]
     modes = args.modes.split(",")
     settings = [(c, mode == "close") for mode in modes for c in connections]
-    variants = []  # (label, database, extra [server] keys)
+    variants = []  # (label, database, extra [server] keys, the `core` to run or None)
     for database in args.databases.split(","):
         if database != "sqlite":
-            variants.append((f"shiphook {database}", database, ""))
+            variants.append((f"shiphook {database}", database, "", None))
         elif args.synchronous:
             for sync in args.synchronous.split(","):
-                variants.append((f"shiphook {sync}", "sqlite", f'sqlite_synchronous = "{sync}"'))
+                variants.append(
+                    (f"shiphook {sync}", "sqlite", f'sqlite_synchronous = "{sync}"', None)
+                )
         else:
-            variants.append(("shiphook", "sqlite", ""))
+            variants.append(("shiphook", "sqlite", "", None))
     measured: dict[tuple, list] = {}
 
     with contextlib.ExitStack() as stack:
         servers = {("bare", 0): (stack.enter_context(bare_server()), "-")}
         shiphooks = {}
-        for label, database, extra in variants:
+        if args.baseline:
+            source = stack.enter_context(checkout(args.baseline))
+            variants += [
+                (f"{label} {args.baseline}", *rest, source) for label, *rest, _ in variants
+            ]
+        for label, database, extra, source in variants:
             for count in counts:
-                server = stack.enter_context(shiphook(database=database, server=extra))
+                server = stack.enter_context(
+                    shiphook(database=database, server=extra, source=source)
+                )
                 shiphooks[(label, count)] = server
                 token = server.create_hook()
                 seed_hooks(server, count - 1)

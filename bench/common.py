@@ -74,6 +74,7 @@ class Shiphook:
     database_url: str
     process: subprocess.Popen | None = None
     port: int = 0
+    source: Path | None = None  # a checkout's `core` directory to run instead of this one's
 
     @property
     def url(self) -> str:
@@ -83,7 +84,7 @@ class Shiphook:
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
-            "PYTHONPATH": str(PLUGINS),
+            "PYTHONPATH": os.pathsep.join(map(str, filter(None, [self.source, PLUGINS]))),
             "SHIPHOOK_PLUGINS": "scripted_backend",
             "SHIPHOOK_ADMIN_TOKEN": ADMIN_TOKEN,
         }
@@ -177,10 +178,12 @@ def shiphook(
     polls: int = 1,
     database: str = "sqlite",
     server: str = "",
+    source: Path | None = None,
 ) -> Iterator[Shiphook]:
     """A configured (not started) shiphook in a fresh directory: target `web` plus `targets`
     (TOML, where `{directory}` stands for that directory), `server` (more `[server]` keys),
-    on SQLite in that directory or (`database="postgresql"`) a fresh PostgreSQL schema."""
+    on SQLite in that directory or (`database="postgresql"`) a fresh PostgreSQL schema; the
+    code of `source` (a `core` directory) if given."""
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(
             tempfile.TemporaryDirectory(prefix="shiphook-bench-", ignore_cleanup_errors=True)
@@ -214,7 +217,7 @@ def shiphook(
             )
             + textwrap.dedent(targets).replace("{directory}", str(directory))
         )
-        served = Shiphook(directory, config, url)
+        served = Shiphook(directory, config, url, source=source)
         served.cli("db", "upgrade")
         try:
             yield served
@@ -244,6 +247,17 @@ def seed_hooks(server: Shiphook, count: int, target: str = "web") -> None:
             ]
             connection.execute(insert(Hook.__table__), rows)
     engine.dispose()
+
+
+@contextlib.contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """The `core` directory of a git revision of this repository, in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="shiphook-baseline-") as tmp:
+        archive = subprocess.run(
+            ["git", "archive", revision, "core"], cwd=ROOT, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp) / "core"
 
 
 @contextlib.contextmanager

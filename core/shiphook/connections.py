@@ -112,7 +112,7 @@ class ConnectionGuard:
 
 
 class _TooManyHeaders(Exception):
-    """Raised in a parser callback to stop parsing a head with too many header fields."""
+    """Raised in the parser's callback to refuse a head with too many header fields."""
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -146,21 +146,26 @@ class HttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if self.head_started is None and self.idle():
+        if self.head_started is None and (self.cycle is None or self.cycle.response_complete):
             self.head_started = self.loop.time()
             self.head_bytes = 0
         try:
-            # a head is fed at most up to the limit, so that the parser never holds more
-            while data:
+            while True:
+                # a head is fed at most up to the limit, so that the parser never holds more
                 room = self.max_header_bytes - self.head_bytes
-                piece = data if self.head_started is None else data[:room]
-                data = data[len(piece) :]
+                piece = data if self.head_started is None or len(data) <= room else data[:room]
                 self.parser.feed_data(piece)
-                if self.head_started is not None:
+                if self.head_started is not None:  # a head is still incomplete
                     self.head_bytes += len(piece)
                     if self.head_bytes >= self.max_header_bytes:
                         self._head_too_large()
                         return
+                    if len(self.headers or ()) > self.max_headers:
+                        self._head_too_large(fields=True)
+                        return
+                if piece is data:
+                    return
+                data = data[len(piece) :]
         except httptools.HttpParserUpgrade:
             pass  # no WebSocket routes: the app answers the request as plain HTTP
         except httptools.HttpParserError as exc:
@@ -173,17 +178,14 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.head_started is None:
+        if self.head_started is None:  # pipelined behind a request being answered
             self.head_started = self.loop.time()
         self.head_bytes = 0
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.max_headers:
-            raise _TooManyHeaders
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self.head_started = None
+        if len(self.headers) > self.max_headers:
+            raise _TooManyHeaders
         super().on_headers_complete()
 
     def head_timed_out(self) -> None:
