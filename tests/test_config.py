@@ -88,6 +88,13 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             "server.database_url: 'nonsense' is not a database URL",
         ),
         ('[server]\ndatabase_url = "sqlite://"\n', "in-memory SQLite database"),
+        (
+            "[server]\nmax_header_bytes = 100\n",
+            "server.max_header_bytes: Input should be greater than or equal to 1024",
+        ),
+        ("[server]\nmax_headers = 5000\n", "server.max_headers: Input should be less than"),
+        ("[server]\nheader_timeout = 0\n", "server.header_timeout: Input should be greater than 0"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections: Input should be greater"),
     ],
 )
 def test_a_bad_config_names_the_file_the_key_and_what_is_expected(tmp_path, text, expected):
