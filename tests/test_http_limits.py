@@ -229,7 +229,7 @@ def test_slow_clients_cannot_exhaust_the_open_files_of_the_server(tmp_path, serv
     config = limited_config(tmp_path, header_timeout=1)
     token = create_hook(config)
     server = serve(config, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
-    assert "the open files limit (256) allows 192 connections per HTTP worker" in server.log()
+    assert "the open files limit (256) allows 128 connections per HTTP worker" in server.log()
     slow = []
     for _ in range(300):
         sock = connect(server)
@@ -246,7 +246,7 @@ def test_slow_clients_cannot_exhaust_the_open_files_of_the_server(tmp_path, serv
                 pass
             assert time.monotonic() < deadline, "no hook request was answered"
             time.sleep(0.1)
-        assert "connection limit reached: 192 connections open" in server.log()
+        assert "connection limit reached: 128 connections open" in server.log()
     finally:
         for sock in slow:
             sock.close()

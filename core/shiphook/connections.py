@@ -25,8 +25,8 @@ from shiphook.config import ServerSettings
 
 log = logging.getLogger("shiphook.server")
 
-# descriptors an HTTP worker needs besides its connections: database files, sockets, logs
-RESERVED_DESCRIPTORS = 64
+# descriptors an HTTP worker keeps for other things: database files and connections, sockets, logs
+RESERVED_DESCRIPTORS = 128
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if self.head_started is None and (self.cycle is None or self.cycle.response_complete):
+        if self.head_started is None and self.idle():
             self.head_started = self.loop.time()
             self.head_bytes = 0
         try:
@@ -194,8 +194,8 @@ class HttpProtocol(HttpToolsProtocol):
             description = f"the request head did not arrive within {timeout:g} s"
             self._reject(408, f"{description} ([server] header_timeout)")
         else:
+            self.head_started = None
             self.transport.close()  # a connection that never sent a byte is closed silently
-        self.head_started = None
 
     def _head_too_large(self, fields: bool = False) -> None:
         limits = self.guard.limits
@@ -214,6 +214,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _reject(self, status: int, description: str, extra: bytes = b"") -> None:
         """Answer in JSON, like the app, and close the connection."""
+        self.head_started = None
         title = falcon.code_to_http_status(status)
         body = orjson.dumps({"title": title, "description": description})
         head = [STATUS_LINE[status]]
