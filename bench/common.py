@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -102,7 +103,8 @@ class Shiphook:
     def create_hook(self, target: str = "web") -> str:
         return json.loads(self.cli("hooks", "create", target, "--name", "bench", "--json"))["token"]
 
-    def start(self) -> None:
+    def start(self, open_files: int | None = None) -> None:
+        """`open_files`: the server's limit of open files, soft and hard (as `LimitNOFILE=`)."""
         self.port = free_port()
         log = open(self.directory / "serve.log", "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
@@ -119,6 +121,8 @@ class Shiphook:
             env=self.env,
             cwd=self.directory,
             start_new_session=True,
+            preexec_fn=open_files
+            and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))),
         )
         wait_http(self.url + "/healthz")
 

@@ -204,24 +204,47 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(tmp_path, serve):
     assert f"open files limit raised from 256 to {hard}" in server.log()
 
 
-def test_connections_over_the_limit_are_refused_with_503_and_logged(tmp_path, serve):
+def test_at_the_connection_limit_the_longest_waiting_head_makes_room(tmp_path, serve):
     server = serve(limited_config(tmp_path, max_connections=10, header_timeout=60))
-    held = [connect(server) for _ in range(10)]
-    time.sleep(0.5)  # all accepted
+    slow = [connect(server) for _ in range(10)]
+    for sock in slow:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.05)  # in this order
+    assert exchange(server, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")[0] == 200
+    status, _, body = read_answer(slow[0])
+    assert status == 408
+    assert "max_connections" in json.loads(body)["description"]
+    assert "connection limit reached: 10 connections open" in server.log()
+    for sock in slow:
+        sock.close()
+
+
+def test_connections_over_the_limit_are_refused_with_503_while_all_are_answered(tmp_path, serve):
+    config = limited_config(tmp_path, max_connections=10, header_timeout=60)
+    token = create_hook(config)
+    server = serve(config)
+    busy = [connect(server) for _ in range(10)]
+    for sock in busy:  # a complete head, a body that does not come: being answered
+        sock.sendall(
+            b"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n"
+            b"X-Deploy-Hook-Token: " + token.encode() + b"\r\n\r\n"
+        )
+    time.sleep(0.5)
     with connect(server) as refused:
         status, headers, body = read_answer(refused)
     assert status == 503
     assert headers["retry-after"] == "1"
     assert json.loads(body)["title"] == "503 Service Unavailable"
-    assert "connection limit reached: 10 connections open" in server.log()
-    for sock in held:
+    for sock in busy:
         sock.close()
     deadline = time.monotonic() + 20
     while server.request("GET", "/healthz")[0] != 200:
         assert time.monotonic() < deadline
-    assert "below the connection limit again: accepting new connections (1 refused)" in (
+    assert "connection limit reached: 10 connections open" in server.log()
+    assert "below the connection limit again (0 connections closed early, 1 refused)" in (
         server.log()
     )
+    assert "Traceback" not in server.log()
 
 
 def test_slow_clients_cannot_exhaust_the_open_files_of_the_server(tmp_path, serve):

@@ -2,9 +2,10 @@
 
 uvicorn reads a request head without bound, keeps a client that never finishes one for ever,
 and answers a malformed request in plain text. `HttpProtocol` caps a head's bytes and header
-count, closes a client that does not send its head within `header_timeout`, refuses connections
-over `max_connections` (logging when it starts and when it stops), and answers each of these in
-JSON, like the app's own errors.
+count, closes a client that does not send its head within `header_timeout`, and answers each of
+these in JSON, like the app's own errors. At `max_connections`, the connection that has waited
+longest for its request head makes room for a new one, so that slow clients cannot lock others
+out; the log says when the limit is reached and when it is left.
 """
 
 from __future__ import annotations
@@ -72,43 +73,64 @@ def protocol_factory(limits: Limits) -> functools.partial[HttpProtocol]:
 
 
 class ConnectionGuard:
-    """One HTTP worker's limits and their state: the sweep that closes slow clients, and whether
-    new connections are being refused."""
+    """One HTTP worker's limits and their state: the connections waiting for a request head, in
+    the order they began waiting, and what was done at the connection limit."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.refused = 0  # connections refused since the limit was reached; 0 while accepting
+        self.heads: dict[HttpProtocol, None] = {}  # a dict keeps the order of insertion
+        self.closed_early = 0  # since the limit was reached; both 0 while under it
+        self.refused = 0
         self.sweep: asyncio.TimerHandle | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop, connections: set) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.sweep is None:
-            self._sweep(loop, connections)
+            self._sweep(loop)
 
-    def _sweep(self, loop: asyncio.AbstractEventLoop, connections: set) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         timeout = self.limits.header_timeout
         deadline = loop.time() - timeout
-        for connection in list(connections):
-            started = connection.head_started
-            if started is not None and started < deadline and connection.idle():
-                connection.head_timed_out()
-        self.sweep = loop.call_later(min(timeout / 4, 1.0), self._sweep, loop, connections)
+        expired = []
+        for connection in self.heads:
+            if connection.head_started >= deadline:
+                break
+            if connection.idle():
+                expired.append(connection)
+        for connection in expired:
+            connection.close_head(
+                f"the request head did not arrive within {timeout:g} s ([server] header_timeout)"
+            )
+        self.sweep = loop.call_later(min(timeout / 4, 1.0), self._sweep, loop)
 
-    def refuse(self, open_connections: int) -> None:
-        if not self.refused:
+    def make_room(self, open_connections: int) -> bool:
+        """At the limit: close the connection that has waited longest for a request head (not
+        one whose request is being answered); False if there is none."""
+        if not (self.closed_early or self.refused):
             log.warning(
                 "connection limit reached: %d connections open ([server] max_connections); "
-                "refusing new connections with 503 until some close",
+                "closing those waiting longest for a request head, refusing new ones with 503 "
+                "while none is",
                 open_connections,
             )
-        self.refused += 1
+        oldest = next((c for c in self.heads if c.idle()), None)
+        if oldest is None:
+            self.refused += 1
+            return False
+        self.closed_early += 1
+        oldest.close_head(
+            "the request head was not complete when the server needed the connection for another "
+            "client ([server] max_connections)"
+        )
+        return True
 
     def closed(self, open_connections: int) -> None:
-        if self.refused and open_connections < self.limits.max_connections:
+        if (self.closed_early or self.refused) and open_connections < self.limits.max_connections:
             log.warning(
-                "below the connection limit again: accepting new connections (%d refused)",
+                "below the connection limit again (%d connections closed early, %d refused)",
+                self.closed_early,
                 self.refused,
             )
-            self.refused = 0
+            self.closed_early = self.refused = 0
 
 
 class _TooManyHeaders(Exception):
@@ -119,6 +141,7 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.guard = guard
+        self.heads = guard.heads
         self.max_header_bytes = guard.limits.max_header_bytes
         self.max_headers = guard.limits.max_headers
         self.head_started: float | None = None  # loop time the current head began; None if none
@@ -126,29 +149,39 @@ class HttpProtocol(HttpToolsProtocol):
         self.url = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.guard.limits.max_connections:
+        if len(self.connections) >= self.guard.limits.max_connections and not (
+            self.guard.make_room(len(self.connections))
+        ):
             self.transport = transport
-            self.guard.refuse(len(self.connections))
             self._reject(503, "too many connections; try again later", b"retry-after: 1\r\n")
             return
         super().connection_made(transport)
-        self.head_started = self.loop.time()
-        self.guard.start(self.loop, self.connections)
+        self._start_head()
+        self.guard.start(self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.head_started = None
+        self._end_head()
         self.guard.closed(len(self.connections))
 
     def idle(self) -> bool:
         """No request of this connection is being answered."""
         return self.cycle is None or self.cycle.response_complete
 
+    def _start_head(self) -> None:
+        self.head_started = self.loop.time()
+        self.head_bytes = 0
+        self.heads[self] = None
+
+    def _end_head(self) -> None:
+        if self.head_started is not None:
+            self.head_started = None
+            del self.heads[self]
+
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self.head_started is None and self.idle():
-            self.head_started = self.loop.time()
-            self.head_bytes = 0
+            self._start_head()
         try:
             while True:
                 # a head is fed at most up to the limit, so that the parser never holds more
@@ -179,23 +212,22 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self.head_started is None:  # pipelined behind a request being answered
-            self.head_started = self.loop.time()
+            self._start_head()
         self.head_bytes = 0
 
     def on_headers_complete(self) -> None:
-        self.head_started = None
+        self._end_head()
         if len(self.headers) > self.max_headers:
             raise _TooManyHeaders
         super().on_headers_complete()
 
-    def head_timed_out(self) -> None:
+    def close_head(self, description: str) -> None:
+        """Close a connection whose head is late: a 408 if it sent part of one, else nothing."""
         if self.head_bytes or self.headers:
-            timeout = self.guard.limits.header_timeout
-            description = f"the request head did not arrive within {timeout:g} s"
-            self._reject(408, f"{description} ([server] header_timeout)")
+            self._reject(408, description)
         else:
-            self.head_started = None
-            self.transport.close()  # a connection that never sent a byte is closed silently
+            self._end_head()
+            self.transport.close()
 
     def _head_too_large(self, fields: bool = False) -> None:
         limits = self.guard.limits
@@ -214,7 +246,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _reject(self, status: int, description: str, extra: bytes = b"") -> None:
         """Answer in JSON, like the app, and close the connection."""
-        self.head_started = None
+        self._end_head()
         title = falcon.code_to_http_status(status)
         body = orjson.dumps({"title": title, "description": description})
         head = [STATUS_LINE[status]]
