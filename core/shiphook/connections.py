@@ -78,7 +78,7 @@ class ConnectionGuard:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.heads: dict[HttpProtocol, None] = {}  # a dict keeps the order of insertion
+        self.heads: dict[HttpProtocol, None] = {}  # oldest first: a dict keeps insertion order
         self.closed_early = 0  # since the limit was reached; both 0 while under it
         self.refused = 0
         self.sweep: asyncio.TimerHandle | None = None
@@ -108,8 +108,8 @@ class ConnectionGuard:
         if not (self.closed_early or self.refused):
             log.warning(
                 "connection limit reached: %d connections open ([server] max_connections); "
-                "closing those waiting longest for a request head, refusing new ones with 503 "
-                "while none is",
+                "each new one closes the connection waiting longest for a request head, or is "
+                "refused with 503 when none is waiting",
                 open_connections,
             )
         oldest = next((c for c in self.heads if c.idle()), None)
