@@ -1,10 +1,11 @@
 """The HTTP protocol's own cost per request: uvicorn's httptools protocol against shiphook's
 (`shiphook.connections.HttpProtocol`, with its limits), in process, without the app.
 
-Each request is a hook call as wrk sends it (keep-alive), fed to the protocol as one read from
-the socket; the app's task is not started, and the response is marked sent. The figure is the
-best of several timed runs of each, alternated, so that the busy machine's drift shows as spread
-rather than as a difference.
+Each request is a hook call as wrk sends it, fed to the protocol as one read from the socket, on
+one keep-alive connection, then on a new connection each (`Connection: close`); the app's task
+is not started, and the response is marked sent. The figure is CPU time (the thread's), the best
+of several runs of each, alternated: the neighbours of a busy machine show in it as spread, less
+as a difference.
 
     .venv/bin/python bench/protocol.py [--requests 100000] [--runs 7]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
 
@@ -49,17 +51,24 @@ async def app(scope, receive, send):
     pass
 
 
-def per_request_us(make_protocol, requests: int) -> float:
-    protocol = make_protocol()
-    protocol.connection_made(Transport())
-    protocol._start_asgi_task = lambda cycle, app: None
+def per_request_us(make_protocol, requests: int, close: bool) -> float:
+    """CPU time per request, on one keep-alive connection or on a new connection each."""
     start = time.thread_time()
+    protocol = None
     for _ in range(requests):
+        if protocol is None:
+            protocol = make_protocol()
+            protocol.connection_made(Transport())
+            protocol._start_asgi_task = lambda cycle, app: None
         protocol.data_received(REQUEST)
         protocol.cycle.response_complete = True
         protocol.on_response_complete()
+        if close:
+            protocol.connection_lost(None)
+            protocol = None
     elapsed = time.thread_time() - start
-    protocol.connection_lost(None)
+    if protocol is not None:
+        protocol.connection_lost(None)
     return elapsed / requests * 1e6
 
 
@@ -77,18 +86,24 @@ def main() -> None:
         "uvicorn": HttpToolsProtocol,
         "shiphook": protocol_factory(connection_limits(ServerSettings())),
     }
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for run in range(args.runs):
-        order = list(kinds.items())
-        for kind, cls in order if run % 2 == 0 else order[::-1]:
-            make = lambda cls=cls: cls(config=config, server_state=state, app_state={}, _loop=loop)  # noqa: E731
-            times[kind].append(per_request_us(make, args.requests))
-    for kind, values in times.items():
+    for close in (False, True):
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for run in range(args.runs):
+            order = list(kinds.items())
+            for kind, cls in order if run % 2 == 0 else order[::-1]:
+                make = functools.partial(
+                    cls, config=config, server_state=state, app_state={}, _loop=loop
+                )
+                times[kind].append(per_request_us(make, args.requests, close))
+        print("a new connection per request" if close else "keep-alive")
+        for kind, values in times.items():
+            print(
+                f"  {kind:9} best {min(values):.2f} µs/request, median {statistics.median(values):.2f} "
+                f"({', '.join(f'{v:.2f}' for v in values)})"
+            )
         print(
-            f"{kind:9} best {min(values):.2f} µs/request, median {statistics.median(values):.2f} "
-            f"({', '.join(f'{v:.2f}' for v in values)})"
+            f"  difference of the best runs: {min(times['shiphook']) - min(times['uvicorn']):+.2f} µs"
         )
-    print(f"difference of the best runs: {min(times['shiphook']) - min(times['uvicorn']):+.2f} µs")
 
 
 if __name__ == "__main__":

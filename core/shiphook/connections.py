@@ -20,7 +20,9 @@ from typing import Any
 import falcon
 import httptools
 import orjson
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from shiphook.config import ServerSettings
 
@@ -79,13 +81,13 @@ class ConnectionGuard:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.heads: dict[HttpProtocol, None] = {}  # oldest first: a dict keeps insertion order
-        self.closed_early = 0  # since the limit was reached; both 0 while under it
+        self.full = False  # the limit was reached, and the count of connections is not below it
+        self.closed_early = 0  # since the limit was reached
         self.refused = 0
         self.sweep: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.sweep is None:
-            self._sweep(loop)
+        self._sweep(loop)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         timeout = self.limits.header_timeout
@@ -105,7 +107,8 @@ class ConnectionGuard:
     def make_room(self, open_connections: int) -> bool:
         """At the limit: close the connection that has waited longest for a request head (not
         one whose request is being answered); False if there is none."""
-        if not (self.closed_early or self.refused):
+        if not self.full:
+            self.full = True
             log.warning(
                 "connection limit reached: %d connections open ([server] max_connections); "
                 "each new one closes the connection waiting longest for a request head, or is "
@@ -124,12 +127,13 @@ class ConnectionGuard:
         return True
 
     def closed(self, open_connections: int) -> None:
-        if (self.closed_early or self.refused) and open_connections < self.limits.max_connections:
+        if open_connections < self.limits.max_connections:
             log.warning(
                 "below the connection limit again (%d connections closed early, %d refused)",
                 self.closed_early,
                 self.refused,
             )
+            self.full = False
             self.closed_early = self.refused = 0
 
 
@@ -138,15 +142,24 @@ class _TooManyHeaders(Exception):
 
 
 class HttpProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    head_started: float | None = None  # loop time the current head began; None if none
+    head_bytes = 0
+    url = b""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        guard: ConnectionGuard,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self.heads = guard.heads
         self.max_header_bytes = guard.limits.max_header_bytes
         self.max_headers = guard.limits.max_headers
-        self.head_started: float | None = None  # loop time the current head began; None if none
-        self.head_bytes = 0
-        self.url = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.guard.limits.max_connections and not (
@@ -157,12 +170,14 @@ class HttpProtocol(HttpToolsProtocol):
             return
         super().connection_made(transport)
         self._start_head()
-        self.guard.start(self.loop)
+        if self.guard.sweep is None:
+            self.guard.start(self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._end_head()
-        self.guard.closed(len(self.connections))
+        if self.guard.full:
+            self.guard.closed(len(self.connections))
 
     def idle(self) -> bool:
         """No request of this connection is being answered."""
