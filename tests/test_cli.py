@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sqlite3
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import plugin_env, scripted_config
+from conftest import POSTGRES_URL, free_port, plugin_env, run_cli, scripted_config
 from shiphook.cli import main
+from shiphook.db import create_db_engine, safe_url
+from sqlalchemy.engine import make_url
 
 
 @pytest.fixture
@@ -118,3 +123,86 @@ def test_deployments_list_and_show(cli, tmp_path):
 def test_db_upgrade_is_repeatable(cli):
     assert "latest schema" in cli("db", "upgrade").output
     assert "latest schema" in cli("db", "upgrade").output
+
+
+# -- a database that cannot be used ------------------------------------------------------------
+
+
+def unusable_database(kind: str, tmp_path: Path) -> tuple[str, str]:
+    """A database URL shiphook cannot use, and the cause its one-line error must name."""
+    postgres = make_url(POSTGRES_URL).set(password="db-secret")
+    if kind == "postgresql-closed-port":
+        url, cause = postgres.set(host="127.0.0.1", port=free_port()), "Connection refused"
+        return url.render_as_string(hide_password=False), cause
+    if kind == "postgresql-missing-database":
+        url, cause = postgres.set(database="no_such_db"), 'database "no_such_db" does not exist'
+        return url.render_as_string(hide_password=False), cause
+    if kind == "sqlite-missing-directory":
+        return f"sqlite:///{tmp_path}/missing/shiphook.db", "No such file or directory"
+    if kind == "sqlite-directory-is-a-file":
+        (tmp_path / "file").write_text("")
+        return f"sqlite:///{tmp_path}/file/shiphook.db", "Not a directory"
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return f"sqlite:///{tmp_path}/ro/shiphook.db", "Permission denied"
+
+
+UNUSABLE_DATABASES = [
+    "postgresql-closed-port",
+    "postgresql-missing-database",
+    "sqlite-missing-directory",
+    "sqlite-directory-is-a-file",
+    "sqlite-read-only-directory",
+]
+
+
+@pytest.mark.parametrize("kind", UNUSABLE_DATABASES)
+def test_an_unusable_database_is_one_line_naming_it_and_the_cause(tmp_path, kind):
+    url, cause = unusable_database(kind, tmp_path)
+    env = plugin_env(SHIPHOOK_DATABASE_URL=url)
+    config = scripted_config(tmp_path)
+    shown = safe_url(create_db_engine(url))
+    for command in (["db", "upgrade"], ["hooks", "list"], ["deployments", "list"], ["serve"]):
+        result = run_cli(*command, config=config, env=env, check=False)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stdout == ""
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"shiphook: server.database_url: cannot use {shown}: "), line
+        assert cause in line
+        assert "db-secret" not in line
+
+
+@pytest.mark.parametrize("kind", UNUSABLE_DATABASES)
+def test_check_reports_an_unusable_database_and_exits_1(tmp_path, kind):
+    url, _ = unusable_database(kind, tmp_path)
+    env = plugin_env(SHIPHOOK_DATABASE_URL=url)
+    result = run_cli("check", config=scripted_config(tmp_path), env=env, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("database ")]
+    assert ": UNREACHABLE: " in line
+    assert "db-secret" not in result.stdout
+    assert "backend fake (scripted): scripted backend ready" in result.stdout
+
+
+def test_a_database_failing_after_it_opened_is_one_line_too(cli, tmp_path):
+    cli("db", "upgrade")
+    with sqlite3.connect(tmp_path / "shiphook.db") as database:  # a schema damaged by hand
+        database.execute("DROP TABLE hook")
+    result = cli("hooks", "list", code=2)
+    assert (
+        result.output
+        == f"shiphook: server.database_url: cannot use sqlite:///{tmp_path}/shiphook.db: "
+        "no such table: hook\n"
+    )
+
+
+def test_check_reports_the_schema_version(tmp_path):
+    config = scripted_config(tmp_path)  # its target "gone" makes `check` exit 1
+    database = f"database sqlite:///{tmp_path}/shiphook.db"
+    before = run_cli("check", config=config, check=False).stdout
+    assert f"{database}: reachable, no schema yet" in before
+    run_cli("db", "upgrade", config=config)
+    after = run_cli("check", config=config, check=False).stdout
+    assert f"{database}: schema 0001, the latest" in after

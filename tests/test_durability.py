@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import scripted_backend
-from conftest import ADMIN_TOKEN, Server, write_config
+from conftest import ADMIN_TOKEN, Server, run_cli, write_config
 from shiphook.db import create_db_engine
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -202,6 +205,44 @@ def test_hundreds_of_waiting_ci_jobs_do_not_hold_up_new_hook_requests(tmp_path, 
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------
+
+
+# a replica's start-up up to its migration, which waits for a line on stdin to begin
+MIGRATING_REPLICA = """
+import sys
+from shiphook.db import create_db_engine, upgrade
+engine = create_db_engine(sys.argv[1])
+engine.connect().close()
+print("ready", flush=True)
+sys.stdin.readline()
+upgrade(engine)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_replicas_starting_together_on_a_new_database_all_migrate_it(
+    tmp_path, postgres_url, attempt
+):
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATING_REPLICA, postgres_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for replica in replicas:
+        assert replica.stdout.readline() == "ready\n", replica.communicate()[1]
+    for replica in replicas:  # both start migrating at once
+        replica.stdin.write("go\n")
+        replica.stdin.flush()
+    for replica in replicas:
+        _, stderr = replica.communicate(timeout=60)
+        assert replica.returncode == 0, stderr
+    config = fleet_config(tmp_path, apps=1, jobs=0, database_url=postgres_url)
+    assert "the latest" in run_cli("check", config=config).stdout
 
 
 def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
@@ -447,3 +488,24 @@ def test_a_refusing_database_gets_hooks_a_503_and_logs_each_change_once(
         "database reachable again",
     ], log
     assert "shiphook.http" not in server.log()  # no request failed unexpectedly
+
+
+def test_while_the_database_refuses_connections_the_engine_backs_off_and_logs_once(
+    tmp_path, postgres_proxy, harness_factory, monkeypatch, caplog
+):
+    proxy, database_url = postgres_proxy
+    monkeypatch.setenv("SHIPHOOK_DATABASE_URL", database_url)
+    harness = harness_factory(start=False, server="\n[engine]\nscan_interval = 0.2\n")
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
+    proxy.close()
+    caplog.set_level(logging.INFO, logger="shiphook")
+    harness.engine.start()
+    time.sleep(2)  # ten scan intervals: a busy loop would log hundreds of lines by now
+    down = [r for r in caplog.records if r.name.startswith("shiphook")]
+    assert [r.getMessage().split(":")[0] for r in down] == ["database unreachable"], down[:5]
+    assert "Connection refused" in down[0].getMessage()
+    assert down[0].exc_info is None
+
+    proxy.open()
+    assert harness.wait_for(deployment_id, timeout=30)["status"] == "succeeded"
+    assert "database reachable again" in caplog.messages

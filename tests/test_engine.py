@@ -3,6 +3,7 @@ scripted test backend."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -83,6 +84,20 @@ def test_a_backend_bug_fails_the_deployment_instead_of_retrying_it_forever(harne
         "the scripted backend failed unexpectedly: KeyError: 'a bug in the plugin'"
     )
     assert len(harness.backend.calls("deploy")) == 1
+
+
+def test_a_backend_calling_sys_exit_fails_the_deployment_and_the_engine_goes_on(
+    harness, monkeypatch
+):
+    monkeypatch.setattr(harness.backend, "deploy", lambda *args, **kwargs: sys.exit(5))
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"}))
+    assert deployment["status"] == "failed"
+    assert (
+        deployment["message"] == "the scripted backend failed unexpectedly: it called sys.exit(5)"
+    )
+    monkeypatch.undo()
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("api"), {"imageTag": "1.0"}))
+    assert deployment["status"] == "succeeded"
 
 
 def test_a_target_missing_on_the_orchestrator_fails_with_its_message(harness):

@@ -96,6 +96,138 @@ def test_disabled_plugins_blocks_a_module_plugin_too(tmp_path):
     assert "unknown backend plugin 'scripted'" in result.stderr
 
 
+BROKEN_BACKEND = """
+from shiphook import Backend, Progress, TargetState, hookimpl
+
+class Broken(Backend):
+    name = "broken"
+    def __init__(self, options):
+        {init}
+    def check(self):
+        {check}
+        return "ready"
+    def describe(self, target):
+        {describe}
+        return TargetState(image=None)
+    def deploy(self, target, *, image_tag, deployment_id): return {{}}
+    def run_job(self, target, *, env, image_tag, deployment_id): return {{}}
+    def progress(self, target, ref): return Progress("succeeded", "")
+
+@hookimpl
+def register_backends(register):
+    {register}
+    register(Broken)
+"""
+
+
+def broken_backend(**code: str) -> str:
+    """The module of a backend plugin with `code` in some of its methods."""
+    methods = {"init": "pass", "register": "pass", "check": "pass", "describe": "pass"}
+    return BROKEN_BACKEND.format(**(methods | code))
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (
+            "raise RuntimeError('no config for me')",
+            "SHIPHOOK_PLUGINS: plugin module 'broken_plugin' failed to load: "
+            "RuntimeError: no config for me",
+        ),
+        (
+            "def register_backends(:",
+            "SHIPHOOK_PLUGINS: plugin module 'broken_plugin' failed to load: SyntaxError: ",
+        ),
+        (
+            "import sys; sys.exit(0)",
+            "SHIPHOOK_PLUGINS: plugin module 'broken_plugin' failed to load: it called sys.exit(0)",
+        ),
+        (
+            broken_backend(register="raise RuntimeError('no registry')"),
+            "plugin broken_plugin: register_backends failed: RuntimeError: no registry",
+        ),
+        (
+            broken_backend(register="import sys; sys.exit(3)"),
+            "plugin broken_plugin: register_backends failed: it called sys.exit(3)",
+        ),
+        (
+            broken_backend(init="raise KeyError('region')"),
+            "backends.b: the broken backend (plugin broken_plugin) failed to start: "
+            "KeyError: 'region'",
+        ),
+        (
+            broken_backend(init="import sys; sys.exit('bye')"),
+            "backends.b: the broken backend (plugin broken_plugin) failed to start: "
+            "it called sys.exit('bye')",
+        ),
+    ],
+    ids=[
+        "import-raises",
+        "syntax-error",
+        "import-exits",
+        "register-raises",
+        "register-exits",
+        "init-raises",
+        "init-exits",
+    ],
+)
+def test_a_failing_plugin_is_one_line_naming_it_and_exit_2(tmp_path, module, message):
+    (tmp_path / "broken_plugin.py").write_text(module)
+    config = write_config(tmp_path, '[backends.b]\nplugin = "broken"\n')
+    env = plugin_env(PYTHONPATH=str(tmp_path), SHIPHOOK_PLUGINS="broken_plugin")
+    result = run_cli("check", config=config, env=env, check=False)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    ("module", "line"),
+    [
+        (
+            broken_backend(check="import sys; sys.exit(0)"),
+            "backend b (broken): FAILED: it called sys.exit(0)",
+        ),
+        (
+            broken_backend(describe="raise RuntimeError('lost')"),
+            "target t (app): FAILED: RuntimeError: lost",
+        ),
+    ],
+    ids=["check-exits", "describe-raises"],
+)
+def test_check_names_a_backend_that_fails_and_exits_1(tmp_path, module, line):
+    (tmp_path / "broken_plugin.py").write_text(module)
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/db.sqlite"
+        [backends.b]
+        plugin = "broken"
+        [targets.t]
+        kind = "app"
+        backend = "b"
+        """,
+    )
+    env = plugin_env(PYTHONPATH=str(tmp_path), SHIPHOOK_PLUGINS="broken_plugin")
+    result = run_cli("check", config=config, env=env, check=False)
+    assert result.returncode == 1, result.stderr
+    assert line in result.stdout.splitlines()
+    assert result.stderr == ""
+
+
+def test_an_entry_point_plugin_calling_sys_exit_is_named_not_obeyed(tmp_path):
+    install_fake_distribution(tmp_path)
+    (tmp_path / "shiphook_echo.py").write_text("import sys\nsys.exit(0)\n")
+    config = write_config(tmp_path, '[backends.e]\nplugin = "echo"\n')
+    env = plugin_env(PYTHONPATH=str(tmp_path), SHIPHOOK_PLUGINS="")
+    result = run_cli("check", config=config, env=env, check=False)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "plugin echo (shiphook_echo) failed to load: it called sys.exit(0)" in line
+
+
 def test_each_instance_gets_a_fresh_plugin_manager():
     first = make_plugin_manager(modules=[])
     second = make_plugin_manager(modules=[])

@@ -9,12 +9,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from shiphook.app import TOKEN_HEADER
 from shiphook.backends import BackendError
+from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
 from shiphook.instance import Instance, open_instance
-from shiphook.plugins import describe_plugins
+from shiphook.plugins import describe_plugins, plugin_error
 from shiphook.services import public_target
 
 
@@ -23,7 +25,10 @@ class ShiphookGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except SQLAlchemyError as exc:  # the database failed after it was opened
+                raise unusable(ctx.obj["instance"].storage.engine, exc) from None
         except ShiphookError as exc:
             click.echo(f"shiphook: {exc.message}", err=True)
             ctx.exit(2)
@@ -45,6 +50,7 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 def instance_of(ctx: click.Context, *, migrate: bool = True) -> Instance:
     instance = open_instance(ctx.obj["config"])
+    ctx.obj["instance"] = instance
     ctx.call_on_close(instance.close)
     if migrate:
         instance.migrate()
@@ -90,10 +96,16 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Validate the config, reach every backend and find every target."""
+    """Validate the config, open the database, reach every backend and find every target."""
     instance = instance_of(ctx, migrate=False)
     click.echo(f"config {instance.config.path}: valid")
     failed = False
+    database = instance.storage.engine
+    try:
+        click.echo(f"database {safe_url(database)}: {schema_state(database)}")
+    except SQLAlchemyError as exc:
+        click.echo(f"database {safe_url(database)}: UNREACHABLE: {describe_failure(database, exc)}")
+        failed = True
     reachable = set()
     for name, backend in instance.backends.items():
         try:
@@ -101,6 +113,9 @@ def check(ctx: click.Context) -> None:
             reachable.add(name)
         except BackendError as exc:
             click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {exc.message}")
+            failed = True
+        except (Exception, SystemExit) as exc:  # a plugin bug: named, not a traceback or an exit
+            click.echo(f"backend {name} ({backend.name}): FAILED: {plugin_error(exc)}")
             failed = True
     for name, target in instance.config.targets.items():
         if target.backend not in reachable:
@@ -111,6 +126,9 @@ def check(ctx: click.Context) -> None:
             click.echo(f"target {name} ({target.kind}): found, running {state.image or 'unknown'}")
         except BackendError as exc:
             click.echo(f"target {name} ({target.kind}): NOT USABLE: {exc.message}")
+            failed = True
+        except (Exception, SystemExit) as exc:
+            click.echo(f"target {name} ({target.kind}): FAILED: {plugin_error(exc)}")
             failed = True
     if failed:
         ctx.exit(1)
@@ -369,11 +387,7 @@ def db() -> None:
 def db_upgrade(ctx: click.Context) -> None:
     """Apply pending schema migrations."""
     instance = instance_of(ctx)
-    click.echo(f"database at the latest schema ({_safe_url(instance)})")
-
-
-def _safe_url(instance: Instance) -> str:
-    return instance.storage.engine.url.render_as_string(hide_password=True)
+    click.echo(f"database at the latest schema ({safe_url(instance.storage.engine)})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,15 +9,19 @@ import math
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.sql.expression import Executable
 
 from shiphook.errors import ConfigError
@@ -25,6 +29,8 @@ from shiphook.errors import ConfigError
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
 SQLITE_SYNCHRONOUS = "full"  # `[server] sqlite_synchronous`
+# every shiphook process on a PostgreSQL database migrates under this advisory lock, one at a time
+MIGRATION_LOCK = zlib.crc32(b"shiphook migrations")
 
 
 def normalize_url(url: str) -> str:
@@ -155,15 +161,68 @@ def write_lock(engine: Engine) -> Callable[..., contextlib.AbstractContextManage
         return _file_locks.setdefault(path, FileWriteLock(path))
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply Alembic migrations up to `revision`."""
+def safe_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def describe_failure(engine: Engine, exc: BaseException) -> str:
+    """Why the database failed, in one line without the URL's password (for errors and logs)."""
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    if isinstance(cause, OSError) and cause.filename:
+        message = f"{cause.filename}: {cause.strerror}"
+    else:
+        message = str(cause) or type(cause).__name__
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    if engine.url.password:
+        message = message.replace(str(engine.url.password), "***")
+    return message
+
+
+def unusable(engine: Engine, exc: BaseException) -> ConfigError:
+    """The error for a database that cannot be opened or written at all (at start-up)."""
+    cause = describe_failure(engine, exc)
+    return ConfigError(f"server.database_url: cannot use {safe_url(engine)}: {cause}")
+
+
+def _alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with write_lock(engine)(), engine.begin() as connection:
-        if engine.dialect.name == "postgresql":  # a migration may take longer than a request
-            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to `revision`; a database that cannot be opened or written
+    is a `ConfigError` naming it and the cause."""
+    config = _alembic_config()
+    try:
+        with write_lock(engine)(), engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                # a migration may take longer than a request; replicas migrate one at a time
+                connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                )
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    except (SQLAlchemyError, OSError) as exc:
+        raise unusable(engine, exc) from None
+
+
+def schema_state(engine: Engine) -> str:
+    """The database's schema version against this shiphook's, in words (for `shiphook check`)."""
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    if current is None:
+        return "reachable, no schema yet (`shiphook serve` or `shiphook db upgrade` creates it)"
+    if current == head:
+        return f"schema {current}, the latest"
+    try:
+        script.get_revision(current)
+    except CommandError:
+        return f"schema {current}, unknown to this shiphook (written by a newer version?)"
+    return f"schema {current}, this shiphook needs {head}: run `shiphook db upgrade`"
 
 
 class Prepared:

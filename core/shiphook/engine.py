@@ -19,9 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
 from shiphook.backends import Backend, BackendError, Progress, Ref, Target
 from shiphook.config import EngineSettings
+from shiphook.db import describe_failure
 from shiphook.models import Deployment, Status, utcnow
+from shiphook.plugins import plugin_error
 from shiphook.storage import Storage
 
 log = logging.getLogger("shiphook.engine")
@@ -29,6 +33,7 @@ T = TypeVar("T")
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
 
 
 def _slots(target: Target) -> range:
@@ -106,6 +111,7 @@ class Engine:
 
     def _dispatch_loop(self) -> None:
         next_scan = 0.0
+        backoff = 0.0  # while scans fail: the wait before the next, doubled each time up to a cap
         while not self._stopping.is_set():
             self._wake.wait(max(0.0, next_scan - time.monotonic()))
             self._wake.clear()
@@ -119,8 +125,16 @@ class Engine:
                 else:
                     self.dispatch_once()
                     next_scan = time.monotonic() + self.settings.scan_interval
-            except Exception:
-                log.exception("engine: looking for work failed; retrying at the next scan")
+            except Exception as exc:  # logged when scans start failing, not on each attempt
+                if self.storage.unavailable(exc):
+                    self.storage.reachability.failed(exc)
+                elif not backoff:
+                    log.exception("engine: looking for work failed; retrying with backoff")
+                backoff = min(SCAN_BACKOFF_MAX, 2 * backoff or self.settings.scan_interval)
+                next_scan = time.monotonic() + backoff
+            else:
+                self.storage.reachability.answered()
+                backoff = 0.0
 
     def dispatch_hinted(self, targets: set[str]) -> None:
         """The fast path for targets this process was told about: claim their free slots
@@ -199,6 +213,13 @@ class Engine:
                 Run(self, target, deployment, lease).execute()
         except (Stopping, LeaseLost):
             pass
+        except DBAPIError as exc:
+            log.error(
+                "engine: slot %s/%d stopped: database unreachable: %s; its work resumes later",
+                target.name,
+                slot,
+                describe_failure(self.storage.engine, exc),
+            )
         except Exception:
             log.exception("engine: slot %s/%d failed; its work resumes later", target.name, slot)
         finally:
@@ -206,8 +227,13 @@ class Engine:
                 self._running.discard((target.name, slot))
             try:
                 self.storage.release_lease(target=target.name, slot=slot, owner=self.owner)
-            except Exception:
-                log.exception("engine: could not release lease %s/%d", target.name, slot)
+            except Exception as exc:  # it expires
+                log.warning(
+                    "engine: could not release lease %s/%d: %s",
+                    target.name,
+                    slot,
+                    describe_failure(self.storage.engine, exc),
+                )
             self._wake.set()  # work may have arrived while this slot was being let go
 
     def _finish(self, deployment: Deployment, status: Status, message: str) -> None:
@@ -389,13 +415,12 @@ class Run:
                     delay,
                 )
                 self._pause(delay)
-            except Exception as exc:  # a plugin bug must end this deployment, not loop on it
+            except (Exception, SystemExit) as exc:  # a plugin bug ends this deployment, not loops
                 log.exception(
                     "deployment %s: the %s backend failed", self.deployment.id, self.backend.name
                 )
                 raise BackendError(
-                    f"the {self.backend.name} backend failed unexpectedly: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"the {self.backend.name} backend failed unexpectedly: {plugin_error(exc)}"
                 ) from exc
 
     def _pause(self, seconds: float) -> None:

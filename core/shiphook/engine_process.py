@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from shiphook.backends import BackendError
+from shiphook.db import describe_failure
 from shiphook.engine import Engine
 from shiphook.instance import Instance, open_instance
 
@@ -171,11 +172,19 @@ def _relay(inbox: socket.socket, engine: Engine) -> None:
 
 def _checkpoints(instance: Instance, stop: threading.Event) -> None:
     """Checkpoint the database for the HTTP workers, which leave it to us."""
+    failing = False  # log when checkpoints start and stop failing, not each one
     while not stop.wait(CHECKPOINT_INTERVAL):
         try:
             instance.storage.checkpoint()
         except Exception as exc:  # the next one will do
-            log.warning("checkpointing the database failed: %s", exc)
+            if not failing:
+                cause = describe_failure(instance.storage.engine, exc)
+                log.warning("checkpointing the database failed: %s; retrying", cause)
+            failing = True
+        else:
+            if failing:
+                log.warning("checkpointing the database works again")
+            failing = False
 
 
 def report_backends(instance: Instance) -> None:

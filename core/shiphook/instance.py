@@ -17,7 +17,7 @@ from shiphook.backends import Backend, BackendError, BackendRegistry
 from shiphook.config import Config, config_path, read_config_file, resolve_config
 from shiphook.db import create_db_engine, upgrade
 from shiphook.errors import ConfigError
-from shiphook.plugins import collect_backends, make_plugin_manager
+from shiphook.plugins import collect_backends, make_plugin_manager, plugin_error
 from shiphook.services import Deployments, Hooks
 from shiphook.storage import Storage
 
@@ -71,10 +71,16 @@ def open_instance(
     config = resolve_config(Path(file), parsed, registry)
     backends = {}
     for name, backend_config in config.backends.items():
+        plugin = backend_config.plugin
         try:
-            backends[name] = registry.classes[backend_config.plugin](backend_config.options)
+            backends[name] = registry.classes[plugin](backend_config.options)
         except (BackendError, ValueError, OSError) as exc:
             raise ConfigError(f"{file}: backends.{name}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(
+                f"{file}: backends.{name}: the {plugin} backend (plugin "
+                f"{registry.sources[plugin]}) failed to start: {plugin_error(exc)}"
+            ) from None
     settings = config.server
     engine = create_db_engine(
         settings.database_url,

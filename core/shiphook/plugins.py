@@ -36,10 +36,10 @@ def make_plugin_manager(
             continue
         try:  # import here first, so a broken plugin is named rather than a traceback
             entry_point.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ConfigError(
                 f"plugin {entry_point.name} ({entry_point.value}) failed to load: "
-                f"{type(exc).__name__}: {exc}; fix or uninstall it, or block it with "
+                f"{plugin_error(exc)}; fix or uninstall it, or block it with "
                 f'[server] disabled_plugins = ["{entry_point.name}"]'
             ) from None
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
@@ -55,6 +55,10 @@ def make_plugin_manager(
             raise ConfigError(
                 f"SHIPHOOK_PLUGINS: cannot import plugin module {dotted!r}: {exc}"
             ) from None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(
+                f"SHIPHOOK_PLUGINS: plugin module {dotted!r} failed to load: {plugin_error(exc)}"
+            ) from None
         pm.register(module, name=dotted)
     return pm
 
@@ -68,7 +72,18 @@ def collect_backends(pm: pluggy.PluginManager) -> BackendRegistry:
             impl.function(register=lambda cls, source=source: registry.register(cls, source=source))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"plugin {source}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(
+                f"plugin {source}: register_backends failed: {plugin_error(exc)}"
+            ) from None
     return registry
+
+
+def plugin_error(exc: BaseException) -> str:
+    """What plugin code raised, in one line; `sys.exit` in a plugin is a failure, not an exit."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
