@@ -95,6 +95,15 @@ def write_config(tmp_path: Path, text: str, name: str = "shiphook.toml") -> Path
     return path
 
 
+def replaced_by(deployments: dict[str, dict], deployment_id: str) -> str:
+    """The deployment that ran instead of a superseded one: `supersededBy` names the newest
+    queued deployment when it was superseded, which a newer one may have superseded in turn."""
+    successor = deployments[deployment_id]["supersededBy"]
+    while deployments[successor]["status"] == "superseded":
+        successor = deployments[successor]["supersededBy"]
+    return successor
+
+
 @dataclass
 class Harness:
     """An in-process shiphook: instance, engine, and a falcon test client on its app."""

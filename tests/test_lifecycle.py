@@ -4,10 +4,12 @@ on demand, history. In process, through falcon.testing and the scripted backend.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from datetime import timedelta
 
 import pytest
-from conftest import ADMIN_TOKEN, run_cli, scripted_config
+from conftest import ADMIN_TOKEN, replaced_by, run_cli, scripted_config
+from shiphook.engine import lease_owner, owner_is_gone
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -173,11 +175,9 @@ def test_queued_app_deployments_coalesce_to_the_newest(harness):
     first = harness.deploy(token, {"imageTag": "hang-0"})
     harness.wait_started(first)
     queued = [harness.deploy(token, {"imageTag": f"1.{i}"}) for i in range(5)]
-    for deployment_id in queued[:-1]:
-        ended = harness.wait_for(deployment_id)
-        assert ended["status"] == "superseded"
-        assert ended["supersededBy"] == queued[-1]
-    assert harness.wait_for(queued[-1], timeout=15)["status"] == "succeeded"
+    ended = {d: harness.wait_for(d, timeout=15) for d in queued}
+    assert [ended[d]["status"] for d in queued] == ["superseded"] * 4 + ["succeeded"]
+    assert all(replaced_by(ended, d) == queued[-1] for d in queued[:-1])
     assert harness.wait_for(first)["status"] == "rolled_back"
     assert harness.backend.image("web") == "registry.test/app:1.4"
     assert [c["tag"] for c in harness.backend.calls("deploy")] == ["hang-0", "1.4"]
@@ -275,3 +275,15 @@ def test_every_transition_is_in_the_history_of_show_and_the_admin_list(harness):
     assert all(e["at"].endswith("Z") for e in history)
     listed = harness.client.simulate_get("/api/v1/deployments", headers=ADMIN)
     assert listed.json["deployments"][0]["history"] == history
+
+
+def test_only_a_lease_holder_that_provably_stopped_is_taken_over_at_once():
+    machine, pid, start, _ = lease_owner().split(":")
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid names no process now
+    assert not owner_is_gone(lease_owner())  # this process
+    assert not owner_is_gone(f"{machine}:{pid}:{start}:0other00")  # another engine of it
+    assert owner_is_gone(f"{machine}:{pid}:{int(start) - 1}:00000000")  # an earlier one, same pid
+    assert owner_is_gone(f"{machine}:{ended.pid}:{start}:00000000")
+    assert not owner_is_gone(f"0123456789ab:{ended.pid}:{start}:00000000")  # another machine
+    assert not owner_is_gone("3f2a9c1e0b7d")  # a name of another form

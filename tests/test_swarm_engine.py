@@ -16,7 +16,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import Harness, Server
+from conftest import Harness, Server, replaced_by
 from dockerd import APP
 from shiphook.instance import open_instance
 from shiphook.models import TERMINAL
@@ -224,9 +224,13 @@ def test_a_burst_during_a_swarm_rollout_coalesces_to_the_newest_tag_one_rollout_
         deployment = ended[deployment_id]
         if deployment["status"] == "superseded":
             assert answer.status_code == 409, answer.text
-            replacement = deployment["supersededBy"]
-            assert replacement in ran_ids and replacement > deployment_id
-            assert f"superseded by deployment {replacement}" in answer.json["description"]
+            successor = ended[deployment["supersededBy"]]
+            assert successor["id"] > deployment_id
+            assert replaced_by(ended, deployment_id) in ran_ids
+            assert (
+                f"superseded by deployment {successor['id']} (tag {successor['imageTag']})"
+                in answer.json["description"]
+            )
         else:
             assert deployment["status"] == "succeeded", deployment
             assert answer.status_code == 201, answer.text
@@ -316,7 +320,7 @@ def test_a_server_killed_mid_rollout_loses_nothing_and_runs_each_swarm_job_once(
         assert by_id[first[name]]["message"] == "update completed"
         queued_behind = sorted(d["id"] for d in mine if d["id"] != first[name])
         assert [by_id[d]["status"] for d in queued_behind] == ["superseded"] * 2 + ["succeeded"]
-        assert {by_id[d]["supersededBy"] for d in queued_behind[:2]} == {newest["id"]}
+        assert {replaced_by(by_id, d) for d in queued_behind[:2]} == {newest["id"]}
 
     # each job run is one iteration of the job service, with one task that ran its overrides
     job_runs = [d for d in deployments if d["kind"] == "job"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ from shiphook.services import (
 from shiphook.waiters import Waiters
 
 log = logging.getLogger("shiphook.http")
+access_log = logging.getLogger("shiphook.access")
 
 TOKEN_HEADER = "X-Deploy-Hook-Token"
 MAX_BODY = 64 * 1024
@@ -115,6 +117,17 @@ class DeployHookResource:
         self.db = deployments.storage.call
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        started = time.perf_counter()
+        try:
+            outcome = await self._deploy(req, resp)
+        except Exception as error:
+            reason = error.message if isinstance(error, ShiphookError) else "unexpected error"
+            _log_access(req, _status_of(error), reason, started)
+            raise
+        _log_access(req, resp.status, outcome, started)
+
+    async def _deploy(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> str:
+        """Answer the hook request; return what the access log says of it."""
         token = req.get_header(TOKEN_HEADER)
         if token is None:
             raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
@@ -131,7 +144,7 @@ class DeployHookResource:
         if not wait:
             resp.status = falcon.HTTP_201
             resp.media = {"deployment": deployment}
-            return
+            return f"deployment {deployment['id']} {deployment['status']}"
         await self.waiters.wait(deployment["id"], wait)
         outcome = (await self.db(self.deployments.get, deployment["id"])).to_json()
         resp.status = WAIT_STATUS[Status(outcome["status"])]
@@ -143,6 +156,7 @@ class DeployHookResource:
                 "description": wait_outcome(outcome, wait),
                 "deployment": outcome,
             }
+        return f"deployment {outcome['id']} {outcome['status']}"
 
     def _wait_seconds(self, req: falcon.asgi.Request) -> float:
         raw = req.get_param("wait")
@@ -159,11 +173,38 @@ class DeployHookResource:
         return min(seconds, self.max_wait)
 
 
+def _status_of(error: Exception) -> str:
+    """The status the error handlers answer `error` with."""
+    for kind in type(error).__mro__:
+        if kind in ERROR_STATUS:
+            return ERROR_STATUS[kind]
+    return falcon.HTTP_500
+
+
+def _log_access(req: falcon.asgi.Request, status: str, outcome: str, started: float) -> None:
+    """One line per hook request (uvicorn's access log is off); never a header nor the query
+    string, so never a token."""
+    if access_log.isEnabledFor(logging.INFO):
+        args = (
+            req.method,
+            req.path,
+            str(status)[:3],
+            outcome,
+            (time.perf_counter() - started) * 1e3,
+        )
+        # made directly: `info()` would first walk the stack for a caller no line shows
+        access_log.handle(
+            access_log.makeRecord(
+                access_log.name, logging.INFO, __file__, 0, "%s %s %s %s (%.1f ms)", args, None
+            )
+        )
+
+
 def wait_outcome(deployment: dict[str, Any], waited: float) -> str:
     """What a waiting CI job reads when the rollout did not simply succeed."""
     status, message, ident = deployment["status"], deployment["message"], deployment["id"]
-    if status == Status.superseded:
-        return f"deployment {ident} was superseded by deployment {deployment['supersededBy']}"
+    if status == Status.superseded:  # the message names the newer deployment and its tag
+        return f"deployment {ident} was {message}"
     if status in (Status.queued, Status.in_progress):
         return (
             f"deployment {ident} is still {status} after {waited:g}s; it goes on: "

@@ -3,13 +3,17 @@
 One dispatcher thread finds targets with work and claims a lease on a slot of each (one slot per
 app target, `max_concurrent_runs` per job target); a pool of worker threads runs the claimed
 slots. Leases live in the database and expire, so several shiphook processes share one queue,
-and the work of a process that died is taken over when its leases run out. Nothing here runs on
-the thread that answers HTTP requests.
+and the work of a process that died is taken over when its leases run out, or at once when the
+process is provably gone (see `lease_owner`). Nothing here runs on the thread that answers HTTP
+requests.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import os
 import random
 import threading
 import time
@@ -17,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
@@ -34,10 +39,51 @@ T = TypeVar("T")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
+ROLLING_BACK = "rolling back: "
 
 
 def _slots(target: Target) -> range:
     return range(1 if target.kind == "app" else target.max_concurrent_runs)
+
+
+@functools.cache
+def _machine() -> str | None:
+    """This kernel boot and pid namespace, in which a pid names one process; None off Linux."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:12]
+
+
+def _started(pid: int) -> str | None:
+    """When the process `pid` started (clock ticks since boot); None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def lease_owner() -> str:
+    """The name this process holds leases under: `<machine>:<pid>:<start>:<instance>`, so that
+    a later process on the same machine can prove it gone (`owner_is_gone`)."""
+    pid = os.getpid()
+    return f"{_machine() or '-'}:{pid}:{_started(pid) or '-'}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """True only when `owner` provably runs no more: a process of this machine whose pid is gone
+    or now names a process started at another time. Owners elsewhere may be alive."""
+    parts = owner.split(":")
+    if len(parts) != 4:  # a name of another form
+        return False
+    machine, pid, start, _ = parts
+    if "-" in (machine, start) or machine != _machine() or not pid.isdigit():
+        return False
+    return _started(int(pid)) != start
 
 
 class Stopping(Exception):
@@ -64,7 +110,7 @@ class Engine:
         self.backends = backends
         self.settings = settings or EngineSettings()
         self.clock = clock
-        self.owner = owner or f"{uuid.uuid4().hex[:12]}"
+        self.owner = owner or lease_owner()
         self.listeners: list[Callable[[str, str], None]] = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -95,14 +141,15 @@ class Engine:
     def notify(self, target: str | None = None) -> None:
         """New work was committed: look for it now rather than at the next scan.
 
-        When every slot of `target` is already worked on here, its worker takes the new
-        deployment when it is done, so the dispatcher is left asleep (a burst of hook requests
-        wakes nothing).
+        When every slot of a job target is already worked on here, its worker takes the new
+        run when it is done, so the dispatcher is left asleep. An app target's older queued
+        deployments are superseded at once, so that their `?wait` callers learn it now.
         """
         config = self.targets.get(target) if target is not None else None
         if config is not None:
             with self._running_lock:
-                if all((target, slot) in self._running for slot in _slots(config)):
+                busy = all((target, slot) in self._running for slot in _slots(config))
+                if busy and config.kind != "app":
                     return
                 self._hinted.add(target)
         self._wake.set()
@@ -142,6 +189,8 @@ class Engine:
         now = self.clock()
         for name in targets:
             target = self.targets[name]
+            if target.kind == "app":
+                self._supersede(target)
             for slot in _slots(target):
                 self._claim(target, slot, now)
 
@@ -156,16 +205,43 @@ class Engine:
                 self._fail_unconfigured(pending.target)
                 continue
             if target.kind == "app":
+                if pending.queued > 1:
+                    self._supersede(target)
                 wanted = [0]
             else:
                 free = [s for s in _slots(target) if s not in pending.active_slots]
                 wanted = sorted(pending.active_slots) + free[: pending.queued]
             for slot in wanted:
-                if (target.name, slot) not in held:
+                holder = held.get((target.name, slot))
+                if holder is None:
                     self._claim(target, slot, now)
+                elif holder != self.owner and owner_is_gone(holder):
+                    self._claim(target, slot, now, takeover=holder)
 
-    def _claim(self, target: Target, slot: int, now: datetime) -> None:
-        """Take the slot's lease unless this process works on it already, and work on it."""
+    def _supersede(self, target: Target) -> None:
+        """Supersede the target's older queued deployments by its newest queued one."""
+        newest, superseded = self.storage.supersede_queued(target=target.name, now=self.clock())
+        if newest is not None:
+            self._superseded(newest, superseded)
+
+    def _superseded(self, newest: Deployment, superseded: list[str]) -> None:
+        if not superseded:
+            return
+        log.info(
+            "deployment %s of %s (%s): superseded %d queued deployment(s)",
+            newest.id,
+            newest.target,
+            newest.image_tag,
+            len(superseded),
+        )
+        for deployment_id in superseded:
+            self._announce(deployment_id, Status.superseded)
+
+    def _claim(
+        self, target: Target, slot: int, now: datetime, *, takeover: str | None = None
+    ) -> None:
+        """Take the slot's lease unless this process works on it already, and work on it;
+        `takeover` names a holder that is gone."""
         key = (target.name, slot)
         with self._running_lock:
             if key in self._running or len(self._running) >= self.settings.threads:
@@ -176,6 +252,7 @@ class Engine:
                 owner=self.owner,
                 now=now,
                 until=now + timedelta(seconds=self.settings.lease_seconds),
+                takeover=takeover,
             ):
                 return
             self._running.add(key)
@@ -197,19 +274,27 @@ class Engine:
         lease = _Lease(self, target.name, slot)
         try:
             while not self._stopping.is_set():
-                deployment, superseded = self.storage.next_deployment(
+                deployment, superseded, resumed = self.storage.next_deployment(
                     target=target.name, slot=slot, kind=target.kind, now=self.clock()
                 )
-                for deployment_id in superseded:
-                    self._announce(deployment_id, Status.superseded)
                 if deployment is None:
+                    for deployment_id in superseded:
+                        self._announce(deployment_id, Status.superseded)
                     break
-                log.info(
-                    "deployment %s of %s: in progress (%s)",
-                    deployment.id,
-                    target.name,
-                    deployment.image_tag or "job run",
-                )
+                self._superseded(deployment, superseded)
+                if resumed:
+                    log.info(
+                        "resuming deployment %s of target %s after a restart",
+                        deployment.id,
+                        target.name,
+                    )
+                else:
+                    log.info(
+                        "deployment %s of %s: in progress (%s)",
+                        deployment.id,
+                        target.name,
+                        deployment.image_tag or "job run",
+                    )
                 Run(self, target, deployment, lease).execute()
         except (Stopping, LeaseLost):
             pass
@@ -241,7 +326,10 @@ class Engine:
         self.storage.update_deployment(
             deployment.id, now=now, event=status, status=status, message=message, finished_at=now
         )
-        log.info("deployment %s of %s: %s: %s", deployment.id, deployment.target, status, message)
+        level = logging.WARNING if status in (Status.failed, Status.rolled_back) else logging.INFO
+        log.log(
+            level, "deployment %s of %s: %s: %s", deployment.id, deployment.target, status, message
+        )
         self._announce(deployment.id, status)
 
     def _announce(self, deployment_id: str, status: str) -> None:
@@ -301,8 +389,7 @@ class Run:
     def _rollout(self) -> None:
         d = self.deployment
         if d.rollback_ref is not None:  # resumed while rolling back
-            reason = d.message.removeprefix("rolling back: ")
-            self._finish_rollback(reason, d.rollback_ref)
+            self._finish_rollback(self._rollback_reason(), d.rollback_ref)
             return
         ref = d.backend_ref
         if ref is None:
@@ -331,7 +418,7 @@ class Run:
         if not self.backend.can_rollback:
             self._finish(Status.failed, reason)
             return
-        self._record(message=f"rolling back: {reason}")
+        self._record(message=f"{ROLLING_BACK}{reason}")
         try:
             rollback_ref = self._call(self.backend.rollback, self.target, ref)
         except BackendError as exc:
@@ -339,6 +426,15 @@ class Run:
             return
         self._record(rollback_ref=rollback_ref)
         self._finish_rollback(reason, rollback_ref)
+
+    def _rollback_reason(self) -> str:
+        """Why a deployment resumed while rolling back is rolled back: its history says (its
+        message may have moved on to the rollback's progress since)."""
+        history = self.engine.storage.histories([self.deployment.id])[self.deployment.id]
+        for event in reversed(history):
+            if event.message.startswith(ROLLING_BACK):
+                return event.message.removeprefix(ROLLING_BACK)
+        return "rollout failed"
 
     def _finish_rollback(self, reason: str, rollback_ref: Ref) -> None:
         try:
@@ -381,6 +477,14 @@ class Run:
             progress = self._call(self.backend.progress, self.target, ref)
             if progress.state != "running":
                 return progress
+            if progress.message and progress.message != self.deployment.message:
+                log.info(
+                    "deployment %s of %s: %s",
+                    self.deployment.id,
+                    self.target.name,
+                    progress.message,
+                )
+                self._record(message=progress.message)
             if self.engine.clock() >= deadline:
                 last = f" (last state: {progress.message})" if progress.message else ""
                 return Progress(
@@ -406,14 +510,9 @@ class Run:
                     ) from exc
                 attempt += 1
                 self.retry_spent += delay
-                log.warning(
-                    "deployment %s: %s failed (%s); retry %d in %.1fs",
-                    self.deployment.id,
-                    getattr(function, "__name__", "call"),
-                    exc.message,
-                    attempt,
-                    delay,
-                )
+                retry = f"retry {attempt} in {round(delay, 1):g} s: {exc.message}"
+                log.warning("deployment %s of %s: %s", self.deployment.id, self.target.name, retry)
+                self._record(message=retry)
                 self._pause(delay)
             except (Exception, SystemExit) as exc:  # a plugin bug ends this deployment, not loops
                 log.exception(

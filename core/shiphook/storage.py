@@ -447,22 +447,32 @@ class Storage:
             for t in sorted(queued.keys() | active.keys())
         ]
 
-    def held_slots(self, *, now: datetime) -> set[tuple[str, int]]:
-        query = select(LEASE.c.target, LEASE.c.slot).where(LEASE.c.expires_at > now)
+    def held_slots(self, *, now: datetime) -> dict[tuple[str, int], str]:
+        """The owner of each slot whose lease has not expired."""
+        query = select(LEASE.c.target, LEASE.c.slot, LEASE.c.owner).where(LEASE.c.expires_at > now)
         with self.engine.connect() as connection:
-            return {(target, slot) for target, slot in connection.execute(query)}
+            return {(target, slot): owner for target, slot, owner in connection.execute(query)}
 
     def claim_lease(
-        self, *, target: str, slot: int, owner: str, now: datetime, until: datetime
+        self,
+        *,
+        target: str,
+        slot: int,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        takeover: str | None = None,
     ) -> bool:
-        """Take the slot if it is free, expired, or already ours; True when we hold it."""
+        """Take the slot if it is free, expired, already ours, or (with `takeover`) still held
+        by that owner, known to be gone; True when we hold it."""
+        holders = [owner] if takeover is None else [owner, takeover]
         with self._core() as connection:
             taken = connection.execute(
                 update(LEASE)
                 .where(
                     LEASE.c.target == target,
                     LEASE.c.slot == slot,
-                    or_(LEASE.c.expires_at <= now, LEASE.c.owner == owner),
+                    or_(LEASE.c.expires_at <= now, LEASE.c.owner.in_(holders)),
                 )
                 .values(owner=owner, expires_at=until)
             )
@@ -498,12 +508,13 @@ class Storage:
 
     def next_deployment(
         self, *, target: str, slot: int, kind: str, now: datetime
-    ) -> tuple[Deployment | None, list[str]]:
-        """The deployment the holder of this slot works on next.
+    ) -> tuple[Deployment | None, list[str], bool]:
+        """The deployment the holder of this slot works on next, the ids it superseded, and
+        whether it was already in progress.
 
         First one already in progress on the slot (resumed after a crash or a lost lease);
         otherwise it starts a queued one: for an app the newest, after superseding the older
-        ones; for a job the oldest. Also returns the ids it superseded.
+        ones; for a job the oldest.
         """
         order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
         query = (
@@ -521,10 +532,10 @@ class Storage:
         with self.engine.connect() as connection:
             row = connection.execute(query).first()
         if row is None:
-            return None, []
+            return None, [], False
         chosen = Deployment(**row._mapping)
         if chosen.status == Status.in_progress:
-            return chosen, []
+            return chosen, [], True
         superseded: list[str] = []
         supersede = _supersede(chosen, now) if kind == "app" else None
         while True:
@@ -542,19 +553,45 @@ class Storage:
                     .values(status=Status.in_progress, slot=slot, started_at=now, updated_at=now)
                 )
                 if not started.rowcount:
-                    return None, superseded
+                    return None, superseded, False
                 connection.execute(
                     insert(EVENT).values(
                         deployment_id=chosen.id, at=now, status=Status.in_progress, message=""
                     )
                 )
             chosen.status, chosen.slot, chosen.started_at = Status.in_progress, slot, now
-            return chosen, superseded
+            return chosen, superseded, False
+
+    def supersede_queued(
+        self, *, target: str, now: datetime
+    ) -> tuple[Deployment | None, list[str]]:
+        """Supersede the queued deployments of an app target by the newest queued one, in
+        chunks; return that one (None when fewer than two are queued) and the ids superseded."""
+        query = (
+            select(DEPLOYMENT)
+            .where(DEPLOYMENT.c.target == target, DEPLOYMENT.c.status == Status.queued)
+            .order_by(DEPLOYMENT.c.id.desc())
+            .limit(2)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        if len(rows) < 2:
+            return None, []
+        newest = Deployment(**rows[0]._mapping)
+        supersede = _supersede(newest, now)
+        superseded: list[str] = []
+        while True:
+            with self._core() as connection:
+                chunk = list(connection.execute(supersede).scalars())
+            superseded += chunk
+            if len(chunk) < SUPERSEDE_CHUNK:
+                return newest, superseded
 
 
 def _supersede(newest: Deployment, now: datetime) -> Update:
     """The statement that marks up to SUPERSEDE_CHUNK queued deployments older than `newest`
-    superseded by it and returns their ids; built once per start, outside the write lock."""
+    superseded by it and returns their ids; built once per start, outside the write lock.
+    It marks none once `newest` is itself superseded (by a newer one, from another process)."""
     older = (
         select(DEPLOYMENT.c.id)
         .where(
@@ -564,13 +601,18 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
         )
         .limit(SUPERSEDE_CHUNK)
     )
+    newest_live = (
+        select(DEPLOYMENT.c.id)
+        .where(DEPLOYMENT.c.id == newest.id, DEPLOYMENT.c.status != Status.superseded)
+        .exists()
+    )
     return (
         update(DEPLOYMENT)
-        .where(DEPLOYMENT.c.id.in_(older.scalar_subquery()))
+        .where(DEPLOYMENT.c.id.in_(older.scalar_subquery()), newest_live)
         .values(
             status=Status.superseded,
             superseded_by=newest.id,
-            message=f"superseded by deployment {newest.id}",
+            message=f"superseded by deployment {newest.id} (tag {newest.image_tag})",
             finished_at=now,
             updated_at=now,
         )

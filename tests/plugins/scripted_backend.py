@@ -13,9 +13,11 @@ engine through the real HTTP API:
 | `perm`          | deploy raises a permanent error                             |
 | `crash`         | deploy raises an unexpected exception (a plugin bug)        |
 
-A job run fails when its env has `EXIT` other than `0`. A target whose `name` starts with
-`missing` does not exist. With `state_dir`, state and the log of calls live in a file, shared
-by every process (crash and replica tests read it after the server is gone).
+A rollout in progress reports "updating: 0 of 2 tasks" for its first half of `polls`, then
+"updating: 1 of 2 tasks". A job run fails when its env has `EXIT` other than `0`. A target
+whose `name` starts with `missing` does not exist. With `state_dir`, state and the log of
+calls live in a file, shared by every process (crash and replica tests read it after the server
+is gone).
 """
 
 from __future__ import annotations
@@ -193,7 +195,9 @@ class ScriptedBackend(Backend):
             return Progress("running", "1/2 tasks updated")
         elapsed = time.time() - ref["at"]
         if count < self.options.polls or elapsed < self.options.rollout_seconds:
-            return Progress("running", "updating")
+            return Progress(
+                "running", f"updating: {int(count * 2 >= self.options.polls)} of 2 tasks"
+            )
         with self.state() as s:
             self._leave(s, target.name, ref["deployment"])
         if tag.startswith("bad"):

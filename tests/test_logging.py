@@ -1,0 +1,88 @@
+"""What the log tells an operator: a line per hook request (never its token), failures as
+warnings, and a rollout's progress and retries, which its history keeps too."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+from shiphook import tokens
+
+
+@pytest.fixture
+def log_lines(caplog):
+    caplog.set_level(logging.INFO)
+
+    def lines(logger: str, level: int = logging.INFO) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == level]
+
+    return lines
+
+
+def test_each_hook_request_is_one_access_log_line_and_never_shows_the_token(
+    harness, caplog, log_lines
+):
+    token, unknown = harness.new_hook("web"), tokens.new_token()
+    created = harness.deploy(token, {"imageTag": "1.0"})
+    harness.post_hook(token, {"imageTag": "-bad"})
+    harness.post_hook(unknown, {"imageTag": "1.0"})
+    harness.post_hook(token[:-1], {"imageTag": "1.0"})
+    harness.client.simulate_post("/api/v1/dh", json={"imageTag": "1.0"})
+
+    answers = [
+        re.fullmatch(r"POST /api/v1/dh (\d{3}) (.+) \(\d+\.\d ms\)", line)
+        for line in (log_lines("shiphook.access"))
+    ]
+    assert all(answers), answers
+    assert [(a[1], a[2].split(":")[0]) for a in answers] == [
+        ("201", f"deployment {created} queued"),
+        ("400", "imageTag"),
+        ("404", "no deploy hook matches this token"),
+        ("404", "no deploy hook matches this token"),
+        ("400", "missing header X-Deploy-Hook-Token"),
+    ]
+    for secret in (token, unknown, token[:-1], tokens.digest(token), tokens.digest(unknown)):
+        assert secret not in caplog.text
+
+
+def test_failed_and_rolled_back_deployments_are_warnings(harness, log_lines):
+    rolled_back = harness.deploy(harness.new_hook("web"), {"imageTag": "bad-1"})
+    failed = harness.deploy(harness.new_hook("api"), {"imageTag": "bad-2"})
+    succeeded = harness.deploy(harness.new_hook("strict"), {"imageTag": "v1.0.0"})
+    for deployment_id in (rolled_back, failed, succeeded):
+        harness.wait_for(deployment_id)
+    warnings = log_lines("shiphook.engine", logging.WARNING)
+    assert any(
+        line.startswith(f"deployment {rolled_back} of web: rolled_back: ") for line in warnings
+    )
+    assert any(line.startswith(f"deployment {failed} of api: failed: ") for line in warnings)
+    assert not any(succeeded in line for line in warnings)
+    assert any(
+        line.startswith(f"deployment {succeeded} of strict: succeeded")
+        for line in log_lines("shiphook.engine")
+    )
+
+
+def test_retries_and_progress_are_the_deployments_message_history_and_log(
+    harness_factory, log_lines
+):
+    harness = harness_factory(backend_extra="polls = 4")
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("api"), {"imageTag": "transient2"})
+    )
+    assert deployment["status"] == "succeeded"
+    steps = [e["message"] for e in deployment["history"] if e["status"] == "in_progress"]
+    retries = [m for m in steps if m.startswith("retry")]
+    assert len(retries) == 2, steps
+    for n, retry in enumerate(retries, 1):
+        assert re.fullmatch(rf"retry {n} in \d+(\.\d)? s: connection refused", retry), retry
+    progress = [m for m in steps if m.startswith("updating")]
+    assert progress == ["updating: 0 of 2 tasks", "updating: 1 of 2 tasks"]
+    assert steps.index(retries[-1]) < steps.index(progress[0])
+
+    prefix = f"deployment {deployment['id']} of api: "
+    assert [prefix + r for r in retries] == [
+        line for line in log_lines("shiphook.engine", logging.WARNING) if line.startswith(prefix)
+    ]
+    assert all(prefix + p in log_lines("shiphook.engine") for p in progress)
