@@ -17,10 +17,12 @@ schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests u
 
     .venv/bin/python bench/accept.py [--seconds 10] [--rounds 3] [--hooks 10,100000,1000000]
         [--databases sqlite,postgresql] [--synchronous full,normal] [--connections 16,64]
-        [--modes keep-alive,close] [--baseline REV]
+        [--modes keep-alive,close] [--baseline REV] [--log-level warning]
 
 `--baseline REV` adds, for each server, the shiphook of another git revision (its `core` on this
 venv), so that a change is measured against the code before it, in the same rounds.
+`--log-level info` (the servers' default) writes an access log line per request to the
+server's log file.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--connections", default="16,64")
     parser.add_argument("--modes", default="keep-alive,close")
     parser.add_argument("--baseline", help="a git revision to measure in the same rounds")
+    parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
     counts = [int(n) for n in args.hooks.split(",")]
     connections = [int(n) for n in args.connections.split(",")]
@@ -71,7 +74,9 @@ def main() -> None:
         for label, database, extra, source in variants:
             for count in counts:
                 server = stack.enter_context(
-                    shiphook(database=database, server=extra, source=source)
+                    shiphook(
+                        database=database, server=extra, source=source, log_level=args.log_level
+                    )
                 )
                 shiphooks[(label, count)] = server
                 token = server.create_hook()

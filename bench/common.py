@@ -183,6 +183,7 @@ def shiphook(
     database: str = "sqlite",
     server: str = "",
     source: Path | None = None,
+    log_level: str = "warning",
 ) -> Iterator[Shiphook]:
     """A configured (not started) shiphook in a fresh directory: target `web` plus `targets`
     (TOML, where `{directory}` stands for that directory), `server` (more `[server]` keys),
@@ -204,7 +205,7 @@ def shiphook(
                 [server]
                 database_url = "{url}"
                 {server}
-                log_level = "warning"
+                log_level = "{log_level}"
                 disabled_plugins = ["swarm"]
 
                 [backends.rec]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 import falcon.asgi
@@ -29,10 +31,35 @@ ENGINE_SOCKET = "SHIPHOOK_ENGINE_SOCKET"
 WAIT_POLL = 0.2  # seconds between a worker's reads of the outcomes its ?wait callers await
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TurnBufferedHandler(logging.StreamHandler):
+    """stderr, written once per turn of the event loop: an HTTP worker logs a line per hook
+    request, and a write each would cost the accept path (bench/README.md). Lines logged off
+    the loop's thread, or at exit, are written at once."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            open(  # noqa: SIM115 - stderr's descriptor, kept for the process's life
+                sys.stderr.fileno(), "w", buffering=1 << 16, closefd=False, errors="replace"
+            )
+        )
+        self._flush_due = False
+
+    def flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().flush()
+            return
+        if not self._flush_due:
+            self._flush_due = True
+            loop.call_soon(self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._flush_due = False
+        super().flush()
 
 
 def _app(instance: Instance, notify: Callable[[str], None], waiters: Waiters) -> falcon.asgi.App:
@@ -64,7 +91,12 @@ def worker_app() -> falcon.asgi.App:
     """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
     instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
     instance.storage.defer_checkpoints()  # the engine process checkpoints
-    configure_logging(instance.config.server.log_level)
+    logging.basicConfig(
+        level=instance.config.server.log_level.upper(),
+        format=LOG_FORMAT,
+        handlers=[TurnBufferedHandler()],
+        force=True,
+    )
     notify = EngineNotifier(os.environ[ENGINE_SOCKET])
     app = _app(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
     gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
