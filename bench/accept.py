@@ -22,7 +22,8 @@ schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests u
 `--baseline REV` adds, for each server, the shiphook of another git revision (its `core` on this
 venv), so that a change is measured against the code before it, in the same rounds.
 `--log-level info` (the servers' default) writes an access log line per request to the
-server's log file.
+server's log file. Each shiphook run also reports the CPU time its HTTP worker and its
+engine process spent per answered request, which a busy machine changes much less than req/s.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import argparse
 import contextlib
 import statistics
 
-from common import bare_server, checkout, save, seed_hooks, shiphook, wrk
+from common import bare_server, checkout, cpu_seconds, save, seed_hooks, shiphook, wrk
 
 
 def main() -> None:
@@ -62,6 +63,7 @@ def main() -> None:
         else:
             variants.append(("shiphook", "sqlite", "", None))
     measured: dict[tuple, list] = {}
+    cpu: dict[tuple, list[tuple[float, float]]] = {}  # (worker, engine) µs per request
 
     with contextlib.ExitStack() as stack:
         servers = {("bare", 0): (stack.enter_context(bare_server()), "-")}
@@ -90,11 +92,22 @@ def main() -> None:
             for c, close in settings:
                 order = list(servers.items())
                 for (kind, count), (url, token) in order if round_ % 2 == 0 else order[::-1]:
+                    pids = shiphooks[(kind, count)].pids() if kind != "bare" else []
+                    before = [cpu_seconds(pid) for pid in pids]
                     result = wrk(url, token=token, connections=c, seconds=args.seconds, close=close)
                     measured.setdefault((kind, count, c, close), []).append(result)
                     mode = "close" if close else "keep-alive"
+                    used = ""
+                    if pids:
+                        spent = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+                        per = (
+                            spent[0] * 1e6 / result.requests,
+                            sum(spent[1:]) * 1e6 / result.requests,
+                        )
+                        cpu.setdefault((kind, count, c, close), []).append(per)
+                        used = f"  cpu/req worker {per[0]:5.1f} us engine {per[1]:5.1f} us"
                     print(
-                        f"round {round_ + 1}: {kind:17} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}",
+                        f"round {round_ + 1}: {kind:17} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}{used}",
                         flush=True,
                     )
         for (label, count), server in shiphooks.items():  # every answered request is recorded
@@ -127,6 +140,10 @@ def main() -> None:
             "rounds": [vars(r) for r in results],
         }
         if kind != "bare":
+            run["cpu_us_per_request"] = {
+                "worker": statistics.median(w for w, _ in cpu[(kind, count, c, close)]),
+                "engine": statistics.median(e for _, e in cpu[(kind, count, c, close)]),
+            }
             # each round's ratio against the bare run of the same round, then their mean
             run["ratio"] = statistics.mean(
                 mine.requests_per_second / theirs.requests_per_second
@@ -135,14 +152,16 @@ def main() -> None:
         runs.append(run)
 
     print(
-        f"\n{'server':17} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} errors"
+        f"\n{'server':17} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'cpu us worker/engine':>20} errors"
     )
     for r in runs:
         mode = "close" if r["close"] else "keep-alive"
         ratio = f"{r['ratio']:.0%}" if "ratio" in r else "-"
+        used = r.get("cpu_us_per_request")
+        used = f"{used['worker']:.1f} / {used['engine']:.1f}" if used else "-"
         print(
             f"{r['server']:17} {r['hooks']:>8} {r['connections']:>5} {mode:10} "
-            f"{r['requests_per_second']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {ratio:>6} "
+            f"{r['requests_per_second']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {ratio:>6} {used:>20} "
             f"{r['errors'] + r['non_2xx']}"
         )
     print(

@@ -29,15 +29,16 @@ log = logging.getLogger("shiphook.server")
 
 ENGINE_SOCKET = "SHIPHOOK_ENGINE_SOCKET"
 WAIT_POLL = 0.2  # seconds between a worker's reads of the outcomes its ?wait callers await
+LOG_FLUSH_DELAY = 0.05  # seconds a worker's log lines may wait to be written together
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class TurnBufferedHandler(logging.StreamHandler):
-    """stderr, written once per turn of the event loop: an HTTP worker logs a line per hook
-    request, and a write each would cost the accept path (bench/README.md). Lines logged off
-    the loop's thread, or at exit, are written at once."""
+class BufferedLogHandler(logging.StreamHandler):
+    """stderr, written at most every LOG_FLUSH_DELAY seconds from the event loop: an HTTP
+    worker logs a line per hook request, and a write each would cost the accept path
+    (bench/README.md). Lines logged off the loop's thread, or at exit, are written at once."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -55,9 +56,9 @@ class TurnBufferedHandler(logging.StreamHandler):
             return
         if not self._flush_due:
             self._flush_due = True
-            loop.call_soon(self._flush_turn)
+            loop.call_later(LOG_FLUSH_DELAY, self._flush_later)
 
-    def _flush_turn(self) -> None:
+    def _flush_later(self) -> None:
         self._flush_due = False
         super().flush()
 
@@ -94,7 +95,7 @@ def worker_app() -> falcon.asgi.App:
     logging.basicConfig(
         level=instance.config.server.log_level.upper(),
         format=LOG_FORMAT,
-        handlers=[TurnBufferedHandler()],
+        handlers=[BufferedLogHandler()],
         force=True,
     )
     notify = EngineNotifier(os.environ[ENGINE_SOCKET])

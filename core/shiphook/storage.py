@@ -568,7 +568,7 @@ class Storage:
         """Supersede the queued deployments of an app target by the newest queued one, in
         chunks; return that one (None when fewer than two are queued) and the ids superseded."""
         query = (
-            select(DEPLOYMENT)
+            select(DEPLOYMENT.c.id, DEPLOYMENT.c.image_tag)
             .where(DEPLOYMENT.c.target == target, DEPLOYMENT.c.status == Status.queued)
             .order_by(DEPLOYMENT.c.id.desc())
             .limit(2)
@@ -577,7 +577,7 @@ class Storage:
             rows = connection.execute(query).all()
         if len(rows) < 2:
             return None, []
-        newest = Deployment(**rows[0]._mapping)
+        newest = Deployment(**rows[0]._mapping, target=target, kind="app")
         supersede = _supersede(newest, now)
         superseded: list[str] = []
         while True:
