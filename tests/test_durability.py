@@ -202,6 +202,12 @@ def test_superseded_waiting_ci_jobs_are_answered_while_the_running_rollout_goes_
         assert done, f"{len(pending)} waiting CI jobs were not answered"
         answered += [future.result() for future in done]
     shown = {d["id"]: d for d in all_deployments(server)}
+    access = "shiphook.access: POST /api/v1/dh 409 deployment"
+    deadline = time.monotonic() + 10
+    while server.log().count(access) < 11:  # a line per answer
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    log = server.log()
     server.stop(signal.SIGKILL)  # ends the last one's wait
     pool.shutdown()
 
@@ -219,8 +225,7 @@ def test_superseded_waiting_ci_jobs_are_answered_while_the_running_rollout_goes_
             f"(tag {successor['imageTag']})"
         )
         assert replaced_by(shown, deployment["id"]) == newest
-    log = server.log()
-    assert log.count("shiphook.access: POST /api/v1/dh 409 deployment") == 11
+    assert log.count(access) == 11
     assert token not in log
 
 

@@ -188,7 +188,8 @@ class Engine:
                 backoff = 0.0
 
     def dispatch_hinted(self, targets: set[str]) -> None:
-        """The fast path for targets this process was told about: claim their free slots
+        """The fast path for targets this process was told about: supersede an app target's
+        older queued deployments (at most every SUPERSEDE_EVERY seconds) and claim free slots
         without scanning the database (a worker that finds nothing lets its slot go)."""
         now = self.clock()
         for name in targets:

@@ -29,16 +29,15 @@ log = logging.getLogger("shiphook.server")
 
 ENGINE_SOCKET = "SHIPHOOK_ENGINE_SOCKET"
 WAIT_POLL = 0.2  # seconds between a worker's reads of the outcomes its ?wait callers await
-LOG_FLUSH_DELAY = 0.05  # seconds a worker's log lines may wait to be written together
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class BufferedLogHandler(logging.StreamHandler):
-    """stderr, written at most every LOG_FLUSH_DELAY seconds from the event loop: an HTTP
-    worker logs a line per hook request, and a write each would cost the accept path
-    (bench/README.md). Lines logged off the loop's thread, or at exit, are written at once."""
+    """stderr, written once per turn of the event loop: an HTTP worker logs a line per hook
+    request, and a write each would cost the accept path (bench/README.md). Warnings, and lines
+    logged off the loop's thread or at exit, are written at once."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -48,6 +47,11 @@ class BufferedLogHandler(logging.StreamHandler):
         )
         self._flush_due = False
 
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            super().flush()
+
     def flush(self) -> None:
         try:
             loop = asyncio.get_running_loop()
@@ -56,9 +60,9 @@ class BufferedLogHandler(logging.StreamHandler):
             return
         if not self._flush_due:
             self._flush_due = True
-            loop.call_later(LOG_FLUSH_DELAY, self._flush_later)
+            loop.call_soon(self._flush_turn)
 
-    def _flush_later(self) -> None:
+    def _flush_turn(self) -> None:
         self._flush_due = False
         super().flush()
 
