@@ -167,6 +167,17 @@ def test_a_nul_in_a_job_environment_value_is_400_naming_the_field(quiet):
     assert result.status_code == 201, result.text
 
 
+def test_a_rejected_job_environment_value_is_not_echoed(quiet, caplog):
+    """A job's values may be secrets: the 400 names the field, never shows (or logs) its value."""
+    token = quiet.new_hook("migrate")
+    variables = [{"name": "GREETING", "value": 31415926535}]
+    with caplog.at_level("INFO"):
+        result = quiet.post_hook(token, {"instanceEnvironmentVariables": variables})
+    assert_json_error(result, 400, "instanceEnvironmentVariables[0].value", "string")
+    assert "31415926535" not in result.text
+    assert "31415926535" not in caplog.text
+
+
 # -- 3: hook ids out of the column's range -------------------------------------------------
 
 

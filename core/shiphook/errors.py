@@ -60,7 +60,11 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
         for part in error["loc"]:
             path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] not in {"missing", "extra_forbidden"} and "input" in error:
+        if (
+            error["type"] not in {"missing", "extra_forbidden"}
+            and "input" in error
+            and not _may_be_secret(error["loc"])
+        ):
             given = repr(error["input"])
             if len(given) <= 60:
                 message += f" (got {given})"
@@ -68,3 +72,9 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
             message = "unknown key"
         lines.append(f"{path}: {message}" if path else message)
     return lines
+
+
+def _may_be_secret(loc: tuple[int | str, ...]) -> bool:
+    """A job's environment value or a credential option is never echoed back (nor logged)."""
+    key = str(loc[-1]).lower() if loc else ""
+    return key == "value" or any(word in key for word in ("token", "password", "secret", "key"))
