@@ -1,16 +1,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +16,8 @@ from falcon import testing
 from shiphook.engine import Engine
 from shiphook.instance import Instance, open_instance
 from shiphook.server import build
+from shiphook.testing import Server, free_port  # noqa: F401 - test modules import them here
+from shiphook.testing import start_server as testing_start_server
 
 PLUGIN_DIR = Path(__file__).parent / "plugins"
 sys.path.insert(0, str(PLUGIN_DIR))
@@ -210,12 +207,6 @@ def postgres_url():
 # -- a real `shiphook serve` subprocess ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plugin_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
@@ -239,42 +230,6 @@ def run_cli(*args: str, config: Path, env: dict[str, str] | None = None, check: 
     return result
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
-        """(status, headers, body) without raising on HTTP errors."""
-        req = urllib.request.Request(
-            self.url + path, data=body, method=method, headers=headers or {}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), err.read()
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM stops it as an operator would; SIGKILL kills it and its engine at once."""
-        if self.process.poll() is None:
-            if sig == signal.SIGKILL:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            else:
-                self.process.send_signal(sig)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # nothing of it may outlive the test
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-
 def start_server(
     config: Path,
     log_path: Path,
@@ -282,30 +237,7 @@ def start_server(
     preexec: Callable[[], None] | None = None,
 ) -> Server:
     """`preexec` runs in the child before `shiphook serve` starts (e.g. to set its limits)."""
-    port = free_port()
-    with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(
-            [SHIPHOOK, "--config", str(config), "serve", "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env or plugin_env(),
-            cwd=log_path.parent,
-            start_new_session=True,  # its own process group, engine included
-            preexec_fn=preexec,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"shiphook serve exited {process.returncode}: {server.log()}")
-        try:
-            if server.request("GET", "/healthz")[0] == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.05)
-    server.stop()
-    raise AssertionError(f"shiphook serve did not answer /healthz: {server.log()}")
+    return testing_start_server(config, log_path, env or plugin_env(), preexec)
 
 
 @pytest.fixture

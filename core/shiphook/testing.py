@@ -1,0 +1,693 @@
+"""The conformance suite: the hook semantics every backend is held to, run on its orchestrator.
+
+A backend's tests opt in with the pytest plugin and subclass `BackendConformance`, saying how to
+make workloads on their orchestrator and how to read back what runs::
+
+    # tests/test_conformance.py of a backend package
+    from shiphook.testing import BackendConformance
+
+    pytest_plugins = ["shiphook.testing"]
+
+
+    class TestEcsConformance(BackendConformance):
+        plugin = "ecs"
+        ...
+
+Every scenario goes through the real shiphook engine over a real database (one through a real
+`shiphook serve` and HTTP), never by calling backend methods in an order of its own. Which
+scenarios apply follows only from the backend's capability flags (`kinds`, `can_rollback`,
+`concurrent_runs`): a subclass cannot override a scenario, and the plugin refuses skip markers
+on them. The guide is docs/plugins.md.
+
+PYTEST_DONT_REWRITE: backend test modules import this before pytest loads it as a plugin; every
+assert here carries its own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import pytest
+from falcon import testing as falcon_testing
+
+from shiphook.backends import Backend
+from shiphook.engine import Engine
+from shiphook.errors import ConfigError
+from shiphook.instance import Instance, open_instance
+from shiphook.plugins import collect_backends, make_plugin_manager
+from shiphook.server import build
+
+T = TypeVar("T")
+ADMIN_TOKEN = "shiphook-conformance-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SHIPHOOK = str(Path(sys.executable).parent / "shiphook")
+MARKER = "SHIPHOOK_CONFORMANCE"  # the environment name job runs set
+ENGINE = "\n[engine]\nscan_interval = 0.2\nlease_seconds = 5\n"
+
+
+# -- a real `shiphook serve` ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A `shiphook serve` subprocess in its own process group."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+        """(status, headers, body) without raising on HTTP errors."""
+        req = urllib.request.Request(
+            self.url + path, data=body, method=method, headers=headers or {}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM stops it as an operator would; SIGKILL kills it and its engine at once."""
+        if self.process.poll() is None:
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.send_signal(sig)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # nothing of it may outlive the test
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_server(
+    config: Path,
+    log_path: Path,
+    env: dict[str, str],
+    preexec: Callable[[], None] | None = None,
+) -> Server:
+    """`shiphook serve` on a free loopback port, answering /healthz when returned; `preexec`
+    runs in the child before it starts (e.g. to set its limits)."""
+    port = free_port()
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [SHIPHOOK, "--config", str(config), "serve", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log_path.parent,
+            start_new_session=True,  # its own process group, engine included
+            preexec_fn=preexec,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"shiphook serve exited {process.returncode}: {server.log()}")
+        try:
+            if server.request("GET", "/healthz")[0] == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise AssertionError(f"shiphook serve did not answer /healthz: {server.log()}")
+
+
+# -- an in-process shiphook ---------------------------------------------------------------------
+
+
+@dataclass
+class Shiphook:
+    """An instance, its engine (threads over the real storage) and its HTTP app."""
+
+    instance: Instance
+    engine: Engine
+    app: object
+
+    @property
+    def client(self) -> falcon_testing.TestClient:
+        return falcon_testing.TestClient(self.app)
+
+    def new_hook(self, target: str) -> str:
+        return self.instance.hooks.create(target=target, name="ci").token
+
+    def post_hook(self, token: str, body: object = None, **kwargs: Any) -> falcon_testing.Result:
+        headers = {"X-Deploy-Hook-Token": token, **kwargs.pop("headers", {})}
+        if isinstance(body, (bytes, str)):
+            return self.client.simulate_post("/api/v1/dh", body=body, headers=headers, **kwargs)
+        return self.client.simulate_post("/api/v1/dh", json=body, headers=headers, **kwargs)
+
+    def deploy(self, token: str, body: object) -> str:
+        result = self.post_hook(token, body)
+        assert result.status_code == 201, result.text
+        return result.json["deployment"]["id"]
+
+    def wait_for(self, deployment_id: str, timeout: float = 10) -> dict:
+        """Poll the stored deployment until it is terminal (the engine runs in threads)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            deployment = self.instance.deployments.get(deployment_id).to_json()
+            if deployment["status"] not in ("queued", "in_progress"):
+                return deployment
+            time.sleep(0.02)
+        raise AssertionError(f"deployment {deployment_id} did not end: {deployment}")
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.instance.close()
+
+
+def open_shiphook(
+    config: Path, *, plugin_modules: list[str] | None = None, plugin_objects=()
+) -> Shiphook:
+    """Open an instance on `config`, migrate it and start its engine."""
+    instance = open_instance(config, plugin_modules=plugin_modules, plugin_objects=plugin_objects)
+    instance.migrate()
+    app, engine = build(instance)
+    engine.start()
+    return Shiphook(instance, engine, app)
+
+
+def eventually(check: Callable[[], T], what: str, timeout: float = 60) -> T:
+    """Poll `check` until it returns something truthy; its last value goes in the failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g}s: last {value!r}")
+        time.sleep(0.1)
+
+
+def tag_of(image: str) -> str:
+    """`registry:5000/web:1.2@sha256:...` -> `1.2`."""
+    name = image.split("@", 1)[0]
+    colon = name.rfind(":")
+    return name[colon + 1 :] if colon > name.rfind("/") else ""
+
+
+def toml_table(header: str, keys: dict[str, Any]) -> str:
+    lines = [f"[{header}]"]
+    for key, value in keys.items():
+        lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars and arrays are TOML too
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def silent_orchestrator() -> Iterator[str]:
+    """`host:port` of a loopback socket that accepts connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        host, port = listener.getsockname()
+        yield f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """What one job run ran: its image and the environment its workload saw."""
+
+    image: str
+    env: dict[str, str]
+
+
+class _Crash(BaseException):
+    """The engine's process dies here (what no `except Exception` catches)."""
+
+
+# -- the harness ----------------------------------------------------------------------------------
+
+
+class BackendConformance:
+    """Subclass it as `Test<Name>Conformance` and fill in what your orchestrator needs.
+
+    Class attributes name the backend and the image tags of the workloads the harness makes;
+    methods make fresh workloads and read back what the orchestrator runs. Methods about jobs are
+    only called when the backend's `kinds` has "job" (likewise apps). Helper fixtures of your own
+    go in an autouse fixture of the subclass; `self.tmp_path` is the test's directory.
+    """
+
+    plugin: ClassVar[str]
+    """The backend's `name`, as `plugin = "..."` in a config selects it."""
+    plugin_modules: ClassVar[tuple[str, ...]] = ()
+    """Plugin modules to load by name (`SHIPHOOK_PLUGINS`) when the plugin is not installed
+    with an entry point; the `shiphook serve` subprocess gets the tests' `sys.path`."""
+    rollout_timeout: ClassVar[float] = 120
+    """The targets' `rollout_timeout`: above what the orchestrator needs for one rollout."""
+
+    initial_tag: ClassVar[str] = ""
+    """The tag a fresh app runs."""
+    healthy_tag: ClassVar[str] = ""
+    """Another tag of the same repository that starts and stays healthy."""
+    failing_tag: ClassVar[str] = ""
+    """A tag of the same repository whose workload fails to start or turns unhealthy."""
+    failing_reason: ClassVar[str] = ""
+    """Part of the orchestrator's message about `failing_tag`, e.g. "exit code 1"."""
+
+    job_tag: ClassVar[str] = ""
+    """The tag a fresh job runs; its workload prints its environment and exits with $EXIT."""
+    other_job_tag: ClassVar[str] = ""
+    """Another tag of the job's repository that also runs and succeeds."""
+    failing_run_env: ClassVar[dict[str, str]] = {"EXIT": "3"}
+    """Overrides that make a job run fail."""
+    failing_run_reason: ClassVar[str] = ""
+    """Part of the orchestrator's message about such a failed run."""
+
+    tmp_path: Path
+
+    # -- what the backend's author writes --------------------------------------------------
+
+    def backend_options(self) -> dict[str, Any]:
+        """The keys of `[backends.<name>]` that reach the orchestrator under test."""
+        raise NotImplementedError
+
+    def unreachable_options(self) -> dict[str, Any]:
+        """Backend keys for an orchestrator that is not there (nothing listens)."""
+        raise NotImplementedError
+
+    def silent_options(self, address: str) -> dict[str, Any]:
+        """Backend keys for an orchestrator at `address` (`127.0.0.1:port`), which accepts
+        connections and never answers, with the backend's own call timeout a few seconds."""
+        raise NotImplementedError
+
+    def make_app(self) -> dict[str, Any]:
+        """Make a fresh app workload running `initial_tag`; return its target keys."""
+        raise NotImplementedError
+
+    def make_job(self) -> dict[str, Any]:
+        """Make a fresh job workload on `job_tag`; return its target keys."""
+        raise NotImplementedError
+
+    def missing_workload(self, kind: str) -> dict[str, Any]:
+        """Target keys of a workload of `kind` that does not exist; the orchestrator's
+        not-found message names one of their values."""
+        raise NotImplementedError
+
+    def workload_image(self, options: dict[str, Any]) -> str:
+        """The image the app workload is configured to run now."""
+        raise NotImplementedError
+
+    def running_images(self, options: dict[str, Any]) -> list[str]:
+        """The image of each instance of the app workload that is running now."""
+        raise NotImplementedError
+
+    def workload_version(self, options: dict[str, Any]) -> str:
+        """Anything that changes whenever the orchestrator changes or restarts the app
+        workload (a spec digest, a container id, a generation)."""
+        raise NotImplementedError
+
+    def job_run(self, options: dict[str, Any], deployment: dict[str, Any]) -> JobRun:
+        """What the run of `deployment` (as the API shows it, `backendRef` included) ran."""
+        raise NotImplementedError
+
+    def job_runs(self, options: dict[str, Any]) -> int:
+        """How many runs the orchestrator has started of the job workload so far."""
+        raise NotImplementedError
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in vars(cls):
+            if name.startswith("test_") or name == "pytestmark":
+                raise TypeError(
+                    f"{cls.__name__}.{name}: a conformance harness cannot override or mark "
+                    "scenarios; the backend's capability flags select which ones run"
+                )
+
+    @pytest.fixture(autouse=True)
+    def _conformance(self, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> Any:
+        if not request.config.pluginmanager.has_plugin("shiphook.testing"):
+            pytest.fail(
+                f'add pytest_plugins = ["shiphook.testing"] to the module of {type(self).__name__}',
+                pytrace=False,
+            )
+        monkeypatch.setenv("SHIPHOOK_ADMIN_TOKEN", ADMIN_TOKEN)
+        self.tmp_path = tmp_path
+        self._opened: list[Shiphook] = []
+        self._servers: list[Server] = []
+        yield
+        for server in self._servers:
+            server.stop()
+        for shiphook in self._opened:
+            shiphook.close()
+
+    @property
+    def backend_class(self) -> type[Backend]:
+        registry = collect_backends(make_plugin_manager(modules=self.plugin_modules))
+        return registry.classes[self.plugin]
+
+    def _requires(self, *, kind: str | None = None, rollback: bool = False) -> type[Backend]:
+        backend = self.backend_class
+        if kind is not None and kind not in backend.kinds:
+            pytest.skip(f"the {self.plugin} backend runs no {kind} targets (kinds)")
+        if rollback and not backend.can_rollback:
+            pytest.skip(f"the {self.plugin} backend cannot roll back (can_rollback)")
+        return backend
+
+    def _config(
+        self,
+        targets: dict[str, dict[str, Any]],
+        backend: dict[str, Any] | None = None,
+        name: str = "shiphook.toml",
+    ) -> Path:
+        text = f'[server]\ndatabase_url = "sqlite:///{self.tmp_path}/shiphook.db"\n{ENGINE}\n'
+        text += toml_table("backends.conformance", {"plugin": self.plugin, **(backend or {})})
+        for target, keys in targets.items():
+            common = {"backend": "conformance", "rollout_timeout": self.rollout_timeout}
+            text += toml_table(f"targets.{target}", {**common, "retry_budget": 30, **keys})
+        path = self.tmp_path / name
+        path.write_text(text)
+        return path
+
+    def _open(self, targets: dict[str, dict[str, Any]], backend=None) -> Shiphook:
+        config = self._config(targets, self.backend_options() if backend is None else backend)
+        shiphook = open_shiphook(config, plugin_modules=list(self.plugin_modules))
+        self._opened.append(shiphook)
+        return shiphook
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env["SHIPHOOK_PLUGINS"] = ",".join(self.plugin_modules)
+        env["SHIPHOOK_ADMIN_TOKEN"] = ADMIN_TOKEN
+        return env
+
+    def _cli(self, config: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [SHIPHOOK, "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            env=self._env(),
+            cwd=self.tmp_path,
+            timeout=120,
+        )
+
+    def _app(self, **keys: Any) -> dict[str, Any]:
+        return {"kind": "app", **self.make_app(), **keys}
+
+    def _job(self, **keys: Any) -> dict[str, Any]:
+        return {"kind": "job", **self.make_job(), **keys}
+
+    @staticmethod
+    def _locator(target: dict[str, Any]) -> dict[str, Any]:
+        """The backend's own keys of a target table (what the harness methods returned)."""
+        core = {"kind", "backend", "rollout_timeout", "retry_budget", "on_failure"}
+        core |= {"max_concurrent_runs", "call_timeout"}
+        return {k: v for k, v in target.items() if k not in core}
+
+    def _ended(self, shiphook: Shiphook, deployment_id: str) -> dict:
+        return shiphook.wait_for(deployment_id, timeout=self.rollout_timeout + 60)
+
+    # -- apps --------------------------------------------------------------------------------
+
+    def test_a_new_tag_succeeds_and_the_same_tag_again_starts_no_rollout(self):
+        """Through a real `shiphook serve`: POST ?wait answers when the orchestrator runs it."""
+        self._requires(kind="app")
+        app = self._app()
+        config = self._config({"app": app}, self.backend_options())
+        server = start_server(config, self.tmp_path / "serve.log", self._env())
+        self._servers.append(server)
+        status, _, body = server.request(
+            "POST", "/api/v1/targets/app/hooks", json.dumps({"name": "ci"}).encode(), ADMIN
+        )
+        assert status == 201, body
+        hook = {"X-Deploy-Hook-Token": json.loads(body)["hook"]["token"]}
+
+        def post(tag: str) -> dict:
+            wait = f"/api/v1/dh?wait={self.rollout_timeout + 30:g}"
+            data = json.dumps({"imageTag": tag}).encode()
+            status, _, answer = server.request("POST", wait, data, hook)
+            assert status == 201, f"{status} {answer!r}\n{server.log()}"
+            deployment = json.loads(answer)["deployment"]
+            assert deployment["status"] == "succeeded", deployment
+            return deployment
+
+        post(self.healthy_tag)
+        locator = self._locator(app)
+        assert tag_of(self.workload_image(locator)) == self.healthy_tag
+        running = self.running_images(locator)
+        assert running and {tag_of(i) for i in running} == {self.healthy_tag}, running
+        version = self.workload_version(locator)
+        post(self.healthy_tag)
+        assert self.workload_version(locator) == version, "the same tag started a new rollout"
+        assert {tag_of(i) for i in self.running_images(locator)} == {self.healthy_tag}
+
+    def test_a_failing_tag_is_rolled_back_with_the_orchestrators_reason(self):
+        backend = self._requires(kind="app")
+        app = self._app(on_failure="rollback")
+        shiphook = self._open({"app": app})
+        answer = shiphook.post_hook(
+            shiphook.new_hook("app"),
+            {"imageTag": self.failing_tag},
+            params={"wait": str(self.rollout_timeout + 30)},
+        )
+        assert answer.status_code == 502, answer.text
+        deployment = answer.json["deployment"]
+        assert self.failing_reason, "set failing_reason to part of the orchestrator's message"
+        assert self.failing_reason in deployment["message"], deployment
+        locator = self._locator(app)
+        if not backend.can_rollback:
+            assert deployment["status"] == "failed", deployment
+            return
+        assert deployment["status"] == "rolled_back", deployment
+        assert tag_of(self.workload_image(locator)) == self.initial_tag
+        eventually(
+            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
+            f"the app running {self.initial_tag} again",
+        )
+
+    def test_a_failing_tag_with_on_failure_leave_is_left_as_the_orchestrator_left_it(self):
+        self._requires(kind="app")
+        app = self._app(on_failure="leave")
+        shiphook = self._open({"app": app})
+        answer = shiphook.post_hook(
+            shiphook.new_hook("app"),
+            {"imageTag": self.failing_tag},
+            params={"wait": str(self.rollout_timeout + 30)},
+        )
+        assert answer.status_code == 502, answer.text
+        deployment = answer.json["deployment"]
+        assert deployment["status"] == "failed", deployment
+        assert self.failing_reason in deployment["message"], deployment
+        assert tag_of(self.workload_image(self._locator(app))) == self.failing_tag
+
+    def test_rollback_on_demand_returns_to_the_image_that_succeeded_before(self):
+        self._requires(kind="app")
+        app = self._app()
+        shiphook = self._open({"app": app})
+        first = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": self.healthy_tag})
+        assert self._ended(shiphook, first)["status"] == "succeeded"
+        answer = shiphook.client.simulate_post(
+            f"/api/v1/deployments/{first}/rollback", headers=ADMIN
+        )
+        assert answer.status_code == 201, answer.text
+        rollback = answer.json["deployment"]
+        assert rollback["imageTag"] == self.initial_tag, rollback
+        assert self._ended(shiphook, rollback["id"])["status"] == "succeeded"
+        locator = self._locator(app)
+        assert tag_of(self.workload_image(locator)) == self.initial_tag
+        assert {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag}
+
+    def test_a_missing_workload_fails_at_once_with_the_orchestrators_message(self):
+        kind = "app" if "app" in self.backend_class.kinds else "job"
+        missing = self.missing_workload(kind)
+        # a retry budget no test waits out: a failure within the test's time had no retries
+        shiphook = self._open({"gone": {"kind": kind, **missing, "retry_budget": 3600}})
+        body = {"imageTag": self.healthy_tag} if kind == "app" else {}
+        deployment = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("gone"), body))
+        assert deployment["status"] == "failed", deployment
+        assert "gave up" not in deployment["message"], deployment
+        names = [str(v) for v in missing.values() if isinstance(v, str)]
+        assert any(name in deployment["message"] for name in names), (names, deployment)
+
+    def test_a_deploy_repeated_after_a_crash_rolls_out_once(self):
+        """The process dies right after the orchestrator accepted `deploy`, before shiphook
+        stored its reference; the resumed engine calls `deploy` again for the same id."""
+        backend = self._requires(kind="app")
+        app = self._app()
+        shiphook = self._open({"app": app})
+        calls = self._crash_once(shiphook, "deploy")
+        tag = self.failing_tag if backend.can_rollback else self.healthy_tag
+        deployment_id = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": tag})
+        deployment = self._ended(shiphook, deployment_id)
+        assert calls == [deployment_id, deployment_id], calls
+        locator = self._locator(app)
+        if not backend.can_rollback:
+            assert deployment["status"] == "succeeded", deployment
+            assert tag_of(self.workload_image(locator)) == self.healthy_tag
+            return
+        # the repeated call followed the first rollout: its rollback returns to what ran before
+        assert deployment["status"] == "rolled_back", deployment
+        assert self.failing_reason in deployment["message"], deployment
+        assert tag_of(self.workload_image(locator)) == self.initial_tag
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def test_a_job_run_sees_its_overrides_and_the_next_run_does_not(self):
+        self._requires(kind="job")
+        job = self._job()
+        shiphook = self._open({"job": job})
+        token = shiphook.new_hook("job")
+        first = self._ended(shiphook, shiphook.deploy(token, self._run_body({MARKER: "first"})))
+        assert first["status"] == "succeeded", first
+        assert self.job_run(self._locator(job), first).env.get(MARKER) == "first"
+        second = self._ended(shiphook, shiphook.deploy(token, {}))
+        assert second["status"] == "succeeded", second
+        assert MARKER not in self.job_run(self._locator(job), second).env
+
+    def test_a_job_runs_image_tag_applies_to_that_run_only(self):
+        self._requires(kind="job")
+        job = self._job()
+        shiphook = self._open({"job": job})
+        token = shiphook.new_hook("job")
+        first = shiphook.deploy(token, {"imageTag": self.other_job_tag})
+        first_run = self._ended(shiphook, first)
+        assert first_run["status"] == "succeeded", first_run
+        assert tag_of(self.job_run(self._locator(job), first_run).image) == self.other_job_tag
+        second = self._ended(shiphook, shiphook.deploy(token, {}))
+        assert second["status"] == "succeeded", second
+        assert tag_of(self.job_run(self._locator(job), second).image) == self.job_tag
+
+    def test_a_failing_job_run_fails_with_the_orchestrators_reason(self):
+        self._requires(kind="job")
+        shiphook = self._open({"job": self._job()})
+        body = self._run_body(self.failing_run_env)
+        run = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("job"), body))
+        assert run["status"] == "failed", run
+        assert self.failing_run_reason, "set failing_run_reason to part of the orchestrator's"
+        assert self.failing_run_reason in run["message"], run
+
+    def test_concurrent_runs_only_where_the_backend_allows_them(self):
+        backend = self._requires(kind="job")
+        job = self._job(max_concurrent_runs=2)
+        if not backend.concurrent_runs:
+            with pytest.raises(ConfigError, match="max_concurrent_runs"):
+                self._open({"job": job})
+            return
+        shiphook = self._open({"job": job})
+        token = shiphook.new_hook("job")
+        ids = [shiphook.deploy(token, self._run_body({MARKER: f"run{n}"})) for n in range(2)]
+        for n, deployment_id in enumerate(ids):
+            run = self._ended(shiphook, deployment_id)
+            assert run["status"] == "succeeded", run
+            assert self.job_run(self._locator(job), run).env.get(MARKER) == f"run{n}"
+
+    def test_a_job_run_repeated_after_a_crash_runs_once(self):
+        self._requires(kind="job")
+        job = self._job()
+        shiphook = self._open({"job": job})
+        before = self.job_runs(self._locator(job))
+        calls = self._crash_once(shiphook, "run_job")
+        body = self._run_body({MARKER: "once"})
+        run = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("job"), body))
+        assert calls == [run["id"], run["id"]], calls
+        assert run["status"] == "succeeded", run
+        assert self.job_runs(self._locator(job)) == before + 1
+        assert self.job_run(self._locator(job), run).env.get(MARKER) == "once"
+
+    # -- an orchestrator that does not answer ------------------------------------------------
+
+    def test_calls_return_within_the_backends_timeout_when_the_orchestrator_does_not_answer(
+        self,
+    ):
+        backend = self.backend_class
+        kind = "app" if "app" in backend.kinds else "job"
+        with silent_orchestrator() as address:
+            options = self.silent_options(address)
+            target = {"kind": kind, **self.missing_workload(kind), "retry_budget": 0}
+            shiphook = self._open({"silent": target}, backend=options)
+            body = {"imageTag": self.healthy_tag} if kind == "app" else {}
+            deployment = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("silent"), body))
+            # the backend gave up on its own (a transient error, no budget left to retry it)
+            assert deployment["status"] == "failed", deployment
+            assert deployment["message"].startswith("gave up after 1 attempts"), deployment
+            stopped = threading.Thread(target=shiphook.engine.stop)
+            stopped.start()
+            stopped.join(60)
+            assert not stopped.is_alive(), "an engine thread still waits on the orchestrator"
+            checked = self._cli(self._config({}, options, "silent.toml"), "check")
+        self._assert_check_fails_in_one_line(checked)
+
+    def test_check_against_an_unreachable_orchestrator_fails_in_one_line(self):
+        checked = self._cli(self._config({}, self.unreachable_options()), "check")
+        self._assert_check_fails_in_one_line(checked)
+
+    # -- helpers of the scenarios ------------------------------------------------------------
+
+    def _assert_check_fails_in_one_line(self, checked: subprocess.CompletedProcess) -> None:
+        assert checked.returncode == 1, checked
+        lines = checked.stdout.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("config "), checked
+        prefix = f"backend conformance ({self.plugin}): UNREACHABLE: "
+        assert lines[1].startswith(prefix) and len(lines[1]) > len(prefix), checked
+        assert "Traceback" not in checked.stderr, checked.stderr
+
+    @staticmethod
+    def _run_body(env: dict[str, str]) -> dict:
+        return {"instanceEnvironmentVariables": [{"name": k, "value": v} for k, v in env.items()]}
+
+    @staticmethod
+    def _crash_once(shiphook: Shiphook, method: str) -> list[str]:
+        """Make the first call of `method` kill its engine thread after the orchestrator
+        accepted it; return the deployment id of every call."""
+        backend = shiphook.instance.backends["conformance"]
+        real = getattr(backend, method)
+        calls: list[str] = []
+
+        def crashing(*args: Any, **kwargs: Any) -> Any:
+            calls.append(kwargs["deployment_id"])
+            ref = real(*args, **kwargs)
+            if len(calls) == 1:
+                raise _Crash
+            return ref
+
+        setattr(backend, method, crashing)  # the engine looks the method up on every call
+        return calls
+
+
+# -- the pytest plugin -------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scenarios run wherever the capability flags say they apply: no skip marks on them."""
+    for item in items:
+        cls = getattr(item, "cls", None)
+        if cls is None or not issubclass(cls, BackendConformance):
+            continue
+        for mark in item.iter_markers():
+            if mark.name in ("skip", "skipif") or (
+                mark.name == "xfail" and not mark.kwargs.get("strict")
+            ):
+                raise pytest.UsageError(
+                    f"{item.nodeid}: conformance scenarios cannot be skipped (a strict xfail, "
+                    "naming the fix, is the only mark allowed)"
+                )
