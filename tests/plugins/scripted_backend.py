@@ -14,10 +14,13 @@ engine through the real HTTP API:
 | `crash`         | deploy raises an unexpected exception (a plugin bug)        |
 
 A rollout in progress reports "updating: 0 of 2 tasks" for its first half of `polls`, then
-"updating: 1 of 2 tasks". A job run fails when its env has `EXIT` other than `0`. A target
-whose `name` starts with `missing` does not exist. With `state_dir`, state and the log of
-calls live in a file, shared by every process (crash and replica tests read it after the server
-is gone).
+"updating: 1 of 2 tasks". Deploying the tag a target runs already succeeds at once, without a
+rollout. A job run fails when its env has `EXIT` other than `0`; it runs
+`<repository>:<imageTag>`, by default `<repository>:initial`. A target whose `name` starts with
+`missing` does not exist. With `address`, every call first waits `timeout` seconds for that
+address to answer (the conformance suite's orchestrator that never does). With `state_dir`, state
+and the log of calls live in a file, shared by every process (crash and replica tests read it
+after the server is gone).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +48,8 @@ class ScriptedOptions(BaseModel):
     polls: int = 1
     rollout_seconds: float = 0.0
     unreachable: str | None = None
+    address: str | None = None
+    timeout: float = 2.0
 
 
 class ScriptedTargetOptions(BaseModel):
@@ -123,7 +129,20 @@ class ScriptedBackend(Backend):
     def check(self) -> str:
         if self.options.unreachable:
             raise BackendError(self.options.unreachable, transient=True)
+        if self.options.address:
+            host, port = self.options.address.rsplit(":", 1)
+            try:
+                with socket.create_connection((host, int(port)), self.options.timeout) as conn:
+                    conn.sendall(b"ping\n")
+                    conn.recv(1)
+            except OSError as exc:
+                raise BackendError(f"{self.options.address}: {exc}", transient=True) from None
         return "scripted backend ready"
+
+    def generation(self, name: str) -> int:
+        """How many rollouts the workload `name` has had."""
+        with self.state() as s:
+            return s.get("generation", {}).get(name, 0)
 
     def describe(self, target: Target) -> TargetState:
         self.check()
@@ -131,7 +150,7 @@ class ScriptedBackend(Backend):
             raise BackendError(f"service {target.options.name} not found")
         with self.state() as s:
             images = s.setdefault("images", {})
-            image = images.setdefault(target.name, f"{target.options.repository}:initial")
+            image = images.setdefault(target.options.name, f"{target.options.repository}:initial")
         return TargetState(image=image)
 
     def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> dict[str, Any]:
@@ -153,12 +172,23 @@ class ScriptedBackend(Backend):
             if image_tag.startswith("perm"):
                 raise BackendError(f"invalid image reference {image_tag!r}")
             images = s.setdefault("images", {})
-            previous = images.get(target.name, f"{target.options.repository}:initial")
-            images[target.name] = f"{target.options.repository}:{image_tag}"
+            name, repository = target.options.name, target.options.repository
+            wanted = f"{repository}:{image_tag}"
             if deployment_id not in s.setdefault("previous", {}):  # idempotent on a repeat
-                s["previous"][deployment_id] = previous
-                self._enter(s, target.name)
-        return {"op": "deploy", "deployment": deployment_id, "tag": image_tag, "at": time.time()}
+                s["previous"][deployment_id] = images.get(name, f"{repository}:initial")
+                if s["previous"][deployment_id] != wanted:
+                    images[name] = wanted
+                    generation = s.setdefault("generation", {})
+                    generation[name] = generation.get(name, 0) + 1
+                    self._enter(s, target.name)
+            unchanged = s["previous"][deployment_id] == wanted
+        return {
+            "op": "deploy",
+            "deployment": deployment_id,
+            "tag": image_tag,
+            "at": time.time(),
+            "unchanged": unchanged,
+        }
 
     def run_job(
         self, target: Target, *, env: dict[str, str], image_tag: str | None, deployment_id: str
@@ -167,7 +197,7 @@ class ScriptedBackend(Backend):
         with self.state() as s:
             runs = s.setdefault("runs", {})
             if deployment_id not in runs:  # idempotent per deployment, like a derived job name
-                runs[deployment_id] = {"env": env, "tag": image_tag}
+                runs[deployment_id] = {"env": env, "tag": image_tag, "name": target.options.name}
                 self._log(s, "run", target=target.name, env=env, deployment=deployment_id)
                 self._enter(s, target.name)
         return {"op": "run", "deployment": deployment_id, "at": time.time()}
@@ -191,6 +221,8 @@ class ScriptedBackend(Backend):
         if ref["op"] == "rollback":
             return Progress("succeeded", f"restored {ref['image']}")
         tag = ref["tag"]
+        if ref.get("unchanged"):
+            return Progress("succeeded", f"{target.options.name} already runs {tag}")
         if tag.startswith("hang"):
             return Progress("running", "1/2 tasks updated")
         elapsed = time.time() - ref["at"]
@@ -210,7 +242,7 @@ class ScriptedBackend(Backend):
             previous = s.get("previous", {}).get(ref["deployment"])
             if previous is None:
                 raise BackendError(f"service {target.options.name} does not have a previous spec")
-            s["images"][target.name] = previous
+            s["images"][target.options.name] = previous
             self._log(s, "rollback", target=target.name, deployment=ref["deployment"])
             self._leave(s, target.name, ref["deployment"])  # a timed-out rollout ends here
         return {"op": "rollback", "deployment": ref["deployment"], "image": previous}

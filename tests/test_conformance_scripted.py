@@ -1,0 +1,91 @@
+"""The conformance suite (shiphook.testing) against the scripted test backend."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from scripted_backend import ScriptedBackend, ScriptedOptions
+from shiphook.testing import BackendConformance, JobRun
+
+pytest_plugins = ["shiphook.testing", "pytester"]
+
+
+class TestScriptedConformance(BackendConformance):
+    plugin = "scripted"
+    plugin_modules = ("scripted_backend",)
+    rollout_timeout = 10
+    initial_tag = "initial"
+    healthy_tag = "v2"
+    failing_tag = "bad"
+    failing_reason = "task exited with code 1"
+    job_tag = "initial"
+    other_job_tag = "other"
+    failing_run_reason = "task exited with code 3"
+
+    @property
+    def orchestrator(self) -> ScriptedBackend:
+        return ScriptedBackend(ScriptedOptions(state_dir=str(self.tmp_path / "orchestrator")))
+
+    def backend_options(self) -> dict[str, Any]:
+        return {"state_dir": str(self.tmp_path / "orchestrator")}
+
+    def unreachable_options(self) -> dict[str, Any]:
+        return {"unreachable": "connection refused"}
+
+    def silent_options(self, address: str) -> dict[str, Any]:
+        return {"address": address, "timeout": 1}
+
+    def make_app(self) -> dict[str, Any]:
+        return {"name": f"web-{uuid.uuid4().hex[:8]}"}
+
+    def make_job(self) -> dict[str, Any]:
+        return {"name": f"job-{uuid.uuid4().hex[:8]}"}
+
+    def missing_workload(self, kind: str) -> dict[str, Any]:
+        return {"name": "missing-workload"}
+
+    def workload_image(self, options: dict[str, Any]) -> str:
+        return self.orchestrator.image(options["name"]) or "registry.test/app:initial"
+
+    def running_images(self, options: dict[str, Any]) -> list[str]:
+        return [self.workload_image(options)]
+
+    def workload_version(self, options: dict[str, Any]) -> str:
+        return str(self.orchestrator.generation(options["name"]))
+
+    def job_run(self, options: dict[str, Any], deployment: dict[str, Any]) -> JobRun:
+        with self.orchestrator.state() as s:
+            run = s["runs"][deployment["id"]]
+        return JobRun(image=f"registry.test/app:{run['tag'] or 'initial'}", env=run["env"])
+
+    def job_runs(self, options: dict[str, Any]) -> int:
+        with self.orchestrator.state() as s:
+            return sum(run["name"] == options["name"] for run in s.get("runs", {}).values())
+
+
+def test_a_harness_cannot_override_or_mark_a_scenario():
+    with pytest.raises(TypeError, match="cannot override or mark scenarios"):
+
+        class TestSkipping(TestScriptedConformance):
+            def test_a_failing_job_run_fails_with_the_orchestrators_reason(self):
+                pass
+
+
+def test_the_plugin_refuses_skip_marks_on_scenarios(pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+        from shiphook.testing import BackendConformance
+
+        pytest_plugins = ["shiphook.testing"]
+        pytestmark = pytest.mark.skip("too slow")
+
+
+        class TestAgain(BackendConformance):
+            plugin = "scripted"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}")
+    result.stderr.fnmatch_lines(["*conformance scenarios cannot be skipped*"])
