@@ -39,6 +39,9 @@ IMAGES = {
     f"{APP}:broken": ["/bin/busybox", "sh", "-c", "echo cannot start >&2; exit 1"],
     f"{JOB}:ok": ["/bin/busybox", "sh", "-c", "echo GREETING=$GREETING NAME=$NAME"],
     f"{JOB}:fail": ["/bin/busybox", "sh", "-c", "echo migration failed >&2; exit 1"],
+    # the conformance suite's jobs: print the environment, exit with $EXIT
+    f"{JOB}:env": ["/bin/busybox", "sh", "-c", "/bin/busybox env; exit ${EXIT:-0}"],
+    f"{JOB}:env2": ["/bin/busybox", "sh", "-c", "/bin/busybox env; exit ${EXIT:-0}"],
 }
 
 

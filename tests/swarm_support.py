@@ -153,12 +153,12 @@ class Services:
         wait_until(lambda: len(self.running_images(name)) == replicas, what=f"{name} running")
         return name
 
-    def job(self, *, env: list[str]) -> str:
-        """A replicated-job service on JOB:ok that Swarm does not restart on failure."""
+    def job(self, *, env: list[str], image: str = f"{JOB}:ok") -> str:
+        """A replicated-job service (on JOB:ok) that Swarm does not restart on failure."""
         name = self._name("job")
         self.client.create_service(
             docker.types.TaskTemplate(
-                container_spec=docker.types.ContainerSpec(f"{JOB}:ok", env=env),
+                container_spec=docker.types.ContainerSpec(image, env=env),
                 restart_policy=docker.types.RestartPolicy(condition="none"),
             ),
             name=name,

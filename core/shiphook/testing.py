@@ -214,6 +214,10 @@ def tag_of(image: str) -> str:
     return name[colon + 1 :] if colon > name.rfind("/") else ""
 
 
+def assert_tag(image: str, tag: str) -> None:
+    assert tag_of(image) == tag, f"{image} is not of tag {tag}"
+
+
 def toml_table(header: str, keys: dict[str, Any]) -> str:
     lines = [f"[{header}]"]
     for key, value in keys.items():
@@ -453,7 +457,7 @@ class BackendConformance:
 
         post(self.healthy_tag)
         locator = self._locator(app)
-        assert tag_of(self.workload_image(locator)) == self.healthy_tag
+        assert_tag(self.workload_image(locator), self.healthy_tag)
         running = self.running_images(locator)
         assert running and {tag_of(i) for i in running} == {self.healthy_tag}, running
         version = self.workload_version(locator)
@@ -479,7 +483,7 @@ class BackendConformance:
             assert deployment["status"] == "failed", deployment
             return
         assert deployment["status"] == "rolled_back", deployment
-        assert tag_of(self.workload_image(locator)) == self.initial_tag
+        assert_tag(self.workload_image(locator), self.initial_tag)
         eventually(
             lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
             f"the app running {self.initial_tag} again",
@@ -498,7 +502,7 @@ class BackendConformance:
         deployment = answer.json["deployment"]
         assert deployment["status"] == "failed", deployment
         assert self.failing_reason in deployment["message"], deployment
-        assert tag_of(self.workload_image(self._locator(app))) == self.failing_tag
+        assert_tag(self.workload_image(self._locator(app)), self.failing_tag)
 
     def test_rollback_on_demand_returns_to_the_image_that_succeeded_before(self):
         self._requires(kind="app")
@@ -514,7 +518,7 @@ class BackendConformance:
         assert rollback["imageTag"] == self.initial_tag, rollback
         assert self._ended(shiphook, rollback["id"])["status"] == "succeeded"
         locator = self._locator(app)
-        assert tag_of(self.workload_image(locator)) == self.initial_tag
+        assert_tag(self.workload_image(locator), self.initial_tag)
         assert {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag}
 
     def test_a_missing_workload_fails_at_once_with_the_orchestrators_message(self):
@@ -543,12 +547,12 @@ class BackendConformance:
         locator = self._locator(app)
         if not backend.can_rollback:
             assert deployment["status"] == "succeeded", deployment
-            assert tag_of(self.workload_image(locator)) == self.healthy_tag
+            assert_tag(self.workload_image(locator), self.healthy_tag)
             return
         # the repeated call followed the first rollout: its rollback returns to what ran before
         assert deployment["status"] == "rolled_back", deployment
         assert self.failing_reason in deployment["message"], deployment
-        assert tag_of(self.workload_image(locator)) == self.initial_tag
+        assert_tag(self.workload_image(locator), self.initial_tag)
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -572,10 +576,10 @@ class BackendConformance:
         first = shiphook.deploy(token, {"imageTag": self.other_job_tag})
         first_run = self._ended(shiphook, first)
         assert first_run["status"] == "succeeded", first_run
-        assert tag_of(self.job_run(self._locator(job), first_run).image) == self.other_job_tag
+        assert_tag(self.job_run(self._locator(job), first_run).image, self.other_job_tag)
         second = self._ended(shiphook, shiphook.deploy(token, {}))
         assert second["status"] == "succeeded", second
-        assert tag_of(self.job_run(self._locator(job), second).image) == self.job_tag
+        assert_tag(self.job_run(self._locator(job), second).image, self.job_tag)
 
     def test_a_failing_job_run_fails_with_the_orchestrators_reason(self):
         self._requires(kind="job")
@@ -583,7 +587,9 @@ class BackendConformance:
         body = self._run_body(self.failing_run_env)
         run = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("job"), body))
         assert run["status"] == "failed", run
-        assert self.failing_run_reason, "set failing_run_reason to part of the orchestrator's"
+        assert self.failing_run_reason, (
+            "set failing_run_reason to part of the orchestrator's message"
+        )
         assert self.failing_run_reason in run["message"], run
 
     def test_concurrent_runs_only_where_the_backend_allows_them(self):
