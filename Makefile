@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# every built-in backend is its own distribution, installed as a third party's would be
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 .PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PLUGINS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -rf shiphook.egg-info  # metadata of the old layout, which still registered swarm in the core
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $(STAMP)
 
 run: install
@@ -31,4 +34,4 @@ lint: install
 	$(BIN)/ruff format --check core plugins tests bench
 
 clean:
-	rm -rf $(VENV) shiphook.db shiphook.db-* shiphook.lock
+	rm -rf $(VENV) shiphook.db shiphook.db-* shiphook.lock shiphook.egg-info
