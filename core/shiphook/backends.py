@@ -54,6 +54,7 @@ class Target:
     allowed_tags: str | None = None
     parameters: tuple[str, ...] | None = None
     max_concurrent_runs: int = 1
+    call_timeout: float = 120.0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class TargetSection(BaseModel):
     allowed_tags: str | None = None
     parameters: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] | None = None
     max_concurrent_runs: int = Field(1, ge=1, le=100)
+    call_timeout: Seconds = 120
 
     @field_validator("allowed_tags")
     @classmethod
@@ -189,6 +190,7 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
             allowed_tags=common["allowed_tags"],
             parameters=tuple(common["parameters"]) if common["parameters"] is not None else None,
             max_concurrent_runs=common["max_concurrent_runs"],
+            call_timeout=common["call_timeout"],
         )
     return Config(
         path=path, server=parsed.server, engine=parsed.engine, backends=backends, targets=targets

@@ -504,7 +504,9 @@ class Run:
         while True:
             self.lease.keep()
             try:
-                return function(*args, **kwargs)
+                return self._within_call_timeout(function, *args, **kwargs)
+            except (Stopping, LeaseLost):
+                raise
             except BackendError as exc:
                 if not exc.transient:
                     raise
@@ -527,6 +529,42 @@ class Run:
                 raise BackendError(
                     f"the {self.backend.name} backend failed unexpectedly: {plugin_error(exc)}"
                 ) from exc
+
+    def _within_call_timeout(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run the call on a thread of its own and wait for it at most the target's
+        `call_timeout`, renewing the slot's lease meanwhile; a call that does not return is
+        abandoned to its thread (a daemon) and counts as a transient failure."""
+        outcome: list[Any] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                outcome.append(("value", function(*args, **kwargs)))
+            except BaseException as exc:  # handed to the worker, which decides
+                outcome.append(("error", exc))
+            finally:
+                done.set()
+
+        name = getattr(function, "__name__", "call")
+        threading.Thread(
+            target=call, name=f"shiphook-call-{self.target.name}-{name}", daemon=True
+        ).start()
+        deadline = time.monotonic() + self.target.call_timeout
+        step = self.engine.settings.lease_seconds / 6
+        while not done.wait(max(0.0, min(step, deadline - time.monotonic()))):
+            if self.engine._stopping.is_set():
+                raise Stopping
+            if time.monotonic() >= deadline:
+                raise BackendError(
+                    f"the {self.backend.name} backend's {name} did not return within "
+                    f"{self.target.call_timeout:g}s (the target's call_timeout)",
+                    transient=True,
+                )
+            self.lease.keep()
+        kind, result = outcome[0]
+        if kind == "error":
+            raise result
+        return result
 
     def _pause(self, seconds: float) -> None:
         if self.engine._stopping.wait(seconds):

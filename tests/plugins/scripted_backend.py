@@ -12,6 +12,7 @@ engine through the real HTTP API:
 | `down`          | every call raises a transient error (retry budget runs out) |
 | `perm`          | deploy raises a permanent error                             |
 | `crash`         | deploy raises an unexpected exception (a plugin bug)        |
+| `stall`         | deploy takes `stall_seconds` to return                       |
 
 A rollout in progress reports "updating: 0 of 2 tasks" for its first half of `polls`, then
 "updating: 1 of 2 tasks". Deploying the tag a target runs already succeeds at once, without a
@@ -20,7 +21,8 @@ rollout. A job run fails when its env has `EXIT` other than `0`; it runs
 `missing` does not exist. With `address`, every call first waits `timeout` seconds for that
 address to answer (the conformance suite's orchestrator that never does). With `state_dir`, state
 and the log of calls live in a file, shared by every process (crash and replica tests read it
-after the server is gone).
+after the server is gone). `fail_in` names a method that raises an unexpected exception on every
+call.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class ScriptedOptions(BaseModel):
     unreachable: str | None = None
     address: str | None = None
     timeout: float = 2.0
+    stall_seconds: float = 30.0
+    fail_in: str | None = None
 
 
 class ScriptedTargetOptions(BaseModel):
@@ -139,12 +143,17 @@ class ScriptedBackend(Backend):
                 raise BackendError(f"{self.options.address}: {exc}", transient=True) from None
         return "scripted backend ready"
 
+    def _misbehave(self, method: str) -> None:
+        if self.options.fail_in == method:
+            raise RuntimeError(f"a bug in the plugin's {method}")
+
     def generation(self, name: str) -> int:
         """How many rollouts the workload `name` has had."""
         with self.state() as s:
             return s.get("generation", {}).get(name, 0)
 
     def describe(self, target: Target) -> TargetState:
+        self._misbehave("describe")
         self.check()
         if target.options.name.startswith("missing"):
             raise BackendError(f"service {target.options.name} not found")
@@ -155,7 +164,10 @@ class ScriptedBackend(Backend):
 
     def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> dict[str, Any]:
         called = time.time()
+        self._misbehave("deploy")
         self.check()
+        if image_tag.startswith("stall"):
+            time.sleep(self.options.stall_seconds)
         with self.state() as s:
             attempts = s.setdefault("attempts", {})
             attempts[deployment_id] = attempts.get(deployment_id, 0) + 1
@@ -193,6 +205,7 @@ class ScriptedBackend(Backend):
     def run_job(
         self, target: Target, *, env: dict[str, str], image_tag: str | None, deployment_id: str
     ) -> dict[str, Any]:
+        self._misbehave("run_job")
         self.check()
         with self.state() as s:
             runs = s.setdefault("runs", {})
@@ -203,6 +216,7 @@ class ScriptedBackend(Backend):
         return {"op": "run", "deployment": deployment_id, "at": time.time()}
 
     def progress(self, target: Target, ref: dict[str, Any]) -> Progress:
+        self._misbehave("progress")
         self.check()
         with self.state() as s:
             polls = s.setdefault("polls", {})
@@ -237,6 +251,7 @@ class ScriptedBackend(Backend):
         return Progress("succeeded", "update completed")
 
     def rollback(self, target: Target, ref: dict[str, Any]) -> dict[str, Any]:
+        self._misbehave("rollback")
         self.check()
         with self.state() as s:
             previous = s.get("previous", {}).get(ref["deployment"])

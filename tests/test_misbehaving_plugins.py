@@ -1,0 +1,98 @@
+"""A backend that raises or does not return fails its deployment, never the engine (issue 13)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import write_config
+from shiphook.config import EngineSettings
+from shiphook.engine import Engine
+
+WORK = {  # a deployment that makes the engine call each method
+    "describe": ("web", {"imageTag": "1.0"}),
+    "deploy": ("web", {"imageTag": "1.0"}),
+    "progress": ("web", {"imageTag": "1.0"}),
+    "rollback": ("web", {"imageTag": "bad-1.0"}),
+    "run_job": ("migrate", {}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(WORK))
+def test_a_plugin_raising_in_any_method_fails_that_deployment_with_the_errors_text(
+    harness_factory, method
+):
+    harness = harness_factory(backend_extra=f'fail_in = "{method}"')
+    target, body = WORK[method]
+    token = harness.new_hook(target)
+    deployment = harness.wait_for(harness.deploy(token, body))
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].endswith(
+        f"the scripted backend failed unexpectedly: RuntimeError: a bug in the plugin's {method}"
+    ), deployment
+    # the engine goes on: the next deployment is taken to its end too
+    again = {"imageTag": f"{body['imageTag']}-again"} if body else {}
+    assert harness.wait_for(harness.deploy(token, again))["status"] == "failed"
+    assert harness.engine._dispatcher.is_alive()
+
+
+def stalling_config(tmp_path, *, call_timeout: float, lease_seconds: float = 30, **backend):
+    extra = "".join(f"{key} = {value}\n" for key, value in backend.items())
+    return write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/shiphook.db"
+        [engine]
+        lease_seconds = {lease_seconds}
+        scan_interval = 0.1
+        [backends.fake]
+        plugin = "scripted"
+        {extra}
+        [targets.web]
+        kind = "app"
+        backend = "fake"
+        name = "web"
+        retry_budget = 0
+        call_timeout = {call_timeout}
+        """,
+    )
+
+
+def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
+    harness_factory, tmp_path
+):
+    harness = harness_factory(stalling_config(tmp_path, call_timeout=0.5, stall_seconds=600))
+    token = harness.new_hook("web")
+    deployment = harness.wait_for(harness.deploy(token, {"imageTag": "stall-1"}))
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"] == (
+        "gave up after 1 attempts over 0.0s of retries: the scripted backend's deploy did not "
+        "return within 0.5s (the target's call_timeout)"
+    )
+    # the slot is free again while the stalled call still runs
+    assert harness.wait_for(harness.deploy(token, {"imageTag": "2.0"}))["status"] == "succeeded"
+    stopping = threading.Thread(target=harness.engine.stop)
+    stopping.start()
+    stopping.join(30)
+    assert not stopping.is_alive(), "the engine waited for the stalled call"
+
+
+def test_the_slots_lease_stays_renewed_while_a_long_call_runs(harness_factory, tmp_path):
+    config = stalling_config(tmp_path, call_timeout=60, lease_seconds=1, stall_seconds=2.5)
+    harness = harness_factory(config)
+    instance = harness.instance
+    replica = Engine(  # another process on the same database, waiting for a lease to expire
+        instance.storage,
+        instance.config.targets,
+        instance.backends,
+        settings=EngineSettings(lease_seconds=1, scan_interval=0.1),
+        owner="replica",
+    )
+    replica.start()
+    try:
+        deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "stall-1"})
+        assert harness.wait_for(deployment_id)["status"] == "succeeded"
+    finally:
+        replica.stop()
+    assert [c["deployment"] for c in harness.backend.calls("deploy")] == [deployment_id]
