@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# every built-in backend is its own distribution, installed as a third party's would be
-PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# every built-in backend is its own distribution, installed as a third party's would be; so is
+# the example plugin, which the tests run the conformance suite on
+PLUGINS := $(wildcard plugins/*/pyproject.toml examples/*/pyproject.toml)
 
 .PHONY: install run test lint bench clean
 
@@ -30,8 +31,8 @@ bench: install
 	$(BIN)/python bench/plot.py
 
 lint: install
-	$(BIN)/ruff check core plugins tests bench
-	$(BIN)/ruff format --check core plugins tests bench
+	$(BIN)/ruff check core plugins examples tests bench
+	$(BIN)/ruff format --check core plugins examples tests bench
 
 clean:
 	rm -rf $(VENV) shiphook.db shiphook.db-* shiphook.lock shiphook.egg-info

@@ -141,7 +141,6 @@ class Backend(ABC):
         started).
         """
 
-    @abstractmethod
     def run_job(
         self,
         target: Target,
@@ -154,8 +153,10 @@ class Backend(ABC):
         a reference for `progress`, with `image`: the image this run runs (shown to users).
 
         `env` and `image_tag` apply to this run only: the next run merges over, and without an
-        `image_tag` runs, what the target had before shiphook's overrides.
+        `image_tag` runs, what the target had before shiphook's overrides. Only called when
+        `kinds` has "job".
         """
+        raise BackendError(f"the {self.name} backend runs no jobs")
 
     @abstractmethod
     def progress(self, target: Target, ref: Ref) -> Progress:
