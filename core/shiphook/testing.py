@@ -76,13 +76,15 @@ class Server:
     url: str
     log_path: Path
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers=None, timeout=30.0
+    ):
         """(status, headers, body) without raising on HTTP errors."""
         req = urllib.request.Request(
             self.url + path, data=body, method=method, headers=headers or {}
         )
         try:
-            with urllib.request.urlopen(req, timeout=600) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
@@ -449,7 +451,9 @@ class BackendConformance:
         def post(tag: str) -> dict:
             wait = f"/api/v1/dh?wait={self.rollout_timeout + 30:g}"
             data = json.dumps({"imageTag": tag}).encode()
-            status, _, answer = server.request("POST", wait, data, hook)
+            status, _, answer = server.request(
+                "POST", wait, data, hook, timeout=self.rollout_timeout + 60
+            )
             assert status == 201, f"{status} {answer!r}\n{server.log()}"
             deployment = json.loads(answer)["deployment"]
             assert deployment["status"] == "succeeded", deployment
