@@ -75,14 +75,3 @@ class TestSwarmConformance(BackendConformance):
     def job_runs(self, options: dict[str, Any]) -> int:
         job_status = self.services.inspect(options["service"]).get("JobStatus") or {}
         return int((job_status.get("JobIteration") or {}).get("Index") or 0)
-
-
-def _image_tag_of_one_run(self: TestSwarmConformance) -> None:
-    BackendConformance.test_a_job_runs_image_tag_applies_to_that_run_only(self)
-
-
-# A job run's imageTag is still kept for the runs after it; issue 12 (branch i12-swarm) makes it
-# apply to that run only. Strict: this fails as soon as that lands, to be removed then.
-TestSwarmConformance.test_a_job_runs_image_tag_applies_to_that_run_only = pytest.mark.xfail(
-    strict=True, reason="swarm: a job run's imageTag outlives the run (issue 12, i12-swarm)"
-)(_image_tag_of_one_run)
