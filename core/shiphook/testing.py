@@ -465,8 +465,10 @@ class BackendConformance:
         running = self.running_images(locator)
         assert running and {tag_of(i) for i in running} == {self.healthy_tag}, running
         version = self.workload_version(locator)
-        post(self.healthy_tag)
+        again = post(self.healthy_tag)
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
+        # the ref's `image` is the one running: shiphook says so
+        assert any("no rollout" in event["message"] for event in again["history"]), again
         assert {tag_of(i) for i in self.running_images(locator)} == {self.healthy_tag}
 
     def test_a_failing_tag_is_rolled_back_with_the_orchestrators_reason(self):

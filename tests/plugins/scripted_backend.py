@@ -22,7 +22,7 @@ rollout. A job run fails when its env has `EXIT` other than `0`; it runs
 address to answer (the conformance suite's orchestrator that never does). With `state_dir`, state
 and the log of calls live in a file, shared by every process (crash and replica tests read it
 after the server is gone). `fail_in` names a method that raises an unexpected exception on every
-call.
+call, `garbage_from` one that returns something the Backend contract does not allow.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from shiphook import Backend, BackendError, Progress, Target, TargetState, hookimpl
 
+# what a method returns with `garbage_from`: not what the Backend contract says
+GARBAGE: dict[str, Any] = {
+    "describe": "registry.test/app:1",
+    "deploy": {"at": {1, 2}},
+    "run_job": ["a ref"],
+    "progress": "succeeded",
+    "rollback": None,
+}
+
 
 class ScriptedOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +63,7 @@ class ScriptedOptions(BaseModel):
     timeout: float = 2.0
     stall_seconds: float = 30.0
     fail_in: str | None = None
+    garbage_from: str | None = None
 
 
 class ScriptedTargetOptions(BaseModel):
@@ -143,9 +153,11 @@ class ScriptedBackend(Backend):
                 raise BackendError(f"{self.options.address}: {exc}", transient=True) from None
         return "scripted backend ready"
 
-    def _misbehave(self, method: str) -> None:
+    def _misbehave(self, method: str) -> bool:
+        """Raise for `fail_in`; true when `method` is to return `GARBAGE` (`garbage_from`)."""
         if self.options.fail_in == method:
             raise RuntimeError(f"a bug in the plugin's {method}")
+        return self.options.garbage_from == method
 
     def generation(self, name: str) -> int:
         """How many rollouts the workload `name` has had."""
@@ -153,7 +165,8 @@ class ScriptedBackend(Backend):
             return s.get("generation", {}).get(name, 0)
 
     def describe(self, target: Target) -> TargetState:
-        self._misbehave("describe")
+        if self._misbehave("describe"):
+            return GARBAGE["describe"]
         self.check()
         if target.options.name.startswith("missing"):
             raise BackendError(f"service {target.options.name} not found")
@@ -164,7 +177,8 @@ class ScriptedBackend(Backend):
 
     def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> dict[str, Any]:
         called = time.time()
-        self._misbehave("deploy")
+        if self._misbehave("deploy"):
+            return GARBAGE["deploy"]
         self.check()
         if image_tag.startswith("stall"):
             time.sleep(self.options.stall_seconds)
@@ -198,6 +212,7 @@ class ScriptedBackend(Backend):
             "op": "deploy",
             "deployment": deployment_id,
             "tag": image_tag,
+            "image": wanted,
             "at": time.time(),
             "unchanged": unchanged,
         }
@@ -205,7 +220,8 @@ class ScriptedBackend(Backend):
     def run_job(
         self, target: Target, *, env: dict[str, str], image_tag: str | None, deployment_id: str
     ) -> dict[str, Any]:
-        self._misbehave("run_job")
+        if self._misbehave("run_job"):
+            return GARBAGE["run_job"]
         self.check()
         with self.state() as s:
             runs = s.setdefault("runs", {})
@@ -213,10 +229,12 @@ class ScriptedBackend(Backend):
                 runs[deployment_id] = {"env": env, "tag": image_tag, "name": target.options.name}
                 self._log(s, "run", target=target.name, env=env, deployment=deployment_id)
                 self._enter(s, target.name)
-        return {"op": "run", "deployment": deployment_id, "at": time.time()}
+        image = f"{target.options.repository}:{image_tag or 'initial'}"
+        return {"op": "run", "deployment": deployment_id, "image": image, "at": time.time()}
 
     def progress(self, target: Target, ref: dict[str, Any]) -> Progress:
-        self._misbehave("progress")
+        if self._misbehave("progress"):
+            return GARBAGE["progress"]
         self.check()
         with self.state() as s:
             polls = s.setdefault("polls", {})
@@ -251,7 +269,8 @@ class ScriptedBackend(Backend):
         return Progress("succeeded", "update completed")
 
     def rollback(self, target: Target, ref: dict[str, Any]) -> dict[str, Any]:
-        self._misbehave("rollback")
+        if self._misbehave("rollback"):
+            return GARBAGE["rollback"]
         self.check()
         with self.state() as s:
             previous = s.get("previous", {}).get(ref["deployment"])
