@@ -96,3 +96,18 @@ def test_the_slots_lease_stays_renewed_while_a_long_call_runs(harness_factory, t
     finally:
         replica.stop()
     assert [c["deployment"] for c in harness.backend.calls("deploy")] == [deployment_id]
+
+
+@pytest.mark.parametrize("method", sorted(WORK))
+def test_a_plugin_returning_what_the_contract_does_not_allow_fails_that_deployment(
+    harness_factory, method
+):
+    harness = harness_factory(backend_extra=f'garbage_from = "{method}"')
+    target, body = WORK[method]
+    token = harness.new_hook(target)
+    deployment = harness.wait_for(harness.deploy(token, body))
+    assert deployment["status"] == "failed", deployment
+    assert f"the scripted backend's {method} returned " in deployment["message"], deployment
+    assert deployment["message"].endswith(": a bug in the plugin"), deployment
+    again = {"imageTag": f"{body['imageTag']}-again"} if body else {}
+    assert harness.wait_for(harness.deploy(token, again))["status"] == "failed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from shiphook.backends import Backend, BackendError, Progress, Ref, Target
+from shiphook.backends import Backend, BackendError, Progress, Ref, Target, TargetState
 from shiphook.config import EngineSettings
 from shiphook.db import describe_failure
 from shiphook.models import Deployment, Status, utcnow
@@ -36,6 +37,14 @@ from shiphook.storage import Storage
 log = logging.getLogger("shiphook.engine")
 T = TypeVar("T")
 
+# what each Backend method returns, checked before the engine relies on it
+RETURNS: dict[str, tuple[type, str]] = {
+    "describe": (TargetState, "a TargetState"),
+    "progress": (Progress, "a Progress"),
+    "deploy": (dict, "a JSON object (a Ref)"),
+    "run_job": (dict, "a JSON object (a Ref)"),
+    "rollback": (dict, "a JSON object (a Ref)"),
+}
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
@@ -504,7 +513,7 @@ class Run:
         while True:
             self.lease.keep()
             try:
-                return self._within_call_timeout(function, *args, **kwargs)
+                return self._checked(function, self._within_call_timeout(function, *args, **kwargs))
             except (Stopping, LeaseLost):
                 raise
             except BackendError as exc:
@@ -529,6 +538,19 @@ class Run:
                 raise BackendError(
                     f"the {self.backend.name} backend failed unexpectedly: {plugin_error(exc)}"
                 ) from exc
+
+    def _checked(self, function: Callable[..., T], value: T) -> T:
+        """What the Backend contract says `function` returns, or a permanent BackendError."""
+        name = getattr(function, "__name__", "")
+        if name not in RETURNS:
+            return value
+        expected, what = RETURNS[name]
+        if isinstance(value, expected) and (expected is not dict or _is_json(value)):
+            return value
+        raise BackendError(
+            f"the {self.backend.name} backend's {name} returned {value!r:.100}, not {what}: "
+            "a bug in the plugin"
+        )
 
     def _within_call_timeout(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run the call on a thread of its own and wait for it at most the target's
@@ -583,3 +605,11 @@ class Run:
     def _finish(self, status: Status, message: str) -> None:
         self.lease.keep()
         self.engine._finish(self.deployment, status, message)
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
