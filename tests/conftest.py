@@ -8,15 +8,15 @@ import textwrap
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from falcon import testing
-from shiphook.engine import Engine
-from shiphook.instance import Instance, open_instance
+from shiphook.instance import open_instance
 from shiphook.server import build
-from shiphook.testing import Server, free_port  # noqa: F401 - test modules import them here
+
+# Server and free_port: test modules import them from here
+from shiphook.testing import Server, Shiphook, free_port  # noqa: F401
 from shiphook.testing import start_server as testing_start_server
 
 PLUGIN_DIR = Path(__file__).parent / "plugins"
@@ -101,17 +101,8 @@ def replaced_by(deployments: dict[str, dict], deployment_id: str) -> str:
     return successor
 
 
-@dataclass
-class Harness:
-    """An in-process shiphook: instance, engine, and a falcon test client on its app."""
-
-    instance: Instance
-    engine: Engine
-    app: object
-
-    @property
-    def client(self) -> testing.TestClient:
-        return testing.TestClient(self.app)
+class Harness(Shiphook):
+    """An in-process shiphook on the scripted backend (shiphook.testing's, plus test helpers)."""
 
     def gather(self, *calls: Callable[[testing.ASGIConductor], Awaitable]) -> list:
         """Run requests concurrently on one event loop, as a server would."""
@@ -127,18 +118,7 @@ class Harness:
         return self.instance.backends["fake"]
 
     def new_hook(self, target: str = "web") -> str:
-        return self.instance.hooks.create(target=target, name="ci").token
-
-    def post_hook(self, token: str, body: object = None, **kwargs) -> testing.Result:
-        headers = {"X-Deploy-Hook-Token": token, **kwargs.pop("headers", {})}
-        if isinstance(body, (bytes, str)):
-            return self.client.simulate_post("/api/v1/dh", body=body, headers=headers, **kwargs)
-        return self.client.simulate_post("/api/v1/dh", json=body, headers=headers, **kwargs)
-
-    def deploy(self, token: str, body: object) -> str:
-        result = self.post_hook(token, body)
-        assert result.status_code == 201, result.text
-        return result.json["deployment"]["id"]
+        return super().new_hook(target)
 
     def wait_started(self, deployment_id: str, timeout: float = 10) -> None:
         """Until the engine has started the rollout (it holds its target from then on)."""
@@ -146,16 +126,6 @@ class Harness:
         while self.instance.deployments.get(deployment_id).to_json()["backendRef"] is None:
             assert time.monotonic() < deadline, f"deployment {deployment_id} did not start"
             time.sleep(0.01)
-
-    def wait_for(self, deployment_id: str, timeout: float = 10) -> dict:
-        """Poll the stored deployment until it is terminal (the engine runs in threads)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            deployment = self.instance.deployments.get(deployment_id).to_json()
-            if deployment["status"] not in ("queued", "in_progress"):
-                return deployment
-            time.sleep(0.02)
-        raise AssertionError(f"deployment {deployment_id} did not end: {deployment}")
 
 
 @pytest.fixture
