@@ -1,0 +1,727 @@
+"""The Nomad backend.
+
+An app target is a task of a service (or system) job: a deploy reads the job, sets the task's
+`config.image`, and registers it back with `EnforceIndex` and the `JobModifyIndex` it read; Nomad's
+deployment does the rest, by the group's `update` block, and shiphook follows the deployment of the
+version it registered. A job target is a parameterized batch job: a run dispatches it with the
+overrides as `Meta` and an idempotency token derived from the deployment id, and follows the child
+job's allocations. What Nomad does and answers is in shared/reference/nomad-api-behaviour.md.
+
+Everything goes through python-nomad. Its `Nomad` class reads NOMAD_ADDR, NOMAD_TOKEN and the like
+from the environment; the API classes are built here from the config file's values alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+
+import nomad.api
+import nomad.api.exceptions
+import requests
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from shiphook import Backend, BackendError, Progress, Ref, Target, TargetState
+
+log = logging.getLogger("shiphook.nomad")
+T = TypeVar("T")
+
+# job meta shiphook writes in the same register as its change, so that a repeated call for the
+# same deployment finds the work the first one started
+META_DEPLOYMENT = "shiphook_deployment"
+META_RUN = "shiphook_run"  # a job run's image is on the parameterized job until it is dispatched
+META_IMAGE_BASE = "shiphook_image_base"
+
+REGISTER_ATTEMPTS = 5
+"""How often a register refused for a moved JobModifyIndex is re-read and sent again."""
+
+# 500 answers that a later call can get past; every other 500 is Nomad refusing the request
+ENFORCE_INDEX = "Enforcing job modify index"
+TRANSIENT_TEXTS = (ENFORCE_INDEX, "No cluster leader", "rpc error: EOF", "connection refused")
+ROLLING_BACK = re.compile(r"rolling back to job version (\d+)")
+# task events that say why a task failed, in Nomad's DisplayMessage
+FAILING_EVENTS = (
+    *("Driver Failure", "Not Restarting", "Setup Failure", "Failed Validation"),
+    *("Task hook failed", "Failed Artifact Download", "Killing", "Sibling Task Failed"),
+)
+
+
+class NomadOptions(BaseModel):
+    """`[backends.<name>]` with `plugin = "nomad"`: how to reach a Nomad agent. NOMAD_ADDR,
+    NOMAD_TOKEN and the other NOMAD_* variables, and the proxy and CA-bundle variables, are never
+    read: the config file alone says how Nomad is reached."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field("http://127.0.0.1:4646", description="http(s)://host:port of an agent")
+    token: SecretStr | None = Field(None, description="ACL token (secret ID)")
+    token_file: FilePath | None = Field(None, description="file holding the ACL token")
+    namespace: str = Field("default", min_length=1, description="the jobs' namespace")
+    region: str | None = Field(None, description="the jobs' region; default: the agent's")
+    tls_ca_cert: FilePath | None = Field(None, description="CA that signed Nomad's certificate")
+    tls_client_cert: FilePath | None = Field(None, description="client certificate (PEM)")
+    tls_client_key: FilePath | None = Field(None, description="client certificate's key (PEM)")
+    tls_verify: bool = Field(True, description="verify Nomad's certificate")
+    timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="seconds per API call")
+    poll_interval: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="seconds between progress reads of a rollout or job run"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _is_an_address(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d+)?/?", value):
+            raise ValueError("expected http://host:port or https://host:port")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NomadOptions:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("token and token_file are alternatives: set one")
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError("tls_client_cert and tls_client_key go together: set both or neither")
+        if self.address.startswith("http://") and any(
+            f is not None for f in (self.tls_ca_cert, self.tls_client_cert)
+        ):
+            raise ValueError("TLS files need an https:// address")
+        return self
+
+
+class NomadTargetOptions(BaseModel):
+    """Locator keys of a `[targets.<name>]` on a nomad backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(min_length=1, description="the Nomad job's ID")
+    group: str | None = Field(None, description="the task group; may be omitted if only one")
+    task: str | None = Field(None, description="the task; may be omitted if only one")
+    image: str | None = Field(
+        None, description="repository to deploy from; default: the one the task runs now"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _is_a_repository(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or repository_of(value) != value):
+            raise ValueError(
+                "expected a repository without tag or digest, e.g. registry.example.com/web "
+                "(the tag comes from each hook call)"
+            )
+        return value
+
+
+def repository_of(image: str) -> str:
+    """`registry:5000/team/web:1.2@sha256:...` -> `registry:5000/team/web`."""
+    name = image.split("@", 1)[0]
+    colon = name.rfind(":")
+    if colon > name.rfind("/"):
+        name = name[:colon]
+    return name
+
+
+class Client:
+    """The python-nomad API objects shiphook uses, built with every setting given explicitly
+    (`nomad.Nomad` would fill missing ones from NOMAD_* variables)."""
+
+    def __init__(self, options: NomadOptions) -> None:
+        token = None
+        if options.token is not None:
+            token = options.token.get_secret_value().strip()
+        elif options.token_file is not None:
+            token = options.token_file.read_text().strip()
+        session = requests.Session()
+        session.trust_env = False  # no proxy or CA bundle from the environment
+        cert: tuple[str, ...] = ()
+        if options.tls_client_cert is not None:
+            cert = (str(options.tls_client_cert), str(options.tls_client_key))
+        settings = {
+            "address": options.address,
+            "namespace": options.namespace,
+            "token": token or None,
+            "timeout": options.timeout,
+            "region": options.region,
+            "verify": str(options.tls_ca_cert) if options.tls_ca_cert else options.tls_verify,
+            "cert": cert,
+            "session": session,
+        }
+        self.session = session
+        self.job = nomad.api.Job(**settings)
+        self.deployment = nomad.api.Deployment(**settings)
+        self.leader = nomad.api.status.Leader(**settings)
+
+
+class NomadBackend(Backend):
+    """Nomad service jobs (app targets) and parameterized batch jobs (job targets)."""
+
+    name = "nomad"
+    description = "HashiCorp Nomad: service jobs rolled to a new tag, parameterized jobs dispatched"
+    Options = NomadOptions
+    TargetOptions = NomadTargetOptions
+    kinds = frozenset({"app", "job"})
+    can_rollback = True
+    concurrent_runs = True  # each run is a child job of its own
+
+    def __init__(self, options: NomadOptions) -> None:
+        super().__init__(options)
+        self.options: NomadOptions = options
+        self.poll_interval = options.poll_interval
+        self._client: Client | None = None
+        self._client_lock = threading.Lock()
+        # a run's image sits on the parameterized job from its register to its dispatch
+        self._run_locks: dict[str, threading.Lock] = {}
+
+    @property
+    def api(self) -> Client:
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = Client(self.options)
+                except OSError as exc:
+                    raise BackendError(f"cannot read token_file: {exc}") from None
+            return self._client
+
+    def close(self) -> None:
+        with self._client_lock:
+            if self._client is not None:
+                self._client.session.close()
+                self._client = None
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn what python-nomad raises into BackendError, transient where a retry can help."""
+        try:
+            yield
+        except nomad.api.exceptions.BaseNomadException as exc:
+            answer = exc.nomad_resp
+            if not isinstance(answer, requests.Response):  # refused, reset, timed out
+                raise BackendError(
+                    f"cannot reach Nomad at {self.options.address}: {answer}", transient=True
+                ) from None
+            text = answer.text.strip() or answer.reason
+            status = answer.status_code
+            transient = status in (502, 503, 504) or (
+                status == 500 and any(t in text for t in TRANSIENT_TEXTS)
+            )
+            message = f"{doing}: {text}"
+            if status == 403:
+                message += f" (check the ACL token's capabilities in namespace {self._ns})"
+            raise BackendError(message, transient=transient) from None
+
+    def _call(self, doing: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self._errors(doing):
+            return function(*args, **kwargs)
+
+    @property
+    def _ns(self) -> str:
+        return self.options.namespace
+
+    def _job(self, job_id: str) -> dict[str, Any]:
+        return self._call(f"read job {job_id}", self.api.job.get_job, job_id)
+
+    def _register(self, job: dict[str, Any], modify_index: int) -> dict[str, Any]:
+        body = {"Job": job, "EnforceIndex": True, "JobModifyIndex": modify_index}
+        return self._call(f"register job {job['ID']}", self.api.job.register_job, job["ID"], body)
+
+    def _register_change(
+        self, job_id: str, change: Callable[[dict[str, Any]], T | None]
+    ) -> tuple[dict[str, Any], T | None, dict[str, Any] | None]:
+        """Read the job, let `change` edit it in place, register it with EnforceIndex.
+
+        `change` returns non-None to mean "nothing to register, here is the answer". An index
+        conflict means the job changed after it was read: read it again and redo the change.
+        Returns the job as read, `change`'s answer, and Nomad's register answer.
+        """
+        for _attempt in range(REGISTER_ATTEMPTS):
+            job = self._job(job_id)
+            done = change(job)
+            if done is not None:
+                return job, done, None
+            read_index = job["JobModifyIndex"]
+            try:
+                return job, None, self._register(job, read_index)
+            except BackendError as exc:
+                if ENFORCE_INDEX in exc.message:
+                    continue
+                raise
+        raise BackendError(
+            f"job {job_id}: {ENFORCE_INDEX} refused {REGISTER_ATTEMPTS} times in a row "
+            "(something else keeps registering it)",
+            transient=True,
+        )
+
+    # -- check and describe ---------------------------------------------------------------
+
+    def check(self) -> str:
+        leader = self._call("read the cluster leader", self.api.leader.get_leader)
+        where = f"namespace {self._ns}" + (
+            f", region {self.options.region}" if self.options.region else ""
+        )
+        return f"Nomad at {self.options.address} (leader {leader}; {where})"
+
+    def describe(self, target: Target) -> TargetState:
+        job = self._job_of_kind(target)
+        if target.kind == "job":
+            # said up front by `shiphook check`; a run sends the names anyway, for Nomad to refuse
+            spec = job["ParameterizedJob"]
+            declared = set(spec.get("MetaRequired") or ()) | set(spec.get("MetaOptional") or ())
+            undeclared = sorted(set(target.parameters or ()) - declared)
+            if undeclared:
+                raise BackendError(
+                    f"target {target.name}'s parameters {undeclared} are not declared in job "
+                    f"{job['ID']}'s parameterized block (meta_required / meta_optional: "
+                    f"{sorted(declared)}): Nomad refuses to dispatch with undeclared meta keys"
+                )
+            _, task = _locate(job, target, image_needed=False)
+            image = (task.get("Config") or {}).get("image")
+            base = (job.get("Meta") or {}).get(META_IMAGE_BASE)
+            return TargetState(image=base or image, detail=f"parameterized batch job {job['ID']}")
+        group, task = _locate(job, target)
+        return TargetState(
+            image=task["Config"]["image"],
+            detail=f"{job['Type']} job {job['ID']}, group {group['Name']} "
+            f"({group['Count']} allocations), task {task['Name']}, version {job['Version']}",
+        )
+
+    def _job_of_kind(self, target: Target) -> dict[str, Any]:
+        job = self._job(target.options.job)
+        self._check_kind(job, target)
+        return job
+
+    def _check_kind(self, job: dict[str, Any], target: Target) -> None:
+        parameterized = bool(job.get("ParameterizedJob")) and not job.get("Dispatched")
+        if target.kind == "app" and (job["Type"] not in ("service", "system") or parameterized):
+            raise BackendError(
+                f"job {job['ID']} is a {'parameterized ' if parameterized else ''}{job['Type']} "
+                f"job, but target {target.name} is of kind 'app', which needs a service or "
+                "system job: point the target at such a job or change its kind"
+            )
+        if target.kind == "job" and (job["Type"] != "batch" or not parameterized):
+            raise BackendError(
+                f"job {job['ID']} is not a parameterized batch job, but target "
+                f"{target.name} is of kind 'job', which needs one (a batch job with a "
+                "parameterized block): point the target at such a job or change its kind"
+            )
+
+    # -- app deploys --------------------------------------------------------------------
+
+    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
+        job_id = target.options.job
+        ours = self._version_of(job_id, deployment_id)
+        if ours is not None:  # an earlier call registered it
+            _, task = _locate(ours, target)
+            image = task["Config"]["image"]
+            return self._app_ref(ours, target, image, ours["Version"], ours["Version"] - 1)
+
+        def change(job: dict[str, Any]) -> None:
+            self._check_kind(job, target)
+            _, task = _locate(job, target)
+            current = task["Config"]["image"]
+            wanted = f"{target.options.image or repository_of(current)}:{image_tag}"
+            if current != wanted:
+                task["Config"]["image"] = wanted
+                job["Meta"] = dict(job.get("Meta") or {}) | {META_DEPLOYMENT: deployment_id}
+            # else registered as it is: Nomad judges whether anything changed (an eval, no
+            # new version when nothing did)
+            return None
+
+        job, _, answer = self._register_change(job_id, change)
+        assert answer is not None
+        _, task = _locate(job, target)
+        if answer["JobModifyIndex"] == job["JobModifyIndex"]:  # Nomad saw no change
+            return self._app_ref(job, target, task["Config"]["image"], job["Version"], None)
+        # EnforceIndex held, so the job was still at the version read: this is the next one
+        image = task["Config"]["image"]
+        return self._app_ref(job, target, image, job["Version"] + 1, job["Version"])
+
+    def _version_of(self, job_id: str, deployment_id: str) -> dict[str, Any] | None:
+        """The oldest kept version of the job that this deployment registered."""
+        answer = self._call(f"read versions of job {job_id}", self.api.job.get_versions, job_id)
+        mine = [
+            v
+            for v in answer.get("Versions") or ()
+            if (v.get("Meta") or {}).get(META_DEPLOYMENT) == deployment_id
+        ]
+        return min(mine, key=lambda v: v["Version"], default=None)
+
+    def _app_ref(
+        self, job: dict[str, Any], target: Target, image: str, version: int, previous: int | None
+    ) -> Ref:
+        """`previous` is the version this deployment's register replaced; None: it changed
+        nothing."""
+        group, _ = _locate(job, target)
+        update = group.get("Update") or {}
+        return {
+            "op": "deploy",
+            "job": job["ID"],
+            "namespace": self._ns,
+            "group": group["Name"],
+            "version": version,
+            "image": image,
+            "previous_version": previous,
+            "updated": previous is not None,
+            # Nomad creates deployments only for groups with an update block (max_parallel > 0)
+            "watch": "deployment" if update.get("MaxParallel") else "allocations",
+        }
+
+    def progress(self, target: Target, ref: Ref) -> Progress:
+        if ref["op"] == "run":
+            return self._run_progress(ref)
+        if not ref["updated"]:
+            return Progress("succeeded", f"job {ref['job']} already runs {ref['image']}")
+        if ref["watch"] == "allocations":
+            return self._allocations_progress(ref)
+        deployments = self._call(
+            f"read deployments of job {ref['job']}", self.api.job.get_deployments, ref["job"]
+        )
+        # the deployment list is in UUID order, not by time: pick by version
+        mine = [d for d in deployments if d["JobVersion"] == ref["version"]]
+        if not mine:
+            latest = max(deployments, key=lambda d: d["CreateIndex"], default=None)
+            was = f" (latest: version {latest['JobVersion']})" if latest else ""
+            return Progress(
+                "running",
+                f"waiting for Nomad to create the deployment of version {ref['version']}{was}",
+            )
+        deployment = max(mine, key=lambda d: d["CreateIndex"])
+        status, description = deployment["Status"], deployment["StatusDescription"]
+        if status == "successful":
+            return Progress(
+                "succeeded",
+                f"{description} (job {ref['job']} version {ref['version']}, {ref['image']})",
+            )
+        if status not in ("failed", "cancelled"):
+            counts = ", ".join(
+                f"{name}: {s['HealthyAllocs']} of {s['DesiredTotal']} healthy"
+                + (f", {s['UnhealthyAllocs']} unhealthy" if s["UnhealthyAllocs"] else "")
+                for name, s in (deployment.get("TaskGroups") or {}).items()
+            )
+            return Progress("running", f"deployment {deployment['ID'][:8]} {status}: {counts}")
+        why = description + self._failing_allocation(
+            ref["job"], lambda a: a.get("DeploymentID") == deployment["ID"]
+        )
+        reverted = ROLLING_BACK.search(description)
+        if reverted is None:
+            return Progress("failed", why)
+        return self._auto_revert_progress(ref, int(reverted.group(1)), why, deployments)
+
+    def _auto_revert_progress(
+        self, ref: Ref, stable: int, why: str, deployments: list[dict[str, Any]]
+    ) -> Progress:
+        """Nomad re-registered stable version `stable` as a newer version: follow its
+        deployment, and report the whole as rolled back once it is done."""
+        newer = [d for d in deployments if d["JobVersion"] > ref["version"]]
+        back = max(newer, key=lambda d: d["CreateIndex"], default=None)
+        if back is not None and back["Status"] in ("failed", "cancelled"):
+            return Progress(
+                "failed",
+                f"{why}; Nomad's rollback to version {stable} failed too: "
+                f"{back['StatusDescription']}",
+            )
+        if back is None or back["Status"] != "successful":
+            return Progress("running", f"{why}; Nomad is rolling back")
+        job = self._job(ref["job"])
+        image = next(
+            (
+                t["Config"].get("image")
+                for g in job["TaskGroups"]
+                if g["Name"] == ref["group"]
+                for t in g["Tasks"]
+                if t.get("Config")
+            ),
+            None,
+        )
+        return Progress(
+            "rolled_back",
+            f"{why}; Nomad rolled job {ref['job']} back to version {stable}"
+            + (f" ({image})" if image else "")
+            + f" as version {back['JobVersion']}",
+        )
+
+    def _allocations_progress(self, ref: Ref) -> Progress:
+        """A group without an update block gets no deployment: its version's allocations are
+        placed at once, and turn healthy or fail."""
+        job = self._job(ref["job"])
+        if job["Version"] != ref["version"]:
+            return Progress(
+                "failed",
+                f"job {ref['job']} is at version {job['Version']}, not {ref['version']} as this "
+                "deployment registered it: it was changed outside this deployment",
+            )
+        allocs = self._allocations(ref["job"])
+        mine = [
+            a for a in allocs if a["JobVersion"] == ref["version"] and a["DesiredStatus"] == "run"
+        ]
+        failed = self._failing_allocation(
+            ref["job"], lambda a: a["JobVersion"] == ref["version"], allocs
+        )
+        if failed:
+            return Progress("failed", f"job {ref['job']} version {ref['version']}{failed}")
+        wanted = sum(g["Count"] for g in job["TaskGroups"])
+        healthy = [
+            a
+            for a in mine
+            if a["ClientStatus"] == "running" and (a.get("DeploymentStatus") or {}).get("Healthy")
+        ]
+        counts = f"{len(healthy)} of {wanted} allocations of version {ref['version']} healthy"
+        if len(healthy) >= wanted:
+            return Progress("succeeded", f"{counts} ({ref['image']})")
+        return Progress("running", counts)
+
+    def _allocations(self, job_id: str) -> list[dict[str, Any]]:
+        return self._call(f"read allocations of job {job_id}", self.api.job.get_allocations, job_id)
+
+    def _failing_allocation(
+        self,
+        job_id: str,
+        chosen: Callable[[dict[str, Any]], bool],
+        allocs: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """`; allocation <id> <status>: task <name>: <why>` for a failed or unhealthy
+        allocation, in the task events' own words; empty when there is none."""
+        if allocs is None:
+            try:
+                allocs = self._allocations(job_id)
+            except BackendError:
+                return ""  # the deployment's own description still stands
+        bad = [
+            a
+            for a in allocs
+            if chosen(a)
+            and (
+                a["ClientStatus"] == "failed"
+                or (a.get("DeploymentStatus") or {}).get("Healthy") is False
+            )
+        ]
+        if not bad:
+            return ""
+        alloc = max(bad, key=lambda a: a["ModifyIndex"])
+        state = "failed" if alloc["ClientStatus"] == "failed" else "unhealthy"
+        return f"; allocation {alloc['ID'][:8]} {state}" + _task_failure(alloc)
+
+    def rollback(self, target: Target, ref: Ref) -> Ref:
+        answer = {**ref, "op": "rollback", "updated": False}
+        if not ref["updated"]:
+            return answer  # this deployment changed nothing, so there is nothing to undo
+        job_id = ref["job"]
+        job = self._job(job_id)
+        versions = (
+            self._call(f"read versions of job {job_id}", self.api.job.get_versions, job_id).get(
+                "Versions"
+            )
+            or []
+        )
+        if job["Version"] != ref["version"]:
+            previous = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
+            _, task = _locate(job, target)
+            if previous is not None and task["Config"]["image"] == _image(previous, ref["group"]):
+                return answer | {"image": task["Config"]["image"]}  # an earlier call reverted
+            raise BackendError(
+                f"job {job_id} is at version {job['Version']}, not {ref['version']} as this "
+                "deployment left it: something else changed it, so shiphook does not roll it "
+                "back; look at the job and deploy again"
+            )
+        stable = [v for v in versions if v["Stable"] and v["Version"] < ref["version"]]
+        back = max(stable, key=lambda v: v["Version"], default=None)
+        if back is None:  # versions without a deployment are never stable
+            back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
+        if back is None:
+            raise BackendError(
+                f"job {job_id} keeps no version before {ref['version']} to revert to; roll it "
+                f"back by hand (nomad job revert {job_id} <version>)"
+            )
+        self._call(
+            f"revert job {job_id} to version {back['Version']}",
+            self.api.job.revert_job,
+            job_id,
+            back["Version"],
+            enforce_prior_version=job["Version"],
+        )
+        return answer | {
+            "version": job["Version"] + 1,
+            "image": _image(back, ref["group"]),
+            "reverted_to": back["Version"],
+            "updated": True,
+        }
+
+    # -- job runs --------------------------------------------------------------------------
+
+    def run_job(
+        self,
+        target: Target,
+        *,
+        env: dict[str, str],
+        image_tag: str | None,
+        deployment_id: str,
+    ) -> Ref:
+        job_id = target.options.job
+        with self._client_lock:
+            lock = self._run_locks.setdefault(job_id, threading.Lock())
+        with lock:  # this process's runs of one job take turns on its image
+            return self._run(target, env, image_tag, deployment_id)
+
+    def _run(
+        self, target: Target, env: dict[str, str], image_tag: str | None, deployment_id: str
+    ) -> Ref:
+        job_id = target.options.job
+        image: dict[str, str] = {}
+
+        def tag_it(job: dict[str, Any]) -> bool | None:
+            """Put this run's image on the parameterized job (None: register it)."""
+            self._check_kind(job, target)
+            meta = dict(job.get("Meta") or {})
+            holder = meta.get(META_RUN)
+            if holder not in (None, deployment_id):
+                raise BackendError(
+                    f"job {job_id} carries the image of run {holder} until that run is "
+                    "dispatched; waiting",
+                    transient=True,
+                )
+            _, task = _locate(job, target)
+            current = task["Config"]["image"]
+            base = meta.get(META_IMAGE_BASE, current) if holder else current
+            wanted = (
+                f"{target.options.image or repository_of(base)}:{image_tag}" if image_tag else base
+            )
+            image.update(wanted=wanted, base=base)
+            if holder is None and current == wanted:
+                return True  # the job already runs this image: dispatch as it is
+            if holder == deployment_id and current == wanted:
+                return True  # an earlier call registered it
+            task["Config"]["image"] = wanted
+            job["Meta"] = meta | {META_RUN: deployment_id, META_IMAGE_BASE: base}
+            return None
+
+        self._register_change(job_id, tag_it)
+        answer = self._dispatch(job_id, env, deployment_id)
+
+        def untag_it(job: dict[str, Any]) -> bool | None:
+            meta = dict(job.get("Meta") or {})
+            if meta.get(META_RUN) != deployment_id:
+                return True  # nothing of this run's left on the job
+            _, task = _locate(job, target)
+            task["Config"]["image"] = meta.get(META_IMAGE_BASE, task["Config"]["image"])
+            meta.pop(META_RUN)
+            meta.pop(META_IMAGE_BASE, None)
+            job["Meta"] = meta or None
+            return None
+
+        self._register_change(job_id, untag_it)
+        return {
+            "op": "run",
+            "job": job_id,
+            "namespace": self._ns,
+            "child": answer["DispatchedJobID"],
+            "image": image["wanted"],
+            "deployment": deployment_id,
+        }
+
+    def _dispatch(self, job_id: str, env: dict[str, str], deployment_id: str) -> dict[str, Any]:
+        """Dispatch with the overrides as Meta. The idempotency token goes in the query string,
+        where Nomad reads it (python-nomad's dispatch_job sends it in the body, where Nomad does
+        not): a repeated dispatch for this deployment gets the same child job back."""
+        response = self._call(
+            f"dispatch job {job_id}",
+            self.api.job.request,
+            job_id,
+            "dispatch",
+            method="post",
+            json={"Meta": env or None},
+            params={"idempotency_token": f"shiphook-{deployment_id}"},
+        )
+        return response.json()
+
+    def _run_progress(self, ref: Ref) -> Progress:
+        """The child's allocations: the one without a NextAllocation is the last attempt (a
+        failed batch allocation is rescheduled once by default)."""
+        child = ref["child"]
+        allocs = self._allocations(child)
+        if not allocs:
+            job = self._job(child)  # 404 once the child is garbage-collected
+            return Progress("running", f"job {child} {job['Status']}: no allocation placed yet")
+        last = [a for a in allocs if not a.get("NextAllocation")]
+        failed = [a for a in last if a["ClientStatus"] in ("failed", "lost")]
+        for alloc in failed:
+            if alloc.get("FollowupEvalID"):
+                continue  # Nomad reschedules it
+            attempts = f" (attempt {len(allocs)})" if len(allocs) > 1 else ""
+            return Progress(
+                "failed",
+                f"job {child}: allocation {alloc['ID'][:8]} {alloc['ClientStatus']}{attempts}"
+                + _task_failure(alloc),
+            )
+        if last and all(a["ClientStatus"] == "complete" for a in last):
+            return Progress(
+                "succeeded", f"job {child} completed: {len(last)} allocation(s) complete"
+            )
+        states = ", ".join(sorted(a["ClientStatus"] for a in last))
+        return Progress("running", f"job {child}: allocations {states}")
+
+
+def _locate(
+    job: dict[str, Any], target: Target, *, image_needed: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The target's group and task in `job` (each may be left out when there is only one)."""
+    options = target.options
+    groups = job.get("TaskGroups") or []
+    group = _one(groups, options.group, f"job {job['ID']}", "group")
+    task = _one(group.get("Tasks") or [], options.task, f"group {group['Name']}", "task")
+    if image_needed and not isinstance((task.get("Config") or {}).get("image"), str):
+        raise BackendError(
+            f"task {task['Name']} of job {job['ID']} has no config.image (driver "
+            f"{task.get('Driver')}): shiphook deploys image tags of docker or podman tasks"
+        )
+    return group, task
+
+
+def _one(items: list[dict[str, Any]], name: str | None, where: str, what: str) -> dict[str, Any]:
+    names = [i["Name"] for i in items]
+    if name is not None:
+        for item in items:
+            if item["Name"] == name:
+                return item
+        raise BackendError(f"{where} has no {what} {name} (it has: {', '.join(names) or 'none'})")
+    if len(items) != 1:
+        raise BackendError(
+            f"{where} has {len(items)} {what}s ({', '.join(names)}): name one with "
+            f"`{what} = ...` in the target"
+        )
+    return items[0]
+
+
+def _image(job: dict[str, Any], group: str) -> str | None:
+    for g in job.get("TaskGroups") or ():
+        if g["Name"] == group:
+            for task in g.get("Tasks") or ():
+                image = (task.get("Config") or {}).get("image")
+                if image:
+                    return image
+    return None
+
+
+def _task_failure(alloc: dict[str, Any]) -> str:
+    """`: task <name>: <event>, <event>` from the failing task's events, e.g. `Exit Code: 1`."""
+    for name, state in sorted((alloc.get("TaskStates") or {}).items()):
+        if not state.get("Failed") and state.get("State") != "dead":
+            continue
+        said = []
+        for event in state.get("Events") or ():
+            failing = event["Type"] in FAILING_EVENTS or (
+                event["Type"] == "Terminated" and event.get("ExitCode")
+            )
+            message = event.get("DisplayMessage") or event.get("Message")
+            if failing and message and message not in said:
+                said.append(message)
+        if said:
+            return f": task {name}: " + "; ".join(said[-3:])
+    return ""

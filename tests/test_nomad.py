@@ -1,0 +1,517 @@
+"""The Nomad backend (issue 15) through python-nomad and the real shiphook engine.
+
+Nomad is the fake of tests/nomad_fake, or a real agent when NOMAD_ADDR is given (see
+tests/nomad_support.py: the tests that need the fake's controls skip then). What a test says about
+Nomad it reads from Nomad: the job, its versions and deployments, the dispatched children, and the
+requests the fake saw.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from typing import Any
+
+import pytest
+from conftest import Harness
+from nomad_support import (
+    IMAGE,
+    Cluster,
+    batch_job,
+    nomad_config,
+    service_job,
+    target,
+    unique,
+    wait_until,
+)
+from shiphook import BackendError
+from shiphook_nomad import NomadBackend, NomadOptions
+from test_durability import all_deployments, create_hook, post_hook, wait_all_terminal
+
+pytest_plugins = ["nomad_support"]
+
+WAIT = "60"  # ?wait seconds: far above any rollout here
+
+
+def deploy(harness: Harness, target_name: str, body: dict) -> Any:
+    token = harness.new_hook(target_name)
+    return harness.post_hook(token, body, params={"wait": WAIT})
+
+
+def app_harness(harness_factory, tmp_path, cluster: Cluster, job: dict, **keys: Any) -> Harness:
+    cluster.register(job)
+    cluster.settled(job["ID"], 0)
+    config = nomad_config(tmp_path, cluster, target("web", "app", job["ID"], **keys))
+    return harness_factory(config)
+
+
+def registers(fake: Any, job_id: str) -> list[Any]:
+    """The registers of the job that shiphook sent (the tests' own send no EnforceIndex)."""
+    return [r for r in fake.calls("POST", f"/v1/job/{job_id}") if r.body.get("EnforceIndex")]
+
+
+def progress_messages(harness: Harness) -> list[str]:
+    """Every message the backend's progress gives the engine, in order."""
+    backend = harness.instance.backends["nomad"]
+    said: list[str] = []
+    real = backend.progress
+
+    def progress(target: Any, ref: Any) -> Any:
+        answer = real(target, ref)
+        said.append(answer.message)
+        return answer
+
+    backend.progress = progress  # the engine looks the method up on every call
+    return said
+
+
+# -- app deploys --------------------------------------------------------------------------
+
+
+def test_a_deploy_registers_the_new_tag_and_follows_the_deployment_of_that_version(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("web")
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, service_job(job_id, count=2))
+    said = progress_messages(harness)
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "succeeded"
+    assert deployment["message"].startswith("Deployment completed successfully (job ")
+    assert deployment["previousImage"] == f"{IMAGE}:v1"
+    assert deployment["backendRef"]["image"] == f"{IMAGE}:v2"
+    assert deployment["backendRef"]["version"] == 1
+    job = nomad_cluster.job(job_id)
+    assert (job["Version"], job["Stable"]) == (1, True)
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v2"
+    assert job["Meta"]["shiphook_deployment"] == deployment["id"]
+    if nomad_cluster.fake is not None:
+        # registered once, with EnforceIndex and the JobModifyIndex it read
+        (register,) = registers(nomad_cluster.fake, job_id)
+        assert register.body["EnforceIndex"] is True
+        assert register.body["JobModifyIndex"] == register.body["Job"]["JobModifyIndex"]
+        # the deployment of version 1 comes after the register: until then the latest was 0's
+        assert any(
+            m.startswith("waiting for Nomad to create the deployment of version 1 (latest: "
+                         "version 0)")
+            for m in said
+        ), said  # fmt: skip
+
+
+def test_a_register_refused_for_a_moved_job_modify_index_is_read_again_and_retried(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    job_id = unique("web")
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, service_job(job_id))
+    backend: NomadBackend = harness.instance.backends["nomad"]
+    real_get = backend.api.job.get_job
+    reads = []
+
+    def get_job(job_id_: str, *args: Any, **kwargs: Any) -> dict:
+        job = real_get(job_id_, *args, **kwargs)
+        reads.append(job["JobModifyIndex"])
+        if len(reads) == 2:  # (1: describe) someone else registers between read and register
+            fake.put_job(service_job(job_id, meta={"owner": "someone else"}))
+        return job
+
+    backend.api.job.get_job = get_job
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    sent = registers(fake, job_id)
+    assert len(sent) == 2
+    assert sent[0].body["JobModifyIndex"] == reads[1]
+    assert sent[1].body["JobModifyIndex"] == reads[2] != reads[1]
+    job = nomad_cluster.job(job_id)
+    assert job["Meta"]["owner"] == "someone else"  # the other change is kept
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v2"
+    assert job["Version"] == 2
+
+
+def test_an_rpc_prefixed_index_conflict_and_no_cluster_leader_are_retried(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    job_id = unique("web")
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, service_job(job_id))
+    conflict = "rpc error: Enforcing job modify index 9: job exists with conflicting job modify "
+    fake.fail("POST", f"/v1/job/{job_id}", 500, conflict + "index: 11")
+    fake.fail("GET", f"/v1/job/{job_id}/deployments", 500, "No cluster leader", times=2)
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert len(registers(fake, job_id)) == 2
+    assert nomad_cluster.job(job_id)["Version"] == 1
+
+
+def test_deploying_the_running_tag_registers_an_unchanged_spec_and_succeeds_at_once(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("web")
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, service_job(job_id))
+    before = nomad_cluster.job(job_id)
+    result = deploy(harness, "web", {"imageTag": "v1"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "succeeded"
+    assert deployment["message"] == f"job {job_id} already runs {IMAGE}:v1"
+    assert deployment["backendRef"]["updated"] is False
+    after = nomad_cluster.job(job_id)
+    assert (after["Version"], after["JobModifyIndex"]) == (
+        before["Version"],
+        before["JobModifyIndex"],
+    )
+    assert len(nomad_cluster.deployments(job_id)) == 1
+    if nomad_cluster.fake is not None:
+        (register,) = registers(nomad_cluster.fake, job_id)
+        assert register.body["JobModifyIndex"] == before["JobModifyIndex"]
+
+
+def test_nomads_auto_revert_is_reported_as_rolled_back_with_the_failing_tasks_exit_code(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    job_id = unique("web")
+    job = service_job(job_id, auto_revert=True, progress_deadline=1)
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, job)
+    result = deploy(harness, "web", {"imageTag": "exit-1"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "rolled_back"
+    message = deployment["message"]
+    assert message.startswith("Failed due to progress deadline - rolling back to job version 0; ")
+    assert ": task app: Exit Code: 1; " in message
+    assert message.endswith(
+        f"Nomad rolled job {job_id} back to version 0 ({IMAGE}:v1) as version 2"
+    )
+    assert fake.calls("POST", f"/v1/job/{job_id}/revert") == []  # no second rollback
+    job = nomad_cluster.job(job_id)
+    assert (job["Version"], nomad_cluster.image(job_id)) == (2, f"{IMAGE}:v1")
+
+
+def test_a_progress_deadline_failure_is_rolled_back_to_the_previous_stable_version(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    job_id = unique("web")
+    job = service_job(job_id, progress_deadline=0.5)
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, job)
+    first = deploy(harness, "web", {"imageTag": "v2"})
+    assert first.json["deployment"]["status"] == "succeeded", first.text
+    result = deploy(harness, "web", {"imageTag": "stall"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "rolled_back"
+    assert deployment["message"].startswith("Failed due to progress deadline; rolled back (")
+    (revert,) = fake.calls("POST", f"/v1/job/{job_id}/revert")
+    # back to version 1 (v2, stable), checked against the version this deployment registered
+    assert revert.body == {"JobID": job_id, "JobVersion": 1, "EnforcePriorVersion": 2}
+    job = nomad_cluster.job(job_id)
+    assert (job["Version"], nomad_cluster.image(job_id)) == (3, f"{IMAGE}:v2")
+    assert nomad_cluster.settled(job_id, 3)["Status"] == "successful"
+
+
+def test_unhealthy_allocations_fail_the_deployment_and_on_failure_leave_keeps_it(
+    nomad_cluster, harness_factory, tmp_path
+):
+    nomad_cluster.needs_fake()
+    job_id = unique("web")
+    job = service_job(job_id, progress_deadline=0)
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, job, on_failure="leave")
+    result = deploy(harness, "web", {"imageTag": "unhealthy"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed"
+    assert deployment["message"].startswith("Failed due to unhealthy allocations; allocation ")
+    assert deployment["message"].endswith(" unhealthy; left as it is (on_failure = leave)")
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:unhealthy"
+
+
+def test_a_driver_error_fails_the_deployment_with_dockers_pull_error(
+    nomad_cluster, harness_factory, tmp_path
+):
+    nomad_cluster.needs_fake()
+    job_id = unique("web")
+    job = service_job(job_id, progress_deadline=0)
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, job, on_failure="leave")
+    result = deploy(harness, "web", {"imageTag": "driver-error"})
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed", result.text
+    assert (
+        f"task app: Failed to pull `{IMAGE}:driver-error`: Error response from daemon"
+        in (deployment["message"])
+    )
+    assert "; Error was unrecoverable" in deployment["message"]
+
+
+def test_a_job_without_an_update_block_is_tracked_through_its_allocations(
+    nomad_cluster, harness_factory, tmp_path
+):
+    nomad_cluster.needs_fake()
+    job_id = unique("web")
+    job = service_job(job_id, max_parallel=0, count=2)
+    nomad_cluster.register(job)
+    config = nomad_config(tmp_path, nomad_cluster, target("web", "app", job_id))
+    harness = harness_factory(config)
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    assert deployment["backendRef"]["watch"] == "allocations"
+    assert deployment["message"] == f"2 of 2 allocations of version 1 healthy ({IMAGE}:v2)"
+    assert nomad_cluster.deployments(job_id) == []  # Nomad made none
+
+    failed = deploy(harness, "web", {"imageTag": "exit-2"})
+    deployment = failed.json["deployment"]
+    assert deployment["status"] == "rolled_back", failed.text
+    assert f"job {job_id} version 2; allocation " in deployment["message"]
+    assert "failed: task app: Exit Code: 2" in deployment["message"]
+    # no version is stable without a deployment: back to the version it replaced
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v2"
+
+
+def test_a_token_lacking_submit_job_fails_the_deploy_at_once_with_permission_denied(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    fake.acl = True
+    job_id = unique("web")
+    nomad_cluster.token = fake.management
+    nomad_cluster.register(service_job(job_id))
+    nomad_cluster.settled(job_id, 0)
+    reader = fake.token("read-job")
+    config = nomad_config(
+        tmp_path, nomad_cluster, target("web", "app", job_id, retry_budget=60), token=reader
+    )
+    harness = harness_factory(config)
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed", result.text
+    assert deployment["message"] == (
+        f"register job {job_id}: Permission denied "
+        "(check the ACL token's capabilities in namespace default)"
+    )
+    assert len(registers(fake, job_id)) == 1  # not retried
+    assert reader not in json.dumps(result.json)
+
+
+# -- job runs -------------------------------------------------------------------------------
+
+
+def job_harness(harness_factory, tmp_path, cluster: Cluster, job: dict, **keys: Any) -> Harness:
+    cluster.register(job)
+    keys.setdefault("parameters", ["EXIT", "GREETING"])
+    config = nomad_config(tmp_path, cluster, target("migrate", "job", job["ID"], **keys))
+    return harness_factory(config)
+
+
+def run(harness: Harness, env: dict[str, str], tag: str | None = None) -> Any:
+    body: dict[str, Any] = {"instanceEnvironmentVariables": [
+        {"name": k, "value": v} for k, v in env.items()
+    ]}  # fmt: skip
+    if tag is not None:
+        body["imageTag"] = tag
+    return deploy(harness, "migrate", body)
+
+
+def test_a_run_dispatches_with_meta_and_the_token_in_the_query_and_follows_the_child(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("migrate")
+    harness = job_harness(harness_factory, tmp_path, nomad_cluster, batch_job(job_id))
+    result = run(harness, {"GREETING": "hello"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    child = deployment["backendRef"]["child"]
+    assert child.startswith(f"{job_id}/dispatch-")
+    assert deployment["message"] == f"job {child} completed: 1 allocation(s) complete"
+    assert nomad_cluster.job(child)["Meta"] == {"GREETING": "hello"}
+    if nomad_cluster.fake is not None:
+        (dispatch,) = nomad_cluster.fake.calls("POST", f"/v1/job/{job_id}/dispatch")
+        assert dispatch.query["idempotency_token"] == f"shiphook-{deployment['id']}"
+        assert dispatch.body == {"Meta": {"GREETING": "hello"}}
+        # no register: the job already runs the run's image
+        assert registers(nomad_cluster.fake, job_id) == []
+
+
+def test_a_failing_run_ends_after_nomads_reschedule_with_the_tasks_exit_code(
+    nomad_cluster, harness_factory, tmp_path
+):
+    nomad_cluster.needs_fake()
+    job_id = unique("migrate")
+    harness = job_harness(harness_factory, tmp_path, nomad_cluster, batch_job(job_id))
+    result = run(harness, {"EXIT": "3"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    child = deployment["backendRef"]["child"]
+    message = deployment["message"]
+    assert message.startswith(f"job {child}: allocation ")
+    assert message.endswith(
+        " failed (attempt 2): task run: Exit Code: 3; Exceeded allowed attempts 3 in interval "
+        '24h0m0s and mode is "fail"'
+    )
+    allocs = nomad_cluster.api().get_allocations(child)
+    assert len(allocs) == 2  # the one reschedule of a failed batch allocation
+    assert sorted(bool(a["NextAllocation"]) for a in allocs) == [False, True]
+
+
+def test_a_run_with_an_undeclared_meta_key_fails_with_nomads_message(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("migrate")
+    job = batch_job(job_id, meta_optional=("GREETING",))
+    harness = job_harness(harness_factory, tmp_path, nomad_cluster, job)
+    result = run(harness, {"EXIT": "0"})
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed", result.text
+    assert deployment["message"] == (
+        f"dispatch job {job_id}: Dispatch request included unpermitted metadata keys: [EXIT]"
+    )
+    # and `shiphook check` said so up front
+    backend = harness.instance.backends["nomad"]
+    with pytest.raises(BackendError, match=r"parameters \['EXIT'\] are not declared in job"):
+        backend.describe(harness.instance.config.targets["migrate"])
+
+
+def test_an_image_tag_applies_to_its_run_only(nomad_cluster, harness_factory, tmp_path):
+    job_id = unique("migrate")
+    harness = job_harness(harness_factory, tmp_path, nomad_cluster, batch_job(job_id))
+    tagged = run(harness, {"GREETING": "one"}, tag="v2")
+    assert tagged.status_code == 201, tagged.text
+    child = tagged.json["deployment"]["backendRef"]["child"]
+    assert nomad_cluster.image(child) == f"{IMAGE}:v2"
+    assert tagged.json["deployment"]["backendRef"]["image"] == f"{IMAGE}:v2"
+    parent = nomad_cluster.job(job_id)
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v1"  # registered back
+    assert not (parent["Meta"] or {})
+    plain = run(harness, {"GREETING": "two"})
+    assert plain.status_code == 201, plain.text
+    assert nomad_cluster.image(plain.json["deployment"]["backendRef"]["child"]) == f"{IMAGE}:v1"
+
+
+def test_concurrent_tagged_runs_of_one_job_each_run_their_own_image(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("migrate")
+    harness = job_harness(
+        harness_factory, tmp_path, nomad_cluster, batch_job(job_id), max_concurrent_runs=4
+    )
+    token = harness.new_hook("migrate")
+    headers = {"X-Deploy-Hook-Token": token}
+
+    def call(tag: str):
+        async def go(conductor: Any) -> Any:
+            body = {"imageTag": tag, "instanceEnvironmentVariables": []}
+            return await conductor.simulate_post(
+                "/api/v1/dh", json=body, headers=headers, params={"wait": WAIT}
+            )
+
+        return go
+
+    answers = harness.gather(*(call(f"r{n}") for n in range(4)))
+    for answer in answers:
+        assert answer.status_code == 201, answer.text
+        ref = answer.json["deployment"]["backendRef"]
+        assert (
+            nomad_cluster.image(ref["child"]) == f"{IMAGE}:{answer.json['deployment']['imageTag']}"
+        )
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v1"
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+def nomad_env() -> dict[str, str]:
+    from conftest import plugin_env
+
+    env = plugin_env()
+    # the backend reads none of these: the config file alone says where Nomad is
+    env.update(NOMAD_ADDR="http://127.0.0.1:9", NOMAD_TOKEN="not-this-one", NOMAD_REGION="nowhere")
+    return env
+
+
+def test_a_run_resumed_after_kill_9_of_serve_does_not_dispatch_twice(
+    nomad_cluster, serve, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    job_id = unique("migrate")
+    nomad_cluster.register(batch_job(job_id))
+    config = nomad_config(
+        tmp_path,
+        nomad_cluster,
+        target("migrate", "job", job_id, parameters=["GREETING"]),
+        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+    )
+    server = serve(config, env=nomad_env(), name="first")
+    token = create_hook(server, "migrate")
+    # Nomad dispatches, and its answer is held until the server is gone
+    fake.hold("POST", f"/v1/job/{job_id}/dispatch", 30)
+    status, answer = post_hook(
+        server, token, {"instanceEnvironmentVariables": [{"name": "GREETING", "value": "hi"}]}
+    )
+    assert status == 201, answer
+    wait_until(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), what="the dispatch")
+    server.stop(signal.SIGKILL)
+    assert len(fake.children(job_id)) == 1
+
+    restarted = serve(config, env=nomad_env(), name="second")
+    (deployment,) = wait_all_terminal(restarted, 1, timeout=60)
+    assert deployment["status"] == "succeeded", deployment
+    dispatches = fake.calls("POST", f"/v1/job/{job_id}/dispatch")
+    assert len(dispatches) == 2
+    assert {d.query["idempotency_token"] for d in dispatches} == {f"shiphook-{deployment['id']}"}
+    (child,) = fake.children(job_id)  # the same child both times
+    assert deployment["backendRef"]["child"] == child["ID"]
+
+
+def test_serve_and_curl_with_wait_fail_the_ci_step_when_the_rollout_fails(
+    nomad_cluster, serve, tmp_path
+):
+    nomad_cluster.needs_fake()
+    job_id = unique("web")
+    nomad_cluster.register(service_job(job_id, progress_deadline=0))
+    nomad_cluster.settled(job_id, 0)
+    config = nomad_config(tmp_path, nomad_cluster, target("web", "app", job_id))
+    server = serve(config, env=nomad_env())
+    token = create_hook(server, "web")
+
+    def curl(tag: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["curl", "--fail-with-body", "-sS", "-X", "POST", f"{server.url}/api/v1/dh?wait=60",
+             "-H", f"X-Deploy-Hook-Token: {token}", "--data", json.dumps({"imageTag": tag})],
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+
+    ok = curl("v2")
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert json.loads(ok.stdout)["deployment"]["status"] == "succeeded"
+    broken = curl("exit-1")
+    assert broken.returncode == 22, broken.stdout  # curl's --fail-with-body on a 4xx/5xx
+    answer = json.loads(broken.stdout)
+    assert answer["deployment"]["status"] == "rolled_back"
+    assert "Failed due to unhealthy allocations" in answer["description"]
+    assert "Exit Code: 1" in answer["description"]
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v2"
+    assert [d["status"] for d in all_deployments(server)] == ["rolled_back", "succeeded"]
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("NOMAD_TOKEN", "from-the-environment")
+    monkeypatch.setenv("NOMAD_ADDR", "http://127.0.0.1:9")
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    options = NomadOptions(address="https://nomad.example.com:4646", token_file=token_file)
+    api = NomadBackend(options).api
+    for part in (api.job, api.deployment, api.leader):
+        assert (part.address, part.token, part.verify) == (
+            "https://nomad.example.com:4646", "from-the-file", True
+        )  # fmt: skip
+        assert part.session.trust_env is False
+    assert NomadBackend(NomadOptions()).api.job.token is None
+    with pytest.raises(ValueError, match="token and token_file are alternatives"):
+        NomadOptions(token="a", token_file=token_file)
+    with pytest.raises(ValueError, match="expected http://host:port or https://host:port"):
+        NomadOptions(address="nomad:4646")
