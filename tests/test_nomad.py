@@ -14,7 +14,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from conftest import Harness
+from conftest import ROOT, Harness
 from nomad_support import (
     IMAGE,
     Cluster,
@@ -26,6 +26,7 @@ from nomad_support import (
     wait_until,
 )
 from shiphook import BackendError
+from shiphook.instance import open_instance
 from shiphook_nomad import NomadBackend, NomadOptions
 from test_durability import all_deployments, create_hook, post_hook, wait_all_terminal
 
@@ -515,3 +516,14 @@ def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatc
         NomadOptions(token="a", token_file=token_file)
     with pytest.raises(ValueError, match="expected http://host:port or https://host:port"):
         NomadOptions(address="nomad:4646")
+
+
+def test_the_example_config_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    instance = open_instance(ROOT / "configs" / "examples" / "nomad.toml", plugin_modules=[])
+    try:
+        assert instance.config.backends["nomad"].plugin == "nomad"
+        assert {t.kind for t in instance.config.targets.values()} == {"app", "job"}
+        assert instance.config.targets["migrate"].parameters == ("MIGRATION", "DRY_RUN")
+    finally:
+        instance.close()

@@ -44,7 +44,7 @@ class ShiphookGroup(click.Group):
 )
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
-    """shiphook: deploy hooks for Docker Swarm (Kubernetes and Nomad backends are planned)."""
+    """shiphook: deploy hooks for Docker Swarm and Nomad (a Kubernetes backend is planned)."""
     ctx.obj = {"config": config}
 
 
