@@ -390,6 +390,22 @@ def test_an_image_tag_applies_to_its_run_only(nomad_cluster, harness_factory, tm
     assert nomad_cluster.image(plain.json["deployment"]["backendRef"]["child"]) == f"{IMAGE}:v1"
 
 
+def test_a_tagged_run_that_nomad_refuses_puts_the_jobs_own_image_back(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("migrate")
+    job = batch_job(job_id, meta_optional=("GREETING",))
+    harness = job_harness(harness_factory, tmp_path, nomad_cluster, job)
+    refused = run(harness, {"EXIT": "0"}, tag="v2")
+    assert refused.json["deployment"]["status"] == "failed", refused.text
+    assert "unpermitted metadata keys: [EXIT]" in refused.json["deployment"]["message"]
+    parent = nomad_cluster.job(job_id)
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v1"
+    assert not (parent["Meta"] or {})  # no run holds the job: the next one goes at once
+    after = run(harness, {"GREETING": "hi"}, tag="v3")
+    assert after.status_code == 201, after.text
+
+
 def test_concurrent_tagged_runs_of_one_job_each_run_their_own_image(
     nomad_cluster, harness_factory, tmp_path
 ):

@@ -13,6 +13,7 @@ from the environment; the API classes are built here from the config file's valu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -602,9 +603,6 @@ class NomadBackend(Backend):
             job["Meta"] = meta | {META_RUN: deployment_id, META_IMAGE_BASE: base}
             return None
 
-        self._register_change(job_id, tag_it)
-        answer = self._dispatch(job_id, env, deployment_id)
-
         def untag_it(job: dict[str, Any]) -> bool | None:
             meta = dict(job.get("Meta") or {})
             if meta.get(META_RUN) != deployment_id:
@@ -615,6 +613,15 @@ class NomadBackend(Backend):
             meta.pop(META_IMAGE_BASE, None)
             job["Meta"] = meta or None
             return None
+
+        self._register_change(job_id, tag_it)
+        try:
+            answer = self._dispatch(job_id, env, deployment_id)
+        except BackendError:
+            # the job's own image back, so other runs need not wait for this one's retry
+            with contextlib.suppress(BackendError):
+                self._register_change(job_id, untag_it)
+            raise
 
         self._register_change(job_id, untag_it)
         return {
