@@ -146,6 +146,33 @@ def test_an_rpc_prefixed_index_conflict_and_no_cluster_leader_are_retried(
     assert nomad_cluster.job(job_id)["Version"] == 1
 
 
+def test_a_version_replaced_before_nomad_deploys_it_fails_naming_the_newer_one(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake = nomad_cluster.needs_fake()
+    job_id = unique("web")
+    harness = app_harness(
+        harness_factory, tmp_path, nomad_cluster, service_job(job_id), on_failure="leave"
+    )
+    backend = harness.instance.backends["nomad"]
+    real = backend.deploy
+
+    def deploy_then_someone_else(target: Any, **kwargs: Any) -> Any:
+        ref = real(target, **kwargs)
+        fake.put_job(service_job(job_id, "v3"))  # before the scheduler has seen version 1
+        return ref
+
+    backend.deploy = deploy_then_someone_else
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed", result.text
+    assert deployment["message"] == (
+        f"job {job_id} version 1 was replaced by version 2 before Nomad deployed it: it was "
+        "changed outside this deployment; left as it is (on_failure = leave)"
+    )
+    assert [d["JobVersion"] for d in nomad_cluster.deployments(job_id)] == [0, 2]
+
+
 def test_deploying_the_running_tag_registers_an_unchanged_spec_and_succeeds_at_once(
     nomad_cluster, harness_factory, tmp_path
 ):

@@ -218,6 +218,11 @@ class NomadBackend(Backend):
             if status == 403:
                 message += f" (check the ACL token's capabilities in namespace {self._ns})"
             raise BackendError(message, transient=transient) from None
+        except requests.RequestException as exc:  # an answer that is not JSON, a stream timeout
+            raise BackendError(
+                f"{doing}: no usable answer from Nomad at {self.options.address}: {exc}",
+                transient=True,
+            ) from None
 
     def _call(self, doing: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self._errors(doing):
@@ -372,7 +377,9 @@ class NomadBackend(Backend):
             "previous_version": previous,
             "updated": previous is not None,
             # Nomad creates deployments only for groups with an update block (max_parallel > 0)
-            "watch": "deployment" if update.get("MaxParallel") else "allocations",
+            "watch": "deployment"
+            if update.get("MaxParallel") and group["Count"]
+            else "allocations",
         }
 
     def progress(self, target: Target, ref: Ref) -> Progress:
@@ -389,6 +396,13 @@ class NomadBackend(Backend):
         mine = [d for d in deployments if d["JobVersion"] == ref["version"]]
         if not mine:
             latest = max(deployments, key=lambda d: d["CreateIndex"], default=None)
+            if latest is not None and latest["JobVersion"] > ref["version"]:
+                return Progress(
+                    "failed",
+                    f"job {ref['job']} version {ref['version']} was replaced by version "
+                    f"{latest['JobVersion']} before Nomad deployed it: it was changed outside "
+                    "this deployment",
+                )
             was = f" (latest: version {latest['JobVersion']})" if latest else ""
             return Progress(
                 "running",
