@@ -98,10 +98,11 @@ CAPABILITIES = ("read-job", "submit-job", "dispatch-job")
 class NomadError(Exception):
     """An error answer: Nomad's plain-text body and its code."""
 
-    def __init__(self, status: int, text: str) -> None:
+    def __init__(self, status: int, text: str, index: int | None = None) -> None:
         super().__init__(text)
         self.status = status
         self.text = text
+        self.index = index  # GET /v1/job/:id sets X-Nomad-Index before its 404
 
 
 @dataclass
@@ -344,6 +345,8 @@ class NomadFake:
         except NomadError as exc:
             status, data = exc.status, exc.text.encode()
             headers["Content-Type"] = "text/plain; charset=utf-8"
+            if exc.index is not None:
+                headers["X-Nomad-Index"] = str(exc.index)
         with self.lock:
             held = [h for h in self.holds if h.method == method and h.path.fullmatch(path)]
             for h in held[:1]:
@@ -436,7 +439,7 @@ class NomadFake:
                 return self._register_request(job_id, namespace, body, raw, secret, query)
             self._reads(method, secret)
             if job is None:
-                raise NomadError(404, "job not found")
+                raise NomadError(404, "job not found", index=self._jobs_index())
             return self._job_out(job), job["ModifyIndex"]
         if suffix == "/dispatch":
             return self._dispatch(job_id, namespace, method, body, raw, secret, query)
@@ -496,6 +499,10 @@ class NomadFake:
                 raise NomadError(404, "job not found")
             return self._summary(job), job["ModifyIndex"]
         raise NomadError(404, f"Invalid URL path /v1/job/{job_id}{suffix}")
+
+    def _jobs_index(self) -> int:
+        """The `jobs` table's index: the last write to any job."""
+        return max((j["ModifyIndex"] for j in self.jobs.values()), default=0)
 
     @staticmethod
     def _meta(index: int) -> dict[str, Any]:
