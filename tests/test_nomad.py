@@ -95,10 +95,11 @@ def test_a_deploy_registers_the_new_tag_and_follows_the_deployment_of_that_versi
         assert register.body["JobModifyIndex"] == register.body["Job"]["JobModifyIndex"]
         # the deployment of version 1 comes after the register: until then the latest was 0's
         assert any(
-            m.startswith("waiting for Nomad to create the deployment of version 1 (latest: "
-                         "version 0)")
+            m.startswith(
+                "waiting for Nomad to create the deployment of version 1 (latest: version 0)"
+            )
             for m in said
-        ), said  # fmt: skip
+        ), said
 
 
 def test_a_register_refused_for_a_moved_job_modify_index_is_read_again_and_retried(
@@ -334,9 +335,9 @@ def job_harness(harness_factory, tmp_path, cluster: Cluster, job: dict, **keys: 
 
 
 def run(harness: Harness, env: dict[str, str], tag: str | None = None) -> Any:
-    body: dict[str, Any] = {"instanceEnvironmentVariables": [
-        {"name": k, "value": v} for k, v in env.items()
-    ]}  # fmt: skip
+    body: dict[str, Any] = {
+        "instanceEnvironmentVariables": [{"name": k, "value": v} for k, v in env.items()]
+    }
     if tag is not None:
         body["imageTag"] = tag
     return deploy(harness, "migrate", body)
@@ -521,10 +522,22 @@ def test_serve_and_curl_with_wait_fail_the_ci_step_when_the_rollout_fails(
 
     def curl(tag: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["curl", "--fail-with-body", "-sS", "-X", "POST", f"{server.url}/api/v1/dh?wait=60",
-             "-H", f"X-Deploy-Hook-Token: {token}", "--data", json.dumps({"imageTag": tag})],
-            capture_output=True, text=True, timeout=90,
-        )  # fmt: skip
+            [
+                "curl",
+                "--fail-with-body",
+                "-sS",
+                "-X",
+                "POST",
+                f"{server.url}/api/v1/dh?wait=60",
+                "-H",
+                f"X-Deploy-Hook-Token: {token}",
+                "--data",
+                json.dumps({"imageTag": tag}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
 
     ok = curl("v2")
     assert ok.returncode == 0, ok.stderr + ok.stdout
@@ -551,8 +564,10 @@ def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatc
     api = NomadBackend(options).api
     for part in (api.job, api.deployment, api.leader):
         assert (part.address, part.token, part.verify) == (
-            "https://nomad.example.com:4646", "from-the-file", True
-        )  # fmt: skip
+            "https://nomad.example.com:4646",
+            "from-the-file",
+            True,
+        )
         assert part.session.trust_env is False
     assert NomadBackend(NomadOptions()).api.job.token is None
     with pytest.raises(ValueError, match="token and token_file are alternatives"):

@@ -89,8 +89,9 @@ def test_enforce_index_texts_and_json_keys_matched_case_insensitively(fake):  # 
         jobs.register_job, "web", {"Job": job, "EnforceIndex": True, "JobModifyIndex": 41}
     )
     assert (missing.status_code, missing.text) == (
-        500, "Enforcing job modify index 41: job does not exist"
-    )  # fmt: skip
+        500,
+        "Enforcing job modify index 41: job does not exist",
+    )
     created = jobs.register_job("web", {"Job": job, "enforceindex": True, "jobmodifyindex": 0})
     index = created["JobModifyIndex"]
     exists = refused(jobs.register_job, "web", {"Job": job, "EnforceIndex": True})
@@ -137,8 +138,9 @@ def test_the_deployment_of_a_new_version_comes_after_the_register(fake):  # 3.4
     jobs.register_job("web", {"Job": service_job("web", count=2)})
     done = settled(fake, "web", 0)
     assert (done["Status"], done["StatusDescription"]) == (
-        "successful", "Deployment completed successfully"
-    )  # fmt: skip
+        "successful",
+        "Deployment completed successfully",
+    )
     job = jobs.get_job("web")
     job["TaskGroups"][0]["Tasks"][0]["Config"]["image"] = "registry.example.com/team/web:v2"
     jobs.register_job("web", {"Job": job})
@@ -234,8 +236,9 @@ def test_dispatch_checks_with_nomads_texts(fake):  # 2.8
     jobs.register_job("migrate", {"Job": batch_job("migrate", meta_required=("DEPLOY_ID",))})
     answer = refused(jobs.dispatch_job, "migrate", meta={"DEPLOY_ID": "1", "NOPE": "x"})
     assert (answer.status_code, answer.text) == (
-        500, "Dispatch request included unpermitted metadata keys: [NOPE]"
-    )  # fmt: skip
+        500,
+        "Dispatch request included unpermitted metadata keys: [NOPE]",
+    )
     answer = refused(jobs.dispatch_job, "migrate", meta={"EXIT": "1"})
     assert answer.text == "Dispatch did not provide required meta keys: [DEPLOY_ID]"
     answer = refused(jobs.dispatch_job, "migrate", meta={"DEPLOY_ID": 1})
