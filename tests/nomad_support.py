@@ -108,7 +108,7 @@ def service_job(
     count: int = 1,
     max_parallel: int = 1,
     auto_revert: bool = False,
-    progress_deadline: float = 5,
+    progress_deadline: float = 60,
     meta: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """An api.Job of a service with one group and one docker task, as `nomad job run` sends it
@@ -126,7 +126,8 @@ def service_job(
                     "MaxParallel": max_parallel,
                     "HealthCheck": "task_states",
                     "MinHealthyTime": 0,
-                    "HealthyDeadline": int(progress_deadline or 5) * SECOND,
+                    # Nomad wants it below a progress deadline that is not 0
+                    "HealthyDeadline": int((progress_deadline or 60) * 0.8 * SECOND),
                     "ProgressDeadline": int(progress_deadline * SECOND),
                     "AutoRevert": auto_revert,
                 },
