@@ -14,7 +14,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from conftest import ROOT, Harness
+from conftest import ROOT, Harness, run_cli, write_config
 from nomad_support import (
     IMAGE,
     Cluster,
@@ -585,3 +585,21 @@ def test_the_example_config_loads(tmp_path, monkeypatch):
         assert instance.config.targets["migrate"].parameters == ("MIGRATION", "DRY_RUN")
     finally:
         instance.close()
+
+
+def test_a_config_error_about_the_token_never_shows_it(tmp_path):
+    (tmp_path / "t").write_text("from-the-file\n")
+    # short values: a short enough input would be quoted in the error
+    config = write_config(
+        tmp_path,
+        """
+        [backends.nomad]
+        plugin = "nomad"
+        token = "s3cr3t"
+        token_file = "t"
+        """,
+    )
+    result = run_cli("check", config=config, check=False)
+    assert result.returncode == 2
+    assert "backends.nomad: token and token_file are alternatives: set one" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout

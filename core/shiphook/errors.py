@@ -64,6 +64,10 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
             error["type"] not in {"missing", "extra_forbidden"}
             and "input" in error
             and not _may_be_secret(error["loc"])
+            and not (
+                isinstance(error["input"], dict)
+                and any(_may_be_secret((k,)) for k in error["input"])
+            )
         ):
             given = repr(error["input"])
             if len(given) <= 60:
