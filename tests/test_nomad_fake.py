@@ -281,6 +281,14 @@ def test_acl_tokens_need_their_capability(fake):  # 1.4
     with pytest.raises(nomad.api.exceptions.URLNotAuthorizedNomadException):
         reader.register_job("web", {"Job": service_job("web")})
     assert refused(api(fake, "not-a-token").get_job, "web").text == "Permission denied"
+    # register: an unknown token is refused before the job is validated, anonymous after it
+    invalid = {"Job": {"ID": "bad", "TaskGroups": []}}
+    assert refused(api(fake, "not-a-token").register_job, "bad", invalid).status_code == 403
+    answer = refused(anonymous.register_job, "bad", invalid)
+    assert (answer.status_code, answer.text) == (
+        500,
+        "1 error occurred:\n\t* Missing job task groups\n\n",
+    )
     submitter.register_job("migrate", {"Job": batch_job("migrate")})
     assert reader.get_job("migrate")["ID"] == "migrate"
     assert refused(submitter.dispatch_job, "migrate").status_code == 403

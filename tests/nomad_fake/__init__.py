@@ -532,7 +532,7 @@ class NomadFake:
             raise NomadError(400, "Job ID hasn't been provided")
         if path_id is not None and path_id != job["ID"]:
             raise NomadError(400, "Job ID does not match name")
-        if self.acl and secret not in self.tokens:
+        if self.acl and secret and secret not in self.tokens:  # anonymous: checked at row 9
             raise NomadError(403, "Permission denied")
         namespace = query.get("namespace") or _get_ci(body, "Namespace") or job.get("Namespace")
         namespace = namespace or "default"
