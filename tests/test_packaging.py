@@ -38,3 +38,7 @@ def test_each_built_in_backend_is_an_installed_distribution_with_its_entry_point
 
 def test_the_swarm_distribution_brings_the_docker_sdk():
     assert "docker" in requirement_names(importlib.metadata.requires("shiphook-swarm") or [])
+
+
+def test_the_nomad_distribution_brings_python_nomad():
+    assert "python-nomad" in requirement_names(importlib.metadata.requires("shiphook-nomad") or [])
