@@ -95,6 +95,10 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
         ("[server]\nmax_headers = 5000\n", "server.max_headers: Input should be less than"),
         ("[server]\nheader_timeout = 0\n", "server.header_timeout: Input should be greater than 0"),
         ("[server]\nmax_connections = 0\n", "server.max_connections: Input should be greater"),
+        (
+            "[server]\nshutdown_timeout = 5\n",
+            "server: shutdown_timeout: 5 s must be more than database_timeout (5 s)",
+        ),
     ],
 )
 def test_a_bad_config_names_the_file_the_key_and_what_is_expected(tmp_path, text, expected):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
 from shiphook.db import create_db_engine
+from shiphook.engine_process import RESTART_DELAY
+from test_http_limits import connect, read_answer
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -36,11 +39,14 @@ def fleet_config(
     timeout: float = 30,
     threads: int = 16,
     lease_seconds: float = 2,
+    server: str = "",
 ) -> Path:
-    """`apps` app targets and `jobs` job targets on one scripted backend sharing `tmp_path`."""
+    """`apps` app targets and `jobs` job targets on one scripted backend sharing `tmp_path`;
+    `server` holds more `[server]` lines."""
     text = f"""
         [server]
         database_url = "{database_url or f"sqlite:///{tmp_path}/shiphook.db"}"
+        {server}
         [engine]
         lease_seconds = {lease_seconds}
         scan_interval = 0.2
@@ -284,6 +290,144 @@ def test_hundreds_of_waiting_ci_jobs_do_not_hold_up_new_hook_requests(tmp_path, 
         outcomes = [w.result() for w in waiting]
     assert [status for status, _ in outcomes] == [502] * 200  # rolled back at its timeout
     assert min(at for _, at in outcomes) > fresh_done
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("workers", "to_group"),
+    [(1, False), (1, True), (2, True)],
+    ids=["sigterm-to-serve", "sigterm-to-the-group", "sigterm-to-the-group-2-workers"],
+)
+def test_a_stopped_server_answers_its_waiting_callers_at_once_and_loses_nothing(
+    tmp_path, serve, workers, to_group
+):
+    config = fleet_config(
+        tmp_path,
+        apps=4,
+        jobs=0,
+        rollout_seconds=10,
+        timeout=120,
+        server=f"max_wait = 900\nworkers = {workers}\nshutdown_timeout = 10",
+    )
+    server = serve(config, name="first")
+    tokens = [create_hook(server, f"app{i}") for i in range(4)]
+    state = backend_state(tmp_path)
+
+    def waiting_ci_job(token: str) -> tuple[int, dict, dict]:
+        status, headers, raw = server.request(
+            "POST", "/api/v1/dh?wait=900", b'{"imageTag": "2.0"}', {"X-Deploy-Hook-Token": token}
+        )
+        return status, {k.lower(): v for k, v in headers.items()}, json.loads(raw)
+
+    body = b'{"imageTag": "2.0"}'
+    slow = connect(server)  # a ?wait request still sending its body when the stop begins
+    slow.sendall(
+        b"POST /api/v1/dh?wait=900 HTTP/1.1\r\nHost: x\r\nX-Deploy-Hook-Token: %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (tokens[3].encode(), len(body), body[:5])
+    )
+    partial = connect(server)  # and a request whose head has begun
+    partial.sendall(b"GET /healthz HTTP/1.1\r\nHost:")
+    with ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(waiting_ci_job, token) for token in tokens[:3]]
+        deadline = time.monotonic() + 30
+        while len(state.calls("deploy")) < 3:  # every rollout under way, every caller waiting
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        if to_group:  # as systemd does: serve, its HTTP worker(s) and its engine process
+            os.killpg(server.process.pid, signal.SIGTERM)
+        else:
+            server.process.send_signal(signal.SIGTERM)
+        answers = [w.result() for w in waiting]
+        # the stop waits for the slow request: longer than the engine's supervisor takes to
+        # restart an engine that went away
+        time.sleep(2 * RESTART_DELAY)
+        slow.sendall(body[5:])
+        status, headers, raw = read_answer(slow)
+        answers.append((status, headers, json.loads(raw)))
+    assert server.process.wait(30) == 0  # far from max_wait, and before the rollouts end
+
+    for status, headers, answer in answers:
+        deployment = answer["deployment"]
+        assert status == 504, answer
+        # the rollouts go on: their callers did not wait for them
+        assert deployment["status"] == "in_progress" or deployment["target"] == "app3"
+        assert "the server is shutting down; it goes on" in answer["description"]
+        assert headers["location"] == f"/api/v1/deployments/{deployment['id']}"
+    status, _, raw = read_answer(partial)
+    assert status == 503 and "shutting down" in json.loads(raw)["description"]
+    log = server.log()
+    assert " ERROR " not in log and "starting a new" not in log, log
+
+    restarted = serve(config, name="second")
+    deployments = wait_all_terminal(restarted, 4)
+    assert {d["id"] for d in deployments} == {a["deployment"]["id"] for *_, a in answers}
+    assert [d["status"] for d in deployments] == ["succeeded"] * 4
+    deploys = Counter(call["deployment"] for call in state.calls("deploy"))
+    assert sorted(deploys.values()) == [1] * 4  # each resumed, none deployed twice
+
+
+def test_a_stop_does_not_wait_for_a_backend_call_that_hangs_and_the_next_start_resumes(
+    tmp_path, serve
+):
+    config = fleet_config(
+        tmp_path, apps=1, jobs=0, server="database_timeout = 1\nshutdown_timeout = 2"
+    )
+    config.write_text(config.read_text().replace("polls = 5", "polls = 5\nstall_seconds = 8"))
+    server = serve(config, name="first")
+    token = create_hook(server, "app0")
+    status, body = post_hook(server, token, {"imageTag": "stall-1"})
+    assert status == 201
+    deadline = time.monotonic() + 30
+    while deployment_status(server, body["deployment"]["id"]) != "in_progress":
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    server.process.send_signal(signal.SIGTERM)  # while deploy hangs, for 8 s
+    assert server.process.wait(30) == 0
+    assert backend_state(tmp_path).calls("deploy") == []  # it had not returned
+    assert " ERROR " not in server.log() and " WARNING " not in server.log(), server.log()
+
+    restarted = serve(config, name="second")
+    [deployment] = wait_all_terminal(restarted, 1)
+    assert deployment["status"] == "succeeded", deployment
+
+
+def deployment_status(server: Server, deployment_id: str) -> str:
+    status, _, raw = server.request("GET", f"/api/v1/deployments/{deployment_id}", headers=ADMIN)
+    assert status == 200, raw
+    return json.loads(raw)["deployment"]["status"]
+
+
+def engine_process(server: Server) -> int | None:
+    """The pid of the engine process of a `shiphook serve` with one HTTP worker, if it has one."""
+    children: list[str] = []
+    for thread in Path(f"/proc/{server.process.pid}/task").iterdir():  # each lists its own
+        with contextlib.suppress(FileNotFoundError):  # gone since
+            children += (thread / "children").read_text().split()
+    for child in children:
+        with contextlib.suppress(FileNotFoundError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    return None
+
+
+def test_the_engine_ignores_sigterm_and_a_dead_engine_is_replaced(tmp_path, serve):
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0))
+    token = create_hook(server, "app0")
+    engine = engine_process(server)
+    assert engine is not None
+    os.kill(engine, signal.SIGTERM)  # serve stops it, when serve stops
+    assert post_hook(server, token, {"imageTag": "1.0"}, "?wait=30")[0] == 201
+    assert engine_process(server) == engine
+
+    os.kill(engine, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while engine_process(server) in (engine, None):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert post_hook(server, token, {"imageTag": "2.0"}, "?wait=30")[0] == 201
+    assert "engine process exited with status -9; starting a new one" in server.log()
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------

@@ -56,6 +56,9 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Unprocessable: falcon.HTTP_422,
     DatabaseUnavailable: falcon.HTTP_503,
 }
+# scope["extensions"][SHUTDOWN], set by `shiphook serve`: a future of the event loop, done once
+# the server begins to shut down (it then accepts no connection and waits for the requests)
+SHUTDOWN = "shiphook.shutdown"
 RETRY_AFTER = "5"  # seconds a caller is told to wait when the database is unavailable
 
 # How `?wait` answers, by the state the deployment is in when the wait ends.
@@ -145,15 +148,17 @@ class DeployHookResource:
             resp.status = falcon.HTTP_201
             resp.media = {"deployment": deployment}
             return f"deployment {deployment['id']} {deployment['status']}"
-        await self.waiters.wait(deployment["id"], wait)
+        shutdown = req.scope.get("extensions", {}).get(SHUTDOWN)
+        await self.waiters.wait(deployment["id"], wait, until=shutdown)
         outcome = (await self.db(self.deployments.get, deployment["id"])).to_json()
         resp.status = WAIT_STATUS[Status(outcome["status"])]
         if resp.status == falcon.HTTP_201:
             resp.media = {"deployment": outcome}
         else:
+            stopping = shutdown is not None and shutdown.done()
             resp.media = {
                 "title": resp.status,
-                "description": wait_outcome(outcome, wait),
+                "description": wait_outcome(outcome, wait, shutting_down=stopping),
                 "deployment": outcome,
             }
         return f"deployment {outcome['id']} {outcome['status']}"
@@ -200,14 +205,15 @@ def _log_access(req: falcon.asgi.Request, status: str, outcome: str, started: fl
         )
 
 
-def wait_outcome(deployment: dict[str, Any], waited: float) -> str:
+def wait_outcome(deployment: dict[str, Any], waited: float, *, shutting_down: bool = False) -> str:
     """What a waiting CI job reads when the rollout did not simply succeed."""
     status, message, ident = deployment["status"], deployment["message"], deployment["id"]
     if status == Status.superseded:  # the message names the newer deployment and its tag
         return f"deployment {ident} was {message}"
     if status in (Status.queued, Status.in_progress):
+        when = ", and the server is shutting down" if shutting_down else f" after {waited:g}s"
         return (
-            f"deployment {ident} is still {status} after {waited:g}s; it goes on: "
+            f"deployment {ident} is still {status}{when}; it goes on: "
             f"GET /api/v1/deployments/{ident}"
         )
     return f"deployment {ident} {status.replace('_', ' ')}: {message}"

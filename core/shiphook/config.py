@@ -45,6 +45,17 @@ class ServerSettings(BaseModel):
     max_headers: int = Field(100, ge=10, le=1000)
     header_timeout: Seconds = 10
     max_connections: int = Field(4096, ge=1, le=1048576)
+    shutdown_timeout: Seconds = 10
+
+    @model_validator(mode="after")
+    def _shutdown_outlasts_a_commit(self) -> ServerSettings:
+        if self.shutdown_timeout <= self.database_timeout:
+            raise ValueError(
+                f"shutdown_timeout: {self.shutdown_timeout:g} s must be more than "
+                f"database_timeout ({self.database_timeout:g} s), so that a stop answers "
+                "the requests whose deployment is being committed"
+            )
+        return self
 
 
 class EngineSettings(BaseModel):

@@ -5,7 +5,9 @@ and answers a malformed request in plain text. `HttpProtocol` caps a head's byte
 count, closes a client that does not send its head within `header_timeout`, and answers each of
 these in JSON, like the app's own errors. At `max_connections`, the connection that has waited
 longest for its request head makes room for a new one, so that slow clients cannot lock others
-out; the log says when the limit is reached and when it is left.
+out; the log says when the limit is reached and when it is left. When the server begins to shut
+down, every request learns it through its scope (`SHUTDOWN`), so that the app can answer at once
+what it would otherwise hold for long (`?wait`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from shiphook.app import SHUTDOWN
 from shiphook.config import ServerSettings
 
 log = logging.getLogger("shiphook.server")
@@ -85,8 +88,10 @@ class ConnectionGuard:
         self.closed_early = 0  # since the limit was reached
         self.refused = 0
         self.sweep: asyncio.TimerHandle | None = None
+        self.shutdown: asyncio.Future[None] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.shutdown = loop.create_future()
         self._sweep(loop)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -226,6 +231,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {SHUTDOWN: self.guard.shutdown}
         if self.head_started is None:  # pipelined behind a request being answered
             self._start_head()
         self.head_bytes = 0
@@ -235,6 +241,17 @@ class HttpProtocol(HttpToolsProtocol):
         if len(self.headers) > self.max_headers:
             raise _TooManyHeaders
         super().on_headers_complete()
+
+    def shutdown(self) -> None:
+        """The server begins to shut down (uvicorn calls this on every open connection): tell
+        the requests being answered, answer a head that has begun with 503, close an idle
+        connection, and close the others once their request is answered."""
+        if not self.guard.shutdown.done():
+            self.guard.shutdown.set_result(None)
+        if self.idle() and self.head_started is not None and self.head_bytes:
+            self._reject(503, "the server is shutting down; try again", b"retry-after: 1\r\n")
+        else:
+            super().shutdown()
 
     def close_head(self, description: str) -> None:
         """Close a connection whose head is late: a 408 if it sent part of one, else nothing."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 from shiphook.backends import BackendError
@@ -33,6 +35,7 @@ from shiphook.instance import Instance, open_instance
 log = logging.getLogger("shiphook.engine")
 
 RESTART_DELAY = 1.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 NOTIFY_INTERVAL = 0.05
 # seconds between checkpoints of the HTTP workers' SQLite writes: under load, a short log that is
 # copied often kept the workers' p99 lower than a long one copied in bursts (bench/README.md);
@@ -41,46 +44,74 @@ CHECKPOINT_INTERVAL = 0.2
 
 
 class EngineSupervisor:
-    """Owned by `shiphook serve`: starts the engine process, restarts it if it dies, stops it."""
+    """Owned by `shiphook serve`: starts the engine process, restarts it if it dies, stops it.
+
+    The engine ignores SIGTERM and SIGINT: systemd and a terminal send them to every process of
+    the service, and the engine is to stop when `serve` says so, after its HTTP workers, not
+    before; to its supervisor an engine that went away on a signal would look like a crash.
+    """
 
     def __init__(self, config_path: Path, address: str, log_level: str) -> None:
         self.config_path = config_path
         self.address = address
         self.log_level = log_level
+        self._context = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._stop = self._context.Event()  # the engine process's: stop now
         self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a restart and a stop do not cross
         self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
 
     def start(self) -> None:
         self._spawn()
         self._watcher.start()
 
-    def stop(self) -> None:
-        self._stopping.set()
-        process = self._process
-        if process is not None and process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
-            process.join(30)
-            if process.is_alive():
-                process.kill()
+    def stop(self, timeout: float) -> None:
+        """Have the engine let go of its work (what runs stays in progress for the next start);
+        kill it if it has not within `timeout` seconds."""
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        self._stop.set()
+        if process is None:
+            return
+        process.join(timeout)
+        if process.is_alive():
+            log.warning(
+                "the engine process did not stop within %gs ([server] shutdown_timeout); killing "
+                "it: its work resumes at the next start",
+                timeout,
+            )
+            process.kill()
+            process.join()
 
     def _spawn(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._process = context.Process(
+        self._process = self._context.Process(
             target=run_engine,
-            args=(str(self.config_path), self.address, self.log_level),
+            args=(str(self.config_path), self.address, self.log_level, self._stop),
             name="shiphook-engine",
         )
-        self._process.start()
+        # blocked here, the signals are blocked in the child until it ignores them: one sent to
+        # the process group while it starts cannot end it (as multiprocessing's resource tracker
+        # does, which unblocks them when it starts: it is started first)
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _watch(self) -> None:
         while not self._stopping.wait(RESTART_DELAY):
-            if self._process is not None and not self._process.is_alive():
-                log.error(
-                    "engine process exited with status %s; starting a new one",
-                    self._process.exitcode,
-                )
-                self._spawn()
+            with self._lock:
+                if self._stopping.is_set() or self._process is None:
+                    return
+                if not self._process.is_alive():
+                    log.error(
+                        "engine process exited with status %s; starting a new one",
+                        self._process.exitcode,
+                    )
+                    self._spawn()
 
 
 class EngineNotifier:
@@ -131,8 +162,13 @@ def _sockaddr(address: str) -> str:
     return "\0" + address[1:] if address.startswith("@") else address
 
 
-def run_engine(config_path: str, address: str, log_level: str) -> None:
-    """The engine process: run until SIGTERM, or until `shiphook serve` is gone."""
+def run_engine(
+    config_path: str, address: str, log_level: str, stop: multiprocessing.synchronize.Event
+) -> None:
+    """The engine process: run until `stop` is set, or until `shiphook serve` is gone."""
+    for signum in STOP_SIGNALS:  # sent to the whole service; serve stops us once it is done
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -145,9 +181,6 @@ def run_engine(config_path: str, address: str, log_level: str) -> None:
     )
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     inbox.bind(_sockaddr(address))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us
     engine.start()
     threading.Thread(target=report_backends, args=(instance,), daemon=True).start()
     threading.Thread(target=_relay, args=(inbox, engine), daemon=True).start()
@@ -170,7 +203,7 @@ def _relay(inbox: socket.socket, engine: Engine) -> None:
         engine.notify(message.decode())
 
 
-def _checkpoints(instance: Instance, stop: threading.Event) -> None:
+def _checkpoints(instance: Instance, stop: multiprocessing.synchronize.Event) -> None:
     """Checkpoint the database for the HTTP workers, which leave it to us."""
     failing = False  # log when checkpoints start and stop failing, not each one
     while not stop.wait(CHECKPOINT_INTERVAL):

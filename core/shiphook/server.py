@@ -142,10 +142,14 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
             lifespan="off",
             access_log=False,
             log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
         )
     finally:
-        engine.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the stop is under way, and bounded
+            signal.signal(signum, signal.SIG_IGN)
+        engine.stop(settings.shutdown_timeout)
         release_engine_address(address)
+        log.info("shiphook stopped")
 
 
 def _exit(signum: int, frame: object) -> None:

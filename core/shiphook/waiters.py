@@ -8,7 +8,6 @@ waiting CI job costs a future and an open connection, never a thread or a query 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 
@@ -32,8 +31,13 @@ class Waiters:
         if status in TERMINAL:
             self._release(deployment_id)
 
-    async def wait(self, deployment_id: str, timeout: float) -> None:
-        """Return when the deployment has ended or `timeout` seconds have passed."""
+    async def wait(
+        self, deployment_id: str, timeout: float, *, until: asyncio.Future[None] | None = None
+    ) -> None:
+        """Return when the deployment has ended, `timeout` seconds have passed, or `until` is
+        done (the server is shutting down)."""
+        if until is not None and until.done():
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._waiting.setdefault(deployment_id, set()).add(future)
@@ -43,8 +47,8 @@ class Waiters:
             statuses = await self.storage.call(self.storage.statuses, [deployment_id])
             if statuses.get(deployment_id) in TERMINAL:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, timeout)
+            ends = [future] if until is None else [future, until]
+            await asyncio.wait(ends, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             with self._lock:
                 futures = self._waiting.get(deployment_id)
