@@ -82,6 +82,44 @@ def test_bad_cli_calls_say_what_is_wrong_and_exit_2(cli, args, message):
     assert message in result.output
 
 
+CONFIGURED = "configured: api, gone, migrate, report, strict, web"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["hooks", "create", "nosuchtarget", "--name", "x"],
+            f"no target named 'nosuchtarget' ({CONFIGURED})",
+        ),
+        (["hooks", "create", "web", "--name", " "], "name: expected 1 to 100 printable characters"),
+        (["hooks", "list", "nosuchtarget"], f"no target named 'nosuchtarget' ({CONFIGURED})"),
+        (["hooks", "delete", "0"], "no hook with id 0"),
+        (
+            ["deployments", "list", "--status", "bogus"],
+            "status: 'bogus' is not a deployment status",
+        ),
+        (["deployments", "list", "--target", "a b"], "target: expected a target name"),
+        (["deployments", "show", "nope"], "no deployment with id 'nope'"),
+        (["deployments", "rollback", "nope"], "no deployment with id 'nope'"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_a_command_that_fails_on_its_arguments_creates_no_database(tmp_path, args, line):
+    result = run_cli(*args, config=scripted_config(tmp_path), check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"shiphook: {line}") and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shiphook.toml"]
+
+
+def test_check_creates_no_database(tmp_path):
+    result = run_cli("check", config=scripted_config(tmp_path), check=False)
+    assert result.returncode == 1  # the target "gone" is not found
+    assert "database sqlite:///" in result.stdout and ": no database yet" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shiphook.toml"]
+
+
 def test_usage_errors_name_the_missing_argument(cli):
     result = cli("hooks", "create", "web", code=2)
     assert "--name" in result.output
@@ -202,7 +240,7 @@ def test_check_reports_the_schema_version(tmp_path):
     config = scripted_config(tmp_path)  # its target "gone" makes `check` exit 1
     database = f"database sqlite:///{tmp_path}/shiphook.db"
     before = run_cli("check", config=config, check=False).stdout
-    assert f"{database}: reachable, no schema yet" in before
+    assert f"{database}: no database yet" in before
     run_cli("db", "upgrade", config=config)
     after = run_cli("check", config=config, check=False).stdout
     assert f"{database}: schema 0001, the latest" in after

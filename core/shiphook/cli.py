@@ -17,7 +17,14 @@ from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
 from shiphook.instance import Instance, open_instance
 from shiphook.plugins import describe_plugins, plugin_error
-from shiphook.services import public_target
+from shiphook.services import (
+    check_deployment_filters,
+    check_deployment_id,
+    check_hook_id,
+    configured_target,
+    hook_name,
+    public_target,
+)
 
 
 class ShiphookGroup(click.Group):
@@ -48,12 +55,18 @@ def main(ctx: click.Context, config: str | None) -> None:
     ctx.obj = {"config": config}
 
 
-def instance_of(ctx: click.Context, *, migrate: bool = True) -> Instance:
+def instance_of(ctx: click.Context) -> Instance:
+    """The config, its plugins and backends. A command opens the database with `migrated` once
+    its arguments are known to be valid, so that a command that fails creates no database."""
     instance = open_instance(ctx.obj["config"])
     ctx.obj["instance"] = instance
     ctx.call_on_close(instance.close)
-    if migrate:
-        instance.migrate()
+    return instance
+
+
+def migrated(instance: Instance) -> Instance:
+    """The instance, its database open and at the latest schema."""
+    instance.migrate()
     return instance
 
 
@@ -85,7 +98,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Apply migrations, start the engine and serve the API."""
     from shiphook.server import serve as run_server
 
-    instance = instance_of(ctx, migrate=False)
+    instance = instance_of(ctx)
     logging.basicConfig(
         level=instance.config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -97,7 +110,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.pass_context
 def check(ctx: click.Context) -> None:
     """Validate the config, open the database, reach every backend and find every target."""
-    instance = instance_of(ctx, migrate=False)
+    instance = instance_of(ctx)
     click.echo(f"config {instance.config.path}: valid")
     failed = False
     database = instance.storage.engine
@@ -139,7 +152,7 @@ def check(ctx: click.Context) -> None:
 @click.pass_context
 def targets(ctx: click.Context, as_json: bool) -> None:
     """List the configured targets."""
-    instance = instance_of(ctx, migrate=False)
+    instance = instance_of(ctx)
     data = [public_target(t) for t in instance.config.targets.values()]
     emit(
         data,
@@ -166,7 +179,7 @@ def targets(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List loaded plugins and the backends they provide."""
-    instance = instance_of(ctx, migrate=False)
+    instance = instance_of(ctx)
     infos = describe_plugins(instance.plugins, instance.registry)
     data = [
         {
@@ -203,11 +216,12 @@ def hooks() -> None:
 def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> None:
     """Create a hook for TARGET and print its token (shown this once only)."""
     instance = instance_of(ctx)
-    created = instance.hooks.create(target=target, name=name)
+    kind = configured_target(instance.config.targets, target).kind
+    hook_name(name)
+    created = migrated(instance).hooks.create(target=target, name=name)
     data = created.model_dump(mode="json", by_alias=True)
     server = instance.config.server
     url = (server.public_url or f"http://{server.host}:{server.port}").rstrip("/")
-    kind = instance.config.targets[target].kind
     body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
     curl = (
         f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' "
@@ -229,7 +243,10 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
 @click.pass_context
 def hooks_list(ctx: click.Context, target: str | None, as_json: bool) -> None:
     """List hooks, of one TARGET or all (tokens are never shown)."""
-    found = instance_of(ctx).hooks.list(target=target)
+    instance = instance_of(ctx)
+    if target is not None:
+        configured_target(instance.config.targets, target)
+    found = migrated(instance).hooks.list(target=target)
     data = [h.model_dump(mode="json", by_alias=True) for h in found]
     emit(
         data,
@@ -250,7 +267,9 @@ def hooks_list(ctx: click.Context, target: str | None, as_json: bool) -> None:
 @click.pass_context
 def hooks_delete(ctx: click.Context, hook_id: int, as_json: bool) -> None:
     """Delete a hook; its token stops working at once."""
-    deleted = instance_of(ctx).hooks.delete(hook_id)
+    instance = instance_of(ctx)
+    check_hook_id(hook_id)
+    deleted = migrated(instance).hooks.delete(hook_id)
     emit(
         deleted.model_dump(mode="json", by_alias=True),
         as_json,
@@ -278,7 +297,9 @@ def deployments_list(
     ctx: click.Context, target: str | None, status: str | None, limit: int, as_json: bool
 ) -> None:
     """List recent deployments, newest first."""
-    found = instance_of(ctx).deployments.list(target=target, status=status, limit=limit)
+    instance = instance_of(ctx)
+    check_deployment_filters(target=target, status=status, limit=limit)
+    found = migrated(instance).deployments.list(target=target, status=status, limit=limit)
     data = [d.to_json() for d in found]
     emit(
         data,
@@ -308,7 +329,9 @@ def deployments_list(
 @click.pass_context
 def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """Show one deployment with its history."""
-    data = instance_of(ctx).deployments.get(deployment_id).to_json()
+    instance = instance_of(ctx)
+    check_deployment_id(deployment_id)
+    data = migrated(instance).deployments.get(deployment_id).to_json()
 
     def human() -> None:
         for key in (
@@ -346,7 +369,9 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
 def deployments_rollback(ctx: click.Context, deployment_id: str, as_json: bool) -> None:
     """Deploy again the tag of the last deployment shiphook completed successfully before
     DEPLOYMENT_ID (or, with none, of the image DEPLOYMENT_ID replaced), as a new deployment."""
-    created = instance_of(ctx).deployments.rollback(deployment_id)
+    instance = instance_of(ctx)
+    check_deployment_id(deployment_id)
+    created = migrated(instance).deployments.rollback(deployment_id)
     emit(
         created.to_json(),
         as_json,
@@ -386,7 +411,7 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Apply pending schema migrations."""
-    instance = instance_of(ctx)
+    instance = migrated(instance_of(ctx))
     click.echo(f"database at the latest schema ({safe_url(instance.storage.engine)})")
 
 

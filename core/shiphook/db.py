@@ -209,7 +209,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def schema_state(engine: Engine) -> str:
-    """The database's schema version against this shiphook's, in words (for `shiphook check`)."""
+    """The database's schema version against this shiphook's, in words (for `shiphook check`).
+    An SQLite file that does not exist yet is not created."""
+    if engine.dialect.name == "sqlite":
+        path = Path(engine.url.database or "")
+        if not path.exists() and path.parent.is_dir() and os.access(path.parent, os.W_OK):
+            return "no database yet (`shiphook serve` or `shiphook db upgrade` creates it)"
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
     script = ScriptDirectory.from_config(_alembic_config())

@@ -198,6 +198,53 @@ def public_target(target: Target) -> dict[str, Any]:
     }
 
 
+# -- arguments checked without the database (the CLI opens it only once they are valid) ------
+
+
+def configured_target(targets: dict[str, Target], name: str) -> Target:
+    """The target of this name; `NotFound` naming the configured ones."""
+    target = targets.get(name)
+    if target is None:
+        configured = ", ".join(sorted(targets)) or "none"
+        raise NotFound(f"no target named {name!r} (configured: {configured})")
+    return target
+
+
+def hook_name(name: str) -> str:
+    """A new hook's name, stripped; `InvalidRequest` unless 1 to 100 printable characters."""
+    name = name.strip()
+    if not name or len(name) > 100 or not name.isprintable():
+        raise InvalidRequest("name: expected 1 to 100 printable characters naming the hook's user")
+    return name
+
+
+def check_hook_id(hook_id: int) -> None:
+    """`NotFound` for what no hook's id can be."""
+    if hook_id not in HOOK_IDS:
+        raise NotFound(f"no hook with id {hook_id}")
+
+
+def check_deployment_id(deployment_id: str) -> None:
+    """`NotFound` for what no deployment's id can be."""
+    if not DEPLOYMENT_ID.fullmatch(deployment_id):
+        raise NotFound(f"no deployment with id {deployment_id!r}")
+
+
+def check_deployment_filters(*, target: str | None, status: str | None, limit: int) -> None:
+    """`InvalidRequest` naming a filter of the deployments list that cannot match."""
+    if target is not None and not re.fullmatch(NAME_PATTERN, target):
+        raise InvalidRequest(
+            f"target: expected a target name (1 to 63 of A-Z a-z 0-9 _ . -), got {target!r}"
+        )
+    if status is not None and status not in Status.__members__:
+        raise InvalidRequest(
+            f"status: {status!r} is not a deployment status "
+            f"(expected one of {', '.join(Status.__members__)})"
+        )
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit: expected a number from 1 to 1000")
+
+
 class Hooks:
     """Creating, listing, deleting and authenticating deploy hooks."""
 
@@ -215,13 +262,8 @@ class Hooks:
         self.new_token = new_token
 
     def create(self, *, target: str, name: str) -> HookCreated:
-        if target not in self.targets:
-            raise NotFound(f"no target named {target!r} (configured: {self._target_names()})")
-        name = name.strip()
-        if not name or len(name) > 100 or not name.isprintable():
-            raise InvalidRequest(
-                "name: expected 1 to 100 printable characters naming the hook's user"
-            )
+        configured_target(self.targets, target)
+        name = hook_name(name)
         token = self.new_token()
         hook = self.storage.create_hook(
             name=name, target=target, token_digest=tokens.digest(token), now=self.clock()
@@ -229,12 +271,13 @@ class Hooks:
         return HookCreated(**HookPublic.model_validate(hook).model_dump(), token=token)
 
     def list(self, *, target: str | None = None) -> list[HookPublic]:
-        if target is not None and target not in self.targets:
-            raise NotFound(f"no target named {target!r} (configured: {self._target_names()})")
+        if target is not None:
+            configured_target(self.targets, target)
         return [HookPublic.model_validate(h) for h in self.storage.list_hooks(target=target)]
 
     def delete(self, hook_id: int) -> HookPublic:
-        hook = self.storage.delete_hook(hook_id) if hook_id in HOOK_IDS else None
+        check_hook_id(hook_id)
+        hook = self.storage.delete_hook(hook_id)
         if hook is None:
             raise NotFound(f"no hook with id {hook_id}")
         return HookPublic.model_validate(hook)
@@ -258,9 +301,6 @@ class Hooks:
         if hook is None:
             raise NotFound(NO_SUCH_HOOK)
         return hook
-
-    def _target_names(self) -> str:
-        return ", ".join(sorted(self.targets)) or "none"
 
 
 def _token_digest(token: str) -> str:
@@ -389,11 +429,8 @@ class Deployments:
 
     def _stored(self, deployment_id: str) -> Deployment:
         """The deployment with this id; `NotFound` without a query for what is no id."""
-        deployment = (
-            self.storage.get_deployment(deployment_id)
-            if DEPLOYMENT_ID.fullmatch(deployment_id)
-            else None
-        )
+        check_deployment_id(deployment_id)
+        deployment = self.storage.get_deployment(deployment_id)
         if deployment is None:
             raise NotFound(f"no deployment with id {deployment_id!r}")
         return deployment
@@ -402,17 +439,7 @@ class Deployments:
         self, *, target: str | None = None, status: str | None = None, limit: int = 50
     ) -> list[DeploymentPublic]:
         """Recent deployments, newest first, each with its history."""
-        if target is not None and not re.fullmatch(NAME_PATTERN, target):
-            raise InvalidRequest(
-                f"target: expected a target name (1 to 63 of A-Z a-z 0-9 _ . -), got {target!r}"
-            )
-        if status is not None and status not in Status.__members__:
-            raise InvalidRequest(
-                f"status: {status!r} is not a deployment status "
-                f"(expected one of {', '.join(Status.__members__)})"
-            )
-        if not 1 <= limit <= 1000:
-            raise InvalidRequest("limit: expected a number from 1 to 1000")
+        check_deployment_filters(target=target, status=status, limit=limit)
         found = self.storage.list_deployments(target=target, status=status, limit=limit)
         histories = self.storage.histories([d.id for d in found])
         return [public_deployment(d, histories[d.id]) for d in found]
