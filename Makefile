@@ -27,7 +27,7 @@ test: install
 # Every benchmark of bench/README.md, on this machine; results go to bench/results/.
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	cd bench && for b in accept reject dispatch burst waiters memory; do ../$(BIN)/python $$b.py || exit 1; done
+	cd bench && for b in accept reject dispatch burst waiters memory stop; do ../$(BIN)/python $$b.py || exit 1; done
 	$(BIN)/python bench/plot.py
 
 lint: install
