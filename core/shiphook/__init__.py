@@ -10,14 +10,18 @@ from shiphook.backends import (
     TargetState,
 )
 from shiphook.hookspecs import hookimpl
+from shiphook.images import ImageRepository, repository_of, tag_of
 
 __all__ = [
     "Backend",
     "BackendError",
+    "ImageRepository",
     "NoOptions",
     "Progress",
     "Ref",
     "Target",
     "TargetState",
     "hookimpl",
+    "repository_of",
+    "tag_of",
 ]

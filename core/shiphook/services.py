@@ -29,6 +29,7 @@ from shiphook.errors import (
     Unprocessable,
     describe_validation_error,
 )
+from shiphook.images import tag_of
 from shiphook.models import (
     Deployment,
     DeploymentCreate,
@@ -443,15 +444,6 @@ class Deployments:
         found = self.storage.list_deployments(target=target, status=status, limit=limit)
         histories = self.storage.histories([d.id for d in found])
         return [public_deployment(d, histories[d.id]) for d in found]
-
-
-def tag_of(image: str | None) -> str | None:
-    """`registry:5000/app:1.2@sha256:...` -> `1.2`; None when the reference has no tag."""
-    if not image:
-        return None
-    name = image.split("@", 1)[0]
-    last = name.rsplit("/", 1)[-1]
-    return last.rsplit(":", 1)[1] if ":" in last else None
 
 
 def _check_idempotency_key(key: str) -> None:

@@ -47,6 +47,7 @@ from falcon import testing as falcon_testing
 from shiphook.backends import Backend
 from shiphook.engine import Engine
 from shiphook.errors import ConfigError
+from shiphook.images import tag_of
 from shiphook.instance import Instance, open_instance
 from shiphook.plugins import collect_backends, make_plugin_manager
 from shiphook.server import build
@@ -207,13 +208,6 @@ def eventually(check: Callable[[], T], what: str, timeout: float = 60) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout:g}s: last {value!r}")
         time.sleep(0.1)
-
-
-def tag_of(image: str) -> str:
-    """`registry:5000/web:1.2@sha256:...` -> `1.2`."""
-    name = image.split("@", 1)[0]
-    colon = name.rfind(":")
-    return name[colon + 1 :] if colon > name.rfind("/") else ""
 
 
 def assert_tag(image: str, tag: str) -> None:

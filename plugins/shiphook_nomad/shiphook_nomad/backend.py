@@ -33,7 +33,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from shiphook import Backend, BackendError, Progress, Ref, Target, TargetState
+from shiphook import (
+    Backend,
+    BackendError,
+    ImageRepository,
+    Progress,
+    Ref,
+    Target,
+    TargetState,
+    repository_of,
+)
 
 log = logging.getLogger("shiphook.nomad")
 T = TypeVar("T")
@@ -107,28 +116,9 @@ class NomadTargetOptions(BaseModel):
     job: str = Field(min_length=1, description="the Nomad job's ID")
     group: str | None = Field(None, description="the task group; may be omitted if only one")
     task: str | None = Field(None, description="the task; may be omitted if only one")
-    image: str | None = Field(
+    image: ImageRepository | None = Field(
         None, description="repository to deploy from; default: the one the task runs now"
     )
-
-    @field_validator("image")
-    @classmethod
-    def _is_a_repository(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or repository_of(value) != value):
-            raise ValueError(
-                "expected a repository without tag or digest, e.g. registry.example.com/web "
-                "(the tag comes from each hook call)"
-            )
-        return value
-
-
-def repository_of(image: str) -> str:
-    """`registry:5000/team/web:1.2@sha256:...` -> `registry:5000/team/web`."""
-    name = image.split("@", 1)[0]
-    colon = name.rfind(":")
-    if colon > name.rfind("/"):
-        name = name[:colon]
-    return name
 
 
 class Client:

@@ -27,7 +27,16 @@ import docker.errors
 import docker.tls
 import requests
 from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
-from shiphook import Backend, BackendError, Progress, Ref, Target, TargetState
+from shiphook import (
+    Backend,
+    BackendError,
+    ImageRepository,
+    Progress,
+    Ref,
+    Target,
+    TargetState,
+    repository_of,
+)
 
 log = logging.getLogger("shiphook.swarm")
 T = TypeVar("T")
@@ -126,31 +135,12 @@ class SwarmTargetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     service: str = Field(min_length=1, description="the Swarm service's name or id")
-    image: str | None = Field(
+    image: ImageRepository | None = Field(
         None, description="repository to deploy from; default: the one the service runs now"
     )
     resolve_image: bool = Field(
         True, description="pin the tag's digest from the registry, as `docker service update` does"
     )
-
-    @field_validator("image")
-    @classmethod
-    def _is_a_repository(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or repository_of(value) != value):
-            raise ValueError(
-                "expected a repository without tag or digest, e.g. registry.example.com/web "
-                "(the tag comes from each hook call)"
-            )
-        return value
-
-
-def repository_of(image: str) -> str:
-    """`registry:5000/team/web:1.2@sha256:...` -> `registry:5000/team/web`."""
-    name = image.split("@", 1)[0]
-    colon = name.rfind(":")
-    if colon > name.rfind("/"):
-        name = name[:colon]
-    return name
 
 
 class EngineClient(docker.APIClient):
