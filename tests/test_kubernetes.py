@@ -1,0 +1,664 @@
+"""The Kubernetes backend (plugins/shiphook_kubernetes) through the real shiphook engine, the real
+client and a real control plane (tests/k8s: Kubernetes' own controllers, kwok as the kubelet).
+
+Every test works in a fresh namespace; a failure is declared by the image tag deployed (`:broken`
+ImagePullBackOff, `:crashloop` CrashLoopBackOff, a Job pod's `:fail` exit code 1: tests/k8s/
+stages.yaml). What a test says about Kubernetes it reads from the API server: templates,
+ReplicaSets, ControllerRevisions, pods, Jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client as k8s
+import pytest
+from conftest import ADMIN_TOKEN, Harness, run_cli, write_config
+from shiphook.instance import open_instance
+from shiphook_kubernetes.backend import ANNOTATION_DEPLOYMENT, INSTANTIATE, ApiError, job_name
+from swarm_support import wait_until
+from test_durability import all_deployments
+from test_k8s_cluster import template, workload
+
+APP = "shiphook-test/app"  # never pulled: kwok plays the kubelet
+WAIT = "90"
+
+# what README.md's Role grants (section "Kubernetes"), rule by rule
+README_RULES = [
+    {
+        "apiGroups": ["apps"],
+        "resources": ["deployments", "statefulsets", "daemonsets"],
+        "verbs": ["get", "patch"],
+    },
+    {"apiGroups": ["apps"], "resources": ["replicasets", "controllerrevisions"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create"]},
+]
+
+
+@dataclass
+class Kube:
+    cluster: Any  # tests/k8s/cluster.py's ControlPlane
+    namespace: str
+    apps: k8s.AppsV1Api
+    batch: k8s.BatchV1Api
+    core: k8s.CoreV1Api
+    rbac: k8s.RbacAuthorizationV1Api
+
+    def deployment(self, name: str = "web", *, containers: list[dict] | None = None, **spec):
+        body = workload(name, f"{APP}:v1", **{"replicas": 2, **spec})
+        if containers:
+            body["spec"]["template"]["spec"]["containers"] = containers
+        self.apps.create_namespaced_deployment(self.namespace, body)
+        wait_until(lambda: self.rolled_out("deployment", name), what=f"deployment {name}")
+        return name
+
+    def statefulset(self, name: str = "db", **spec) -> str:
+        body = workload(name, f"{APP}:v1", **{"replicas": 2, "serviceName": name, **spec})
+        self.apps.create_namespaced_stateful_set(self.namespace, body)
+        wait_until(lambda: self.rolled_out("statefulset", name), what=f"statefulset {name}")
+        return name
+
+    def daemonset(self, name: str = "agent") -> str:
+        self.apps.create_namespaced_daemon_set(self.namespace, workload(name, f"{APP}:v1"))
+        wait_until(lambda: self.rolled_out("daemonset", name), what=f"daemonset {name}")
+        return name
+
+    def cronjob(self, name: str = "migrate", image: str = f"{APP}:ok") -> str:
+        job_template = template(name, image, restartPolicy="Never")
+        job_template["spec"]["containers"][0]["env"] = [
+            {"name": "GREETING", "value": "hello"},
+            {"name": "MODE", "value": "full"},
+        ]
+        body = {
+            "metadata": {"name": name},
+            "spec": {
+                "schedule": "0 0 1 1 *",
+                "suspend": True,  # runs only when shiphook starts one
+                "jobTemplate": {
+                    "metadata": {"labels": {"team": "db"}, "annotations": {"owner": "db-team"}},
+                    "spec": {"backoffLimit": 0, "template": job_template},
+                },
+            },
+        }
+        self.batch.create_namespaced_cron_job(self.namespace, body)
+        return name
+
+    def read(self, kind: str, name: str) -> dict:
+        method = getattr(self.apps, f"read_namespaced_{kind.replace('set', '_set')}")
+        return json.loads(method(name, self.namespace, _preload_content=False).data)
+
+    def images(self, kind: str, name: str) -> dict[str, str]:
+        """Container name -> image of the workload's pod template."""
+        containers = self.read(kind, name)["spec"]["template"]["spec"]["containers"]
+        return {c["name"]: c["image"] for c in containers}
+
+    def rolled_out(self, kind: str, name: str) -> bool:
+        """`kubectl rollout status` says done (the backend's own reading of it)."""
+        from shiphook_kubernetes.backend import ROLLOUT_STATUS
+
+        return ROLLOUT_STATUS[kind](self.read(kind, name))[0] == "succeeded"
+
+    def pod_images(self, name: str) -> list[str]:
+        """The image of the first container of each pod of `name` that runs and is ready."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"app={name}").items
+        return sorted(
+            p.spec.containers[0].image
+            for p in pods
+            if p.metadata.deletion_timestamp is None
+            and p.status.phase == "Running"
+            and all(c.ready for c in p.status.container_statuses or [])
+        )
+
+    def jobs(self) -> list[k8s.V1Job]:
+        return self.batch.list_namespaced_job(self.namespace).items
+
+    def service_account(self, name: str, rules: list[dict]) -> str:
+        """A ServiceAccount bound to a Role of exactly `rules`; a kubeconfig with its token."""
+        ns = self.namespace
+        self.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+        self.rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
+        self.rbac.create_namespaced_role_binding(
+            ns,
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+            },
+        )
+        return name
+
+
+@pytest.fixture
+def kube(kube_cluster) -> Iterator[Kube]:
+    namespace = kube_cluster.new_namespace("shiphook")
+    with kube_cluster.client() as api:
+        yield Kube(
+            kube_cluster,
+            namespace,
+            k8s.AppsV1Api(api),
+            k8s.BatchV1Api(api),
+            k8s.CoreV1Api(api),
+            k8s.RbacAuthorizationV1Api(api),
+        )
+        k8s.CoreV1Api(api).delete_namespace(namespace)
+
+
+def kube_config(
+    tmp_path: Path, kube: Kube, *targets: str, kubeconfig: Path | None = None, extra: str = ""
+) -> Path:
+    """A config whose backend `k8s` reaches the test cluster (as admin unless `kubeconfig`)."""
+    text = f"""
+[server]
+database_url = "sqlite:///{tmp_path}/shiphook.db"
+{extra}
+[backends.k8s]
+plugin = "kubernetes"
+kubeconfig = "{kubeconfig or kube.cluster.kubeconfig}"
+namespace = "{kube.namespace}"
+timeout = 10
+poll_interval = 0.2
+"""
+    return write_config(tmp_path, text + "".join(targets))
+
+
+def target(name: str, kind: str, **keys: Any) -> str:
+    keys = {"rollout_timeout": 90, "retry_budget": 10, **keys}
+    lines = [f"[targets.{name}]", f'kind = "{kind}"', 'backend = "k8s"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def as_service_account(kube: Kube, tmp_path: Path, name: str) -> Path:
+    token = kube.cluster.token_for(kube.namespace, name)
+    return kube.cluster.write_kubeconfig(tmp_path / f"{name}.kubeconfig", token, kube.namespace)
+
+
+def wait_post(harness: Harness, token: str, body: object) -> Any:
+    return harness.post_hook(token, body, params={"wait": WAIT})
+
+
+def run_body(**env: str) -> dict:
+    return {"instanceEnvironmentVariables": [{"name": k, "value": v} for k, v in env.items()]}
+
+
+# -- Deployments --------------------------------------------------------------------------------
+
+
+def test_a_deployment_rolls_to_a_new_tag_and_the_same_tag_again_patches_nothing(
+    kube, harness_factory, tmp_path
+):
+    kube.deployment("web")
+    harness = harness_factory(kube_config(tmp_path, kube, target("web", "app", deployment="web")))
+    token = harness.new_hook("web")
+    result = wait_post(harness, token, {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "succeeded"
+    assert deployment["message"] == "deployment web successfully rolled out"  # kubectl's words
+    assert deployment["backendRef"]["image"] == f"{APP}:v2"
+    # answered once the new ReplicaSet's pods run it
+    assert kube.pod_images("web") == [f"{APP}:v2"] * 2
+    sets = kube.apps.list_namespaced_replica_set(kube.namespace).items
+    [current] = [s for s in sets if s.spec.replicas]
+    assert current.spec.template.spec.containers[0].image == f"{APP}:v2"
+    found = kube.read("deployment", "web")
+    assert found["metadata"]["annotations"][ANNOTATION_DEPLOYMENT] == deployment["id"]
+    generation = found["metadata"]["generation"]
+
+    again = wait_post(harness, token, {"imageTag": "v2"})
+    assert again.status_code == 201, again.text
+    assert again.json["deployment"]["message"] == f"deployment web already runs {APP}:v2"
+    assert any("no rollout" in e["message"] for e in again.json["deployment"]["history"])
+    assert kube.read("deployment", "web")["metadata"]["generation"] == generation  # no patch
+
+
+@pytest.mark.parametrize(
+    "tag, reason",
+    [
+        ("broken", f'ImagePullBackOff (Back-off pulling image "{APP}:broken")'),
+        ("crashloop", "CrashLoopBackOff (back-off 40s restarting failed container=app pod=web-"),
+    ],
+)
+def test_a_failing_tag_is_rolled_back_to_the_previous_replicasets_template(
+    kube, harness_factory, tmp_path, tag, reason
+):
+    kube.deployment("web", progressDeadlineSeconds=3)
+    before = kube.read("deployment", "web")["spec"]["template"]
+    harness = harness_factory(kube_config(tmp_path, kube, target("web", "app", deployment="web")))
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": tag})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "rolled_back"
+    message = deployment["message"]
+    # the controller's own words, then why the new pods do not run
+    assert message.startswith('deployment web exceeded its progress deadline: ReplicaSet "web-'), (
+        message
+    )
+    assert '" has timed out progressing.; pod web-' in message
+    assert f"container app {reason}" in message
+    if tag == "crashloop":
+        assert "last exit code 1" in message
+    assert message.endswith("; rolled back (deployment web successfully rolled out)")
+    # the template is the previous ReplicaSet's again, and its pods run
+    assert kube.read("deployment", "web")["spec"]["template"] == before
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
+    wait_until(lambda: kube.pod_images("web") == [f"{APP}:v1"] * 2, what="v1 pods only")
+
+
+def test_a_failing_tag_with_on_failure_leave_fails_and_stays(kube, harness_factory, tmp_path):
+    kube.deployment("web", progressDeadlineSeconds=3)
+    config = kube_config(tmp_path, kube, target("web", "app", deployment="web", on_failure="leave"))
+    harness = harness_factory(config)
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "broken"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed"
+    assert "exceeded its progress deadline" in deployment["message"]
+    assert "ImagePullBackOff" in deployment["message"]
+    assert deployment["message"].endswith("; left as it is (on_failure = leave)")
+    assert kube.images("deployment", "web") == {"app": f"{APP}:broken"}
+    assert f"{APP}:v1" in kube.pod_images("web")  # the old pods keep serving
+
+
+def test_only_the_named_container_of_a_multi_container_pod_changes(kube, harness_factory, tmp_path):
+    containers = [
+        {"name": "app", "image": f"{APP}:v1"},
+        {"name": "proxy", "image": "shiphook-test/proxy:1.0"},
+    ]
+    kube.deployment("web", containers=containers)
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web", container="app"),
+        target("unnamed", "app", deployment="web"),
+    )
+    harness = harness_factory(config)
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert kube.images("deployment", "web") == {
+        "app": f"{APP}:v2",
+        "proxy": "shiphook-test/proxy:1.0",
+    }
+    unnamed = wait_post(harness, harness.new_hook("unnamed"), {"imageTag": "v3"})
+    assert unnamed.status_code == 502, unnamed.text
+    assert unnamed.json["deployment"]["message"] == (
+        'deployment web has 2 containers (app, proxy): set container = "<name>" on target '
+        "unnamed to say which one shiphook changes"
+    )
+    assert kube.images("deployment", "web")["app"] == f"{APP}:v2"
+
+
+def test_a_concurrent_edit_answered_409_is_read_again_and_retried(kube, harness_factory, tmp_path):
+    kube.deployment("web")
+    harness = harness_factory(kube_config(tmp_path, kube, target("web", "app", deployment="web")))
+    backend = harness.instance.backends["k8s"]
+    real = backend._patch
+    answers: list[str] = []
+
+    def patch(*args: Any, **kwargs: Any) -> Any:
+        if not answers:  # someone else edits the Deployment between shiphook's read and patch
+            edit = {"metadata": {"annotations": {"team": "web"}}}
+            kube.apps.patch_namespaced_deployment("web", kube.namespace, edit)
+        try:
+            result = real(*args, **kwargs)
+        except ApiError as exc:
+            answers.append(f"{exc.status} {exc.message}")
+            raise
+        answers.append("200")
+        return result
+
+    backend._patch = patch
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert answers[0].startswith(
+        '409 Operation cannot be fulfilled on deployments.apps "web": the object has been '
+        "modified; please apply your changes to the latest version and try again"
+    ), answers
+    assert answers[1:] == ["200"]
+    found = kube.read("deployment", "web")
+    assert found["metadata"]["annotations"]["team"] == "web"  # the other edit stays
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+
+
+# -- StatefulSets and DaemonSets ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["statefulset", "daemonset"])
+def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
+    kube, harness_factory, tmp_path, kind
+):
+    name = kube.statefulset() if kind == "statefulset" else kube.daemonset()
+    pods = 2 if kind == "statefulset" else 1
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("app", "app", **{kind: name}),
+        # no progress deadline on these: shiphook's rollout_timeout ends a rollout that hangs
+        target("hangs", "app", **{kind: name}, rollout_timeout=8),
+    )
+    harness = harness_factory(config)
+    result = wait_post(harness, harness.new_hook("app"), {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    message = result.json["deployment"]["message"]
+    if kind == "statefulset":
+        assert message.startswith(f"statefulset {name} rolling update complete: 2 pods at revision")
+    else:
+        assert message == f"daemonset {name} successfully rolled out"
+    wait_until(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, what="v2 pods")
+    revisions = kube.apps.list_namespaced_controller_revision(kube.namespace).items
+    assert sorted(r.revision for r in revisions) == [1, 2]
+    before = kube.read(kind, name)["spec"]["template"]
+
+    failed = wait_post(harness, harness.new_hook("hangs"), {"imageTag": "broken"})
+    assert failed.status_code == 502, failed.text
+    deployment = failed.json["deployment"]
+    assert deployment["status"] == "rolled_back", deployment
+    assert deployment["message"].startswith("did not finish within 8s (last state: waiting for")
+    assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in deployment["message"]
+    # the ControllerRevision of v2 patched back
+    assert kube.read(kind, name)["spec"]["template"] == before
+    wait_until(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, what="v2 pods again")
+
+
+# -- Jobs from CronJobs ---------------------------------------------------------------------------
+
+
+def test_a_run_creates_a_job_from_the_cronjob_with_its_overrides(kube, harness_factory, tmp_path):
+    cronjob = kube.cronjob()
+    config = kube_config(
+        tmp_path, kube, target("migrate", "job", cronjob=cronjob, max_concurrent_runs=2)
+    )
+    harness = harness_factory(config)
+    token = harness.new_hook("migrate")
+    result = wait_post(harness, token, run_body(MODE="dry-run", TARGET="v42"))
+    assert result.status_code == 201, result.text
+    run = result.json["deployment"]
+    assert run["status"] == "succeeded", run
+    name = job_name(cronjob, run["id"])
+    assert run["message"].startswith(f"job {name} completed (")
+    [job] = kube.jobs()
+    # as `kubectl create job --from=cronjob/migrate` makes it
+    assert job.metadata.name == name
+    assert job.metadata.annotations[INSTANTIATE] == "manual"
+    assert job.metadata.annotations["owner"] == "db-team"
+    assert job.metadata.annotations[ANNOTATION_DEPLOYMENT] == run["id"]
+    assert job.metadata.labels["team"] == "db"
+    [owner] = job.metadata.owner_references
+    cron = kube.batch.read_namespaced_cron_job(cronjob, kube.namespace)
+    assert (owner.kind, owner.name, owner.uid, owner.controller) == (
+        "CronJob",
+        cronjob,
+        cron.metadata.uid,
+        True,
+    )
+    env = {e.name: e.value for e in job.spec.template.spec.containers[0].env}
+    assert env == {"GREETING": "hello", "MODE": "dry-run", "TARGET": "v42"}
+    assert any(c.type == "Complete" and c.status == "True" for c in job.status.conditions)
+    # the overrides were this run's only: the CronJob's own template is untouched
+    own = cron.spec.job_template.spec.template.spec.containers[0]
+    assert {e.name: e.value for e in own.env} == {"GREETING": "hello", "MODE": "full"}
+
+    # two at once, each its own Job; an image tag for one run only
+    ids = [harness.deploy(token, {"imageTag": "ok2"}), harness.deploy(token, run_body(MODE="x"))]
+    ended = [harness.wait_for(i, timeout=90) for i in ids]
+    assert [d["status"] for d in ended] == ["succeeded", "succeeded"], ended
+    images = {j.metadata.name: j.spec.template.spec.containers[0].image for j in kube.jobs()}
+    assert images[job_name(cronjob, ids[0])] == f"{APP}:ok2"
+    assert images[job_name(cronjob, ids[1])] == f"{APP}:ok"
+    assert len(images) == 3
+
+
+def test_a_failing_run_fails_with_the_reason_and_the_exit_code(kube, harness_factory, tmp_path):
+    cronjob = kube.cronjob()
+    harness = harness_factory(
+        kube_config(tmp_path, kube, target("migrate", "job", cronjob=cronjob))
+    )
+    result = wait_post(harness, harness.new_hook("migrate"), {"imageTag": "fail"})
+    assert result.status_code == 502, result.text
+    run = result.json["deployment"]
+    assert run["status"] == "failed"
+    name = job_name(cronjob, run["id"])
+    assert run["message"].startswith(
+        f"job {name} failed: BackoffLimitExceeded: Job has reached the specified backoff limit; "
+        f"pod {name}-"
+    ), run["message"]
+    assert run["message"].endswith(": container migrate Error with exit code 1")
+
+
+def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_path):
+    """The engine dies after the Job was created, before it stored the reference; the engine
+    that takes over calls run_job again for the same deployment: 409 AlreadyExists, read it."""
+    cronjob = kube.cronjob()
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("migrate", "job", cronjob=cronjob),
+        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+    )
+    first = harness_factory(config)
+    backend = first.instance.backends["k8s"]
+    real = backend.run_job
+    calls: list[str] = []
+
+    class Crash(BaseException):
+        """The engine's process dies here (what no `except Exception` catches)."""
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["deployment_id"])
+        real(*args, **kwargs)
+        raise Crash
+
+    backend.run_job = crashing
+    deployment_id = first.deploy(first.new_hook("migrate"), run_body(MODE="once"))
+    wait_until(lambda: calls, what="the first run_job")
+    wait_until(lambda: len(kube.jobs()) == 1, what="the first Job")
+    first.engine.stop()
+
+    second = harness_factory(config)
+    run = second.wait_for(deployment_id, timeout=90)
+    assert run["status"] == "succeeded", run
+    assert calls == [deployment_id]
+    [job] = kube.jobs()
+    assert job.metadata.name == job_name(cronjob, deployment_id)
+    assert run["backendRef"]["job"] == job.metadata.name
+
+
+def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, serve, tmp_path):
+    cronjob = kube.cronjob()
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("migrate", "job", cronjob=cronjob),
+        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+    )
+    env = {**serve_env(), "SHIPHOOK_ADMIN_TOKEN": ADMIN_TOKEN}
+    server = serve(config, env=env, name="first")
+    token = create_hook_cli(config, "migrate")
+    status, _, answer = server.request(
+        "POST", "/api/v1/dh", json.dumps(run_body(MODE="once")).encode(),
+        {"X-Deploy-Hook-Token": token},
+    )  # fmt: skip
+    assert status == 201, answer
+    deployment_id = json.loads(answer)["deployment"]["id"]
+    wait_until(lambda: kube.jobs(), what="the Job")
+    server.stop(signal.SIGKILL)
+
+    restarted = serve(config, env=env, name="second")
+    wait_until(
+        lambda: [d for d in all_deployments(restarted) if d["status"] == "succeeded"],
+        what="the resumed run to succeed",
+    )
+    [job] = kube.jobs()
+    assert job.metadata.name == job_name(cronjob, deployment_id)
+
+
+# -- RBAC ---------------------------------------------------------------------------------------
+
+
+def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
+    kube, harness_factory, tmp_path
+):
+    kube.deployment("web", progressDeadlineSeconds=3)
+    kube.statefulset("db")
+    cronjob = kube.cronjob()
+    kube.service_account("shiphook", README_RULES)
+    kubeconfig = as_service_account(kube, tmp_path, "shiphook")
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web"),
+        target("db", "app", statefulset="db", rollout_timeout=8),
+        target("migrate", "job", cronjob=cronjob),
+        kubeconfig=kubeconfig,
+    )
+    checked = run_cli("check", config=config, env=serve_env())
+    assert f"backend k8s (kubernetes): Kubernetes v1.36.3 at https://127.0.0.1:" in checked.stdout
+    assert f"namespace {kube.namespace}: may do all the backend needs" in checked.stdout
+
+    harness = harness_factory(config)
+    web = harness.new_hook("web")
+    assert wait_post(harness, web, {"imageTag": "v2"}).json["deployment"]["status"] == "succeeded"
+    broken = wait_post(harness, web, {"imageTag": "broken"}).json["deployment"]
+    assert broken["status"] == "rolled_back", broken
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+    db = harness.new_hook("db")
+    assert wait_post(harness, db, {"imageTag": "v2"}).json["deployment"]["status"] == "succeeded"
+    broken = wait_post(harness, db, {"imageTag": "broken"}).json["deployment"]
+    assert broken["status"] == "rolled_back", broken
+    run = wait_post(harness, harness.new_hook("migrate"), run_body(MODE="x")).json["deployment"]
+    assert run["status"] == "succeeded", run
+
+
+def test_a_role_without_patch_fails_with_the_apis_403_and_check_names_it(
+    kube, harness_factory, tmp_path
+):
+    kube.deployment("web")
+    rules = [dict(rule) for rule in README_RULES]
+    rules[0]["verbs"] = ["get"]  # no patch of deployments, statefulsets, daemonsets
+    kube.service_account("reader", rules)
+    kubeconfig = as_service_account(kube, tmp_path, "reader")
+    config = kube_config(
+        tmp_path, kube, target("web", "app", deployment="web"), kubeconfig=kubeconfig
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode == 1
+    assert (
+        "the credentials may not patch deployments.apps, patch statefulsets.apps, "
+        f"patch daemonsets.apps in namespace {kube.namespace}"
+    ) in checked.stdout, checked.stdout
+
+    harness = harness_factory(config)
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed"
+    assert deployment["message"] == (
+        f'deployments.apps "web" is forbidden: User "system:serviceaccount:{kube.namespace}:'
+        f'reader" cannot patch resource "deployments" in API group "apps" in the namespace '
+        f'"{kube.namespace}"'
+    )
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+def serve_env() -> dict[str, str]:
+    """The environment of a `shiphook` subprocess: no ambient KUBECONFIG to fall back on."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env["KUBECONFIG"] = "/nonexistent/kubeconfig"  # must never be read
+    env["SHIPHOOK_ADMIN_TOKEN"] = ADMIN_TOKEN
+    return env
+
+
+def create_hook_cli(config: Path, target_name: str) -> str:
+    created = run_cli("hooks", "create", target_name, "--name", "ci", "--json", config=config,
+                      env=serve_env())  # fmt: skip
+    return json.loads(created.stdout)["token"]
+
+
+def test_serve_hooks_create_and_curl_wait(kube, serve, tmp_path):
+    kube.deployment("web", progressDeadlineSeconds=3)
+    config = kube_config(tmp_path, kube, target("web", "app", deployment="web"))
+    server = serve(config, env=serve_env())
+    token = create_hook_cli(config, "web")
+
+    def curl(tag: str) -> tuple[int, dict]:
+        done = subprocess.run(
+            ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-X", "POST",
+             f"{server.url}/api/v1/dh?wait={WAIT}", "-H", f"X-Deploy-Hook-Token: {token}",
+             "--data", json.dumps({"imageTag": tag})],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        body, _, code = done.stdout.rpartition("\n")
+        return int(code), json.loads(body)
+
+    status, answer = curl("v2")
+    assert status == 201, answer
+    assert answer["deployment"]["status"] == "succeeded"
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+    assert kube.pod_images("web") == [f"{APP}:v2"] * 2
+
+    status, answer = curl("broken")
+    assert status == 502, answer
+    assert answer["deployment"]["status"] == "rolled_back"
+    assert "ProgressDeadlineExceeded" not in answer["description"]  # the controller's message:
+    assert "has timed out progressing" in answer["description"]
+    assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in answer["description"]
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+
+
+def test_the_instance_opens_without_reaching_the_cluster(tmp_path):
+    """shiphook starts, and takes hooks, while the API server is down: nothing is contacted
+    before there is work."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/shiphook.db"
+
+        [backends.k8s]
+        plugin = "kubernetes"
+        kubeconfig = "{kubeconfig}"
+        timeout = 2
+
+        [targets.web]
+        kind = "app"
+        backend = "k8s"
+        deployment = "web"
+        """,
+    )
+    instance = open_instance(config, plugin_modules=[])
+    try:
+        assert instance.backends["k8s"]._client is None
+    finally:
+        instance.close()
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode == 1
+    assert "backend k8s (kubernetes): UNREACHABLE: cannot reach the API server of" in (
+        checked.stdout
+    )
+    assert "Traceback" not in checked.stderr
