@@ -37,7 +37,7 @@ README_RULES = [
         "verbs": ["get", "patch"],
     },
     {"apiGroups": ["apps"], "resources": ["replicasets", "controllerrevisions"], "verbs": ["list"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
     {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create"]},
 ]
@@ -360,7 +360,7 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
     failed = wait_post(harness, harness.new_hook("hangs"), {"imageTag": "broken"})
     assert failed.status_code == 502, failed.text
     deployment = failed.json["deployment"]
-    assert deployment["status"] == "rolled_back", deployment
+    assert deployment["status"] == "rolled_back", deployment["message"]
     assert deployment["message"].startswith("did not finish within 8s (last state: waiting for")
     assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in deployment["message"]
     # the ControllerRevision of v2 patched back
@@ -430,12 +430,13 @@ def test_a_failing_run_fails_with_the_reason_and_the_exit_code(kube, harness_fac
         f"job {name} failed: BackoffLimitExceeded: Job has reached the specified backoff limit; "
         f"pod {name}-"
     ), run["message"]
-    assert run["message"].endswith(": container migrate Error with exit code 1")
+    assert run["message"].endswith(": container app Error with exit code 1")
 
 
 def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_path):
-    """The engine dies after the Job was created, before it stored the reference; the engine
-    that takes over calls run_job again for the same deployment: 409 AlreadyExists, read it."""
+    """The engine thread dies after the Job was created, before it stored the reference; when
+    the lease has expired the engine calls run_job again for the same deployment: 409
+    AlreadyExists, and the Job is read instead of made twice."""
     cronjob = kube.cronjob()
     config = kube_config(
         tmp_path,
@@ -443,8 +444,8 @@ def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_p
         target("migrate", "job", cronjob=cronjob),
         extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
     )
-    first = harness_factory(config)
-    backend = first.instance.backends["k8s"]
+    harness = harness_factory(config)
+    backend = harness.instance.backends["k8s"]
     real = backend.run_job
     calls: list[str] = []
 
@@ -453,22 +454,21 @@ def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_p
 
     def crashing(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs["deployment_id"])
-        real(*args, **kwargs)
-        raise Crash
+        ref = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise Crash
+        return ref
 
-    backend.run_job = crashing
-    deployment_id = first.deploy(first.new_hook("migrate"), run_body(MODE="once"))
-    wait_until(lambda: calls, what="the first run_job")
-    wait_until(lambda: len(kube.jobs()) == 1, what="the first Job")
-    first.engine.stop()
-
-    second = harness_factory(config)
-    run = second.wait_for(deployment_id, timeout=90)
+    backend.run_job = crashing  # the engine looks the method up on every call
+    deployment_id = harness.deploy(harness.new_hook("migrate"), run_body(MODE="once"))
+    run = harness.wait_for(deployment_id, timeout=90)
     assert run["status"] == "succeeded", run
-    assert calls == [deployment_id]
+    assert calls == [deployment_id, deployment_id]
     [job] = kube.jobs()
     assert job.metadata.name == job_name(cronjob, deployment_id)
     assert run["backendRef"]["job"] == job.metadata.name
+    env = {e.name: e.value for e in job.spec.template.spec.containers[0].env}
+    assert env["MODE"] == "once"
 
 
 def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, serve, tmp_path):
@@ -520,7 +520,7 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
         kubeconfig=kubeconfig,
     )
     checked = run_cli("check", config=config, env=serve_env())
-    assert f"backend k8s (kubernetes): Kubernetes v1.36.3 at https://127.0.0.1:" in checked.stdout
+    assert "backend k8s (kubernetes): Kubernetes v1.36.3 at https://127.0.0.1:" in checked.stdout
     assert f"namespace {kube.namespace}: may do all the backend needs" in checked.stdout
 
     harness = harness_factory(config)

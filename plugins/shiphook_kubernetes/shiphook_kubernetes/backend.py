@@ -62,6 +62,7 @@ NEEDED = [
     ("list", "apps", "replicasets"),
     ("list", "apps", "controllerrevisions"),
     ("list", "", "pods"),
+    ("delete", "", "pods"),  # a StatefulSet's rollback: its pods stuck on the failed template
     ("get", "batch", "cronjobs"),
     ("get", "batch", "jobs"),
     ("create", "batch", "jobs"),
@@ -468,8 +469,9 @@ class KubernetesBackend(Backend):
         for _attempt in range(PATCH_ATTEMPTS):
             found = self._read(workload, namespace, name)
             current = _named_image(found, ref["container"])
-            if current == restore:
-                return answer  # an earlier call rolled it back already
+            if current == restore:  # an earlier call rolled it back already
+                self._delete_stuck_pods(workload, found, ref)
+                return answer
             if current != ref["image"]:
                 raise BackendError(
                     f"{what} now runs {current}, not {ref['image']} as this deployment left it: "
@@ -483,12 +485,35 @@ class KubernetesBackend(Backend):
                 if exc.status == 409:
                     continue
                 raise
+            self._delete_stuck_pods(workload, found, ref)
             return answer
         raise BackendError(
             f"{what}: 409 Conflict {PATCH_ATTEMPTS} times in a row (something else keeps "
             "changing it)",
             transient=True,
         )
+
+    def _delete_stuck_pods(self, workload: Workload, found: dict[str, Any], ref: Ref) -> None:
+        """A StatefulSet's "forced rollback" (Kubernetes' StatefulSet docs): the controller
+        waits for a pod of the failed template to become ready before it replaces anything,
+        so the pods of that template that are not ready are deleted; it recreates them from the
+        template patched back."""
+        if workload.key != "statefulset":
+            return
+        namespace = found["metadata"]["namespace"]
+        for pod in self._pods(found, ref["container"], ref["image"]):
+            conditions = (pod.get("status") or {}).get("conditions") or ()
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                continue
+            try:
+                self._call(
+                    self.client.core.delete_namespaced_pod, pod["metadata"]["name"], namespace
+                )
+            except ApiError as exc:
+                if exc.status != 404:  # gone already
+                    raise
+            log.info("statefulset %s: deleted pod %s of the failed template", ref["name"],
+                     pod["metadata"]["name"])  # fmt: skip
 
     def _undo_patch(
         self, workload: Workload, found: dict[str, Any], revision: str | None
@@ -547,17 +572,20 @@ class KubernetesBackend(Backend):
 
     def _pod_problems(self, owner: dict[str, Any], container: str, image: str) -> str:
         """Why the workload's pods of `image` do not run: waiting reasons and exit codes."""
+        return _problems(self._pods(owner, container, image))
+
+    def _pods(self, owner: dict[str, Any], container: str, image: str) -> list[dict[str, Any]]:
+        """The workload's pods whose `container` runs `image`, but those being deleted."""
         listed = self._call(
             self.client.core.list_namespaced_pod,
             owner["metadata"]["namespace"],
             label_selector=_selector(owner["spec"]["selector"]),
         )
-        pods = [
+        return [
             p
             for p in listed.get("items") or ()
             if _named_image(p, container) == image and not p["metadata"].get("deletionTimestamp")
         ]
-        return _problems(pods)
 
     # -- job runs --------------------------------------------------------------------------------
 
