@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -575,8 +576,12 @@ def serve_env() -> dict[str, str]:
     """The environment of a `shiphook` subprocess: no ambient KUBECONFIG to fall back on."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env = dict(os.environ)
     env["KUBECONFIG"] = "/nonexistent/kubeconfig"  # must never be read
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        env[proxy] = "http://127.0.0.1:9"  # nor these: nothing listens there
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
     env["SHIPHOOK_ADMIN_TOKEN"] = ADMIN_TOKEN
     return env
 
@@ -662,3 +667,119 @@ def test_the_instance_opens_without_reaching_the_cluster(tmp_path):
         checked.stdout
     )
     assert "Traceback" not in checked.stderr
+
+
+def test_the_context_named_is_used_with_its_namespace(kube, tmp_path):
+    """`context` picks one of the kubeconfig's contexts (not its current-context), and that
+    context's namespace is the default of targets that name none."""
+    kube.deployment("web")
+    kubeconfig = kube.cluster.write_kubeconfig(tmp_path / "kubeconfig", kube.cluster.admin_token)
+    data = json.loads(kubeconfig.read_text())
+    data["clusters"].append({"name": "gone", "cluster": {"server": "https://127.0.0.1:9"}})
+    data["contexts"] = [
+        {"name": "elsewhere", "context": {"cluster": "gone", "user": "user"}},
+        {
+            "name": "test",
+            "context": {"cluster": "test", "user": "user", "namespace": kube.namespace},
+        },
+    ]
+    data["current-context"] = "elsewhere"
+    kubeconfig.write_text(json.dumps(data))
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/shiphook.db"
+
+        [backends.k8s]
+        plugin = "kubernetes"
+        kubeconfig = "{kubeconfig}"
+        context = "test"
+
+        [targets.web]
+        kind = "app"
+        backend = "k8s"
+        deployment = "web"
+        """,
+    )
+    checked = run_cli("check", config=config, env=serve_env())
+    assert f"namespace {kube.namespace}: may do all the backend needs" in checked.stdout
+    assert f"target web (app): found, running {APP}:v1" in checked.stdout
+
+
+def test_an_api_server_that_never_answers_is_given_up_after_the_timeout(tmp_path):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{port}"}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        config = write_config(
+            tmp_path,
+            f"""
+            [server]
+            database_url = "sqlite:///{tmp_path}/shiphook.db"
+
+            [backends.k8s]
+            plugin = "kubernetes"
+            kubeconfig = "{kubeconfig}"
+            timeout = 1
+            """,
+        )
+        checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode == 1
+    assert (
+        f"backend k8s (kubernetes): UNREACHABLE: cannot reach the API server of {kubeconfig}: "
+    ) in checked.stdout, checked.stdout
+    assert "timed out" in checked.stdout
+
+
+@pytest.mark.parametrize(
+    "keys, error",
+    [
+        ("", 'set either kubeconfig = "/path/to/kubeconfig" (and optionally context) or '
+             "in_cluster = true; the KUBECONFIG variable is not read"),
+        ('in_cluster = true\ncontext = "x"', "context applies to a kubeconfig only"),
+        ('kubeconfig = "/nonexistent/kubeconfig"', "backends.k8s.kubeconfig: "),
+    ],
+)  # fmt: skip
+def test_the_backend_is_told_how_to_reach_the_cluster_by_the_file_alone(tmp_path, keys, error):
+    config = write_config(
+        tmp_path,
+        f'[backends.k8s]\nplugin = "kubernetes"\n{keys}\n',
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode != 0
+    assert error in checked.stderr, checked.stderr
+    assert "Traceback" not in checked.stderr
+
+
+@pytest.mark.parametrize(
+    "keys, error",
+    [
+        ('deployment = "web"\ncronjob = "x"', "set exactly one of deployment, statefulset, "
+         "daemonset (an app target) or cronjob (a job target); got deployment, cronjob"),
+        ('container = "app"', "got none"),
+        ('deployment = "web"\nimage = "repo:1.0"', "expected a repository without tag or digest"),
+    ],
+)  # fmt: skip
+def test_a_target_names_exactly_one_workload(tmp_path, keys, error):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("{}")
+    config = write_config(
+        tmp_path,
+        f'[backends.k8s]\nplugin = "kubernetes"\nkubeconfig = "{kubeconfig}"\n'
+        f'[targets.web]\nkind = "app"\nbackend = "k8s"\n{keys}\n',
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode != 0
+    assert error in checked.stderr, checked.stderr
