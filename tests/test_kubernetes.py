@@ -20,9 +20,16 @@ from typing import Any
 
 import kubernetes.client as k8s
 import pytest
-from conftest import ADMIN_TOKEN, Harness, run_cli, write_config
+import yaml
+from conftest import ADMIN_TOKEN, ROOT, Harness, run_cli, write_config
 from shiphook.instance import open_instance
-from shiphook_kubernetes.backend import ANNOTATION_DEPLOYMENT, INSTANTIATE, ApiError, job_name
+from shiphook_kubernetes.backend import (
+    ANNOTATION_DEPLOYMENT,
+    INSTANTIATE,
+    NEEDED,
+    ApiError,
+    job_name,
+)
 from swarm_support import wait_until
 from test_durability import all_deployments
 from test_k8s_cluster import template, workload
@@ -30,18 +37,18 @@ from test_k8s_cluster import template, workload
 APP = "shiphook-test/app"  # never pulled: kwok plays the kubelet
 WAIT = "90"
 
-# what README.md's Role grants (section "Kubernetes"), rule by rule
-README_RULES = [
-    {
-        "apiGroups": ["apps"],
-        "resources": ["deployments", "statefulsets", "daemonsets"],
-        "verbs": ["get", "patch"],
-    },
-    {"apiGroups": ["apps"], "resources": ["replicasets", "controllerrevisions"], "verbs": ["list"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
-    {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["get"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create"]},
-]
+
+def readme_role() -> list[dict]:
+    """The rules of the Role in README.md's Kubernetes section, as a user would apply them."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The Role shiphook needs") :]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    block = section[start : section.index("\n```", start)]
+    [role] = [d for d in yaml.safe_load_all(block) if d["kind"] == "Role"]
+    return role["rules"]
+
+
+README_RULES = readme_role()
 
 
 @dataclass
@@ -783,3 +790,30 @@ def test_a_target_names_exactly_one_workload(tmp_path, keys, error):
     checked = run_cli("check", config=config, env=serve_env(), check=False)
     assert checked.returncode != 0
     assert error in checked.stderr, checked.stderr
+
+
+def test_the_readmes_role_grants_exactly_what_check_asks_for():
+    granted = {
+        (verb, group, resource)
+        for rule in README_RULES
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == set(NEEDED)
+
+
+def test_the_example_config_loads(tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("{}")
+    text = (ROOT / "configs" / "examples" / "kubernetes.toml").read_text()
+    assert 'kubeconfig = "/etc/shiphook/kubeconfig"' in text
+    config = write_config(tmp_path, text.replace("/etc/shiphook/kubeconfig", str(kubeconfig)))
+    monkeypatch.chdir(tmp_path)
+    instance = open_instance(config, plugin_modules=[])
+    try:
+        assert instance.config.backends["k8s"].plugin == "kubernetes"
+        assert {t.kind for t in instance.config.targets.values()} == {"app", "job"}
+        assert instance.config.targets["migrate"].max_concurrent_runs == 2
+    finally:
+        instance.close()

@@ -674,12 +674,12 @@ def test_the_example_configs_tag_policy_takes_the_tag_the_readme_workflow_deploy
         instance.close()
 
 
-def test_help_and_readme_name_swarm_and_nomad_and_say_kubernetes_is_planned(tmp_path):
+def test_help_and_readme_name_kubernetes_swarm_and_nomad(tmp_path):
     help_text = " ".join(run_cli("--help", config=tmp_path / "unread.toml").stdout.split())
     intro = " ".join((ROOT / "README.md").read_text().split("\n\n")[1].split())
     for text in (help_text, intro):
-        assert "Docker Swarm" in text and "Nomad" in text
-        assert re.search(r"Kubernetes backend is planned", text), text
+        assert "Kubernetes" in text and "Docker Swarm" in text and "Nomad" in text
+        assert "planned" not in text, text
 
 
 def test_the_example_config_loads(tmp_path, monkeypatch):

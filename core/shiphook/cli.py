@@ -51,7 +51,7 @@ class ShiphookGroup(click.Group):
 )
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
-    """shiphook: deploy hooks for Docker Swarm and Nomad (a Kubernetes backend is planned)."""
+    """shiphook: deploy hooks for Kubernetes, Docker Swarm and Nomad."""
     ctx.obj = {"config": config}
 
 

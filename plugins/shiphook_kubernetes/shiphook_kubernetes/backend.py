@@ -41,7 +41,6 @@ ANNOTATION_PREVIOUS_IMAGE = "shiphook.io/previous-image"
 ANNOTATION_PREVIOUS_REVISION = "shiphook.io/previous-revision"
 REVISION = "deployment.kubernetes.io/revision"  # the Deployment controller's own
 INSTANTIATE = "cronjob.kubernetes.io/instantiate"  # what `kubectl create job --from` writes
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 PATCH_ATTEMPTS = 5
@@ -664,7 +663,7 @@ class KubernetesBackend(Backend):
                 listed = self._call(
                     self.client.core.list_namespaced_pod,
                     ref["namespace"],
-                    label_selector=f"{JOB_NAME_LABEL}={ref['job']}",
+                    label_selector=_selector(job["spec"]["selector"]),
                 )
                 problems = _problems(listed.get("items") or ())
                 message = f"job {ref['job']} failed: {why}"
