@@ -336,6 +336,93 @@ def test_a_concurrent_edit_answered_409_is_read_again_and_retried(kube, harness_
     assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
 
 
+def test_a_deploy_repeated_after_a_crash_follows_the_first_rollout(kube, harness_factory, tmp_path):
+    """The engine thread dies right after the patch, before it stored the reference; the engine
+    calls deploy again for the same deployment, which finds its own rollout by the annotation
+    (no second patch) and rolls it back to what ran before the first call."""
+    kube.deployment("web", progressDeadlineSeconds=3)
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web"),
+        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+    )
+    harness = harness_factory(config)
+    backend = harness.instance.backends["k8s"]
+    real, real_patch = backend.deploy, backend._patch
+    calls: list[str] = []
+    patches: list[dict] = []
+
+    class Crash(BaseException):
+        """The engine's process dies here (what no `except Exception` catches)."""
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["deployment_id"])
+        ref = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise Crash
+        return ref
+
+    def patch(*args: Any, **kwargs: Any) -> Any:
+        patches.append(args[3])
+        return real_patch(*args, **kwargs)
+
+    backend.deploy, backend._patch = crashing, patch
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "broken"})
+    deployment = harness.wait_for(deployment_id, timeout=90)
+    assert calls == [deployment_id, deployment_id]
+    assert deployment["status"] == "rolled_back", deployment
+    assert "ImagePullBackOff" in deployment["message"]
+    assert deployment["backendRef"]["previous_image"] == f"{APP}:v1"
+    # one patch of the image, one rollback (a JSON patch of the template): none repeated
+    assert [type(p).__name__ for p in patches] == ["dict", "list"], patches
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
+
+
+def test_in_cluster_the_pods_serviceaccount_and_namespace_are_used(
+    kube, harness_factory, tmp_path, monkeypatch
+):
+    """What Kubernetes mounts in a pod, and the variables it sets, in files of the test's."""
+    import kubernetes.config.incluster_config as incluster
+    import shiphook_kubernetes.backend
+
+    kube.deployment("web")
+    kube.service_account("shiphook", README_RULES)
+    mounted = tmp_path / "serviceaccount"
+    mounted.mkdir()
+    (mounted / "token").write_text(kube.cluster.token_for(kube.namespace, "shiphook"))
+    (mounted / "ca.crt").write_text(kube.cluster.ca.read_text())
+    (mounted / "namespace").write_text(kube.namespace)
+    monkeypatch.setattr(incluster, "SERVICE_TOKEN_FILENAME", str(mounted / "token"))
+    monkeypatch.setattr(incluster, "SERVICE_CERT_FILENAME", str(mounted / "ca.crt"))
+    monkeypatch.setattr(shiphook_kubernetes.backend, "IN_CLUSTER_NAMESPACE", mounted / "namespace")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube.cluster.api_port))
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/shiphook.db"
+
+        [backends.k8s]
+        plugin = "kubernetes"
+        in_cluster = true
+        poll_interval = 0.2
+
+        [targets.web]
+        kind = "app"
+        backend = "k8s"
+        deployment = "web"
+        """,
+    )
+    harness = harness_factory(config)
+    backend = harness.instance.backends["k8s"]
+    assert backend.check().endswith(f"namespace {kube.namespace}: may do all the backend needs")
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+
+
 # -- StatefulSets and DaemonSets ------------------------------------------------------------------
 
 
