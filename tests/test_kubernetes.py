@@ -528,6 +528,18 @@ def test_a_failing_run_fails_with_the_reason_and_the_exit_code(kube, harness_fac
     assert run["message"].endswith(": container app Error with exit code 1")
 
 
+def test_a_run_whose_overrides_make_it_exit_3_fails_with_exit_code_3(
+    kube, harness_factory, tmp_path
+):
+    cronjob = kube.cronjob()
+    harness = harness_factory(
+        kube_config(tmp_path, kube, target("migrate", "job", cronjob=cronjob))
+    )
+    result = wait_post(harness, harness.new_hook("migrate"), run_body(EXIT="3"))
+    assert result.status_code == 502, result.text
+    assert result.json["deployment"]["message"].endswith(": container app Error with exit code 3")
+
+
 def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_path):
     """The engine thread dies after the Job was created, before it stored the reference; when
     the lease has expired the engine calls run_job again for the same deployment: 409
