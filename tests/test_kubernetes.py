@@ -463,6 +463,22 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
     wait_until(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, what="v2 pods again")
 
 
+def test_a_partitioned_statefulset_rollout_ends_when_the_pods_above_the_partition_run_it(
+    kube, harness_factory, tmp_path
+):
+    strategy = {"type": "RollingUpdate", "rollingUpdate": {"partition": 1}}
+    name = kube.statefulset("db", replicas=3, updateStrategy=strategy)
+    harness = harness_factory(kube_config(tmp_path, kube, target("db", "app", statefulset=name)))
+    result = wait_post(harness, harness.new_hook("db"), {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert result.json["deployment"]["message"] == (
+        "partitioned rollout complete: 2 new pods have been updated"
+    )
+    pods = kube.core.list_namespaced_pod(kube.namespace, label_selector="app=db").items
+    images = {p.metadata.name: p.spec.containers[0].image for p in pods}
+    assert images == {"db-0": f"{APP}:v1", "db-1": f"{APP}:v2", "db-2": f"{APP}:v2"}
+
+
 # -- Jobs from CronJobs ---------------------------------------------------------------------------
 
 

@@ -274,8 +274,9 @@ class KubernetesBackend(Backend):
             raise ApiError(message, status=status, reason=reason, transient=transient) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendError(f"cannot reach {self._where}: {exc}", transient=True) from None
-        except ConfigException as exc:
-            raise BackendError(f"{self._where.removeprefix('the API server of ')}: {exc}") from None
+        except ConfigException as exc:  # the kubeconfig or the pod's files do not serve
+            source = "in-cluster config" if self.options.in_cluster else self.options.kubeconfig
+            raise BackendError(f"{source}: {exc}") from None
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One API call with the configured timeout; the answer as the server sent it."""
@@ -518,8 +519,8 @@ class KubernetesBackend(Backend):
         self, workload: Workload, found: dict[str, Any], revision: str | None
     ) -> tuple[Any, str]:
         """What `kubectl rollout undo` sends to return to `revision`."""
-        what = f"{workload.key} {found['metadata']['name']}"
-        uid, version = found["metadata"]["uid"], found["metadata"]["resourceVersion"]
+        name, uid = found["metadata"]["name"], found["metadata"]["uid"]
+        what, version = f"{workload.key} {name}", found["metadata"]["resourceVersion"]
         if workload.key == "deployment":
             sets = self._owned(self.client.apps.list_namespaced_replica_set, found, uid)
             chosen = [
@@ -530,7 +531,7 @@ class KubernetesBackend(Backend):
             if revision is None or not chosen:
                 raise BackendError(
                     f"{what} has no ReplicaSet of revision {revision or '(none)'} to return to; "
-                    f"roll it back by hand (kubectl rollout undo deployment/{what.split()[1]})"
+                    f"roll it back by hand (kubectl rollout undo deployment/{name})"
                 )
             template = chosen[0]["spec"]["template"]
             # the controller adds the hash label to each ReplicaSet's template, not the Deployment's
@@ -544,7 +545,7 @@ class KubernetesBackend(Backend):
         if revision is None or not chosen:
             raise BackendError(
                 f"{what} has no ControllerRevision {revision or '(none)'} to return to; roll it "
-                f"back by hand (kubectl rollout undo {workload.key}/{what.split()[1]})"
+                f"back by hand (kubectl rollout undo {workload.key}/{name})"
             )
         return chosen[0]["data"] | {"metadata": {"resourceVersion": version}}, STRATEGIC
 
