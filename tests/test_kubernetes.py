@@ -27,6 +27,7 @@ from shiphook_kubernetes.backend import (
     ANNOTATION_DEPLOYMENT,
     INSTANTIATE,
     NEEDED,
+    WORKLOADS,
     ApiError,
     job_name,
 )
@@ -621,6 +622,50 @@ def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, 
     )
     [job] = kube.jobs()
     assert job.metadata.name == job_name(cronjob, deployment_id)
+
+
+def test_api_errors_are_the_apis_own_message_and_permanent_or_transient_by_status(
+    kube, harness_factory, tmp_path
+):
+    """404 and 422 from the API server fail at once with its Status.message; 401 too; a 409
+    is transient (the engine retries it)."""
+    kube.deployment("web")
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web"),
+        target("gone", "app", deployment="gone", retry_budget=3600),
+    )
+    harness = harness_factory(config)
+    gone = harness.wait_for(harness.deploy(harness.new_hook("gone"), {"imageTag": "v2"}), 30)
+    assert (gone["status"], gone["message"]) == ("failed", 'deployments.apps "gone" not found')
+
+    backend = harness.instance.backends["k8s"]
+    workload = WORKLOADS["deployment"]
+    with pytest.raises(ApiError) as invalid:
+        backend._patch(workload, kube.namespace, "web", {"spec": {"replicas": -1}})
+    assert (invalid.value.status, invalid.value.transient) == (422, False)
+    assert invalid.value.message == (
+        'Deployment.apps "web" is invalid: spec.replicas: Invalid value: -1: must be greater '
+        "than or equal to 0"
+    )
+    stale = {"metadata": {"resourceVersion": "1", "annotations": {"a": "b"}}}
+    with pytest.raises(ApiError) as conflict:
+        backend._patch(workload, kube.namespace, "web", stale)
+    assert (conflict.value.status, conflict.value.transient) == (409, True)
+    assert conflict.value.message.startswith(
+        'Operation cannot be fulfilled on deployments.apps "web": the object has been modified'
+    )
+
+    stranger = kube.cluster.write_kubeconfig(tmp_path / "stranger", "not-a-token", kube.namespace)
+    checked = run_cli(
+        "check", config=kube_config(tmp_path, kube, kubeconfig=stranger), env=serve_env(),
+        check=False,
+    )  # fmt: skip
+    assert (
+        f"backend k8s (kubernetes): UNREACHABLE: Unauthorized: the API server of {stranger} does "
+        "not accept the credentials"
+    ) in checked.stdout, checked.stdout
 
 
 # -- RBAC ---------------------------------------------------------------------------------------

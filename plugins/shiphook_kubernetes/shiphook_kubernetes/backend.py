@@ -270,6 +270,8 @@ class KubernetesBackend(Backend):
                     f"cannot reach {self._where}: {exc.reason}", transient=True
                 ) from None
             message, reason = _status_of(exc)
+            if status == 401:  # the API's whole message is "Unauthorized"
+                message += f": {self._where} does not accept the credentials"
             transient = status in (409, 429) or status >= 500
             raise ApiError(message, status=status, reason=reason, transient=transient) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
