@@ -80,7 +80,11 @@ class Kube:
         wait_until(lambda: self.rolled_out("daemonset", name), what=f"daemonset {name}")
         return name
 
-    def cronjob(self, name: str = "migrate", image: str = f"{APP}:ok") -> str:
+    def cronjob(
+        self, name: str = "migrate", image: str = f"{APP}:ok", *, suspended_jobs: bool = False
+    ) -> str:
+        """A CronJob that never fires on its own; with `suspended_jobs` its Jobs start suspended
+        (no pod until the test resumes them)."""
         job_template = template(name, image, restartPolicy="Never")
         job_template["spec"]["containers"][0]["env"] = [
             {"name": "GREETING", "value": "hello"},
@@ -93,7 +97,11 @@ class Kube:
                 "suspend": True,  # runs only when shiphook starts one
                 "jobTemplate": {
                     "metadata": {"labels": {"team": "db"}, "annotations": {"owner": "db-team"}},
-                    "spec": {"backoffLimit": 0, "template": job_template},
+                    "spec": {
+                        "backoffLimit": 0,
+                        "suspend": suspended_jobs,
+                        "template": job_template,
+                    },
                 },
             },
         }
@@ -596,15 +604,15 @@ def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_p
 
 
 def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, serve, tmp_path):
-    cronjob = kube.cronjob()
+    # the run's Job starts suspended: it is surely running when the server is killed
+    cronjob = kube.cronjob(suspended_jobs=True)
     config = kube_config(
         tmp_path,
         kube,
         target("migrate", "job", cronjob=cronjob),
         extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
     )
-    env = {**serve_env(), "SHIPHOOK_ADMIN_TOKEN": ADMIN_TOKEN}
-    server = serve(config, env=env, name="first")
+    server = serve(config, env=serve_env(), name="first")
     token = create_hook_cli(config, "migrate")
     status, _, answer = server.request(
         "POST", "/api/v1/dh", json.dumps(run_body(MODE="once")).encode(),
@@ -612,16 +620,28 @@ def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, 
     )  # fmt: skip
     assert status == 201, answer
     deployment_id = json.loads(answer)["deployment"]["id"]
-    wait_until(lambda: kube.jobs(), what="the Job")
-    server.stop(signal.SIGKILL)
+    name = job_name(cronjob, deployment_id)
+    wait_until(kube.jobs, what="the Job")
+    server.stop(signal.SIGKILL)  # the server and its engine process, at once
 
-    restarted = serve(config, env=env, name="second")
-    wait_until(
-        lambda: [d for d in all_deployments(restarted) if d["status"] == "succeeded"],
-        what="the resumed run to succeed",
-    )
+    instance = open_instance(config, plugin_modules=[])
+    try:
+        assert instance.deployments.get(deployment_id).status == "in_progress"
+    finally:
+        instance.close()
+    restarted = serve(config, env=serve_env(), name="second")
+    kube.batch.patch_namespaced_job(name, kube.namespace, {"spec": {"suspend": False}})
+
+    def ended() -> dict | None:
+        [run] = [d for d in all_deployments(restarted) if d["id"] == deployment_id]
+        return run if run["status"] not in ("queued", "in_progress") else None
+
+    run = wait_until(ended, what="the resumed run to end")
+    assert run["status"] == "succeeded", run
+    assert run["message"].startswith(f"job {name} completed (")
     [job] = kube.jobs()
-    assert job.metadata.name == job_name(cronjob, deployment_id)
+    assert job.metadata.name == name
+    assert {e.name: e.value for e in job.spec.template.spec.containers[0].env}["MODE"] == "once"
 
 
 def test_api_errors_are_the_apis_own_message_and_permanent_or_transient_by_status(
