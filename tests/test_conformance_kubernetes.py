@@ -1,6 +1,7 @@
 """The conformance suite (shiphook.testing) against the kubernetes backend on the tests' control
 plane (tests/k8s: the `kube_cluster` fixture, skipped without its binaries, failing when
-SHIPHOOK_REQUIRE_KUBERNETES=1). Each scenario works in a namespace of its own."""
+SHIPHOOK_REQUIRE_KUBERNETES=1), as the admin and as a ServiceAccount bound to exactly README.md's
+Role. Each scenario works in a namespace of its own."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 from conftest import free_port
-from test_kubernetes import APP, Kube
+from test_kubernetes import APP, README_RULES, Kube
 
 # shiphook.testing comes with the plugin-kit issue (13); until it is on main this module skips
 testing = pytest.importorskip("shiphook.testing", reason="shiphook.testing is not installed")
@@ -112,3 +113,15 @@ class TestKubernetesConformance(BackendConformance):
             )
             for j in self.kube.jobs()
         )
+
+
+class TestKubernetesConformanceAsServiceAccount(TestKubernetesConformance):
+    """The same scenarios with the token of a ServiceAccount bound to README.md's Role."""
+
+    def backend_options(self) -> dict[str, Any]:
+        if not hasattr(self, "_service_account"):
+            self.kube.service_account("shiphook", README_RULES)
+            token = self.kube.cluster.token_for(self.kube.namespace, "shiphook")
+            path = self.tmp_path / "shiphook.kubeconfig"
+            self._service_account = self.kube.cluster.write_kubeconfig(path, token)
+        return super().backend_options() | {"kubeconfig": str(self._service_account)}

@@ -696,6 +696,7 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
 ):
     kube.deployment("web", progressDeadlineSeconds=3)
     kube.statefulset("db")
+    kube.daemonset("agent")
     cronjob = kube.cronjob()
     kube.service_account("shiphook", README_RULES)
     kubeconfig = as_service_account(kube, tmp_path, "shiphook")
@@ -704,6 +705,7 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
         kube,
         target("web", "app", deployment="web"),
         target("db", "app", statefulset="db", rollout_timeout=8),
+        target("agent", "app", daemonset="agent", rollout_timeout=8),
         target("migrate", "job", cronjob=cronjob),
         kubeconfig=kubeconfig,
     )
@@ -720,6 +722,10 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
     db = harness.new_hook("db")
     assert wait_post(harness, db, {"imageTag": "v2"}).json["deployment"]["status"] == "succeeded"
     broken = wait_post(harness, db, {"imageTag": "broken"}).json["deployment"]
+    assert broken["status"] == "rolled_back", broken
+    agent = harness.new_hook("agent")
+    assert wait_post(harness, agent, {"imageTag": "v2"}).json["deployment"]["status"] == "succeeded"
+    broken = wait_post(harness, agent, {"imageTag": "broken"}).json["deployment"]
     assert broken["status"] == "rolled_back", broken
     run = wait_post(harness, harness.new_hook("migrate"), run_body(MODE="x")).json["deployment"]
     assert run["status"] == "succeeded", run
