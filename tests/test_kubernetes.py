@@ -285,6 +285,38 @@ def test_a_failing_tag_with_on_failure_leave_fails_and_stays(kube, harness_facto
     assert f"{APP}:v1" in kube.pod_images("web")  # the old pods keep serving
 
 
+def test_a_progress_deadline_exceeded_before_the_patch_is_not_the_new_rollouts(
+    kube, harness_factory, tmp_path
+):
+    """The controller keeps ProgressDeadlineExceeded on a Deployment until a new template makes
+    progress, so right after a patch it still reports the old rollout's: a deploy after a
+    failure left as it is, and a rollback, wait for the new template's own outcome."""
+    kube.deployment("web", replicas=1, progressDeadlineSeconds=3)
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("left", "app", deployment="web", on_failure="leave"),
+        target("undone", "app", deployment="web"),
+    )
+    harness = harness_factory(config)
+    left = wait_post(harness, harness.new_hook("left"), {"imageTag": "broken"})
+    assert left.json["deployment"]["status"] == "failed", left.text
+    condition = kube.read("deployment", "web")["status"]["conditions"]
+    assert any(c.get("reason") == "ProgressDeadlineExceeded" for c in condition), condition
+
+    undone = harness.new_hook("undone")
+    fixed = wait_post(harness, undone, {"imageTag": "v2"})
+    assert fixed.json["deployment"]["status"] == "succeeded", fixed.text
+    assert kube.pod_images("web") == [f"{APP}:v2"]
+    for _ in range(2):  # its rollback starts from the deadline this failure left
+        again = wait_post(harness, undone, {"imageTag": "crashloop"})
+        assert again.json["deployment"]["status"] == "rolled_back", again.text
+        assert again.json["deployment"]["message"].endswith(
+            "; rolled back (deployment web successfully rolled out)"
+        )
+        assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+
+
 def test_only_the_named_container_of_a_multi_container_pod_changes(kube, harness_factory, tmp_path):
     containers = [
         {"name": "app", "image": f"{APP}:v1"},

@@ -43,6 +43,7 @@ REVISION = "deployment.kubernetes.io/revision"  # the Deployment controller's ow
 INSTANTIATE = "cronjob.kubernetes.io/instantiate"  # what `kubectl create job --from` writes
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
+FIELD_MANAGER = "shiphook"  # whose patches managedFields time-stamps (server time)
 PATCH_ATTEMPTS = 5
 """How often a patch answered 409 Conflict (the object changed since it was read) is redone."""
 STRATEGIC = "application/strategic-merge-patch+json"
@@ -375,7 +376,9 @@ class KubernetesBackend(Backend):
         content_type: str = STRATEGIC,
     ) -> dict[str, Any]:
         method = getattr(self.client.apps, f"patch_namespaced_{workload.method}")
-        return self._call(method, name, namespace, body, _content_type=content_type)
+        return self._call(
+            method, name, namespace, body, field_manager=FIELD_MANAGER, _content_type=content_type
+        )
 
     # -- app deploys ---------------------------------------------------------------------------
 
@@ -682,9 +685,14 @@ def _deployment_status(d: dict[str, Any]) -> tuple[str, str]:
     name, spec, status = d["metadata"]["name"], d["spec"], d.get("status") or {}
     if d["metadata"].get("generation", 0) > status.get("observedGeneration", 0):
         return "running", "waiting for the deployment spec update to be observed"
+    patched = _patched_at(d)
     for condition in status.get("conditions") or ():
-        if condition["type"] == "Progressing" and condition.get("reason") == (
-            "ProgressDeadlineExceeded"
+        if (
+            condition["type"] == "Progressing"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+            # the controller keeps a deadline exceeded before shiphook's last patch (a failed
+            # rollout it rolls back, say) until the new template makes progress: not this one's
+            and not (patched and condition.get("lastUpdateTime", "") <= patched)
         ):
             why = f"deployment {name} exceeded its progress deadline"
             message = condition.get("message")
@@ -760,6 +768,17 @@ ROLLOUT_STATUS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _patched_at(found: dict[str, Any]) -> str | None:
+    """When shiphook last changed the object, in the API server's time (RFC 3339, seconds)."""
+    times = [
+        entry["time"]
+        for entry in found["metadata"].get("managedFields") or ()
+        if entry.get("manager") == FIELD_MANAGER and not entry.get("subresource")
+        and entry.get("time")
+    ]  # fmt: skip
+    return max(times, default=None)
 
 
 def job_name(cronjob: str, deployment_id: str) -> str:
