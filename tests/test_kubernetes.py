@@ -371,7 +371,9 @@ def test_a_concurrent_edit_answered_409_is_read_again_and_retried(kube, harness_
         '409 Operation cannot be fulfilled on deployments.apps "web": the object has been '
         "modified; please apply your changes to the latest version and try again"
     ), answers
-    assert answers[1:] == ["200"]
+    # read again and patched again; a status write of the controller in between is a 409 too
+    assert answers[-1] == "200", answers
+    assert all(a.startswith("409 ") for a in answers[:-1]), answers
     found = kube.read("deployment", "web")
     assert found["metadata"]["annotations"]["team"] == "web"  # the other edit stays
     assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
