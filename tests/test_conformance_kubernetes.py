@@ -14,11 +14,8 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 from conftest import free_port
+from shiphook.testing import BackendConformance, JobRun
 from test_kubernetes import APP, README_RULES, Kube
-
-# shiphook.testing comes with the plugin-kit issue (13); until it is on main this module skips
-testing = pytest.importorskip("shiphook.testing", reason="shiphook.testing is not installed")
-BackendConformance, JobRun = testing.BackendConformance, testing.JobRun
 
 pytest_plugins = ["shiphook.testing"]
 

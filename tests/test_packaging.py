@@ -42,3 +42,9 @@ def test_the_swarm_distribution_brings_the_docker_sdk():
 
 def test_the_nomad_distribution_brings_python_nomad():
     assert "python-nomad" in requirement_names(importlib.metadata.requires("shiphook-nomad") or [])
+
+
+def test_the_kubernetes_distribution_brings_the_official_client():
+    assert "kubernetes" in requirement_names(
+        importlib.metadata.requires("shiphook-kubernetes") or []
+    )
