@@ -29,8 +29,17 @@ import kubernetes.config
 import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
-from shiphook import Backend, BackendError, Progress, Ref, Target, TargetState
+from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
+from shiphook import (
+    Backend,
+    BackendError,
+    ImageRepository,
+    Progress,
+    Ref,
+    Target,
+    TargetState,
+    repository_of,
+)
 
 log = logging.getLogger("shiphook.kubernetes")
 
@@ -134,7 +143,7 @@ class KubernetesTargetOptions(BaseModel):
     container: str | None = Field(
         None, description="the container to change; required when the pod has several"
     )
-    image: str | None = Field(
+    image: ImageRepository | None = Field(
         None, description="repository to deploy from; default: the one the container runs now"
     )
 
@@ -147,25 +156,6 @@ class KubernetesTargetOptions(BaseModel):
                 f"cronjob (a job target); got {', '.join(named) or 'none'}"
             )
         return self
-
-    @field_validator("image")
-    @classmethod
-    def _is_a_repository(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or repository_of(value) != value):
-            raise ValueError(
-                "expected a repository without tag or digest, e.g. registry.example.com/web "
-                "(the tag comes from each hook call)"
-            )
-        return value
-
-
-def repository_of(image: str) -> str:
-    """`registry:5000/team/web:1.2@sha256:...` -> `registry:5000/team/web`."""
-    name = image.split("@", 1)[0]
-    colon = name.rfind(":")
-    if colon > name.rfind("/"):
-        name = name[:colon]
-    return name
 
 
 class ApiError(BackendError):
