@@ -3,6 +3,7 @@
 from shiphook.backends import (
     Backend,
     BackendError,
+    ConnectionOptions,
     NoOptions,
     Progress,
     Ref,
@@ -15,6 +16,7 @@ from shiphook.images import ImageRepository, repository_of, tag_of
 __all__ = [
     "Backend",
     "BackendError",
+    "ConnectionOptions",
     "ImageRepository",
     "NoOptions",
     "Progress",

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Kind = Literal["app", "job"]
 
@@ -23,6 +23,15 @@ class NoOptions(BaseModel):
     """The options model of a backend or target that takes no keys of its own."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ConnectionOptions(NoOptions):
+    """Backend keys every orchestrator connection has; a backend's `Options` may extend it."""
+
+    timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="seconds per API call")
+    poll_interval: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="seconds between progress reads of a rollout or job run"
+    )
 
 
 class BackendError(Exception):

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import kubernetes.client
 import kubernetes.config
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
 from shiphook import (
     Backend,
     BackendError,
+    ConnectionOptions,
     ImageRepository,
     Progress,
     Ref,
@@ -97,11 +98,9 @@ WORKLOADS = {
 }
 
 
-class KubernetesOptions(BaseModel):
+class KubernetesOptions(ConnectionOptions):
     """`[backends.<name>]` with `plugin = "kubernetes"`: how to reach the API server. KUBECONFIG
     and the proxy variables are never read: the config file alone says how it is reached."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kubeconfig: FilePath | None = Field(None, description="the kubeconfig file to use")
     context: str | None = Field(None, description="its context; default: its current-context")
@@ -112,10 +111,6 @@ class KubernetesOptions(BaseModel):
         None,
         description="namespace of targets that name none; default: the context's namespace "
         "(in_cluster: the pod's own), else default",
-    )
-    timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="seconds per API call")
-    poll_interval: Annotated[float, Field(gt=0)] = Field(
-        1.0, description="seconds between progress reads of a rollout or job run"
     )
 
     @model_validator(mode="after")

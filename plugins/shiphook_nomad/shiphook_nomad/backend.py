@@ -19,7 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import nomad.api
 import nomad.api.exceptions
@@ -36,6 +36,7 @@ from pydantic import (
 from shiphook import (
     Backend,
     BackendError,
+    ConnectionOptions,
     ImageRepository,
     Progress,
     Ref,
@@ -67,12 +68,10 @@ FAILING_EVENTS = (
 )
 
 
-class NomadOptions(BaseModel):
+class NomadOptions(ConnectionOptions):
     """`[backends.<name>]` with `plugin = "nomad"`: how to reach a Nomad agent. NOMAD_ADDR,
     NOMAD_TOKEN and the other NOMAD_* variables, and the proxy and CA-bundle variables, are never
     read: the config file alone says how Nomad is reached."""
-
-    model_config = ConfigDict(extra="forbid")
 
     address: str = Field("http://127.0.0.1:4646", description="http(s)://host:port of an agent")
     token: SecretStr | None = Field(None, description="ACL token (secret ID)")
@@ -83,10 +82,6 @@ class NomadOptions(BaseModel):
     tls_client_cert: FilePath | None = Field(None, description="client certificate (PEM)")
     tls_client_key: FilePath | None = Field(None, description="client certificate's key (PEM)")
     tls_verify: bool = Field(True, description="verify Nomad's certificate")
-    timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="seconds per API call")
-    poll_interval: Annotated[float, Field(gt=0)] = Field(
-        1.0, description="seconds between progress reads of a rollout or job run"
-    )
 
     @field_validator("address")
     @classmethod

@@ -20,7 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, mo
 from shiphook import (
     Backend,
     BackendError,
+    ConnectionOptions,
     ImageRepository,
     Progress,
     Ref,
@@ -79,12 +80,10 @@ NOT_A_MANAGER = ("not a swarm manager", "not part of a swarm")
 PAUSED_BY_TASK = re.compile(r"\btask ([0-9a-z]{25})\b")
 
 
-class SwarmOptions(BaseModel):
+class SwarmOptions(ConnectionOptions):
     """`[backends.<name>]` with `plugin = "swarm"`: how to reach a Docker Engine that is a swarm
     manager. DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH and the proxy and CA-bundle variables
     are never read: the config file alone says how the engine is reached."""
-
-    model_config = ConfigDict(extra="forbid")
 
     host: str = Field(DEFAULT_HOST, description="unix:///path/to/docker.sock or tcp://host:port")
     tls: bool = Field(False, description="use TLS; implied by any tls_* file")
@@ -93,10 +92,6 @@ class SwarmOptions(BaseModel):
     tls_client_cert: FilePath | None = Field(None, description="client certificate (PEM)")
     tls_client_key: FilePath | None = Field(None, description="client certificate's key (PEM)")
     api_version: str = Field("auto", description='"auto" negotiates, or e.g. "1.41"')
-    timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="seconds per API call")
-    poll_interval: Annotated[float, Field(gt=0)] = Field(
-        1.0, description="seconds between progress reads of a rollout or job run"
-    )
 
     @field_validator("host")
     @classmethod
