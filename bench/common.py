@@ -206,7 +206,7 @@ def shiphook(
                 database_url = "{url}"
                 {server}
                 log_level = "{log_level}"
-                disabled_plugins = ["swarm"]
+                disabled_plugins = ["swarm", "kubernetes", "nomad", "docker"]
 
                 [backends.rec]
                 plugin = "scripted"
