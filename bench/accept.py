@@ -1,6 +1,6 @@
 """Benchmark 1: the accept path against the framework's limit.
 
-`shiphook serve` as a user runs it (SQLite, engine process, a recording backend whose rollouts
+`shiphook serve` as a user runs it (SQLite, deployer process, a recording backend whose rollouts
 take a second), with N hooks stored, driven by wrk on POST /api/v1/dh; in the same run the same
 wrk against a bare Falcon app on the same stack. With keep-alive, and with a new connection per
 request (`Connection: close`), which is what CI jobs calling once each do.
@@ -23,7 +23,7 @@ schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests u
 venv), so that a change is measured against the code before it, in the same rounds.
 `--log-level info` (the servers' default) writes an access log line per request to the
 server's log file. Each shiphook run also reports the CPU time its HTTP worker and its
-engine process spent per answered request, which a busy machine changes much less than req/s.
+deployer process spent per answered request, which a busy machine changes much less than req/s.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
         else:
             variants.append(("shiphook", "sqlite", "", None))
     measured: dict[tuple, list] = {}
-    cpu: dict[tuple, list[tuple[float, float]]] = {}  # (worker, engine) µs per request
+    cpu: dict[tuple, list[tuple[float, float]]] = {}  # (worker, deployer) µs per request
 
     with contextlib.ExitStack() as stack:
         servers = {("bare", 0): (stack.enter_context(bare_server()), "-")}
@@ -86,7 +86,7 @@ def main() -> None:
                 server.start()
                 servers[(label, count)] = (server.url, token)
                 print(f"shiphook on {label} with {count} hooks started", flush=True)
-        for url, token in servers.values():  # warm up: first connections, caches, the engine
+        for url, token in servers.values():  # warm up: first connections, caches, the deployer
             wrk(url, token=token, connections=16, seconds=2)
         for round_ in range(args.rounds):
             for c, close in settings:
@@ -105,7 +105,7 @@ def main() -> None:
                             sum(spent[1:]) * 1e6 / result.requests,
                         )
                         cpu.setdefault((kind, count, c, close), []).append(per)
-                        used = f"  cpu/req worker {per[0]:5.1f} us engine {per[1]:5.1f} us"
+                        used = f"  cpu/req worker {per[0]:5.1f} us deployer {per[1]:5.1f} us"
                     print(
                         f"round {round_ + 1}: {kind:17} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}{used}",
                         flush=True,
@@ -142,7 +142,7 @@ def main() -> None:
         if kind != "bare":
             run["cpu_us_per_request"] = {
                 "worker": statistics.median(w for w, _ in cpu[(kind, count, c, close)]),
-                "engine": statistics.median(e for _, e in cpu[(kind, count, c, close)]),
+                "deployer": statistics.median(e for _, e in cpu[(kind, count, c, close)]),
             }
             # each round's ratio against the bare run of the same round, then their mean
             run["ratio"] = statistics.mean(
@@ -152,13 +152,13 @@ def main() -> None:
         runs.append(run)
 
     print(
-        f"\n{'server':17} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'cpu us worker/engine':>20} errors"
+        f"\n{'server':17} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'cpu us worker/deployer':>20} errors"
     )
     for r in runs:
         mode = "close" if r["close"] else "keep-alive"
         ratio = f"{r['ratio']:.0%}" if "ratio" in r else "-"
         used = r.get("cpu_us_per_request")
-        used = f"{used['worker']:.1f} / {used['engine']:.1f}" if used else "-"
+        used = f"{used['worker']:.1f} / {used['deployer']:.1f}" if used else "-"
         print(
             f"{r['server']:17} {r['hooks']:>8} {r['connections']:>5} {mode:10} "
             f"{r['requests_per_second']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {ratio:>6} {used:>20} "

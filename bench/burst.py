@@ -64,7 +64,7 @@ def main() -> None:
         with shiphook(rollout_seconds=rollout) as server:
             token = server.create_hook()
             server.start()
-            send_burst(server.port, token, 1)  # the engine is up and has rolled out once
+            send_burst(server.port, token, 1)  # the deployer is up and has rolled out once
             settle(server, 1)
             codes, took = send_burst(server.port, token, args.requests)
             statuses = settle(server, args.requests + 1)

@@ -27,7 +27,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-PLUGINS = ROOT / "tests" / "plugins"  # the scripted test backend records every call
+PLUGINS = ROOT / "tests" / "scripted"  # the scripted test backend records every call
 BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "bench-admin-token"
 HOOK_BODY = '{"imageTag":"1.2.0"}'
@@ -140,7 +140,7 @@ class Shiphook:
         self.process = None
 
     def pids(self) -> list[int]:
-        """The server and its child processes (engine, resource tracker, extra HTTP workers)."""
+        """The server and its child processes (deployer, resource tracker, extra HTTP workers)."""
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [self.process.pid, *map(int, children.read_text().split())]
@@ -356,13 +356,13 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def process_name(pid: int) -> str:
-    """What a process of `shiphook serve` is: the server, an HTTP worker, the engine, or
+    """What a process of `shiphook serve` is: the server, an HTTP worker, the deployer, or
     multiprocessing's resource tracker."""
     command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     if "resource_tracker" in command:
         return "resource tracker"
     if "multiprocessing" in command or "spawn_main" in command:
-        return "spawned (engine, or an HTTP worker)"
+        return "spawned (deployer, or an HTTP worker)"
     return "serve (the HTTP worker when workers = 1)"
 
 

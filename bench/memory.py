@@ -1,4 +1,4 @@
-"""Benchmark 6: resident memory of `shiphook serve` (HTTP worker + engine process), idle and
+"""Benchmark 6: resident memory of `shiphook serve` (HTTP worker + deployer process), idle and
 with 1 000 000 hooks stored, before and after 10 s of accept-path load.
 
     .venv/bin/python bench/memory.py [--hooks 1000000]

@@ -1,5 +1,5 @@
 """The HTTP protocol's own cost per request: uvicorn's httptools protocol against shiphook's
-(`shiphook.connections.HttpProtocol`, with its limits), in process, without the app.
+(`shiphook.http.connections.HttpProtocol`, with its limits), in process, without the app.
 
 Each request is a hook call as wrk sends it, fed to the protocol as one read from the socket, on
 one keep-alive connection, then on a new connection each (`Connection: close`); the app's task
@@ -20,7 +20,7 @@ import time
 
 import uvloop
 from shiphook.config import ServerSettings
-from shiphook.connections import connection_limits, protocol_factory
+from shiphook.http.connections import connection_limits, protocol_factory
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState

@@ -3,7 +3,7 @@
 `--waiters` requests `?wait=<--wait>` are held open on a target whose rollout does not end; then
 SIGTERM goes to serve, or to every process of it (as systemd sends it), with one HTTP worker and
 with two. Prints how long after the signal the last waiting request was answered and serve
-exited, the answers' statuses, engine restarts and ERROR lines in its log. `--baseline REV`
+exited, the answers' statuses, deployer restarts and ERROR lines in its log. `--baseline REV`
 runs the same against a git revision.
 
     .venv/bin/python bench/stop.py [--waiters 500] [--wait 600] [--baseline REV]
@@ -76,7 +76,7 @@ def run(source: Path | None, waiters: int, wait: float, workers: int, group: boo
     with shiphook(HELD, server=f"workers = {workers}\nmax_wait = 900", source=source) as server:
         token = server.create_hook("held")
         server.start()
-        time.sleep(2)  # the engine is up
+        time.sleep(2)  # the deployer is up
         answered, exited, statuses = asyncio.run(
             stop_while_waiting(server, token, waiters, wait, group)
         )
@@ -85,7 +85,7 @@ def run(source: Path | None, waiters: int, wait: float, workers: int, group: boo
         "last_answer_s": answered,
         "exit_s": exited,
         "statuses": dict(statuses),
-        "engine_restarts": log.count("starting a new one"),
+        "deployer_restarts": log.count("starting a new one"),
         "errors_logged": log.count(" ERROR "),
     }
 
@@ -110,8 +110,8 @@ def main() -> None:
                 print(
                     f"{name}, {workers} worker(s), SIGTERM to {'the group' if group else 'serve'}: "
                     f"last answer {result['last_answer_s']:.2f} s, exit {result['exit_s']:.2f} s "
-                    f"after the signal; answers {result['statuses']}; engine restarts "
-                    f"{result['engine_restarts']}; ERROR lines {result['errors_logged']}",
+                    f"after the signal; answers {result['statuses']}; deployer restarts "
+                    f"{result['deployer_restarts']}; ERROR lines {result['errors_logged']}",
                     flush=True,
                 )
     print(f"saved {save('stop', vars(args) | {'results': results})}")

@@ -4,7 +4,7 @@ The waiters hold their requests open on a target whose rollout does not end; wrk
 POST /api/v1/dh on another target at 16 connections: without them, with them, and without them
 again once they are gone (the machine's speed drifts over minutes: the change is taken against
 the mean of the runs before and after). Prints req/s and p99, and the resident memory of the
-server (HTTP worker + engine).
+server (HTTP worker + deployer).
 
     .venv/bin/python bench/waiters.py [--waiters 500] [--seconds 10]
 """
@@ -95,7 +95,7 @@ def main() -> None:
     print(f"with {args.waiters} waiters: {with_waiters.row()}   ({change:+.1%} req/s)")
     print(f"without them again: {without_after.row()}")
     print(
-        f"memory (HTTP worker + engine): idle {idle_mb:.1f} MB, after load {after_load_mb:.1f} MB, "
+        f"memory (HTTP worker + deployer): idle {idle_mb:.1f} MB, after load {after_load_mb:.1f} MB, "
         f"with waiters {waiting_mb:.1f} MB (+{waiting_mb - after_load_mb:.1f}), "
         f"with waiters and load {loaded_mb:.1f} MB"
     )

@@ -19,7 +19,7 @@ from shiphook.server import build
 from shiphook.testing import Server, Shiphook, free_port  # noqa: F401
 from shiphook.testing import start_server as testing_start_server
 
-PLUGIN_DIR = Path(__file__).parent / "plugins"
+PLUGIN_DIR = Path(__file__).parent / "scripted"
 sys.path.insert(0, str(PLUGIN_DIR))
 
 import scripted_backend  # noqa: E402
@@ -121,7 +121,7 @@ class Harness(Shiphook):
         return super().new_hook(target)
 
     def wait_started(self, deployment_id: str, timeout: float = 10) -> None:
-        """Until the engine has started the rollout (it holds its target from then on)."""
+        """Until the deployer has started the rollout (it holds its target from then on)."""
         deadline = time.monotonic() + timeout
         while self.instance.deployments.get(deployment_id).to_json()["backendRef"] is None:
             assert time.monotonic() < deadline, f"deployment {deployment_id} did not start"
@@ -137,16 +137,16 @@ def harness_factory(tmp_path, monkeypatch) -> Iterator[Callable[..., Harness]]:
         path = config or scripted_config(tmp_path, **config_kwargs)
         instance = open_instance(path, plugin_modules=[], plugin_objects=[scripted_backend])
         instance.migrate()
-        app, engine = build(instance)
+        app, deployer = build(instance)
         if start:
-            engine.start()
-        harness = Harness(instance, engine, app)
+            deployer.start()
+        harness = Harness(instance, deployer, app)
         made.append(harness)
         return harness
 
     yield make
     for harness in made:
-        harness.engine.stop()
+        harness.deployer.stop()
         harness.instance.close()
 
 

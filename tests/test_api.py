@@ -24,7 +24,7 @@ def stored_deployments(harness) -> list[dict]:
 
 @pytest.fixture
 def quiet(harness_factory):
-    """A harness whose engine is not running, so stored deployments stay as accepted."""
+    """A harness whose deployer is not running, so stored deployments stay as accepted."""
     return harness_factory(start=False)
 
 

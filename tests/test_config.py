@@ -166,3 +166,17 @@ def test_check_passes_when_everything_answers(tmp_path):
     )
     result = run_cli("check", config=path, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_old_engine_section_still_works_and_says_it_is_now_deployer(tmp_path, caplog):
+    config = write_config(tmp_path, "[engine]\nlease_seconds = 7\n")
+    instance = load(config)
+    assert instance.config.deployer.lease_seconds == 7
+    instance.close()
+    assert f"{config}: [engine] is now called [deployer]; rename the section" in caplog.text
+
+
+def test_the_old_and_the_new_name_of_the_deployer_section_together_are_refused(tmp_path):
+    config = write_config(tmp_path, "[engine]\nlease_seconds = 7\n[deployer]\nlease_seconds = 8\n")
+    with pytest.raises(ConfigError, match=r"keep only \[deployer\]"):
+        load(config)

@@ -23,7 +23,7 @@ import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
 from shiphook.db import create_db_engine
-from shiphook.engine_process import RESTART_DELAY
+from shiphook.deployer.process import RESTART_DELAY
 from test_http_limits import connect, read_answer
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -47,7 +47,7 @@ def fleet_config(
         [server]
         database_url = "{database_url or f"sqlite:///{tmp_path}/shiphook.db"}"
         {server}
-        [engine]
+        [deployer]
         lease_seconds = {lease_seconds}
         scan_interval = 0.2
         threads = {threads}
@@ -236,7 +236,7 @@ def test_superseded_waiting_ci_jobs_are_answered_while_the_running_rollout_goes_
 
 
 def test_a_restarted_server_resumes_a_killed_ones_rollout_at_once(tmp_path, serve):
-    # a lease outlives the test: the dead engine's rollout is taken over because it is gone
+    # a lease outlives the test: the dead deployer's rollout is taken over because it is gone
     config = fleet_config(tmp_path, apps=1, jobs=0, rollout_seconds=1.5, lease_seconds=300)
     server = serve(config, name="first")
     status, body = post_hook(server, create_hook(server, "app0"), {"imageTag": "1.0"})
@@ -335,13 +335,13 @@ def test_a_stopped_server_answers_its_waiting_callers_at_once_and_loses_nothing(
         while len(state.calls("deploy")) < 3:  # every rollout under way, every caller waiting
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
-        if to_group:  # as systemd does: serve, its HTTP worker(s) and its engine process
+        if to_group:  # as systemd does: serve, its HTTP worker(s) and its deployer process
             os.killpg(server.process.pid, signal.SIGTERM)
         else:
             server.process.send_signal(signal.SIGTERM)
         answers = [w.result() for w in waiting]
-        # the stop waits for the slow request: longer than the engine's supervisor takes to
-        # restart an engine that went away
+        # the stop waits for the slow request: longer than the deployer's supervisor takes to
+        # restart a deployer that went away
         time.sleep(2 * RESTART_DELAY)
         slow.sendall(body[5:])
         status, headers, raw = read_answer(slow)
@@ -399,8 +399,8 @@ def deployment_status(server: Server, deployment_id: str) -> str:
     return json.loads(raw)["deployment"]["status"]
 
 
-def engine_process(server: Server) -> int | None:
-    """The pid of the engine process of a `shiphook serve` with one HTTP worker, if it has one."""
+def deployer_process(server: Server) -> int | None:
+    """The pid of the deployer process of a `shiphook serve` with one HTTP worker, if it has one."""
     children: list[str] = []
     for thread in Path(f"/proc/{server.process.pid}/task").iterdir():  # each lists its own
         with contextlib.suppress(FileNotFoundError):  # gone since
@@ -412,22 +412,22 @@ def engine_process(server: Server) -> int | None:
     return None
 
 
-def test_the_engine_ignores_sigterm_and_a_dead_engine_is_replaced(tmp_path, serve):
+def test_the_deployer_ignores_sigterm_and_a_dead_deployer_is_replaced(tmp_path, serve):
     server = serve(fleet_config(tmp_path, apps=1, jobs=0))
     token = create_hook(server, "app0")
-    engine = engine_process(server)
-    assert engine is not None
-    os.kill(engine, signal.SIGTERM)  # serve stops it, when serve stops
+    deployer = deployer_process(server)
+    assert deployer is not None
+    os.kill(deployer, signal.SIGTERM)  # serve stops it, when serve stops
     assert post_hook(server, token, {"imageTag": "1.0"}, "?wait=30")[0] == 201
-    assert engine_process(server) == engine
+    assert deployer_process(server) == deployer
 
-    os.kill(engine, signal.SIGKILL)
+    os.kill(deployer, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while engine_process(server) in (engine, None):
+    while deployer_process(server) in (deployer, None):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     assert post_hook(server, token, {"imageTag": "2.0"}, "?wait=30")[0] == 201
-    assert "engine process exited with status -9; starting a new one" in server.log()
+    assert "deployer process exited with status -9; starting a new one" in server.log()
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------
@@ -483,7 +483,7 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
     tokens = {t: create_hook(first, t) for t in targets}
     deadline = time.monotonic() + 30
     while not all("scripted backend ready" in s.log() for s in (first, second)):
-        assert time.monotonic() < deadline, "both engines should start"  # else one does it all
+        assert time.monotonic() < deadline, "both deployers should start"  # else one does it all
         time.sleep(0.05)
 
     def send(n: int) -> str:
@@ -527,8 +527,8 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
 
 
 @pytest.mark.parametrize("deferred", [True, False])
-def test_an_http_worker_can_leave_checkpoints_to_the_engine(harness_factory, deferred):
-    """`serve`'s workers never stall on a checkpoint's disk syncs; its engine process does them."""
+def test_an_http_worker_can_leave_checkpoints_to_the_deployer(harness_factory, deferred):
+    """`serve`'s workers never stall on a checkpoint's disk syncs; its deployer does them."""
     quiet = harness_factory(start=False)
     storage = quiet.instance.storage
     if deferred:
@@ -716,16 +716,16 @@ def test_a_refusing_database_gets_hooks_a_503_and_logs_each_change_once(
     assert "shiphook.http" not in server.log()  # no request failed unexpectedly
 
 
-def test_while_the_database_refuses_connections_the_engine_backs_off_and_logs_once(
+def test_while_the_database_refuses_connections_the_deployer_backs_off_and_logs_once(
     tmp_path, postgres_proxy, harness_factory, monkeypatch, caplog
 ):
     proxy, database_url = postgres_proxy
     monkeypatch.setenv("SHIPHOOK_DATABASE_URL", database_url)
-    harness = harness_factory(start=False, server="\n[engine]\nscan_interval = 0.2\n")
+    harness = harness_factory(start=False, server="\n[deployer]\nscan_interval = 0.2\n")
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
     proxy.close()
     caplog.set_level(logging.INFO, logger="shiphook")
-    harness.engine.start()
+    harness.deployer.start()
     time.sleep(2)  # ten scan intervals: a busy loop would log hundreds of lines by now
     down = [r for r in caplog.records if r.name.startswith("shiphook")]
     assert [r.getMessage().split(":")[0] for r in down] == ["database unreachable"], down[:5]

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import ADMIN_TOKEN, Harness, Server, plugin_env, scripted_config
 from shiphook import tokens
-from shiphook.app import create_app
 from shiphook.cli import main
+from shiphook.http.app import create_app
+from shiphook.http.waiters import Waiters
 from shiphook.services import Hooks
-from shiphook.waiters import Waiters
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -29,7 +29,7 @@ def database_url(request, tmp_path) -> str:
 
 @pytest.fixture
 def on_each_database(request, database_url, monkeypatch) -> Harness:
-    """A harness on each database, its engine not running: what is accepted stays queued."""
+    """A harness on each database, its deployer not running: what is accepted stays queued."""
     monkeypatch.setenv("SHIPHOOK_DATABASE_URL", database_url)
     return request.getfixturevalue("harness_factory")(start=False)  # closed before the schema
 
@@ -294,7 +294,7 @@ def test_a_failed_hook_insert_logs_no_token_digest(on_each_database, caplog, fai
         waiters=Waiters(instance.storage),
         admin_token=ADMIN_TOKEN,
     )
-    client = Harness(instance, on_each_database.engine, app).client
+    client = Harness(instance, on_each_database.deployer, app).client
     if failure == "token-drawn-twice":  # a broken random source: the digest's index refuses it
         created = client.simulate_post(
             "/api/v1/targets/web/hooks", json={"name": "a"}, headers=ADMIN

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import ADMIN_TOKEN, replaced_by, run_cli, scripted_config
-from shiphook.engine import lease_owner, owner_is_gone
+from shiphook.deployer.deployer import lease_owner, owner_is_gone
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -91,7 +91,7 @@ def test_a_bad_wait_value_is_400_and_stores_nothing(harness, value):
     assert harness.instance.deployments.list() == []
 
 
-def test_many_waiters_are_released_by_the_engine(harness):
+def test_many_waiters_are_released_by_the_deployer(harness):
     hook = {"X-Deploy-Hook-Token": harness.new_hook("report")}
 
     async def ci_job(conductor):
@@ -198,14 +198,14 @@ def test_job_runs_queue_per_target_up_to_max_concurrent_runs(harness_factory):
 # -- resume ----------------------------------------------------------------------------------
 
 
-def test_a_restarted_engine_resumes_an_in_progress_rollout_without_deploying_again(
+def test_a_restarted_deployer_resumes_an_in_progress_rollout_without_deploying_again(
     harness_factory, tmp_path
 ):
     state = f'state_dir = "{tmp_path}"\nrollout_seconds = 0.5'
     first = harness_factory(backend_extra=state, server="")
     deployment_id = first.deploy(first.new_hook("web"), {"imageTag": "1.0"})
     first.wait_started(deployment_id)
-    first.engine.stop()  # leaves it in progress, as a crash would
+    first.deployer.stop()  # leaves it in progress, as a crash would
 
     assert first.instance.deployments.get(deployment_id).to_json()["status"] == "in_progress"
     second = harness_factory(backend_extra=state)
@@ -282,7 +282,7 @@ def test_only_a_lease_holder_that_provably_stopped_is_taken_over_at_once():
     ended = subprocess.Popen(["true"])
     ended.wait()  # its pid names no process now
     assert not owner_is_gone(lease_owner())  # this process
-    assert not owner_is_gone(f"{machine}:{pid}:{start}:0other00")  # another engine of it
+    assert not owner_is_gone(f"{machine}:{pid}:{start}:0other00")  # another deployer of it
     assert owner_is_gone(f"{machine}:{pid}:{int(start) - 1}:00000000")  # an earlier one, same pid
     assert owner_is_gone(f"{machine}:{ended.pid}:{start}:00000000")
     assert not owner_is_gone(f"0123456789ab:{ended.pid}:{start}:00000000")  # another machine

@@ -52,7 +52,7 @@ def test_failed_and_rolled_back_deployments_are_warnings(harness, log_lines):
     succeeded = harness.deploy(harness.new_hook("strict"), {"imageTag": "v1.0.0"})
     for deployment_id in (rolled_back, failed, succeeded):
         harness.wait_for(deployment_id)
-    warnings = log_lines("shiphook.engine", logging.WARNING)
+    warnings = log_lines("shiphook.deployer", logging.WARNING)
     assert any(
         line.startswith(f"deployment {rolled_back} of web: rolled_back: ") for line in warnings
     )
@@ -60,7 +60,7 @@ def test_failed_and_rolled_back_deployments_are_warnings(harness, log_lines):
     assert not any(succeeded in line for line in warnings)
     assert any(
         line.startswith(f"deployment {succeeded} of strict: succeeded")
-        for line in log_lines("shiphook.engine")
+        for line in log_lines("shiphook.deployer")
     )
 
 
@@ -83,6 +83,6 @@ def test_retries_and_progress_are_the_deployments_message_history_and_log(
 
     prefix = f"deployment {deployment['id']} of api: "
     assert [prefix + r for r in retries] == [
-        line for line in log_lines("shiphook.engine", logging.WARNING) if line.startswith(prefix)
+        line for line in log_lines("shiphook.deployer", logging.WARNING) if line.startswith(prefix)
     ]
-    assert all(prefix + p in log_lines("shiphook.engine") for p in progress)
+    assert all(prefix + p in log_lines("shiphook.deployer") for p in progress)

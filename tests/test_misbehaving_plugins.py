@@ -1,4 +1,4 @@
-"""A backend that raises or does not return fails its deployment, never the engine (issue 13)."""
+"""A backend that raises or does not return fails its deployment, never the deployer (issue 13)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import threading
 
 import pytest
 from conftest import write_config
-from shiphook.config import EngineSettings
-from shiphook.engine import Engine
+from shiphook.config import DeployerSettings
+from shiphook.deployer.deployer import Deployer
 
-WORK = {  # a deployment that makes the engine call each method
+WORK = {  # a deployment that makes the deployer call each method
     "describe": ("web", {"imageTag": "1.0"}),
     "deploy": ("web", {"imageTag": "1.0"}),
     "progress": ("web", {"imageTag": "1.0"}),
@@ -30,10 +30,10 @@ def test_a_plugin_raising_in_any_method_fails_that_deployment_with_the_errors_te
     assert deployment["message"].endswith(
         f"the scripted backend failed unexpectedly: RuntimeError: a bug in the plugin's {method}"
     ), deployment
-    # the engine goes on: the next deployment is taken to its end too
+    # the deployer goes on: the next deployment is taken to its end too
     again = {"imageTag": f"{body['imageTag']}-again"} if body else {}
     assert harness.wait_for(harness.deploy(token, again))["status"] == "failed"
-    assert harness.engine._dispatcher.is_alive()
+    assert harness.deployer._dispatcher.is_alive()
 
 
 def stalling_config(tmp_path, *, call_timeout: float, lease_seconds: float = 30, **backend):
@@ -43,7 +43,7 @@ def stalling_config(tmp_path, *, call_timeout: float, lease_seconds: float = 30,
         f"""
         [server]
         database_url = "sqlite:///{tmp_path}/shiphook.db"
-        [engine]
+        [deployer]
         lease_seconds = {lease_seconds}
         scan_interval = 0.1
         [backends.fake]
@@ -72,21 +72,21 @@ def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
     )
     # the slot is free again while the stalled call still runs
     assert harness.wait_for(harness.deploy(token, {"imageTag": "2.0"}))["status"] == "succeeded"
-    stopping = threading.Thread(target=harness.engine.stop)
+    stopping = threading.Thread(target=harness.deployer.stop)
     stopping.start()
     stopping.join(30)
-    assert not stopping.is_alive(), "the engine waited for the stalled call"
+    assert not stopping.is_alive(), "the deployer waited for the stalled call"
 
 
 def test_the_slots_lease_stays_renewed_while_a_long_call_runs(harness_factory, tmp_path):
     config = stalling_config(tmp_path, call_timeout=60, lease_seconds=1, stall_seconds=2.5)
     harness = harness_factory(config)
     instance = harness.instance
-    replica = Engine(  # another process on the same database, waiting for a lease to expire
+    replica = Deployer(  # another process on the same database, waiting for a lease to expire
         instance.storage,
         instance.config.targets,
         instance.backends,
-        settings=EngineSettings(lease_seconds=1, scan_interval=0.1),
+        settings=DeployerSettings(lease_seconds=1, scan_interval=0.1),
         owner="replica",
     )
     replica.start()

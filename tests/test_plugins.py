@@ -12,7 +12,7 @@ import scripted_backend
 from conftest import plugin_env, run_cli, write_config
 from shiphook import Backend, hookimpl, hookspecs
 from shiphook.errors import ConfigError
-from shiphook.plugins import collect_backends, make_plugin_manager
+from shiphook.plugin_manager import collect_backends, make_plugin_manager
 
 ROOT = Path(__file__).parent.parent
 

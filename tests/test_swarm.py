@@ -306,7 +306,7 @@ def test_a_rollout_goes_on_when_the_engine_is_killed_and_started_again(
     harness = harness_factory(config)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
     wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
-    caplog.set_level(logging.WARNING, logger="shiphook.engine")
+    caplog.set_level(logging.WARNING, logger="shiphook.deployer")
     daemon.kill()
     wait_until(lambda: "cannot reach the Docker engine" in caplog.text, what="a failed poll")
     daemon.start()
@@ -356,7 +356,7 @@ def test_a_graceful_engine_restart_mid_rollout_ends_succeeded(
     harness = harness_factory(config)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
     wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
-    caplog.set_level(logging.WARNING, logger="shiphook.engine")
+    caplog.set_level(logging.WARNING, logger="shiphook.deployer")
     daemon.stop()  # SIGTERM, as systemctl restart docker sends
     daemon.start()
     daemon.wait_for_swarm()
@@ -379,7 +379,7 @@ def test_not_a_swarm_manager_mid_rollout_is_retried_and_the_rollout_succeeds(
     harness = harness_factory(swarm_config(tmp_path, engine, web, host=proxy.host))
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
     harness.wait_started(deployment_id, timeout=30)
-    caplog.set_level(logging.WARNING, logger="shiphook.engine")
+    caplog.set_level(logging.WARNING, logger="shiphook.deployer")
     proxy.answer_not_a_manager(3)  # what a manager's engine says for a moment as it stops
     deployment = harness.wait_for(deployment_id, timeout=90)
     assert deployment["status"] == "succeeded", deployment

@@ -31,7 +31,7 @@ WAIT = "90"  # ?wait seconds: far above any rollout here; an answer before it is
 BURST = 20
 
 # a leaseholder killed mid-rollout is taken over within about 2 s
-QUICK_TAKEOVER = "\n[engine]\nlease_seconds = 2\nscan_interval = 0.2\n"
+QUICK_TAKEOVER = "\n[deployer]\nlease_seconds = 2\nscan_interval = 0.2\n"
 
 
 @pytest.fixture(scope="module")

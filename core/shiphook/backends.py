@@ -3,7 +3,7 @@
 A backend is one orchestrator (Swarm, Kubernetes, Nomad, ...). Its class declares the options it
 takes in `[backends.<name>]` and the locator keys it reads from `[targets.<name>]` as pydantic
 models; shiphook validates both at start and hands the backend validated instances. Every method
-runs on an engine worker thread, never on the thread that answers HTTP requests, so blocking
+runs on a deployer worker thread, never on the thread that answers HTTP requests, so blocking
 client libraries are fine. Methods raise `BackendError` for anything the orchestrator refused or
 could not be asked.
 """
@@ -38,7 +38,7 @@ class BackendError(Exception):
     """The orchestrator refused a call or could not be reached.
 
     `transient=True` means the same call may work later (connection refused, timeouts, 5xx,
-    version conflicts): the engine retries it with backoff within the target's retry budget.
+    version conflicts): the deployer retries it with backoff within the target's retry budget.
     `transient=False` (the default) means retrying cannot help (not found, forbidden, invalid):
     the deployment fails at once with `message`, which should be the orchestrator's own words.
     """
@@ -106,7 +106,7 @@ class Backend(ABC):
     accepting hooks, while an orchestrator is down.
 
     `deploy` and `run_job` receive the deployment id and must be idempotent for it: after a
-    crash the engine calls them again for the same deployment, and that must not start a
+    crash the deployer calls them again for the same deployment, and that must not start a
     second rollout or run (derive names from the id, or find the work the first call started).
     """
 

@@ -11,12 +11,12 @@ from typing import Any
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from shiphook.app import TOKEN_HEADER
 from shiphook.backends import BackendError
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
+from shiphook.http.app import TOKEN_HEADER
 from shiphook.instance import Instance, open_instance
-from shiphook.plugins import describe_plugins, plugin_error
+from shiphook.plugin_manager import describe_plugins, plugin_error
 from shiphook.services import (
     check_deployment_filters,
     check_deployment_id,
@@ -95,7 +95,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
 @click.option("--port", type=int, help="Listen port (default: [server] port).")
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
-    """Apply migrations, start the engine and serve the API."""
+    """Apply migrations, start the deployer and serve the API."""
     from shiphook.server import serve as run_server
 
     instance = instance_of(ctx)

@@ -1,4 +1,4 @@
-"""The configuration file: `[server]`, `[engine]`, `[backends.<name>]` and `[targets.<name>]`.
+"""The configuration file: `[server]`, `[deployer]`, `[backends.<name>]` and `[targets.<name>]`.
 
 Parsed with tomllib, validated with pydantic; each backend's own keys are validated by that
 backend's `Options` / `TargetOptions` models. Every problem becomes a `ConfigError` naming the
@@ -7,6 +7,7 @@ file, the key path and what is expected.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shiphook.backends import BackendRegistry, Target
 from shiphook.db import DATABASE_TIMEOUT, SQLITE_SYNCHRONOUS
 from shiphook.errors import ConfigError, describe_validation_error
+
+log = logging.getLogger("shiphook.config")
 
 DEFAULT_CONFIG_PATH = Path("configs/shiphook.toml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -58,7 +61,7 @@ class ServerSettings(BaseModel):
         return self
 
 
-class EngineSettings(BaseModel):
+class DeployerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threads: int = Field(16, ge=1, le=1024)
@@ -106,7 +109,7 @@ class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: ServerSettings = ServerSettings()
-    engine: EngineSettings = EngineSettings()
+    deployer: DeployerSettings = DeployerSettings()
     backends: dict[Name, BackendSection] = {}
     targets: dict[Name, TargetSection] = {}
 
@@ -122,7 +125,7 @@ class BackendConfig:
 class Config:
     path: Path
     server: ServerSettings
-    engine: EngineSettings
+    deployer: DeployerSettings
     backends: dict[str, BackendConfig]
     targets: dict[str, Target]
 
@@ -144,6 +147,14 @@ def read_config_file(path: Path) -> ConfigFile:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "engine" in raw:  # the section's name before the deployment engine became the deployer
+        if "deployer" in raw:
+            raise ConfigError(
+                f"{path}: [engine] and [deployer] are the same section ([engine] is its old "
+                "name); keep only [deployer]"
+            )
+        log.warning("%s: [engine] is now called [deployer]; rename the section", path)
+        raw["deployer"] = raw.pop("engine")
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as exc:
@@ -204,7 +215,11 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
             call_timeout=common["call_timeout"],
         )
     return Config(
-        path=path, server=parsed.server, engine=parsed.engine, backends=backends, targets=targets
+        path=path,
+        server=parsed.server,
+        deployer=parsed.deployer,
+        backends=backends,
+        targets=targets,
     )
 
 

@@ -17,7 +17,7 @@ from shiphook.backends import Backend, BackendError, BackendRegistry
 from shiphook.config import Config, config_path, read_config_file, resolve_config
 from shiphook.db import create_db_engine, upgrade
 from shiphook.errors import ConfigError
-from shiphook.plugins import collect_backends, make_plugin_manager, plugin_error
+from shiphook.plugin_manager import collect_backends, make_plugin_manager, plugin_error
 from shiphook.services import Deployments, Hooks
 from shiphook.storage import Storage
 

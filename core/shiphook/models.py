@@ -89,7 +89,7 @@ class HookCreated(HookPublic):
 
 class Deployment(SQLModel, table=True):
     __table_args__ = (
-        # status first: the engine looks for queued and in-progress work across all targets
+        # status first: the deployer looks for queued and in-progress work across all targets
         Index("ix_deployment_status_target", "status", "target"),
         Index(
             "ix_deployment_idempotency",

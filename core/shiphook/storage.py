@@ -1,6 +1,6 @@
 """Data functions over the hook and deployment tables. Nothing here knows HTTP or orchestrators.
 
-Every write runs in one transaction under the engine's write lock (a no-op except on SQLite,
+Every write runs in one transaction under the database's write lock (a no-op except on SQLite,
 where it makes writers from all threads and processes queue instead of busy-waiting). The two
 calls of the accept path (`hook_by_digest`, `add_deployments`) run prepared statements on direct
 DBAPI connections; everything else uses SQLModel sessions or Core. The calls are blocking: an
@@ -173,7 +173,7 @@ class Storage:
         A checkpoint copies the log into the database and syncs both to disk, which can take a
         slow disk's whole latency; in an HTTP worker that holds up every request waiting for its
         commit. Call before the first request; then something else must call `checkpoint`
-        regularly (the engine process of `shiphook serve` does, five times a second).
+        regularly (the deployer process of `shiphook serve` does, five times a second).
         """
         self._direct.autocheckpoint = False
 
@@ -415,7 +415,7 @@ class Storage:
                     )
                 )
 
-    # -- the engine's work queue -------------------------------------------------
+    # -- the deployer's work queue -------------------------------------------------
     # Core statements, not ORM sessions: dispatch latency is a handful of these, and a session
     # costs ten times the statement.
 

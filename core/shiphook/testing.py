@@ -13,7 +13,7 @@ make workloads on their orchestrator and how to read back what runs::
         plugin = "ecs"
         ...
 
-Every scenario goes through the real shiphook engine over a real database (one through a real
+Every scenario goes through the real shiphook deployer over a real database (one through a real
 `shiphook serve` and HTTP), never by calling backend methods in an order of its own. Which
 scenarios apply follows only from the backend's capability flags (`kinds`, `can_rollback`,
 `concurrent_runs`): a subclass cannot override a scenario, and the plugin refuses skip markers
@@ -45,11 +45,11 @@ import pytest
 from falcon import testing as falcon_testing
 
 from shiphook.backends import Backend
-from shiphook.engine import Engine
+from shiphook.deployer.deployer import Deployer
 from shiphook.errors import ConfigError
 from shiphook.images import tag_of
 from shiphook.instance import Instance, open_instance
-from shiphook.plugins import collect_backends, make_plugin_manager
+from shiphook.plugin_manager import collect_backends, make_plugin_manager
 from shiphook.server import build
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ ADMIN_TOKEN = "shiphook-conformance-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SHIPHOOK = str(Path(sys.executable).parent / "shiphook")
 MARKER = "SHIPHOOK_CONFORMANCE"  # the environment name job runs set
-ENGINE = "\n[engine]\nscan_interval = 0.2\nlease_seconds = 5\n"
+DEPLOYER = "\n[deployer]\nscan_interval = 0.2\nlease_seconds = 5\n"
 
 
 # -- a real `shiphook serve` ------------------------------------------------------------------
@@ -94,7 +94,7 @@ class Server:
         return self.log_path.read_text()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM stops it as an operator would; SIGKILL kills it and its engine at once."""
+        """SIGTERM stops it as an operator would; SIGKILL kills it and its deployer at once."""
         if self.process.poll() is None:
             if sig == signal.SIGKILL:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -125,7 +125,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=env,
             cwd=log_path.parent,
-            start_new_session=True,  # its own process group, engine included
+            start_new_session=True,  # its own process group, deployer included
             preexec_fn=preexec,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
@@ -148,10 +148,10 @@ def start_server(
 
 @dataclass
 class Shiphook:
-    """An instance, its engine (threads over the real storage) and its HTTP app."""
+    """An instance, its deployer (threads over the real storage) and its HTTP app."""
 
     instance: Instance
-    engine: Engine
+    deployer: Deployer
     app: object
 
     @property
@@ -173,7 +173,7 @@ class Shiphook:
         return result.json["deployment"]["id"]
 
     def wait_for(self, deployment_id: str, timeout: float = 10) -> dict:
-        """Poll the stored deployment until it is terminal (the engine runs in threads)."""
+        """Poll the stored deployment until it is terminal (the deployer runs in threads)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             deployment = self.instance.deployments.get(deployment_id).to_json()
@@ -183,19 +183,19 @@ class Shiphook:
         raise AssertionError(f"deployment {deployment_id} did not end: {deployment}")
 
     def close(self) -> None:
-        self.engine.stop()
+        self.deployer.stop()
         self.instance.close()
 
 
 def open_shiphook(
     config: Path, *, plugin_modules: list[str] | None = None, plugin_objects=()
 ) -> Shiphook:
-    """Open an instance on `config`, migrate it and start its engine."""
+    """Open an instance on `config`, migrate it and start its deployer."""
     instance = open_instance(config, plugin_modules=plugin_modules, plugin_objects=plugin_objects)
     instance.migrate()
-    app, engine = build(instance)
-    engine.start()
-    return Shiphook(instance, engine, app)
+    app, deployer = build(instance)
+    deployer.start()
+    return Shiphook(instance, deployer, app)
 
 
 def eventually(check: Callable[[], T], what: str, timeout: float = 60) -> T:
@@ -240,7 +240,7 @@ class JobRun:
 
 
 class _Crash(BaseException):
-    """The engine's process dies here (what no `except Exception` catches)."""
+    """The deployer's process dies here (what no `except Exception` catches)."""
 
 
 # -- the harness ----------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class BackendConformance:
         backend: dict[str, Any] | None = None,
         name: str = "shiphook.toml",
     ) -> Path:
-        text = f'[server]\ndatabase_url = "sqlite:///{self.tmp_path}/shiphook.db"\n{ENGINE}\n'
+        text = f'[server]\ndatabase_url = "sqlite:///{self.tmp_path}/shiphook.db"\n{DEPLOYER}\n'
         text += toml_table("backends.conformance", {"plugin": self.plugin, **(backend or {})})
         for target, keys in targets.items():
             common = {"backend": "conformance", "rollout_timeout": self.rollout_timeout}
@@ -535,7 +535,7 @@ class BackendConformance:
 
     def test_a_deploy_repeated_after_a_crash_rolls_out_once(self):
         """The process dies right after the orchestrator accepted `deploy`, before shiphook
-        stored its reference; the resumed engine calls `deploy` again for the same id."""
+        stored its reference; the resumed deployer calls `deploy` again for the same id."""
         backend = self._requires(kind="app")
         app = self._app()
         shiphook = self._open({"app": app})
@@ -629,7 +629,7 @@ class BackendConformance:
         kind = "app" if "app" in backend.kinds else "job"
         with silent_orchestrator() as address:
             options = self.silent_options(address)
-            # the engine's own limit far away: the backend must give up by itself
+            # the deployer's own limit far away: the backend must give up by itself
             target = {"kind": kind, **self.missing_workload(kind), "retry_budget": 0}
             target["call_timeout"] = 3600
             shiphook = self._open({"silent": target}, backend=options)
@@ -638,10 +638,10 @@ class BackendConformance:
             # the backend gave up on its own (a transient error, no budget left to retry it)
             assert deployment["status"] == "failed", deployment
             assert deployment["message"].startswith("gave up after 1 attempts"), deployment
-            stopped = threading.Thread(target=shiphook.engine.stop)
+            stopped = threading.Thread(target=shiphook.deployer.stop)
             stopped.start()
             stopped.join(60)
-            assert not stopped.is_alive(), "an engine thread still waits on the orchestrator"
+            assert not stopped.is_alive(), "a deployer thread still waits on the orchestrator"
             checked = self._cli(self._config({}, options, "silent.toml"), "check")
         self._assert_check_fails_in_one_line(checked)
 
@@ -664,7 +664,7 @@ class BackendConformance:
 
     @staticmethod
     def _crash_once(shiphook: Shiphook, method: str) -> list[str]:
-        """Make the first call of `method` kill its engine thread after the orchestrator
+        """Make the first call of `method` kill its deployer thread after the orchestrator
         accepted it; return the deployment id of every call."""
         backend = shiphook.instance.backends["conformance"]
         real = getattr(backend, method)
@@ -677,7 +677,7 @@ class BackendConformance:
                 raise _Crash
             return ref
 
-        setattr(backend, method, crashing)  # the engine looks the method up on every call
+        setattr(backend, method, crashing)  # the deployer looks the method up on every call
         return calls
 
 

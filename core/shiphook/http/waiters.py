@@ -1,6 +1,6 @@
 """`?wait=<seconds>`: let request handlers await a deployment's end without holding a thread.
 
-The engine of this process announces every end it records; a single poller per event loop reads
+The deployer of this process announces every end it records; a single poller per event loop reads
 the database for the ends that other processes record (several replicas share one queue). A
 waiting CI job costs a future and an open connection, never a thread or a query of its own.
 """
@@ -15,7 +15,7 @@ from shiphook.errors import DatabaseUnavailable
 from shiphook.models import TERMINAL
 from shiphook.storage import Storage
 
-log = logging.getLogger("shiphook.waiters")
+log = logging.getLogger("shiphook.http.waiters")
 
 
 class Waiters:
@@ -27,7 +27,7 @@ class Waiters:
         self._poller: asyncio.Task[None] | None = None
 
     def announce(self, deployment_id: str, status: str) -> None:
-        """Engine listener (any thread): wake whoever waits for this deployment's end."""
+        """Deployer listener (any thread): wake whoever waits for this deployment's end."""
         if status in TERMINAL:
             self._release(deployment_id)
 

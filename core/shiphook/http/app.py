@@ -30,6 +30,7 @@ from shiphook.errors import (
     Unauthenticated,
     Unprocessable,
 )
+from shiphook.http.waiters import Waiters
 from shiphook.models import Status
 from shiphook.services import (
     Deployments,
@@ -38,7 +39,6 @@ from shiphook.services import (
     parse_json_body,
     public_target,
 )
-from shiphook.waiters import Waiters
 
 log = logging.getLogger("shiphook.http")
 access_log = logging.getLogger("shiphook.access")
@@ -359,7 +359,7 @@ def create_app(
     max_wait: float = 900,
     middleware: list[Any] | None = None,
 ) -> falcon.asgi.App:
-    """Build the API. `notify` is called after each committed deployment (the engine's wake-up);
+    """Build the API. `notify` is called after each committed deployment (the deployer's wake-up);
     `waiters` serves `?wait`."""
     app = falcon.asgi.App(middleware=middleware or [])
     json_handler = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)

@@ -1,54 +1,47 @@
-"""`shiphook serve` runs the engine in a process of its own, next to the HTTP worker(s).
+"""`shiphook serve` runs the deployer in a process of its own, next to the HTTP worker(s).
 
-Orchestrator clients parse large JSON documents and the engine supersedes bursts of deployments;
+Orchestrator clients parse large JSON documents and the deployer supersedes bursts of deployments;
 inside an HTTP worker that work would hold the GIL the event loop needs, and every hook request
-would wait for it. The engine process shares nothing with the workers but the database and one
+would wait for it. The deployer process shares nothing with the workers but the database and one
 datagram socket, on which a worker names a target that has new work so that dispatch is
-immediate. It is a hint: the engine also scans the database, and `?wait` reads outcomes from the
+immediate. It is a hint: the deployer also scans the database, and `?wait` reads outcomes from the
 database, so a lost message only delays.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.synchronize
 import os
-import secrets
-import shutil
 import signal
 import socket
-import sys
-import tempfile
 import threading
-import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
 from shiphook.backends import BackendError
 from shiphook.db import describe_failure
-from shiphook.engine import Engine
+from shiphook.deployer.deployer import Deployer
 from shiphook.instance import Instance, open_instance
+from shiphook.wakeup import sockaddr
 
-log = logging.getLogger("shiphook.engine")
+log = logging.getLogger("shiphook.deployer")
 
 RESTART_DELAY = 1.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-NOTIFY_INTERVAL = 0.05
 # seconds between checkpoints of the HTTP workers' SQLite writes: under load, a short log that is
 # copied often kept the workers' p99 lower than a long one copied in bursts (bench/README.md);
 # with nothing to copy, a checkpoint costs about 0.1 ms and no disk sync
 CHECKPOINT_INTERVAL = 0.2
 
 
-class EngineSupervisor:
-    """Owned by `shiphook serve`: starts the engine process, restarts it if it dies, stops it.
+class DeployerSupervisor:
+    """Owned by `shiphook serve`: starts the deployer process, restarts it if it dies, stops it.
 
-    The engine ignores SIGTERM and SIGINT: systemd and a terminal send them to every process of
-    the service, and the engine is to stop when `serve` says so, after its HTTP workers, not
-    before; to its supervisor an engine that went away on a signal would look like a crash.
+    The deployer ignores SIGTERM and SIGINT: systemd and a terminal send them to every process of
+    the service, and the deployer is to stop when `serve` says so, after its HTTP workers, not
+    before; to its supervisor a deployer that went away on a signal would look like a crash.
     """
 
     def __init__(self, config_path: Path, address: str, log_level: str) -> None:
@@ -57,17 +50,17 @@ class EngineSupervisor:
         self.log_level = log_level
         self._context = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._stop = self._context.Event()  # the engine process's: stop now
+        self._stop = self._context.Event()  # the deployer process's: stop now
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # a restart and a stop do not cross
-        self._watcher = threading.Thread(target=self._watch, name="engine-watcher", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="deployer-watcher", daemon=True)
 
     def start(self) -> None:
         self._spawn()
         self._watcher.start()
 
     def stop(self, timeout: float) -> None:
-        """Have the engine let go of its work (what runs stays in progress for the next start);
+        """Have the deployer let go of its work (what runs stays in progress for the next start);
         kill it if it has not within `timeout` seconds."""
         with self._lock:
             self._stopping.set()
@@ -78,7 +71,7 @@ class EngineSupervisor:
         process.join(timeout)
         if process.is_alive():
             log.warning(
-                "the engine process did not stop within %gs ([server] shutdown_timeout); killing "
+                "the deployer process did not stop within %gs ([server] shutdown_timeout); killing "
                 "it: its work resumes at the next start",
                 timeout,
             )
@@ -87,9 +80,9 @@ class EngineSupervisor:
 
     def _spawn(self) -> None:
         self._process = self._context.Process(
-            target=run_engine,
+            target=run_deployer,
             args=(str(self.config_path), self.address, self.log_level, self._stop),
-            name="shiphook-engine",
+            name="shiphook-deployer",
         )
         # blocked here, the signals are blocked in the child until it ignores them: one sent to
         # the process group while it starts cannot end it (as multiprocessing's resource tracker
@@ -108,64 +101,16 @@ class EngineSupervisor:
                     return
                 if not self._process.is_alive():
                     log.error(
-                        "engine process exited with status %s; starting a new one",
+                        "deployer process exited with status %s; starting a new one",
                         self._process.exitcode,
                     )
                     self._spawn()
 
 
-class EngineNotifier:
-    """An HTTP worker's line to the engine process; never blocks the event loop.
-
-    At most one message per target per NOTIFY_INTERVAL, the rest deferred to its end: in a burst
-    the engine is already busy with the target, and one wake-up is all it needs.
-    """
-
-    def __init__(self, address: str) -> None:
-        self._address = _sockaddr(address)
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.setblocking(False)
-        self._sent: dict[str, float] = {}
-        self._deferred: set[str] = set()
-
-    def __call__(self, target: str) -> None:
-        if target in self._deferred:
-            return
-        wait = self._sent.get(target, -NOTIFY_INTERVAL) + NOTIFY_INTERVAL - time.monotonic()
-        if wait > 0:
-            self._deferred.add(target)
-            asyncio.get_running_loop().call_later(wait, self._send, target)
-        else:
-            self._send(target)
-
-    def _send(self, target: str) -> None:
-        self._deferred.discard(target)
-        self._sent[target] = time.monotonic()
-        with contextlib.suppress(OSError):  # full, or the engine restarting: its scan finds it
-            self._socket.sendto(target.encode(), self._address)
-
-
-def engine_address() -> str:
-    """Where the engine listens: an abstract socket on Linux (nothing on disk to clean up, even
-    after a SIGKILL), else a socket file in a private temporary directory."""
-    if sys.platform == "linux":
-        return f"@shiphook-engine-{secrets.token_hex(8)}"
-    return str(Path(tempfile.mkdtemp(prefix="shiphook-")) / "engine.sock")
-
-
-def release_engine_address(address: str) -> None:
-    if not address.startswith("@"):
-        shutil.rmtree(Path(address).parent, ignore_errors=True)
-
-
-def _sockaddr(address: str) -> str:
-    return "\0" + address[1:] if address.startswith("@") else address
-
-
-def run_engine(
+def run_deployer(
     config_path: str, address: str, log_level: str, stop: multiprocessing.synchronize.Event
 ) -> None:
-    """The engine process: run until `stop` is set, or until `shiphook serve` is gone."""
+    """The deployer process: run until `stop` is set, or until `shiphook serve` is gone."""
     for signum in STOP_SIGNALS:  # sent to the whole service; serve stops us once it is done
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -173,34 +118,34 @@ def run_engine(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     instance = open_instance(config_path)
-    engine = Engine(
+    deployer = Deployer(
         instance.storage,
         instance.config.targets,
         instance.backends,
-        settings=instance.config.engine,
+        settings=instance.config.deployer,
     )
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    inbox.bind(_sockaddr(address))
-    engine.start()
+    inbox.bind(sockaddr(address))
+    deployer.start()
     threading.Thread(target=report_backends, args=(instance,), daemon=True).start()
-    threading.Thread(target=_relay, args=(inbox, engine), daemon=True).start()
+    threading.Thread(target=_relay, args=(inbox, deployer), daemon=True).start()
     threading.Thread(target=_checkpoints, args=(instance, stop), daemon=True).start()
     parent = os.getppid()
     while not stop.wait(1.0):
         if os.getppid() != parent:  # serve died without stopping us
             break
-    engine.stop()
+    deployer.stop()
     inbox.close()
     instance.close()
 
 
-def _relay(inbox: socket.socket, engine: Engine) -> None:
+def _relay(inbox: socket.socket, deployer: Deployer) -> None:
     while True:
         try:
             message = inbox.recv(256)
         except OSError:
             return
-        engine.notify(message.decode())
+        deployer.notify(message.decode())
 
 
 def _checkpoints(instance: Instance, stop: multiprocessing.synchronize.Event) -> None:

@@ -86,7 +86,7 @@ def test_a_backend_bug_fails_the_deployment_instead_of_retrying_it_forever(harne
     assert len(harness.backend.calls("deploy")) == 1
 
 
-def test_a_backend_calling_sys_exit_fails_the_deployment_and_the_engine_goes_on(
+def test_a_backend_calling_sys_exit_fails_the_deployment_and_the_deployer_goes_on(
     harness, monkeypatch
 ):
     monkeypatch.setattr(harness.backend, "deploy", lambda *args, **kwargs: sys.exit(5))
@@ -131,10 +131,10 @@ def test_an_unreachable_backend_does_not_stop_hooks_being_accepted(harness_facto
     assert "connection refused" in deployment["message"]
 
 
-def test_a_deployment_accepted_while_the_engine_is_down_runs_when_it_starts(harness_factory):
+def test_a_deployment_accepted_while_the_deployer_is_down_runs_when_it_starts(harness_factory):
     harness = harness_factory(start=False)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
     time.sleep(0.1)
     assert harness.instance.deployments.get(deployment_id).to_json()["status"] == "queued"
-    harness.engine.start()
+    harness.deployer.start()
     assert harness.wait_for(deployment_id)["status"] == "succeeded"

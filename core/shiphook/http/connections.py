@@ -26,8 +26,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from shiphook.app import SHUTDOWN
 from shiphook.config import ServerSettings
+from shiphook.http.app import SHUTDOWN
 
 log = logging.getLogger("shiphook.server")
 

@@ -1,4 +1,4 @@
-"""The deployment engine: takes queued deployments to their end on the target's backend.
+"""The deployer: takes queued deployments to their end on the target's backend.
 
 One dispatcher thread finds targets with work and claims a lease on a slot of each (one slot per
 app target, `max_concurrent_runs` per job target); a pool of worker threads runs the claimed
@@ -28,16 +28,16 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from shiphook.backends import Backend, BackendError, Progress, Ref, Target, TargetState
-from shiphook.config import EngineSettings
+from shiphook.config import DeployerSettings
 from shiphook.db import describe_failure
 from shiphook.models import Deployment, Status, utcnow
-from shiphook.plugins import plugin_error
+from shiphook.plugin_manager import plugin_error
 from shiphook.storage import Storage
 
-log = logging.getLogger("shiphook.engine")
+log = logging.getLogger("shiphook.deployer")
 T = TypeVar("T")
 
-# what each Backend method returns, checked before the engine relies on it
+# what each Backend method returns, checked before the deployer relies on it
 RETURNS: dict[str, tuple[type, str]] = {
     "describe": (TargetState, "a TargetState"),
     "progress": (Progress, "a Progress"),
@@ -99,28 +99,28 @@ def owner_is_gone(owner: str) -> bool:
 
 
 class Stopping(Exception):
-    """The engine is shutting down: leave the deployment for whoever resumes it."""
+    """The deployer is shutting down: leave the deployment for whoever resumes it."""
 
 
 class LeaseLost(Exception):
     """Another process took over this slot: stop touching its deployments."""
 
 
-class Engine:
+class Deployer:
     def __init__(
         self,
         storage: Storage,
         targets: dict[str, Target],
         backends: dict[str, Backend],
         *,
-        settings: EngineSettings | None = None,
+        settings: DeployerSettings | None = None,
         clock: Callable[[], datetime] = utcnow,
         owner: str | None = None,
     ) -> None:
         self.storage = storage
         self.targets = targets
         self.backends = backends
-        self.settings = settings or EngineSettings()
+        self.settings = settings or DeployerSettings()
         self.clock = clock
         self.owner = owner or lease_owner()
         self.listeners: list[Callable[[str, str], None]] = []
@@ -189,7 +189,7 @@ class Engine:
                 if self.storage.unavailable(exc):
                     self.storage.reachability.failed(exc)
                 elif not backoff:
-                    log.exception("engine: looking for work failed; retrying with backoff")
+                    log.exception("deployer: looking for work failed; retrying with backoff")
                 backoff = min(SCAN_BACKOFF_MAX, 2 * backoff or self.settings.scan_interval)
                 next_scan = time.monotonic() + backoff
             else:
@@ -310,18 +310,18 @@ class Engine:
                         target.name,
                         deployment.image_tag or "job run",
                     )
-                Run(self, target, deployment, lease).execute()
+                Execution(self, target, deployment, lease).execute()
         except (Stopping, LeaseLost):
             pass
         except DBAPIError as exc:
             log.error(
-                "engine: slot %s/%d stopped: database unreachable: %s; its work resumes later",
+                "deployer: slot %s/%d stopped: database unreachable: %s; its work resumes later",
                 target.name,
                 slot,
                 describe_failure(self.storage.engine, exc),
             )
         except Exception:
-            log.exception("engine: slot %s/%d failed; its work resumes later", target.name, slot)
+            log.exception("deployer: slot %s/%d failed; its work resumes later", target.name, slot)
         finally:
             with self._running_lock:
                 self._running.discard((target.name, slot))
@@ -329,7 +329,7 @@ class Engine:
                 self.storage.release_lease(target=target.name, slot=slot, owner=self.owner)
             except Exception as exc:  # it expires
                 log.warning(
-                    "engine: could not release lease %s/%d: %s",
+                    "deployer: could not release lease %s/%d: %s",
                     target.name,
                     slot,
                     describe_failure(self.storage.engine, exc),
@@ -352,42 +352,42 @@ class Engine:
             try:
                 listener(deployment_id, status)
             except Exception:
-                log.exception("engine: a deployment listener failed")
+                log.exception("deployer: a deployment listener failed")
 
 
 class _Lease:
     """The slot a worker holds; renewed as the work goes on, lost if another process took it."""
 
-    def __init__(self, engine: Engine, target: str, slot: int) -> None:
-        self.engine = engine
+    def __init__(self, deployer: Deployer, target: str, slot: int) -> None:
+        self.deployer = deployer
         self.target = target
         self.slot = slot
-        self.renew_at = engine.clock() + timedelta(seconds=engine.settings.lease_seconds / 3)
+        self.renew_at = deployer.clock() + timedelta(seconds=deployer.settings.lease_seconds / 3)
 
     def keep(self) -> None:
-        now = self.engine.clock()
+        now = self.deployer.clock()
         if now < self.renew_at:
             return
-        seconds = self.engine.settings.lease_seconds
-        if not self.engine.storage.renew_lease(
+        seconds = self.deployer.settings.lease_seconds
+        if not self.deployer.storage.renew_lease(
             target=self.target,
             slot=self.slot,
-            owner=self.engine.owner,
+            owner=self.deployer.owner,
             until=now + timedelta(seconds=seconds),
         ):
             raise LeaseLost(f"{self.target}/{self.slot}")
         self.renew_at = now + timedelta(seconds=seconds / 3)
 
 
-class Run:
+class Execution:
     """One deployment taken from in progress to a terminal state (or left for a resume)."""
 
-    def __init__(self, engine: Engine, target: Target, deployment: Deployment, lease: _Lease):
-        self.engine = engine
+    def __init__(self, deployer: Deployer, target: Target, deployment: Deployment, lease: _Lease):
+        self.deployer = deployer
         self.target = target
         self.deployment = deployment
         self.lease = lease
-        self.backend = engine.backends[target.backend]
+        self.backend = deployer.backends[target.backend]
         self.retry_spent = 0.0
 
     def execute(self) -> None:
@@ -445,7 +445,7 @@ class Run:
     def _rollback_reason(self) -> str:
         """Why a deployment resumed while rolling back is rolled back: its history says (its
         message may have moved on to the rollback's progress since)."""
-        history = self.engine.storage.histories([self.deployment.id])[self.deployment.id]
+        history = self.deployer.storage.histories([self.deployment.id])[self.deployment.id]
         for event in reversed(history):
             if event.message.startswith(ROLLING_BACK):
                 return event.message.removeprefix(ROLLING_BACK)
@@ -453,7 +453,7 @@ class Run:
 
     def _finish_rollback(self, reason: str, rollback_ref: Ref) -> None:
         try:
-            outcome = self._track(rollback_ref, deadline_from=self.engine.clock())
+            outcome = self._track(rollback_ref, deadline_from=self.deployer.clock())
         except BackendError as exc:
             outcome = Progress("failed", exc.message)
         if outcome.state == "succeeded":
@@ -485,7 +485,7 @@ class Run:
 
     def _track(self, ref: Ref, *, deadline_from: datetime | None = None) -> Progress:
         """Poll progress until the work ends or the target's rollout timeout passes."""
-        start = deadline_from or self.deployment.started_at or self.engine.clock()
+        start = deadline_from or self.deployment.started_at or self.deployer.clock()
         deadline = start + timedelta(seconds=self.target.rollout_timeout)
         while True:
             self.lease.keep()
@@ -500,7 +500,7 @@ class Run:
                     progress.message,
                 )
                 self._record(message=progress.message)
-            if self.engine.clock() >= deadline:
+            if self.deployer.clock() >= deadline:
                 last = f" (last state: {progress.message})" if progress.message else ""
                 return Progress(
                     "failed", f"did not finish within {self.target.rollout_timeout:g}s{last}"
@@ -572,9 +572,9 @@ class Run:
             target=call, name=f"shiphook-call-{self.target.name}-{name}", daemon=True
         ).start()
         deadline = time.monotonic() + self.target.call_timeout
-        step = self.engine.settings.lease_seconds / 6
+        step = self.deployer.settings.lease_seconds / 6
         while not done.wait(max(0.0, min(step, deadline - time.monotonic()))):
-            if self.engine._stopping.is_set():
+            if self.deployer._stopping.is_set():
                 raise Stopping
             if time.monotonic() >= deadline:
                 raise BackendError(
@@ -589,22 +589,22 @@ class Run:
         return result
 
     def _pause(self, seconds: float) -> None:
-        if self.engine._stopping.wait(seconds):
+        if self.deployer._stopping.wait(seconds):
             raise Stopping
 
     def _record(self, **values: Any) -> None:
         """Store progress on the deployment; a new message also goes into its history."""
         self.lease.keep()
         event = Status.in_progress if "message" in values else None
-        self.engine.storage.update_deployment(
-            self.deployment.id, now=self.engine.clock(), event=event, **values
+        self.deployer.storage.update_deployment(
+            self.deployment.id, now=self.deployer.clock(), event=event, **values
         )
         for key, value in values.items():
             setattr(self.deployment, key, value)
 
     def _finish(self, status: Status, message: str) -> None:
         self.lease.keep()
-        self.engine._finish(self.deployment, status, message)
+        self.deployer._finish(self.deployment, status, message)
 
 
 def _is_json(value: Any) -> bool:

@@ -1,0 +1,82 @@
+"""One HTTP worker of `shiphook serve`: uvicorn calls `worker_app` in each worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import falcon.asgi
+
+from shiphook.http.app import create_app
+from shiphook.http.notifier import DeployerNotifier
+from shiphook.http.waiters import Waiters
+from shiphook.instance import Instance, open_instance
+from shiphook.wakeup import DEPLOYER_SOCKET
+
+WAIT_POLL = 0.2  # seconds between a worker's reads of the outcomes its ?wait callers await
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class BufferedLogHandler(logging.StreamHandler):
+    """stderr, written once per turn of the event loop: an HTTP worker logs a line per hook
+    request, and a write each would cost the accept path (bench/README.md). Warnings, and lines
+    logged off the loop's thread or at exit, are written at once."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            open(  # noqa: SIM115 - stderr's descriptor, kept for the process's life
+                sys.stderr.fileno(), "w", buffering=1 << 16, closefd=False, errors="replace"
+            )
+        )
+        self._flush_due = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            super().flush()
+
+    def flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().flush()
+            return
+        if not self._flush_due:
+            self._flush_due = True
+            loop.call_soon(self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._flush_due = False
+        super().flush()
+
+
+def app_for(instance: Instance, notify: Callable[[str], None], waiters: Waiters) -> falcon.asgi.App:
+    return create_app(
+        hooks=instance.hooks,
+        deployments=instance.deployments,
+        targets=instance.config.targets,
+        notify=notify,
+        waiters=waiters,
+        max_wait=instance.config.server.max_wait,
+        admin_token=instance.admin_token,
+    )
+
+
+def worker_app() -> falcon.asgi.App:
+    """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
+    instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
+    instance.storage.defer_checkpoints()  # the deployer process checkpoints
+    logging.basicConfig(
+        level=instance.config.server.log_level.upper(),
+        format=LOG_FORMAT,
+        handlers=[BufferedLogHandler()],
+        force=True,
+    )
+    notify = DeployerNotifier(os.environ[DEPLOYER_SOCKET])
+    app = app_for(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
+    gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
+    return app
