@@ -1,4 +1,4 @@
-"""The deployment engine's guarantees (issue 4) through the real Swarm backend.
+"""The deployer's guarantees (issue 4) through the real Swarm backend.
 
 tests/test_lifecycle.py and tests/test_durability.py pin ?wait, Idempotency-Key, coalescing and
 crash safety against the scripted test backend; here the same guarantees run against services on
@@ -49,7 +49,7 @@ def wait_post(harness: Harness, token: str, body: object, **kwargs: Any) -> Any:
 
 
 def count_deploys(harness: Harness) -> list[str]:
-    """The deployment id of every call the engine makes to the swarm backend's deploy."""
+    """The deployment id of every call the deployer makes to the swarm backend's deploy."""
     backend = harness.instance.backends["swarm"]
     calls: list[str] = []
     real: Callable[..., Any] = backend.deploy
@@ -58,7 +58,7 @@ def count_deploys(harness: Harness) -> list[str]:
         calls.append(deployment_id)
         return real(target, image_tag=image_tag, deployment_id=deployment_id)
 
-    backend.deploy = deploy  # the engine looks the method up on every call
+    backend.deploy = deploy  # the deployer looks the method up on every call
     return calls
 
 
@@ -290,7 +290,7 @@ def test_a_server_killed_mid_rollout_loses_nothing_and_runs_each_swarm_job_once(
             push(name, {"imageTag": tags[n]})
         if n < runs:
             push("migrate", job_body(NAME=f"run{n}"))
-    server.stop(signal.SIGKILL)  # the server and its engine process, at once
+    server.stop(signal.SIGKILL)  # the server and its deployer process, at once
 
     instance = open_instance(config, plugin_modules=[])
     try:  # what the killed server left unfinished
