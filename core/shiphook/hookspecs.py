@@ -1,7 +1,9 @@
-"""The shiphook plugin API: every hook a plugin can implement, each documented here.
+"""The shiphook plugin API: every plugin hook a plugin can implement, each documented here.
+
+("Plugin hooks" are pluggy's; a "hook" alone is a deploy hook, a token and its target.)
 
 A plugin is a module or object with functions decorated by `shiphook.hookimpl` whose names match
-the hooks below. Packages expose plugins through the `shiphook` entry-point group::
+the plugin hooks below. Packages expose plugins through the `shiphook` entry-point group::
 
     [project.entry-points.shiphook]
     ecs = "shiphook_ecs"
