@@ -17,13 +17,9 @@ would warn about that.
 from __future__ import annotations
 
 import contextlib
-import http.client
-import http.server
 import json
 import os
 import shutil
-import socket
-import socketserver
 import tempfile
 import threading
 import time
@@ -39,6 +35,7 @@ import docker.types
 import pytest
 from conftest import write_config
 from dockerd import APP, JOB, PrivateDockerd, build_test_images, unavailable_reason
+from http_proxy import Answer, FaultProxy, UnixConnection, UnixServer
 
 T = TypeVar("T")
 SECOND = 1_000_000_000  # Swarm durations are nanoseconds
@@ -239,54 +236,19 @@ NOT_A_MANAGER_BODY = (
 SWARM_PATHS = ("/services", "/tasks", "/swarm", "/nodes")
 
 
-class NotAManagerProxy:
+class NotAManagerProxy(FaultProxy):
     """A unix-socket HTTP proxy in front of the engine that answers swarm calls with dockerd's
     "not a swarm manager" 503, as often as `answer_not_a_manager` says, and relays the rest."""
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
         self.root = Path(tempfile.mkdtemp(prefix="shp-", dir="/tmp"))  # short: a socket path
         self.answered = 0  # 503s given so far
         self._left: float = 0
         self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as the engine's own API
-
-            def handle_one_request(self) -> None:
-                self.raw_requestline = self.rfile.readline(65537)
-                if not self.raw_requestline or not self.parse_request():
-                    self.close_connection = True
-                    return
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy._fails(self.path):
-                    status, headers, answer = (
-                        503,
-                        [("Content-Type", "application/json")],
-                        (NOT_A_MANAGER_BODY),
-                    )
-                else:
-                    status, headers, answer = proxy._relay(
-                        self.command, self.path, self.headers, body
-                    )
-                self.send_response(status)
-                for key, value in headers:
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-                self.wfile.flush()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(socketserver.ThreadingUnixStreamServer):
-            daemon_threads = True
-            block_on_close = False
-
-        self._server = Server(str(self.socket), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        super().__init__(
+            lambda handler: UnixServer(str(self.socket), handler),
+            lambda: UnixConnection(upstream.removeprefix("unix://")),
+        )
 
     @property
     def socket(self) -> Path:
@@ -301,46 +263,17 @@ class NotAManagerProxy:
         with self._lock:
             self._left = times
 
-    def _fails(self, path: str) -> bool:
+    def fault(self, method: str, path: str) -> Answer | None:
         with self._lock:
             if self._left <= 0 or not any(p in path for p in SWARM_PATHS):
-                return False
+                return None
             self._left -= 1
             self.answered += 1
-            return True
-
-    def _relay(
-        self, method: str, path: str, headers: Any, body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        connection = _UnixConnection(self.upstream.removeprefix("unix://"))
-        try:
-            sent = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-            connection.request(method, path, body=body or None, headers=sent)
-            answer = connection.getresponse()
-            data = answer.read()  # de-chunked: sent back with a Content-Length
-            kept = [(k, v) for k, v in answer.getheaders() if k.lower() not in HOP_BY_HOP]
-            return answer.status, kept, data
-        finally:
-            connection.close()
+            return Answer(503, NOT_A_MANAGER_BODY, (("Content-Type", "application/json"),))
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().close()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length")
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=30)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ ReplicaSets, ControllerRevisions, pods, Jobs.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ import kubernetes.client as k8s
 import pytest
 import yaml
 from conftest import ADMIN_TOKEN, ROOT, Harness, run_cli, write_config
+from http_proxy import Cut
+from k8s.api_proxy import TOO_MANY_REQUESTS, ApiServerProxy, Step, status
 from shiphook.instance import open_instance
 from shiphook_kubernetes.backend import (
     ANNOTATION_DEPLOYMENT,
@@ -720,6 +723,106 @@ def test_api_errors_are_the_apis_own_message_and_permanent_or_transient_by_statu
         f"backend k8s (kubernetes): UNREACHABLE: Unauthorized: the API server of {stranger} does "
         "not accept the credentials"
     ) in checked.stdout, checked.stdout
+
+
+@pytest.fixture
+def api_proxy(kube_cluster) -> Iterator[ApiServerProxy]:
+    proxy = ApiServerProxy(kube_cluster)
+    yield proxy
+    proxy.close()
+
+
+def retries(deployment: dict) -> list[str]:
+    """The retries the deployment's history records, without their random delays."""
+    return [
+        re.sub(r"^retry (\d+) in [\d.]+ s: ", r"\1: ", event["message"])
+        for event in deployment["history"]
+        if event["message"].startswith("retry ")
+    ]
+
+
+def test_429_5xx_and_lost_connections_are_retried_and_the_rollout_succeeds(
+    kube, api_proxy, harness_factory, tmp_path
+):
+    """The API server, through a proxy, answers the deploy's patch 429 (its in-flight limit),
+    then takes the patch and loses the answer with the connection; then answers the rollout's
+    reads 429, 503 and 500 with its own Status, and drops one."""
+    kube.deployment("web")
+    path = f"/apis/apps/v1/namespaces/{kube.namespace}/deployments/web"
+    kubeconfig = api_proxy.kubeconfig(tmp_path / "proxied.kubeconfig", kube.namespace)
+    web = target("web", "app", deployment="web", retry_budget=120)
+    harness = harness_factory(kube_config(tmp_path, kube, web, kubeconfig=kubeconfig))
+    api_proxy.script(
+        Step("PATCH", path, TOO_MANY_REQUESTS),
+        Step("PATCH", path, Cut.AFTER),
+        Step("GET", path, None),  # the deploy again: it finds the rollout its patch started
+        # the watch cache's answer while it initializes (k8s.io/apiserver storage/cacher)
+        Step("GET", path, status(429, "TooManyRequests", "storage is (re)initializing",
+                                 {"retryAfterSeconds": 1}, retry_after=1)),
+        # a graceful stop of the API server (k8s.io/apiserver server/filters/waitgroup.go)
+        Step("GET", path, status(503, "ServiceUnavailable", "apiserver is shutting down",
+                                 retry_after=1)),
+        # an error of etcd the API server passes on (responsewriters.ErrorToAPIStatus)
+        Step("GET", path, status(500, "", "etcdserver: request timed out")),
+        Step("GET", path, Cut.BEFORE),
+    )  # fmt: skip
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    assert deployment["message"] == "deployment web successfully rolled out"
+    assert api_proxy.steps_left == []
+    lost = (
+        f"cannot reach the API server of {kubeconfig}: ('Connection aborted.', "
+        "RemoteDisconnected('Remote end closed connection without response'))"
+    )
+    assert retries(deployment) == [
+        "1: 429 Too Many Requests: Too many requests, please try again later.",
+        f"2: {lost}",
+        "1: storage is (re)initializing",
+        "2: apiserver is shutting down",
+        "3: etcdserver: request timed out",
+        f"4: {lost}",
+    ]
+    # one patch reached the API server, and the deploy repeated after its lost answer followed
+    # that rollout instead of taking the image it found for one already there
+    assert api_proxy.met("PATCH", path) == ["429", "cut after"]
+    found = kube.read("deployment", "web")
+    assert found["metadata"]["generation"] == 2
+    assert found["metadata"]["annotations"][ANNOTATION_DEPLOYMENT] == deployment["id"]
+    assert deployment["backendRef"]["updated"] is True
+    assert kube.pod_images("web") == [f"{APP}:v2"] * 2
+
+
+@pytest.mark.parametrize(
+    "code, reason, message",
+    [
+        (401, "Unauthorized", "Unauthorized"),
+        (403, "Forbidden", 'deployments.apps "web" is forbidden: User "admin" cannot patch '
+                           'resource "deployments" in API group "apps" in the namespace "{ns}"'),
+        (404, "NotFound", 'deployments.apps "web" not found'),
+        (422, "Invalid", 'Deployment.apps "web" is invalid: spec.template.spec.containers[0].'
+                         "image: Required value"),
+    ],
+)  # fmt: skip
+def test_401_403_404_and_422_fail_at_once_with_the_apis_message(
+    kube, api_proxy, harness_factory, tmp_path, code, reason, message
+):
+    kube.deployment("web")
+    path = f"/apis/apps/v1/namespaces/{kube.namespace}/deployments/web"
+    kubeconfig = api_proxy.kubeconfig(tmp_path / "proxied.kubeconfig", kube.namespace)
+    # with a long budget, an answer taken for transient would be retried, and the retry pass
+    web = target("web", "app", deployment="web", retry_budget=600)
+    harness = harness_factory(kube_config(tmp_path, kube, web, kubeconfig=kubeconfig))
+    message = message.format(ns=kube.namespace)
+    api_proxy.script(Step("PATCH", path, status(code, reason, message)))
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "v2"}), 60)
+    assert deployment["status"] == "failed", deployment
+    if code == 401:
+        message += f": the API server of {kubeconfig} does not accept the credentials"
+    assert deployment["message"] == message
+    assert retries(deployment) == []
+    assert api_proxy.met("PATCH", path) == [str(code)]
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
 
 
 # -- RBAC ---------------------------------------------------------------------------------------

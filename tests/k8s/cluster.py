@@ -99,6 +99,11 @@ class ControlPlane:
         return self.root / "ca.pem"
 
     @property
+    def serving_cert(self) -> tuple[Path, Path]:
+        """The API server's certificate (for 127.0.0.1, signed by `ca`) and its key."""
+        return self.root / "apiserver.pem", self.root / "apiserver-key.pem"
+
+    @property
     def kubeconfig(self) -> Path:
         """The admin's kubeconfig (group system:masters)."""
         return self.root / "admin.kubeconfig"
@@ -159,15 +164,21 @@ class ControlPlane:
         # defaults ("playStageParallelism must be greater than 0"); the options go as flags
         (self.root / "kwok.yaml").write_text("".join(f"---\n{t.strip()}\n" for t in stages))
 
-    def write_kubeconfig(self, path: Path, token: str, namespace: str = "default") -> Path:
-        """A kubeconfig for this cluster that authenticates with `token`."""
+    def write_kubeconfig(
+        self, path: Path, token: str, namespace: str = "default", server: str | None = None
+    ) -> Path:
+        """A kubeconfig for this cluster that authenticates with `token`; at `server` (a proxy
+        in front of the API server, with its serving certificate) instead of the API server."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {
                     "name": "test",
-                    "cluster": {"server": self.server, "certificate-authority": str(self.ca)},
+                    "cluster": {
+                        "server": server or self.server,
+                        "certificate-authority": str(self.ca),
+                    },
                 }
             ],
             "users": [{"name": "user", "user": {"token": token}}],

@@ -859,14 +859,20 @@ def _merge_env(base: list[dict[str, Any]], overrides: dict[str, str]) -> list[di
 
 
 def _status_of(exc: ApiException) -> tuple[str, str]:
-    """The metav1.Status message and reason of an error answer."""
+    """The metav1.Status message and reason of an error answer; for an answer that is no Status
+    (the API server's in-flight limit answers 429 in plain text), the status line and the first
+    line of the text."""
     try:
         status = json.loads(exc.body or "")
     except ValueError:
         status = None
     if isinstance(status, dict) and status.get("message"):
         return str(status["message"]), str(status.get("reason") or "")
-    return f"{exc.status} {exc.reason}", str(exc.reason or "")
+    message = f"{exc.status} {exc.reason}"
+    lines = exc.body.strip().splitlines() if isinstance(exc.body, str) else []
+    if lines:
+        message += f": {lines[0][:200]}"
+    return message, str(exc.reason or "")
 
 
 def _read(path: Path) -> str | None:
