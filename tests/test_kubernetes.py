@@ -30,6 +30,7 @@ from shiphook_kubernetes.backend import (
     ANNOTATION_DEPLOYMENT,
     INSTANTIATE,
     NEEDED,
+    TARGET_NEEDS,
     WORKLOADS,
     ApiError,
     job_name,
@@ -868,22 +869,31 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
     assert run["status"] == "succeeded", run
 
 
-def test_a_role_without_patch_fails_with_the_apis_403_and_check_names_it(
+def test_a_role_without_patch_or_create_fails_at_once_and_check_names_what_is_missing(
     kube, harness_factory, tmp_path
 ):
+    """A rollout is preceded by the review of what its target needs, so nothing is changed; a
+    job run is not, and meets the API server's own 403."""
     kube.deployment("web")
+    cronjob = kube.cronjob()
     rules = [dict(rule) for rule in README_RULES]
-    rules[0]["verbs"] = ["get"]  # no patch of deployments, statefulsets, daemonsets
+    for rule in rules:
+        if "deployments" in rule["resources"] or "jobs" in rule["resources"]:
+            rule["verbs"] = ["get"]  # no patch of the workloads, no create of Jobs
     kube.service_account("reader", rules)
     kubeconfig = as_service_account(kube, tmp_path, "reader")
     config = kube_config(
-        tmp_path, kube, target("web", "app", deployment="web"), kubeconfig=kubeconfig
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web"),
+        target("migrate", "job", cronjob=cronjob),
+        kubeconfig=kubeconfig,
     )
     checked = run_cli("check", config=config, env=serve_env(), check=False)
     assert checked.returncode == 1
     assert (
         "the credentials may not patch deployments.apps, patch statefulsets.apps, "
-        f"patch daemonsets.apps in namespace {kube.namespace}"
+        f"patch daemonsets.apps, create jobs.batch in namespace {kube.namespace}"
     ) in checked.stdout, checked.stdout
 
     harness = harness_factory(config)
@@ -892,11 +902,84 @@ def test_a_role_without_patch_fails_with_the_apis_403_and_check_names_it(
     deployment = result.json["deployment"]
     assert deployment["status"] == "failed"
     assert deployment["message"] == (
-        f'deployments.apps "web" is forbidden: User "system:serviceaccount:{kube.namespace}:'
-        f'reader" cannot patch resource "deployments" in API group "apps" in the namespace '
-        f'"{kube.namespace}"'
+        f"the credentials may not patch deployments.apps in namespace {kube.namespace}, which "
+        "target web needs (README.md, Kubernetes: the Role shiphook needs)"
     )
     assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
+
+    run = wait_post(harness, harness.new_hook("migrate"), run_body(MODE="x")).json["deployment"]
+    assert run["status"] == "failed"
+    assert run["message"] == (
+        f'jobs.batch is forbidden: User "system:serviceaccount:{kube.namespace}:reader" cannot '
+        f'create resource "jobs" in API group "batch" in the namespace "{kube.namespace}"'
+    )
+    assert kube.jobs() == []
+
+
+def test_check_reviews_each_targets_own_namespace_and_names_what_is_missing_there(
+    kube, harness_factory, tmp_path
+):
+    """The README's Role is bound in the backend's namespace only. In a second one the
+    ServiceAccount may get and patch Deployments and list pods, but not list ReplicaSets, which
+    a rollback needs; in a third it may do nothing."""
+    kube.deployment("web")
+    kube.service_account("shiphook", README_RULES)
+    patcher = [
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    ]
+    second, third = kube.cluster.new_namespace("second"), kube.cluster.new_namespace("third")
+    try:
+        for namespace in (second, third):
+            body = workload("web", f"{APP}:v1", replicas=1)
+            kube.apps.create_namespaced_deployment(namespace, body)
+        kube.rbac.create_namespaced_role(second, {"metadata": {"name": "p"}, "rules": patcher})
+        kube.rbac.create_namespaced_role_binding(
+            second,
+            {
+                "metadata": {"name": "p"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "p"},
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": "shiphook", "namespace": kube.namespace}
+                ],
+            },
+        )
+        config = kube_config(
+            tmp_path,
+            kube,
+            target("web", "app", deployment="web"),
+            target("second", "app", deployment="web", namespace=second),
+            target("leave", "app", deployment="web", namespace=second, on_failure="leave"),
+            target("third", "app", deployment="web", namespace=third),
+            kubeconfig=as_service_account(kube, tmp_path, "shiphook"),
+        )
+        checked = run_cli("check", config=config, env=serve_env(), check=False)
+        assert checked.returncode == 1
+        role = "(README.md, Kubernetes: the Role shiphook needs)"
+        lines = checked.stdout.splitlines()
+        assert lines[3:] == [
+            f"target web (app): found, running {APP}:v1",
+            f"target second (app): NOT USABLE: the credentials may not list replicasets.apps in "
+            f"namespace {second}, which target second needs {role}",
+            f"target leave (app): found, running {APP}:v1",  # it will not roll back
+            f"target third (app): NOT USABLE: the credentials may not get deployments.apps, "
+            f"patch deployments.apps, list pods, list replicasets.apps in namespace {third}, "
+            f"which target third needs {role}",
+        ], checked.stdout
+        assert lines[2].endswith(f"namespace {kube.namespace}: may do all the backend needs")
+
+        # a rollout that could not be rolled back is not started; one that need not be, is
+        harness = harness_factory(config)
+        failed = wait_post(harness, harness.new_hook("second"), {"imageTag": "v2"})
+        assert failed.json["deployment"]["message"] == (
+            f"the credentials may not list replicasets.apps in namespace {second}, which target "
+            f"second needs {role}"
+        )
+        left = wait_post(harness, harness.new_hook("leave"), {"imageTag": "v2"})
+        assert left.json["deployment"]["status"] == "succeeded", left.text
+    finally:
+        for namespace in (second, third):
+            kube.core.delete_namespace(namespace)
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -1124,6 +1207,8 @@ def test_the_readmes_role_grants_exactly_what_check_asks_for():
         for verb in rule["verbs"]
     }
     assert granted == set(NEEDED)
+    # and a target's review asks for nothing else
+    assert {need for lists in TARGET_NEEDS.values() for n in lists for need in n} == set(NEEDED)
 
 
 def test_the_example_config_loads(tmp_path, monkeypatch):

@@ -60,8 +60,9 @@ STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 PODS_NAMED = 3  # failing pods whose reasons go into a message
 
-# What the backend does with its credentials: (verb, API group, resource). check() asks the API
-# server about each (SelfSubjectAccessReview); README.md's Role grants exactly these.
+# What the backend does with its credentials: (verb, API group, resource). README.md's Role
+# grants exactly these; check() asks the API server about each (SelfSubjectAccessReview) in the
+# backend's namespace.
 NEEDED = [
     ("get", "apps", "deployments"),
     ("patch", "apps", "deployments"),
@@ -77,6 +78,31 @@ NEEDED = [
     ("get", "batch", "jobs"),
     ("create", "batch", "jobs"),
 ]
+# What a deploy to one target (and the rollout, run or rollback that follows) needs, by the key
+# naming its workload; describe() asks about these in the target's own namespace. The second
+# list is what only a rollback needs, not asked of a target with on_failure = "leave".
+TARGET_NEEDS = {
+    "deployment": (
+        [("get", "apps", "deployments"), ("patch", "apps", "deployments"), ("list", "", "pods")],
+        [("list", "apps", "replicasets")],
+    ),
+    "statefulset": (
+        [("get", "apps", "statefulsets"), ("patch", "apps", "statefulsets"),
+         ("list", "apps", "controllerrevisions"), ("list", "", "pods")],
+        [("delete", "", "pods")],
+    ),
+    "daemonset": (
+        [("get", "apps", "daemonsets"), ("patch", "apps", "daemonsets"),
+         ("list", "apps", "controllerrevisions"), ("list", "", "pods")],
+        [],
+    ),
+    "cronjob": (
+        [("get", "batch", "cronjobs"), ("create", "batch", "jobs"), ("get", "batch", "jobs"),
+         ("list", "", "pods")],
+        [],
+    ),
+}  # fmt: skip
+ROLE = "README.md, Kubernetes: the Role shiphook needs"
 
 
 @dataclass(frozen=True)
@@ -285,10 +311,19 @@ class KubernetesBackend(Backend):
     def check(self) -> str:
         client = self.client
         version = self._call(kubernetes.client.VersionApi(client.api).get_code)
-        authorization = kubernetes.client.AuthorizationV1Api(client.api)
+        server = f"Kubernetes {version.get('gitVersion', '?')} at {client.api.configuration.host}"
         namespace = client.namespace
+        missing = self._missing(namespace, NEEDED)
+        if missing:
+            raise BackendError(f"{server}: {_may_not(missing, namespace)}")
+        return f"{server}, namespace {namespace}: may do all the backend needs"
+
+    def _missing(self, namespace: str, needs: list[tuple[str, str, str]]) -> list[str]:
+        """Which of `needs` the credentials may not do in `namespace`, as the API server's
+        authorizer answers a SelfSubjectAccessReview of each."""
+        authorization = kubernetes.client.AuthorizationV1Api(self.client.api)
         missing = []
-        for verb, group, resource in NEEDED:
+        for verb, group, resource in needs:
             review = {
                 "apiVersion": "authorization.k8s.io/v1",
                 "kind": "SelfSubjectAccessReview",
@@ -302,17 +337,24 @@ class KubernetesBackend(Backend):
             answer = self._call(authorization.create_self_subject_access_review, review)
             if not (answer.get("status") or {}).get("allowed"):
                 missing.append(f"{verb} {resource}{'.' + group if group else ''}")
-        server = f"Kubernetes {version.get('gitVersion', '?')} at {client.api.configuration.host}"
+        return missing
+
+    def _review(self, target: Target, key: str, namespace: str) -> None:
+        """Fail, naming what is missing, unless the credentials may do in the target's
+        namespace all that a deploy to it (and its rollback) needs: before a rollout changes
+        anything, and in `shiphook check` for each target."""
+        needs, for_rollback = TARGET_NEEDS[key]
+        if target.on_failure == "rollback":
+            needs = needs + for_rollback
+        missing = self._missing(namespace, needs)
         if missing:
-            raise BackendError(
-                f"{server}: the credentials may not {', '.join(missing)} in namespace "
-                f"{namespace} (README.md, Kubernetes: the Role shiphook needs)"
-            )
-        return f"{server}, namespace {namespace}: may do all the backend needs"
+            raise BackendError(_may_not(missing, namespace, f"target {target.name}"))
 
     def describe(self, target: Target) -> TargetState:
         namespace = self._namespace(target)
         if target.kind == "job":
+            if target.options.cronjob is not None:  # else _cronjob says what the kind needs
+                self._review(target, "cronjob", namespace)
             cronjob = self._cronjob(target, namespace)
             template = cronjob["spec"]["jobTemplate"]["spec"]["template"]
             container = _container(target, template, f"cronjob {target.options.cronjob}")
@@ -321,6 +363,7 @@ class KubernetesBackend(Backend):
                 detail=f"cronjob {target.options.cronjob} in namespace {namespace}",
             )
         workload, name = self._workload_of(target)
+        self._review(target, workload.key, namespace)
         found = self._read(workload, namespace, name)
         container = _container(target, found["spec"]["template"], f"{workload.key} {name}")
         detail = f"{workload.key} {name} in namespace {namespace}"
@@ -856,6 +899,13 @@ def _merge_env(base: list[dict[str, Any]], overrides: dict[str, str]) -> list[di
         merged.append({"name": name, "value": left.pop(name)} if name in left else entry)
     merged.extend({"name": name, "value": value} for name, value in left.items())
     return merged
+
+
+def _may_not(missing: list[str], namespace: str, needed_by: str | None = None) -> str:
+    text = f"the credentials may not {', '.join(missing)} in namespace {namespace}"
+    if needed_by:
+        text += f", which {needed_by} needs"
+    return f"{text} ({ROLE})"
 
 
 def _status_of(exc: ApiException) -> tuple[str, str]:
