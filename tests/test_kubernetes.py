@@ -426,6 +426,60 @@ def test_a_deploy_repeated_after_a_crash_follows_the_first_rollout(kube, harness
     assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
 
 
+PAUSED = (
+    "deployment web is paused: its controller rolls out no change until it is resumed "
+    "(kubectl rollout resume deployment/web)"
+)
+
+
+def test_a_deploy_to_a_paused_deployment_fails_at_once_and_changes_nothing(
+    kube, harness_factory, tmp_path
+):
+    """The controller makes no rollout of a paused Deployment (kubectl rollout status would wait
+    for one until its timeout): nothing is patched, and the deploy says to resume it."""
+    kube.deployment("web")
+    kube.apps.patch_namespaced_deployment("web", kube.namespace, {"spec": {"paused": True}})
+    generation = kube.read("deployment", "web")["metadata"]["generation"]
+    web = target("web", "app", deployment="web", rollout_timeout=20)
+    harness = harness_factory(kube_config(tmp_path, kube, web))
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.status_code == 502, result.text
+    deployment = result.json["deployment"]
+    assert deployment["status"] == "failed"
+    assert deployment["message"] == (
+        f"{PAUSED}; shiphook changed nothing: resume it and deploy again"
+    )
+    found = kube.read("deployment", "web")
+    assert found["metadata"]["generation"] == generation
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
+
+
+def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(
+    kube, harness_factory, tmp_path
+):
+    """Paused mid-rollout, the rollout fails at once; the rollback is refused as `kubectl
+    rollout undo` refuses it (k8s.io/kubectl/pkg/polymorphichelpers/rollback.go)."""
+    kube.deployment("web")  # the default progress deadline: 600 s, no end of its own
+    web = target("web", "app", deployment="web", rollout_timeout=60)
+    harness = harness_factory(kube_config(tmp_path, kube, web))
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "broken"})
+    wait_until(
+        lambda: "ImagePullBackOff" in harness.instance.deployments.get(deployment_id).message,
+        what="the rollout's failing pod",
+    )
+    kube.apps.patch_namespaced_deployment("web", kube.namespace, {"spec": {"paused": True}})
+    deployment = harness.wait_for(deployment_id, timeout=90)
+    assert deployment["status"] == "failed", deployment
+    message = deployment["message"]
+    assert message.startswith(f"{PAUSED}; pod web-"), message  # and why its pods do not run:
+    assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in message
+    assert message.endswith(
+        "; rollback failed: you cannot rollback a paused deployment; resume it first with "
+        "'kubectl rollout resume' and try again"
+    )
+    assert kube.images("deployment", "web") == {"app": f"{APP}:broken"}
+
+
 def test_in_cluster_the_pods_serviceaccount_and_namespace_are_used(
     kube, harness_factory, tmp_path, monkeypatch
 ):

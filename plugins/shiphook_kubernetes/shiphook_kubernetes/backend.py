@@ -104,6 +104,12 @@ TARGET_NEEDS = {
 }  # fmt: skip
 ROLE = "README.md, Kubernetes: the Role shiphook needs"
 
+# kubectl's own words (rollback.go); the controller rolls out nothing while a Deployment is paused
+PAUSED_UNDO = (
+    "you cannot rollback a paused deployment; resume it first with 'kubectl rollout resume' and "
+    "try again"
+)
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -431,6 +437,10 @@ class KubernetesBackend(Backend):
                 }
             if current == wanted:
                 return ref | {"updated": False, "previous_image": current}
+            if found["spec"].get("paused"):
+                raise BackendError(
+                    f"{_paused(name)}; shiphook changed nothing: resume it and deploy again"
+                )
             previous = self._current_revision(workload, found)
             patch = {
                 "metadata": {
@@ -501,6 +511,8 @@ class KubernetesBackend(Backend):
         what = f"{workload.key} {name}"
         for _attempt in range(PATCH_ATTEMPTS):
             found = self._read(workload, namespace, name)
+            if found["spec"].get("paused"):
+                raise BackendError(PAUSED_UNDO)
             current = _named_image(found, ref["container"])
             if current == restore:  # an earlier call rolled it back already
                 self._delete_stuck_pods(workload, found, ref)
@@ -711,6 +723,10 @@ class KubernetesBackend(Backend):
 
 def _deployment_status(d: dict[str, Any]) -> tuple[str, str]:
     name, spec, status = d["metadata"]["name"], d["spec"], d.get("status") or {}
+    if spec.get("paused"):
+        # kubectl rollout status would wait here until its own timeout; the controller makes no
+        # new ReplicaSet for a paused Deployment, so nothing would come of waiting
+        return "failed", _paused(name)
     if d["metadata"].get("generation", 0) > status.get("observedGeneration", 0):
         return "running", "waiting for the deployment spec update to be observed"
     patched = _patched_at(d)
@@ -796,6 +812,13 @@ ROLLOUT_STATUS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _paused(name: str) -> str:
+    return (
+        f"deployment {name} is paused: its controller rolls out no change until it is resumed "
+        f"(kubectl rollout resume deployment/{name})"
+    )
 
 
 def _patched_at(found: dict[str, Any]) -> str | None:
