@@ -480,6 +480,53 @@ def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(
     assert kube.images("deployment", "web") == {"app": f"{APP}:broken"}
 
 
+def test_a_rollback_brings_back_the_replicasets_annotations_as_kubectl_rollout_undo_does(
+    kube, harness_factory, tmp_path
+):
+    """`kubectl rollout undo` sets the Deployment's annotations to the ReplicaSet's it returns
+    to, but for those the Deployment keeps (its revision, kubectl apply's last configuration);
+    so `kubectl rollout history` shows the change-cause of what runs again."""
+    kube.deployment("web", progressDeadlineSeconds=3)
+    applied = json.dumps({"kind": "Deployment", "metadata": {"name": "web"}})  # kubectl apply's
+    last_applied = {"kubectl.kubernetes.io/last-applied-configuration": applied}
+    annotate = kube.apps.patch_namespaced_deployment
+    annotate("web", kube.namespace, {"metadata": {"annotations": last_applied}})
+    harness = harness_factory(kube_config(tmp_path, kube, target("web", "app", deployment="web")))
+    token = harness.new_hook("web")
+    first = wait_post(harness, token, {"imageTag": "v2"}).json["deployment"]
+    assert first["status"] == "succeeded", first
+
+    def current_set() -> dict:
+        [current] = [s for s in kube.apps.list_namespaced_replica_set(kube.namespace).items
+                     if s.spec.template.spec.containers[0].image == f"{APP}:v2"]  # fmt: skip
+        return current.metadata.annotations
+
+    cause = {"kubernetes.io/change-cause": "v2 for the spring release"}
+    annotate("web", kube.namespace, {"metadata": {"annotations": cause}})
+    wait_until(lambda: current_set().get("kubernetes.io/change-cause"), what="the set's cause")
+    v2_set = current_set()
+
+    broken_id = harness.deploy(token, {"imageTag": "broken"})
+    wait_until(lambda: kube.images("deployment", "web") == {"app": f"{APP}:broken"})
+    cause = {"kubernetes.io/change-cause": "the broken one"}
+    annotate("web", kube.namespace, {"metadata": {"annotations": cause}})
+    broken = harness.wait_for(broken_id, timeout=90)
+    assert broken["status"] == "rolled_back", broken
+
+    annotations = kube.read("deployment", "web")["metadata"]["annotations"]
+    # the v2 ReplicaSet's: its change-cause and shiphook's record of the deploy that made it
+    assert annotations["kubernetes.io/change-cause"] == "v2 for the spring release"
+    assert annotations[ANNOTATION_DEPLOYMENT] == first["id"]
+    assert annotations["shiphook.io/previous-image"] == f"{APP}:v1"
+    # the Deployment's own, kept
+    assert annotations["kubectl.kubernetes.io/last-applied-configuration"] == applied
+    assert "deployment.kubernetes.io/desired-replicas" in v2_set
+    assert "deployment.kubernetes.io/desired-replicas" not in annotations
+    revision = int(v2_set["deployment.kubernetes.io/revision"])
+    wait_until(lambda: kube.read("deployment", "web")["metadata"]["annotations"][
+        "deployment.kubernetes.io/revision"] == str(revision + 2))  # fmt: skip
+
+
 def test_in_cluster_the_pods_serviceaccount_and_namespace_are_used(
     kube, harness_factory, tmp_path, monkeypatch
 ):

@@ -104,6 +104,18 @@ TARGET_NEEDS = {
 }  # fmt: skip
 ROLE = "README.md, Kubernetes: the Role shiphook needs"
 
+# The annotations `kubectl rollout undo` keeps on the Deployment instead of copying them from the
+# ReplicaSet it returns to (k8s.io/kubectl/pkg/polymorphichelpers/rollback.go, annotationsToSkip).
+UNDO_KEEPS = frozenset(
+    {
+        "kubectl.kubernetes.io/last-applied-configuration",
+        REVISION,
+        "deployment.kubernetes.io/revision-history",
+        "deployment.kubernetes.io/desired-replicas",
+        "deployment.kubernetes.io/max-replicas",
+        "deprecated.deployment.rollback.to",
+    }
+)
 # kubectl's own words (rollback.go); the controller rolls out nothing while a Deployment is paused
 PAUSED_UNDO = (
     "you cannot rollback a paused deployment; resume it first with 'kubectl rollout resume' and "
@@ -581,9 +593,19 @@ class KubernetesBackend(Backend):
             template = chosen[0]["spec"]["template"]
             # the controller adds the hash label to each ReplicaSet's template, not the Deployment's
             (template.get("metadata") or {}).get("labels", {}).pop("pod-template-hash", None)
+            # the ReplicaSet's annotations come back too (kubectl's getDeploymentPatch), but
+            # those the Deployment keeps for itself
+            kept = found["metadata"].get("annotations") or {}
+            annotations = {k: v for k, v in kept.items() if k in UNDO_KEEPS} | {
+                k: v
+                for k, v in (chosen[0]["metadata"].get("annotations") or {}).items()
+                if k not in UNDO_KEEPS
+            }
             return [
                 {"op": "replace", "path": "/metadata/resourceVersion", "value": version},
                 {"op": "replace", "path": "/spec/template", "value": template},
+                # "add" sets the member whether or not the Deployment has annotations yet
+                {"op": "add", "path": "/metadata/annotations", "value": annotations},
             ], JSON_PATCH
         revisions = self._owned(self.client.apps.list_namespaced_controller_revision, found, uid)
         chosen = [r for r in revisions if r["metadata"]["name"] == revision]
