@@ -1,4 +1,4 @@
-"""The Kubernetes backend (plugins/shiphook_kubernetes) through the real shiphook engine, the real
+"""The Kubernetes backend (plugins/shiphook_kubernetes) through the real shiphook deployer, the real
 client and a real control plane (tests/k8s: Kubernetes' own controllers, kwok as the kubelet).
 
 Every test works in a fresh namespace; a failure is declared by the image tag deployed (`:broken`
@@ -384,7 +384,7 @@ def test_a_concurrent_edit_answered_409_is_read_again_and_retried(kube, harness_
 
 
 def test_a_deploy_repeated_after_a_crash_follows_the_first_rollout(kube, harness_factory, tmp_path):
-    """The engine thread dies right after the patch, before it stored the reference; the engine
+    """The deployer thread dies right after the patch, before it stored the reference; the deployer
     calls deploy again for the same deployment, which finds its own rollout by the annotation
     (no second patch) and rolls it back to what ran before the first call."""
     kube.deployment("web", progressDeadlineSeconds=3)
@@ -392,7 +392,7 @@ def test_a_deploy_repeated_after_a_crash_follows_the_first_rollout(kube, harness
         tmp_path,
         kube,
         target("web", "app", deployment="web"),
-        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+        extra="[deployer]\nlease_seconds = 2\nscan_interval = 0.2\n",
     )
     harness = harness_factory(config)
     backend = harness.instance.backends["k8s"]
@@ -401,7 +401,7 @@ def test_a_deploy_repeated_after_a_crash_follows_the_first_rollout(kube, harness
     patches: list[dict] = []
 
     class Crash(BaseException):
-        """The engine's process dies here (what no `except Exception` catches)."""
+        """The deployer's process dies here (what no `except Exception` catches)."""
 
     def crashing(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs["deployment_id"])
@@ -705,15 +705,15 @@ def test_a_run_whose_overrides_make_it_exit_3_fails_with_exit_code_3(
 
 
 def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_path):
-    """The engine thread dies after the Job was created, before it stored the reference; when
-    the lease has expired the engine calls run_job again for the same deployment: 409
+    """The deployer thread dies after the Job was created, before it stored the reference; when
+    the lease has expired the deployer calls run_job again for the same deployment: 409
     AlreadyExists, and the Job is read instead of made twice."""
     cronjob = kube.cronjob()
     config = kube_config(
         tmp_path,
         kube,
         target("migrate", "job", cronjob=cronjob),
-        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+        extra="[deployer]\nlease_seconds = 2\nscan_interval = 0.2\n",
     )
     harness = harness_factory(config)
     backend = harness.instance.backends["k8s"]
@@ -721,7 +721,7 @@ def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_p
     calls: list[str] = []
 
     class Crash(BaseException):
-        """The engine's process dies here (what no `except Exception` catches)."""
+        """The deployer's process dies here (what no `except Exception` catches)."""
 
     def crashing(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs["deployment_id"])
@@ -730,7 +730,7 @@ def test_a_run_repeated_after_a_crash_finds_its_job(kube, harness_factory, tmp_p
             raise Crash
         return ref
 
-    backend.run_job = crashing  # the engine looks the method up on every call
+    backend.run_job = crashing  # the deployer looks the method up on every call
     deployment_id = harness.deploy(harness.new_hook("migrate"), run_body(MODE="once"))
     run = harness.wait_for(deployment_id, timeout=90)
     assert run["status"] == "succeeded", run
@@ -749,7 +749,7 @@ def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, 
         tmp_path,
         kube,
         target("migrate", "job", cronjob=cronjob),
-        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+        extra="[deployer]\nlease_seconds = 2\nscan_interval = 0.2\n",
     )
     server = serve(config, env=serve_env(), name="first")
     token = create_hook_cli(config, "migrate")
@@ -761,7 +761,7 @@ def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, 
     deployment_id = json.loads(answer)["deployment"]["id"]
     name = job_name(cronjob, deployment_id)
     wait_until(kube.jobs, what="the Job")
-    server.stop(signal.SIGKILL)  # the server and its engine process, at once
+    server.stop(signal.SIGKILL)  # the server and its deployer process, at once
 
     instance = open_instance(config, plugin_modules=[])
     try:
@@ -787,7 +787,7 @@ def test_api_errors_are_the_apis_own_message_and_permanent_or_transient_by_statu
     kube, harness_factory, tmp_path
 ):
     """404 and 422 from the API server fail at once with its Status.message; 401 too; a 409
-    is transient (the engine retries it)."""
+    is transient (the deployer retries it)."""
     kube.deployment("web")
     config = kube_config(
         tmp_path,

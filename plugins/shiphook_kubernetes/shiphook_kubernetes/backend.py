@@ -253,7 +253,7 @@ class KubernetesBackend(Backend):
         config = kubernetes.client.Configuration()
         config.proxy = None  # not from the environment; a kubeconfig's proxy-url sets it
         config.no_proxy = None
-        config.retries = False  # one attempt per call: the engine retries within its budget
+        config.retries = False  # one attempt per call: the deployer retries within its budget
         if o.in_cluster:
             kubernetes.config.load_incluster_config(client_configuration=config)
             namespace = _read(IN_CLUSTER_NAMESPACE)
