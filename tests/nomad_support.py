@@ -183,14 +183,22 @@ def batch_job(
 
 
 def nomad_config(
-    tmp_path: Path, cluster: Cluster, *targets: str, token: str | None = None, extra: str = ""
+    tmp_path: Path,
+    cluster: Cluster,
+    *targets: str,
+    token: str | None = None,
+    extra: str = "",
+    database_url: str | None = None,
+    timeout: float = 10,
 ) -> Path:
-    """A config with one nomad backend (polling fast) and the given target tables."""
+    """A config with one nomad backend (polling fast) and the given target tables; `extra`
+    goes after the [server] table's database_url."""
     secret = token or cluster.token
     path = tmp_path / "shiphook.toml"
-    text = f'[server]\ndatabase_url = "sqlite:///{tmp_path}/shiphook.db"\n{extra}\n'
+    database_url = database_url or f"sqlite:///{tmp_path}/shiphook.db"
+    text = f'[server]\ndatabase_url = "{database_url}"\n{extra}\n'
     text += f'[backends.nomad]\nplugin = "nomad"\naddress = "{cluster.address}"\n'
-    text += "poll_interval = 0.05\ntimeout = 10\n"
+    text += f"poll_interval = 0.05\ntimeout = {timeout}\n"
     if secret:
         text += f'token = "{secret}"\n'
     path.write_text(text + "".join(targets))

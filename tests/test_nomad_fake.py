@@ -16,7 +16,7 @@ import nomad.api.exceptions
 import pytest
 import requests
 from nomad_fake import JOB_KEYS, NomadFake
-from nomad_support import batch_job, service_job, wait_until
+from nomad_support import IMAGE, batch_job, service_job, wait_until
 
 Fault = nomad.api.exceptions.BaseNomadException
 
@@ -246,6 +246,41 @@ def test_dispatch_checks_with_nomads_texts(fake):  # 2.8
         400,
         "json: cannot unmarshal number into Go struct field JobDispatchRequest.Meta of type string",
     )
+
+
+def test_a_dispatch_is_checked_against_the_job_it_copies_before_its_token(fake):  # 2.8
+    """Job.Dispatch reads the job once: it checks the meta against it, then looks for the
+    token's child, then copies it (nomad/job_endpoint.go at v1.9.7, Dispatch)."""
+    jobs = api(fake)
+    jobs.register_job("migrate", {"Job": batch_job("migrate")})
+
+    def dispatch(token: str, meta: dict[str, str]) -> requests.Response:
+        params = {"idempotency_token": token}
+        return jobs.request(
+            "migrate", "dispatch", method="post", json={"Meta": meta}, params=params
+        )
+
+    first = dispatch("run-1", {}).json()["DispatchedJobID"]
+    job = jobs.get_job("migrate")
+    job["ParameterizedJob"]["MetaRequired"] = ["WINDOW"]
+    job["TaskGroups"][0]["Tasks"][0]["Config"]["image"] = f"{IMAGE}:v2"
+    jobs.register_job("migrate", {"Job": job})
+    # the meta is checked first: a missing required key is refused even for a known token
+    answer = refused(dispatch, "run-1", {})
+    assert (answer.status_code, answer.text) == (
+        500,
+        "Dispatch did not provide required meta keys: [WINDOW]",
+    )
+    assert dispatch("run-1", {"WINDOW": "1"}).json()["DispatchedJobID"] == first
+    second = dispatch("run-2", {"WINDOW": "1"}).json()["DispatchedJobID"]
+    images = {
+        c["ID"]: c["TaskGroups"][0]["Tasks"][0]["Config"]["image"] for c in fake.children("migrate")
+    }
+    assert images == {
+        first: f"{IMAGE}:v1",
+        second: f"{IMAGE}:v2",
+    }
+    assert jobs.get_job(second)["Meta"] == {"WINDOW": "1"}
 
 
 def test_a_failed_batch_allocation_is_rescheduled_once(fake):  # 3.5, 3.6

@@ -850,6 +850,9 @@ class NomadFake:
             raise NomadError(
                 500, f"Dispatch did not provide required meta keys: [{' '.join(missing)}]"
             )
+        # under self.lock, the checks above, the token's lookup and the copy below see one state
+        # of the parent (document 2.8 gives their order; Job.Dispatch in nomad/job_endpoint.go
+        # reads the parent once, from one state snapshot, for all three)
         if token:
             for child in self.jobs.values():
                 if (

@@ -5,7 +5,8 @@ An app target is a task of a service (or system) job: a deploy reads the job, se
 deployment does the rest, by the group's `update` block, and shiphook follows the deployment of the
 version it registered. A job target is a parameterized batch job: a run dispatches it with the
 overrides as `Meta` and an idempotency token derived from the deployment id, and follows the child
-job's allocations. What Nomad does and answers is in shared/reference/nomad-api-behaviour.md.
+job's allocations; a run with an image tag of its own dispatches in a window on the job (below).
+What Nomad does and answers is in shared/reference/nomad-api-behaviour.md.
 
 Everything goes through python-nomad. Its `Nomad` class reads NOMAD_ADDR, NOMAD_TOKEN and the like
 from the environment; the API classes are built here from the config file's values alone.
@@ -17,8 +18,11 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import nomad.api
@@ -51,8 +55,25 @@ T = TypeVar("T")
 # job meta shiphook writes in the same register as its change, so that a repeated call for the
 # same deployment finds the work the first one started
 META_DEPLOYMENT = "shiphook_deployment"
-META_RUN = "shiphook_run"  # a job run's image is on the parameterized job until it is dispatched
-META_IMAGE_BASE = "shiphook_image_base"
+
+# A job run with an image tag of its own opens a window on the parameterized job: a register that
+# puts its image on the job, its dispatch (the child copies the job), a register that puts the
+# job's own image back. Both registers go with EnforceIndex, so of the runs racing for one job (in
+# one shiphook process or in several) one opens its window and the others wait. The window's meta
+# says whose it is, the image to put back and since when; and the window makes a dispatch meta key
+# of that run's own required, which only that run sends. Nomad checks a dispatch's meta against the
+# same snapshot of the job that it copies into the child (Job.Dispatch in nomad/job_endpoint.go),
+# so no other dispatch (another run's, a person's) copies the window's image, and a run whose
+# window was taken over cannot dispatch with the taker's.
+META_RUN = "shiphook_run"  # the deployment id of the run whose image the job carries
+META_IMAGE_BASE = "shiphook_image_base"  # the job's own image, put back when the window closes
+META_RUN_SINCE = "shiphook_run_since"  # when the window opened, UTC
+WINDOW_KEY = "shiphook_run_"  # + the run's id: the meta key its window makes required
+WINDOW_META = (META_RUN, META_IMAGE_BASE, META_RUN_SINCE)
+WINDOW_CALLS = 3
+"""A live run holds its window for three API calls (register, dispatch, register): a window open
+for longer than that many `timeout`s is left by a run that is gone, and is taken over."""
+REFUSED_KEYS = re.compile(r"(unpermitted metadata keys|required meta keys): \[([^\]]*)\]")
 
 REGISTER_ATTEMPTS = 5
 """How often a register refused for a moved JobModifyIndex is re-read and sent again."""
@@ -164,8 +185,11 @@ class NomadBackend(Backend):
         self.poll_interval = options.poll_interval
         self._client: Client | None = None
         self._client_lock = threading.Lock()
-        # a run's image sits on the parameterized job from its register to its dispatch
-        self._run_locks: dict[str, threading.Lock] = {}
+        # run_job calls under way, by deployment: a lock each, and how many calls hold or wait
+        self._run_calls: dict[str, tuple[threading.Lock, int]] = {}
+        self._runs = threading.Condition()
+        # runs whose window progress closed after run_job could not
+        self._windows_closed: set[str] = set()
 
     @property
     def api(self) -> Client:
@@ -177,7 +201,24 @@ class NomadBackend(Backend):
                     raise BackendError(f"cannot read token_file: {exc}") from None
             return self._client
 
+    @property
+    def stale_after(self) -> float:
+        """Seconds after which a run's window on a job is taken to be left by a run that is
+        gone."""
+        return WINDOW_CALLS * self.options.timeout
+
     def close(self) -> None:
+        """Let the run_job calls under way end first (an engine that stops leaves them to their
+        threads), so that a stop leaves no window open on a job; at most `stale_after` seconds."""
+        deadline = time.monotonic() + self.stale_after
+        with self._runs:
+            while self._run_calls and (left := deadline - time.monotonic()) > 0:
+                self._runs.wait(left)
+            if self._run_calls:
+                log.warning(
+                    "stopping while job runs %s are being started; a restart resumes them",
+                    ", ".join(sorted(self._run_calls)),
+                )
         with self._client_lock:
             if self._client is not None:
                 self._client.session.close()
@@ -265,7 +306,9 @@ class NomadBackend(Backend):
         if target.kind == "job":
             # said up front by `shiphook check`; a run sends the names anyway, for Nomad to refuse
             spec = job["ParameterizedJob"]
-            declared = set(spec.get("MetaRequired") or ()) | set(spec.get("MetaOptional") or ())
+            declared = set(_user_keys(spec.get("MetaRequired"))) | set(
+                spec.get("MetaOptional") or ()
+            )
             undeclared = sorted(set(target.parameters or ()) - declared)
             if undeclared:
                 raise BackendError(
@@ -275,7 +318,18 @@ class NomadBackend(Backend):
                 )
             _, task = _locate(job, target, image_needed=False)
             image = (task.get("Config") or {}).get("image")
-            base = (job.get("Meta") or {}).get(META_IMAGE_BASE)
+            window = Window.on(job)
+            if window is not None and self._stale(window):
+                raise BackendError(
+                    f"job {job['ID']} has carried the image of run {window.run} ({image}) since "
+                    f"{window.since_text}, longer than a run holds it ({self.stale_after:g} s): "
+                    "that run ended without putting the job's own image back (its shiphook was "
+                    "killed in between). Meanwhile Nomad refuses dispatches without meta "
+                    f"{_window_key(window.run)}. The next run of this target puts "
+                    f"{window.base or 'its own image'} back; or register the job again from "
+                    "its jobspec"
+                )
+            base = window.base if window is not None else None
             return TargetState(image=base or image, detail=f"parameterized batch job {job['ID']}")
         group, task = _locate(job, target)
         return TargetState(
@@ -369,7 +423,11 @@ class NomadBackend(Backend):
 
     def progress(self, target: Target, ref: Ref) -> Progress:
         if ref["op"] == "run":
-            return self._run_progress(ref)
+            left_open = self._window_left_open(target, ref)
+            progress = self._run_progress(ref)
+            if progress.state == "running" or not left_open:
+                return progress
+            return Progress(progress.state, progress.message + left_open)
         if not ref["updated"]:
             return Progress("succeeded", f"job {ref['job']} already runs {ref['image']}")
         if ref["watch"] == "allocations":
@@ -564,88 +622,180 @@ class NomadBackend(Backend):
         image_tag: str | None,
         deployment_id: str,
     ) -> Ref:
-        job_id = target.options.job
-        with self._client_lock:
-            lock = self._run_locks.setdefault(job_id, threading.Lock())
-        with lock:  # this process's runs of one job take turns on its image
+        with self._run_call(deployment_id):
             return self._run(target, env, image_tag, deployment_id)
+
+    @contextmanager
+    def _run_call(self, deployment_id: str) -> Iterator[None]:
+        """One run_job call of a deployment at a time: a call the engine gave up on and its
+        retry take turns (before 1.11 Nomad may make two children of two dispatches with one
+        idempotency token at once). Counted, so that close() lets the calls under way end."""
+        with self._runs:
+            lock, calls = self._run_calls.get(deployment_id, (threading.Lock(), 0))
+            self._run_calls[deployment_id] = (lock, calls + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._runs:
+                lock, calls = self._run_calls.pop(deployment_id)
+                if calls > 1:
+                    self._run_calls[deployment_id] = (lock, calls - 1)
+                self._runs.notify_all()
 
     def _run(
         self, target: Target, env: dict[str, str], image_tag: str | None, deployment_id: str
     ) -> Ref:
         job_id = target.options.job
-        image: dict[str, str] = {}
-
-        def tag_it(job: dict[str, Any]) -> bool | None:
-            """Put this run's image on the parameterized job (None: register it)."""
-            self._check_kind(job, target)
-            meta = dict(job.get("Meta") or {})
-            holder = meta.get(META_RUN)
-            if holder not in (None, deployment_id):
-                raise BackendError(
-                    f"job {job_id} carries the image of run {holder} until that run is "
-                    "dispatched; waiting",
-                    transient=True,
-                )
-            _, task = _locate(job, target)
-            current = task["Config"]["image"]
-            base = meta.get(META_IMAGE_BASE, current) if holder else current
-            wanted = (
-                f"{target.options.image or repository_of(base)}:{image_tag}" if image_tag else base
-            )
-            image.update(wanted=wanted, base=base)
-            if holder is None and current == wanted:
-                return True  # the job already runs this image: dispatch as it is
-            if holder == deployment_id and current == wanted:
-                return True  # an earlier call registered it
-            task["Config"]["image"] = wanted
-            job["Meta"] = meta | {META_RUN: deployment_id, META_IMAGE_BASE: base}
-            return None
-
-        def untag_it(job: dict[str, Any]) -> bool | None:
-            meta = dict(job.get("Meta") or {})
-            if meta.get(META_RUN) != deployment_id:
-                return True  # nothing of this run's left on the job
-            _, task = _locate(job, target)
-            task["Config"]["image"] = meta.get(META_IMAGE_BASE, task["Config"]["image"])
-            meta.pop(META_RUN)
-            meta.pop(META_IMAGE_BASE, None)
-            job["Meta"] = meta or None
-            return None
-
-        self._register_change(job_id, tag_it)
+        image, windowed, taken_over = self._ready_to_dispatch(target, image_tag, deployment_id)
+        meta = dict(env)
+        if windowed:
+            meta[_window_key(deployment_id)] = deployment_id
         try:
-            answer = self._dispatch(job_id, env, deployment_id)
-        except BackendError:
-            # the job's own image back, so other runs need not wait for this one's retry
-            with contextlib.suppress(BackendError):
-                self._register_change(job_id, untag_it)
+            child = self._dispatch(job_id, meta, deployment_id)["DispatchedJobID"]
+        except BaseException:
+            if windowed:  # the job's own image back, so that other runs need not wait for this one
+                with contextlib.suppress(BackendError):
+                    self._close_window(target, deployment_id)
             raise
-
-        self._register_change(job_id, untag_it)
-        return {
+        ref = {
             "op": "run",
             "job": job_id,
             "namespace": self._ns,
-            "child": answer["DispatchedJobID"],
-            "image": image["wanted"],
+            "child": child,
+            "image": image,
             "deployment": deployment_id,
         }
+        if taken_over is not None:
+            ref["took_over_window_of"] = taken_over
+        if windowed:
+            try:
+                self._close_window(target, deployment_id)
+            except BackendError as exc:  # the run is under way: progress closes the window
+                log.warning(
+                    "job %s: run %s dispatched %s, but its window stays open for now: %s",
+                    job_id,
+                    deployment_id,
+                    child,
+                    exc.message,
+                )
+                ref["window"] = "open"
+        return ref
 
-    def _dispatch(self, job_id: str, env: dict[str, str], deployment_id: str) -> dict[str, Any]:
+    def _ready_to_dispatch(
+        self, target: Target, image_tag: str | None, deployment_id: str
+    ) -> tuple[str, bool, str | None]:
+        """Leave the job ready for this run's dispatch: as it is, or with this run's window
+        open. Returns the image the run runs, whether it dispatches in its own window, and the
+        run whose stale window it took over, if it did."""
+        job_id = target.options.job
+        plan: dict[str, Any] = {}
+
+        def change(job: dict[str, Any]) -> bool | None:
+            """None: register the job as edited here; True: dispatch with the job as it is."""
+            self._check_kind(job, target)
+            _, task = _locate(job, target)
+            current = task["Config"]["image"]
+            window = Window.on(job)
+            mine = window is not None and window.run == deployment_id
+            if window is not None and not mine:
+                self._wait_for(job_id, window)  # unless it is stale: then it is taken over
+            base = (window.base if window is not None else None) or current
+            image = base
+            if image_tag:
+                image = f"{target.options.image or repository_of(base)}:{image_tag}"
+            taken_over = window.run if window is not None and not mine else None
+            plan.update(image=image, windowed=image != base, taken_over=taken_over)
+            if image == base:
+                if window is None:
+                    return True  # the job runs this image already
+                _clear_window(job, task, base)  # a window no other run will close
+                return None
+            required = job["ParameterizedJob"].get("MetaRequired") or ()
+            if mine and current == image and _window_key(deployment_id) in required:
+                return True  # an earlier call for this deployment opened it
+            _set_window(job, task, deployment_id, image, base, _now())
+            return None
+
+        self._register_change(job_id, change)
+        return plan["image"], plan["windowed"], plan["taken_over"]
+
+    def _stale(self, window: Window) -> bool:
+        age = window.age(_now())
+        return age is None or age > self.stale_after
+
+    def _wait_for(self, job_id: str, window: Window) -> None:
+        """Raise a transient error naming the run whose window is open on the job, unless the
+        window is stale (left by a run that is gone): then this run takes it over."""
+        if self._stale(window):
+            log.warning(
+                "job %s: run %s's window has been open since %s, longer than a run holds one "
+                "(%g s): taking it over (%s goes back on the job)",
+                job_id,
+                window.run,
+                window.since_text,
+                self.stale_after,
+                window.base,
+            )
+            return
+        age = max(0.0, window.age(_now()) or 0.0)
+        raise BackendError(
+            f"job {job_id} carries the image of run {window.run} (its window opened {age:.0f} s "
+            "ago); waiting for that run to dispatch and put the job's own image back (a window "
+            f"open for more than {self.stale_after:g} s is taken over)",
+            transient=True,
+        )
+
+    def _close_window(self, target: Target, deployment_id: str) -> None:
+        """Put the job's own image back, if the run's window is still open."""
+
+        def change(job: dict[str, Any]) -> bool | None:
+            window = Window.on(job)
+            if window is None or window.run != deployment_id:
+                return True  # closed already, or taken over by another run
+            _, task = _locate(job, target)
+            _clear_window(job, task, window.base)
+            return None
+
+        self._register_change(target.options.job, change)
+
+    def _dispatch(self, job_id: str, meta: dict[str, str], deployment_id: str) -> dict[str, Any]:
         """Dispatch with the overrides as Meta. The idempotency token goes in the query string,
         where Nomad reads it (python-nomad's dispatch_job sends it in the body, where Nomad does
         not): a repeated dispatch for this deployment gets the same child job back."""
-        response = self._call(
-            f"dispatch job {job_id}",
-            self.api.job.request,
-            job_id,
-            "dispatch",
-            method="post",
-            json={"Meta": env or None},
-            params={"idempotency_token": f"shiphook-{deployment_id}"},
-        )
-        return response.json()
+        try:
+            return self._call(
+                f"dispatch job {job_id}",
+                lambda: self.api.job.request(
+                    job_id,
+                    "dispatch",
+                    method="post",
+                    json={"Meta": meta or None},
+                    params={"idempotency_token": f"shiphook-{deployment_id}"},
+                ).json(),
+            )
+        except BackendError as exc:
+            refused = REFUSED_KEYS.search(exc.message)
+            keys = refused.group(2).split() if refused else []
+            if not keys or not all(key.startswith(WINDOW_KEY) for key in keys):
+                raise
+            why = (
+                "this run's window on the job was taken over by another run"
+                if refused.group(1).startswith("unpermitted")
+                else "another run's window opened on the job after this run read it"
+            )
+            raise BackendError(f"{exc.message}: {why}; waiting", transient=True) from None
+
+    def _window_left_open(self, target: Target, ref: Ref) -> str:
+        """Close the window run_job left open; '' once it is closed, else why it is not."""
+        if ref.get("window") != "open" or ref["deployment"] in self._windows_closed:
+            return ""
+        try:
+            self._close_window(target, ref["deployment"])
+        except BackendError as exc:
+            return f"; job {ref['job']} still carries this run's image ({exc.message})"
+        self._windows_closed.add(ref["deployment"])
+        return ""
 
     def _run_progress(self, ref: Ref) -> Progress:
         """The child's allocations: the one without a NextAllocation is the last attempt (a
@@ -672,6 +822,74 @@ class NomadBackend(Backend):
             )
         states = ", ".join(sorted(a["ClientStatus"] for a in last))
         return Progress("running", f"job {child}: allocations {states}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A job run's window on a parameterized job, as the job's meta says it."""
+
+    run: str
+    base: str | None
+    since: datetime | None
+
+    @classmethod
+    def on(cls, job: dict[str, Any]) -> Window | None:
+        meta = job.get("Meta") or {}
+        if not meta.get(META_RUN):
+            return None
+        try:
+            since: datetime | None = datetime.fromisoformat(meta.get(META_RUN_SINCE) or "")
+        except ValueError:
+            since = None
+        if since is not None and since.tzinfo is None:
+            since = None  # not written by shiphook
+        return cls(meta[META_RUN], meta.get(META_IMAGE_BASE), since)
+
+    def age(self, now: datetime) -> float | None:
+        """Seconds the window has been open; None when the job does not say."""
+        return None if self.since is None else (now - self.since).total_seconds()
+
+    @property
+    def since_text(self) -> str:
+        return _utc_text(self.since) if self.since is not None else "an unknown time"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _window_key(run: str) -> str:
+    return WINDOW_KEY + re.sub(r"[^0-9A-Za-z]", "", run)
+
+
+def _user_keys(keys: list[str] | None) -> list[str]:
+    """The meta keys of a parameterized block without the ones windows add."""
+    return [key for key in keys or () if not key.startswith(WINDOW_KEY)]
+
+
+def _set_window(
+    job: dict[str, Any], task: dict[str, Any], run: str, image: str, base: str, now: datetime
+) -> None:
+    """Edit `job` to carry run `run`'s window: its image, its meta, its meta key required."""
+    task["Config"]["image"] = image
+    meta = {k: v for k, v in (job.get("Meta") or {}).items() if k not in WINDOW_META}
+    job["Meta"] = meta | {META_RUN: run, META_IMAGE_BASE: base, META_RUN_SINCE: _utc_text(now)}
+    spec = job["ParameterizedJob"]
+    spec["MetaRequired"] = [*_user_keys(spec.get("MetaRequired")), _window_key(run)]
+
+
+def _clear_window(job: dict[str, Any], task: dict[str, Any], base: str | None) -> None:
+    """Edit `job` back to carrying no window: its own image `base` (when known) and meta."""
+    if base:
+        task["Config"]["image"] = base
+    meta = {k: v for k, v in (job.get("Meta") or {}).items() if k not in WINDOW_META}
+    job["Meta"] = meta or None
+    spec = job["ParameterizedJob"]
+    spec["MetaRequired"] = _user_keys(spec.get("MetaRequired")) or None
 
 
 def _locate(
