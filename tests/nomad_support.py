@@ -3,9 +3,10 @@
 Loaded as a pytest plugin (`pytest_plugins = ["nomad_support"]`). With NOMAD_ADDR set (and
 NOMAD_TOKEN, a management token, when the agent has ACLs on), the `nomad_cluster` fixture is that
 agent: the tests that need the fake's controls (outcomes by image tag, injected errors, ACL tokens
-minted on the spot, a held answer) skip, the others run against it with the images of
-SHIPHOOK_TEST_NOMAD_IMAGE (a repository whose tags `v1` and `v2` exist and start a long-running
-task). Without NOMAD_ADDR every test runs against the fake.
+minted on the spot, held answers) skip, the others run against it with the images of
+SHIPHOOK_TEST_NOMAD_IMAGE (a repository with the tags of AGENT_TAGS, each with `sh` and a default
+command that keeps running). Without NOMAD_ADDR every test runs against the fake. The README says
+how to run this mode; it has never been run (no agent could be had where these tests were written).
 
 PYTEST_DONT_REWRITE
 """
@@ -28,6 +29,8 @@ from nomad_fake import SECOND, NomadFake
 T = TypeVar("T")
 REAL_AGENT = os.environ.get("NOMAD_ADDR")
 IMAGE = os.environ.get("SHIPHOOK_TEST_NOMAD_IMAGE", "registry.example.com/team/web")
+AGENT_TAGS = ("v1", "v2", "v3", "r0", "r1", "r2", "r3")
+"""The tags of IMAGE that the tests runnable on a real agent deploy and run."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ requests the fake saw.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Harness, run_cli, write_config
 from nomad_support import (
+    AGENT_TAGS,
     IMAGE,
     Cluster,
     batch_job,
@@ -585,6 +587,22 @@ def test_the_example_config_loads(tmp_path, monkeypatch):
         assert instance.config.targets["migrate"].parameters == ("MIGRATION", "DRY_RUN")
     finally:
         instance.close()
+
+
+def test_the_readme_says_how_to_run_against_a_real_agent_and_that_it_never_was():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("`tests/test_nomad.py` can also run against a real Nomad agent.")
+    end = readme.find("\n#", start)  # the next heading, if any
+    section = readme[start : end if end != -1 else None]
+    assert "That mode is unverified" in section and "it has never been run" in section
+    support = (ROOT / "tests" / "nomad_support.py").read_text()
+    read = set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', support))
+    assert read == {"NOMAD_ADDR", "NOMAD_TOKEN", "SHIPHOOK_TEST_NOMAD_IMAGE"}
+    for name in read:  # every variable the tests read, given as the command gives it
+        assert f"{name}=" in section, name
+    for tag in AGENT_TAGS:
+        assert f"`{tag}`" in section, tag
+    assert "python -m pytest tests/test_nomad.py" in section
 
 
 def test_a_config_error_about_the_token_never_shows_it(tmp_path):
