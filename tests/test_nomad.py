@@ -1,4 +1,4 @@
-"""The Nomad backend (issue 15) through python-nomad and the real shiphook engine.
+"""The Nomad backend (issue 15) through python-nomad and the real shiphook deployer.
 
 Nomad is the fake of tests/nomad_fake, or a real agent when NOMAD_ADDR is given (see
 tests/nomad_support.py: the tests that need the fake's controls skip then). What a test says about
@@ -55,7 +55,7 @@ def registers(fake: Any, job_id: str) -> list[Any]:
 
 
 def progress_messages(harness: Harness) -> list[str]:
-    """Every message the backend's progress gives the engine, in order."""
+    """Every message the backend's progress gives the deployer, in order."""
     backend = harness.instance.backends["nomad"]
     said: list[str] = []
     real = backend.progress
@@ -65,7 +65,7 @@ def progress_messages(harness: Harness) -> list[str]:
         said.append(answer.message)
         return answer
 
-    backend.progress = progress  # the engine looks the method up on every call
+    backend.progress = progress  # the deployer looks the method up on every call
     return said
 
 
@@ -487,7 +487,7 @@ def test_a_run_resumed_after_kill_9_of_serve_does_not_dispatch_twice(
         tmp_path,
         nomad_cluster,
         target("migrate", "job", job_id, parameters=["GREETING"]),
-        extra="[engine]\nlease_seconds = 2\nscan_interval = 0.2\n",
+        extra="[deployer]\nlease_seconds = 2\nscan_interval = 0.2\n",
     )
     server = serve(config, env=nomad_env(), name="first")
     token = create_hook(server, "migrate")

@@ -22,7 +22,7 @@ from test_nomad import nomad_env, registers
 
 pytest_plugins = ["nomad_support"]
 
-ENGINE = "[engine]\nlease_seconds = 2\nscan_interval = 0.2\n"
+DEPLOYER = "[deployer]\nlease_seconds = 2\nscan_interval = 0.2\n"
 RUNS = 12
 
 
@@ -57,7 +57,7 @@ def migrate(job_id: str, **keys: Any) -> str:
 
 
 def replica(harness_factory, tmp_path: Path, cluster: Cluster, name: str, job_id: str) -> Harness:
-    """A shiphook of its own (its own database, engine and backend) running the job."""
+    """A shiphook of its own (its own database, deployer and backend) running the job."""
     home = tmp_path / name
     home.mkdir()
     return harness_factory(nomad_config(home, cluster, migrate(job_id, retry_budget=30)))
@@ -116,7 +116,7 @@ def test_two_serve_replicas_on_one_database_give_every_run_its_own_image(
         nomad_cluster,
         migrate(job_id, max_concurrent_runs=4, retry_budget=120, rollout_timeout=120),
         database_url=postgres_url,
-        extra=ENGINE + "threads = 2\n",
+        extra=DEPLOYER + "threads = 2\n",
     )
     # every read of the job and every dispatch answer reaches shiphook late: runs act on what
     # others have changed since, and keep their windows open longer
@@ -166,7 +166,7 @@ def test_a_window_open_when_serve_is_killed_is_closed_by_the_resumed_run(
     nomad_cluster, serve, tmp_path
 ):
     fake, job_id = parameterized_job(nomad_cluster)
-    config = nomad_config(tmp_path, nomad_cluster, migrate(job_id), extra=ENGINE)
+    config = nomad_config(tmp_path, nomad_cluster, migrate(job_id), extra=DEPLOYER)
     run_id = kill_in_window(fake, nomad_cluster, serve(config, env=nomad_env()), job_id, "v5")
     assert window_of(nomad_cluster, job_id) == run_id
 
@@ -184,11 +184,11 @@ def test_a_window_left_by_a_run_whose_target_was_removed_is_reported_and_taken_o
     nomad_cluster, serve, tmp_path
 ):
     fake, job_id = parameterized_job(nomad_cluster)
-    config = nomad_config(tmp_path, nomad_cluster, migrate(job_id), extra=ENGINE)
+    config = nomad_config(tmp_path, nomad_cluster, migrate(job_id), extra=DEPLOYER)
     left = kill_in_window(fake, nomad_cluster, serve(config, env=nomad_env()), job_id, "v5")
 
     # restarted without the target: its run fails without a word to Nomad, the window stays
-    nomad_config(tmp_path, nomad_cluster, extra=ENGINE)
+    nomad_config(tmp_path, nomad_cluster, extra=DEPLOYER)
     without = serve(config, env=nomad_env(), name="without")
     (run,) = wait_all_terminal(without, 1, timeout=60)
     assert run["message"] == "target 'migrate' is no longer in the configuration", run
@@ -196,7 +196,9 @@ def test_a_window_left_by_a_run_whose_target_was_removed_is_reported_and_taken_o
     assert window_of(nomad_cluster, job_id) == left
 
     # with the target back (timeout 1: a window is stale after 3 s), `check` says so ...
-    nomad_config(tmp_path, nomad_cluster, migrate(job_id, retry_budget=30), extra=ENGINE, timeout=1)
+    nomad_config(
+        tmp_path, nomad_cluster, migrate(job_id, retry_budget=30), extra=DEPLOYER, timeout=1
+    )
 
     def reported() -> str | None:
         result = run_cli("check", config=config, env=nomad_env(), check=False)
@@ -226,7 +228,7 @@ def test_a_stopped_serve_closes_the_window_of_the_run_it_was_starting(
     nomad_cluster, serve, tmp_path
 ):
     fake, job_id = parameterized_job(nomad_cluster)
-    config = nomad_config(tmp_path, nomad_cluster, migrate(job_id), extra=ENGINE)
+    config = nomad_config(tmp_path, nomad_cluster, migrate(job_id), extra=DEPLOYER)
     first = serve(config, env=nomad_env())
     token = create_hook(first, "migrate")
     fake.hold("POST", f"/v1/job/{job_id}/dispatch", 2)  # the run is in its window meanwhile

@@ -208,7 +208,7 @@ class NomadBackend(Backend):
         return WINDOW_CALLS * self.options.timeout
 
     def close(self) -> None:
-        """Let the run_job calls under way end first (an engine that stops leaves them to their
+        """Let the run_job calls under way end first (a deployer that stops leaves them to their
         threads), so that a stop leaves no window open on a job; at most `stale_after` seconds."""
         deadline = time.monotonic() + self.stale_after
         with self._runs:
@@ -627,7 +627,7 @@ class NomadBackend(Backend):
 
     @contextmanager
     def _run_call(self, deployment_id: str) -> Iterator[None]:
-        """One run_job call of a deployment at a time: a call the engine gave up on and its
+        """One run_job call of a deployment at a time: a call the deployer gave up on and its
         retry take turns (before 1.11 Nomad may make two children of two dispatches with one
         idempotency token at once). Counted, so that close() lets the calls under way end."""
         with self._runs:
