@@ -12,7 +12,6 @@ import uvicorn
 from shiphook.deployer.deployer import Deployer
 from shiphook.deployer.process import DeployerSupervisor
 from shiphook.http.connections import connection_limits, protocol_factory
-from shiphook.http.waiters import Waiters
 from shiphook.http.worker import app_for
 from shiphook.instance import Instance
 from shiphook.wakeup import DEPLOYER_SOCKET, deployer_address, release_deployer_address
@@ -21,16 +20,17 @@ log = logging.getLogger("shiphook.server")
 
 
 def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
-    """The app with a deployer in this process, not started: for tests and embedding."""
+    """The app of an HTTP worker with a deployer in threads of this process, not started: for
+    tests and embedding. Its `?wait` callers learn outcomes as a worker's do, from the database;
+    a commit calls `Deployer.notify` directly, which the deployer process of `shiphook serve`
+    calls for each target name it receives on its wake-up socket."""
     deployer = Deployer(
         instance.storage,
         instance.config.targets,
         instance.backends,
         settings=instance.config.deployer,
     )
-    waiters = Waiters(instance.storage, poll_interval=instance.config.deployer.scan_interval)
-    deployer.listeners.append(waiters.announce)
-    return app_for(instance, deployer.notify, waiters), deployer
+    return app_for(instance, deployer.notify), deployer
 
 
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:

@@ -123,7 +123,6 @@ class Deployer:
         self.settings = settings or DeployerSettings()
         self.clock = clock
         self.owner = owner or lease_owner()
-        self.listeners: list[Callable[[str, str], None]] = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._running: set[tuple[str, int]] = set()
@@ -249,8 +248,6 @@ class Deployer:
             newest.image_tag,
             len(superseded),
         )
-        for deployment_id in superseded:
-            self._announce(deployment_id, Status.superseded)
 
     def _claim(
         self, target: Target, slot: int, now: datetime, *, takeover: str | None = None
@@ -293,8 +290,6 @@ class Deployer:
                     target=target.name, slot=slot, kind=target.kind, now=self.clock()
                 )
                 if deployment is None:
-                    for deployment_id in superseded:
-                        self._announce(deployment_id, Status.superseded)
                     break
                 self._superseded(deployment, superseded)
                 if resumed:
@@ -345,14 +340,6 @@ class Deployer:
         log.log(
             level, "deployment %s of %s: %s: %s", deployment.id, deployment.target, status, message
         )
-        self._announce(deployment.id, status)
-
-    def _announce(self, deployment_id: str, status: str) -> None:
-        for listener in self.listeners:
-            try:
-                listener(deployment_id, status)
-            except Exception:
-                log.exception("deployer: a deployment listener failed")
 
 
 class _Lease:

@@ -1,8 +1,10 @@
 """`?wait=<seconds>`: let request handlers await a deployment's end without holding a thread.
 
-The deployer of this process announces every end it records; a single poller per event loop reads
-the database for the ends that other processes record (several replicas share one queue). A
-waiting CI job costs a future and an open connection, never a thread or a query of its own.
+The deployer records each end in the database, from another process (the deployer process of
+`shiphook serve`, or another replica sharing the database) or from threads of this one (tests and
+embedding, `shiphook.server.build`): either way a single poller per event loop reads the ends of
+what its callers wait for. A waiting CI job costs a future and an open connection, never a thread
+or a query of its own.
 """
 
 from __future__ import annotations
@@ -16,20 +18,16 @@ from shiphook.models import TERMINAL
 from shiphook.storage import Storage
 
 log = logging.getLogger("shiphook.http.waiters")
+POLL_INTERVAL = 0.2  # seconds between a poller's reads of the deployments its callers wait for
 
 
 class Waiters:
-    def __init__(self, storage: Storage, *, poll_interval: float = 1.0) -> None:
+    def __init__(self, storage: Storage, *, poll_interval: float = POLL_INTERVAL) -> None:
         self.storage = storage
         self.poll_interval = poll_interval
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
         self._lock = threading.Lock()
         self._poller: asyncio.Task[None] | None = None
-
-    def announce(self, deployment_id: str, status: str) -> None:
-        """Deployer listener (any thread): wake whoever waits for this deployment's end."""
-        if status in TERMINAL:
-            self._release(deployment_id)
 
     async def wait(
         self, deployment_id: str, timeout: float, *, until: asyncio.Future[None] | None = None
@@ -75,7 +73,7 @@ class Waiters:
                 ids = list(self._waiting)
             if not ids:
                 return
-            try:  # one indexed query a second for every waiter of this process
+            try:  # one indexed query per interval for every waiter of this event loop
                 statuses = await self.storage.call(self.storage.statuses, ids)
             except DatabaseUnavailable:  # logged once by the storage; the waiters wait on
                 continue

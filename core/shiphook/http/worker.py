@@ -17,7 +17,6 @@ from shiphook.http.waiters import Waiters
 from shiphook.instance import Instance, open_instance
 from shiphook.wakeup import DEPLOYER_SOCKET
 
-WAIT_POLL = 0.2  # seconds between a worker's reads of the outcomes its ?wait callers await
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -54,13 +53,15 @@ class BufferedLogHandler(logging.StreamHandler):
         super().flush()
 
 
-def app_for(instance: Instance, notify: Callable[[str], None], waiters: Waiters) -> falcon.asgi.App:
+def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.App:
+    """The API of `instance`; `notify` wakes the deployer after each commit. `?wait` callers are
+    released by the waiters' poll of the database, wherever the deployer runs."""
     return create_app(
         hooks=instance.hooks,
         deployments=instance.deployments,
         targets=instance.config.targets,
         notify=notify,
-        waiters=waiters,
+        waiters=Waiters(instance.storage),
         max_wait=instance.config.server.max_wait,
         admin_token=instance.admin_token,
     )
@@ -77,6 +78,6 @@ def worker_app() -> falcon.asgi.App:
         force=True,
     )
     notify = DeployerNotifier(os.environ[DEPLOYER_SOCKET])
-    app = app_for(instance, notify, Waiters(instance.storage, poll_interval=WAIT_POLL))
+    app = app_for(instance, notify)
     gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
     return app
