@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import Callable
 
 from shiphook.wakeup import sockaddr
 
@@ -19,8 +20,9 @@ class DeployerNotifier:
     the deployer is already busy with the target, and one wake-up is all it needs.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._address = sockaddr(address)
+        self._clock = clock
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
         self._sent: dict[str, float] = {}
@@ -29,7 +31,7 @@ class DeployerNotifier:
     def __call__(self, target: str) -> None:
         if target in self._deferred:
             return
-        wait = self._sent.get(target, -NOTIFY_INTERVAL) + NOTIFY_INTERVAL - time.monotonic()
+        wait = self._sent.get(target, -NOTIFY_INTERVAL) + NOTIFY_INTERVAL - self._clock()
         if wait > 0:
             self._deferred.add(target)
             asyncio.get_running_loop().call_later(wait, self._send, target)
@@ -38,6 +40,6 @@ class DeployerNotifier:
 
     def _send(self, target: str) -> None:
         self._deferred.discard(target)
-        self._sent[target] = time.monotonic()
+        self._sent[target] = self._clock()
         with contextlib.suppress(OSError):  # full, or the deployer restarting: its scan finds it
             self._socket.sendto(target.encode(), self._address)
