@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import scripted_backend
 from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
 from shiphook.db import create_db_engine
 from shiphook.deployer.process import RESTART_DELAY
+from shiphook.testing import eventually
 from test_http_limits import connect, read_answer
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -545,6 +547,31 @@ def test_an_http_worker_can_leave_checkpoints_to_the_deployer(harness_factory, d
 
 
 # -- the database failing ----------------------------------------------------------------------
+
+
+def test_a_hook_request_waits_for_an_sqlite_write_lock_held_outside_shiphook(tmp_path, serve):
+    """Another connection to the SQLite file (an operator's sqlite3 shell, a backup tool) holds
+    its write lock: the accept path's commit waits for it (SQLite's busy handler tries again)
+    rather than failing at once; past database_timeout the caller gets the README's 503, and the
+    commit goes through once the lock is free."""
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0, server="database_timeout = 1"))
+    token = create_hook(server, "app0")
+    retry = {"Idempotency-Key": "build-1"}
+    holder = sqlite3.connect(tmp_path / "shiphook.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # SQLite's write lock, until the COMMIT below
+    try:
+        status, body = post_hook(server, token, {"imageTag": "1.0"}, headers=retry)
+        assert server.request("GET", "/healthz")[0] == 200
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    # it waited for the lock: failing at once would be "database is locked", an OperationalError
+    assert (status, body["cause"]) == (503, "TimeoutError"), body
+
+    [deployment] = eventually(lambda: all_deployments(server), "the waiting commit", timeout=30)
+    assert deployment["imageTag"] == "1.0"
+    status, body = post_hook(server, token, {"imageTag": "1.0"}, headers=retry)
+    assert status == 201 and body["deployment"]["id"] == deployment["id"], body
 
 
 def test_every_postgresql_connection_has_connect_statement_and_keepalive_timeouts(postgres_url):

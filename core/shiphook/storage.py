@@ -166,6 +166,10 @@ class Storage:
             .values(last_used_at=bindparam("at")),
         )
         self._known_hooks: dict[str, HookIdentity] = {}
+        # SQLite takes its write lock at BEGIN IMMEDIATE, waiting in its busy handler while
+        # another connection holds it; a deferred transaction that has read fails at its first
+        # write instead ("database is locked"), without waiting
+        self._begin = "BEGIN IMMEDIATE" if engine.dialect.name == "sqlite" else "BEGIN"
 
     def defer_checkpoints(self) -> None:
         """Keep the accept path's commits from checkpointing SQLite's write-ahead log.
@@ -288,7 +292,7 @@ class Storage:
         Raises `KeyTaken` (committing nothing) when an idempotency key is already held."""
         hooks = {a.hook_digest: a.new.hook_id for a in batch if a.hook_digest is not None}
         with self._lock(), self._direct.cursor() as cursor:
-            cursor.execute("BEGIN")
+            cursor.execute(self._begin)
             gone = {
                 digest
                 for digest, hook_id in hooks.items()
