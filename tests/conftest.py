@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from shiphook.instance import open_instance
 from shiphook.server import build
 
 # Server and free_port: test modules import them from here
-from shiphook.testing import Server, Shiphook, free_port  # noqa: F401
+from shiphook.testing import Server, Shiphook, eventually, free_port  # noqa: F401
 from shiphook.testing import start_server as testing_start_server
 
 PLUGIN_DIR = Path(__file__).parent / "scripted"
@@ -122,10 +121,11 @@ class Harness(Shiphook):
 
     def wait_started(self, deployment_id: str, timeout: float = 10) -> None:
         """Until the deployer has started the rollout (it holds its target from then on)."""
-        deadline = time.monotonic() + timeout
-        while self.instance.deployments.get(deployment_id).to_json()["backendRef"] is None:
-            assert time.monotonic() < deadline, f"deployment {deployment_id} did not start"
-            time.sleep(0.01)
+        eventually(
+            lambda: self.instance.deployments.get(deployment_id).to_json()["backendRef"],
+            f"the start of deployment {deployment_id}",
+            timeout,
+        )
 
 
 @pytest.fixture

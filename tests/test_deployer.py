@@ -4,7 +4,6 @@ scripted test backend."""
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 
@@ -134,7 +133,6 @@ def test_an_unreachable_backend_does_not_stop_hooks_being_accepted(harness_facto
 def test_a_deployment_accepted_while_the_deployer_is_down_runs_when_it_starts(harness_factory):
     harness = harness_factory(start=False)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
-    time.sleep(0.1)
     assert harness.instance.deployments.get(deployment_id).to_json()["status"] == "queued"
     harness.deployer.start()
     assert harness.wait_for(deployment_id)["status"] == "succeeded"

@@ -26,7 +26,7 @@ from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
 from shiphook.db import create_db_engine
 from shiphook.deployer.process import RESTART_DELAY
 from shiphook.testing import eventually
-from test_http_limits import connect, read_answer
+from test_http_limits import connect, read_answer, unread_requests
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -140,11 +140,8 @@ def test_a_killed_server_loses_nothing_and_runs_no_job_twice(tmp_path, serve):
     accepted = {body["deployment"]["id"] for _, body in answers}
 
     state = backend_state(tmp_path)
-    deadline = time.monotonic() + 30
-    while len(state.calls()) < 10:  # kill it mid-flight
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    server.stop(signal.SIGKILL)
+    eventually(lambda: len(state.calls()) >= 10, "ten backend calls", timeout=30)
+    server.stop(signal.SIGKILL)  # mid-flight
 
     restarted = serve(config, name="second")
     deployments = wait_all_terminal(restarted, 100)
@@ -184,11 +181,7 @@ def test_a_burst_for_one_target_coalesces_to_one_rollout_at_a_time(tmp_path, ser
 
 
 def wait_deploy_called(tmp_path: Path) -> None:
-    state = backend_state(tmp_path)
-    deadline = time.monotonic() + 10
-    while not state.calls("deploy"):
-        assert time.monotonic() < deadline, "the rollout should start"
-        time.sleep(0.02)
+    eventually(lambda: backend_state(tmp_path).calls("deploy"), "the rollout's start", timeout=10)
 
 
 def test_superseded_waiting_ci_jobs_are_answered_while_the_running_rollout_goes_on(tmp_path, serve):
@@ -211,10 +204,7 @@ def test_superseded_waiting_ci_jobs_are_answered_while_the_running_rollout_goes_
         answered += [future.result() for future in done]
     shown = {d["id"]: d for d in all_deployments(server)}
     access = "shiphook.access: POST /api/v1/dh 409 deployment"
-    deadline = time.monotonic() + 10
-    while server.log().count(access) < 11:  # a line per answer
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
+    eventually(lambda: server.log().count(access) >= 11, "an access line per answer", timeout=10)
     log = server.log()
     server.stop(signal.SIGKILL)  # ends the last one's wait
     pool.shutdown()
@@ -244,10 +234,7 @@ def test_a_restarted_server_resumes_a_killed_ones_rollout_at_once(tmp_path, serv
     status, body = post_hook(server, create_hook(server, "app0"), {"imageTag": "1.0"})
     assert status == 201
     deployment_id = body["deployment"]["id"]
-    deadline = time.monotonic() + 10
-    while not all_deployments(server)[0]["backendRef"]:
-        assert time.monotonic() < deadline, "the rollout should start"
-        time.sleep(0.02)
+    eventually(lambda: all_deployments(server)[0]["backendRef"], "the rollout's start", timeout=10)
     server.stop(signal.SIGKILL)
 
     restarted = serve(config, name="second")
@@ -260,26 +247,32 @@ def test_a_restarted_server_resumes_a_killed_ones_rollout_at_once(tmp_path, serv
 
 
 def test_hundreds_of_waiting_ci_jobs_do_not_hold_up_new_hook_requests(tmp_path, serve):
-    config = fleet_config(tmp_path, apps=2, jobs=0, timeout=3)
+    config = fleet_config(tmp_path, apps=2, jobs=0, timeout=5)
     server = serve(config)
     waiting_token, other_token = create_hook(server, "app0"), create_hook(server, "app1")
     hanging = ({"imageTag": "hang-0"}, "", {"Idempotency-Key": "hang"})
-    status, _ = post_hook(server, waiting_token, *hanging)  # holds app0 for 3 s
+    status, _ = post_hook(server, waiting_token, *hanging)  # holds app0 for 5 s
     assert status == 201
-    state = backend_state(tmp_path)
-    deadline = time.monotonic() + 10
-    while not state.calls("deploy"):  # the hanging rollout has started
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_deploy_called(tmp_path)  # the hanging rollout has started
 
-    def waiting_ci_job(n: int) -> tuple[int, float]:  # a retry: it waits for the hanging one
-        body, _, key = hanging
-        status, _ = post_hook(server, waiting_token, body, "?wait=10", key)
+    body = json.dumps(hanging[0]).encode()
+    retry = (  # the same request again, waiting for the hanging deployment
+        f"POST /api/v1/dh?wait=20 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"X-Deploy-Hook-Token: {waiting_token}\r\nIdempotency-Key: hang\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    waiting_ci_jobs = [connect(server) for _ in range(200)]
+    for sock in waiting_ci_jobs:
+        sock.sendall(retry)
+    eventually(lambda: not unread_requests(server, waiting_ci_jobs), "the waiting jobs' reading")
+
+    def answer(sock: socket.socket) -> tuple[int, float]:
+        with sock:
+            status, _, _ = read_answer(sock)
         return status, time.monotonic()
 
     with ThreadPoolExecutor(200) as waiters_pool:
-        waiting = [waiters_pool.submit(waiting_ci_job, n) for n in range(200)]
-        time.sleep(0.5)  # let the waiters connect and wait
+        waiting = [waiters_pool.submit(answer, sock) for sock in waiting_ci_jobs]
         with ThreadPoolExecutor(8) as pool:
             fresh = list(
                 pool.map(
@@ -333,10 +326,8 @@ def test_a_stopped_server_answers_its_waiting_callers_at_once_and_loses_nothing(
     partial.sendall(b"GET /healthz HTTP/1.1\r\nHost:")
     with ThreadPoolExecutor(3) as pool:
         waiting = [pool.submit(waiting_ci_job, token) for token in tokens[:3]]
-        deadline = time.monotonic() + 30
-        while len(state.calls("deploy")) < 3:  # every rollout under way, every caller waiting
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.05)
+        # every rollout under way, every caller waiting
+        eventually(lambda: len(state.calls("deploy")) >= 3, "three rollouts", timeout=30)
         if to_group:  # as systemd does: serve, its HTTP worker(s) and its deployer process
             os.killpg(server.process.pid, signal.SIGTERM)
         else:
@@ -381,10 +372,11 @@ def test_a_stop_does_not_wait_for_a_backend_call_that_hangs_and_the_next_start_r
     token = create_hook(server, "app0")
     status, body = post_hook(server, token, {"imageTag": "stall-1"})
     assert status == 201
-    deadline = time.monotonic() + 30
-    while deployment_status(server, body["deployment"]["id"]) != "in_progress":
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
+    eventually(
+        lambda: deployment_status(server, body["deployment"]["id"]) == "in_progress",
+        "the rollout's start",
+        timeout=30,
+    )
     server.process.send_signal(signal.SIGTERM)  # while deploy hangs, for 8 s
     assert server.process.wait(30) == 0
     assert backend_state(tmp_path).calls("deploy") == []  # it had not returned
@@ -424,10 +416,9 @@ def test_the_deployer_ignores_sigterm_and_a_dead_deployer_is_replaced(tmp_path, 
     assert deployer_process(server) == deployer
 
     os.kill(deployer, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while deployer_process(server) in (deployer, None):
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
+    eventually(
+        lambda: deployer_process(server) not in (deployer, None), "a new deployer", timeout=30
+    )
     assert post_hook(server, token, {"imageTag": "2.0"}, "?wait=30")[0] == 201
     assert "deployer process exited with status -9; starting a new one" in server.log()
 
@@ -483,10 +474,11 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
     second = serve(config, name="second")
     targets = [f"app{i}" for i in range(6)] + ["job0", "job1"]
     tokens = {t: create_hook(first, t) for t in targets}
-    deadline = time.monotonic() + 30
-    while not all("scripted backend ready" in s.log() for s in (first, second)):
-        assert time.monotonic() < deadline, "both deployers should start"  # else one does it all
-        time.sleep(0.05)
+    eventually(  # else one does it all
+        lambda: all("scripted backend ready" in s.log() for s in (first, second)),
+        "both deployers' start",
+        timeout=30,
+    )
 
     def send(n: int) -> str:
         target = targets[n % len(targets)]
@@ -502,10 +494,9 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
 
     state = backend_state(tmp_path)
     servers = {first.process.pid, second.process.pid}  # each leads its process group
-    deadline = time.monotonic() + 30
-    while {c["server"] for c in state.calls()} != servers:  # both are working
-        assert time.monotonic() < deadline, "both replicas should take work"
-        time.sleep(0.05)
+    eventually(
+        lambda: {c["server"] for c in state.calls()} == servers, "both replicas' work", timeout=30
+    )
     killed_at = time.time()
     first.stop(signal.SIGKILL)
 
@@ -731,10 +722,13 @@ def test_a_refusing_database_gets_hooks_a_503_and_logs_each_change_once(
     assert server.request("GET", "/api/v1/deployments", headers=ADMIN)[0] == 503
 
     proxy.open()  # PostgreSQL is back, at the same address
-    deadline = time.monotonic() + 30
-    while (status := post_hook(server, token, {"imageTag": "3.0"})[0]) != 201:
-        assert status == 503 and time.monotonic() < deadline
-        time.sleep(0.2)
+
+    def accepted() -> bool:
+        status = post_hook(server, token, {"imageTag": "3.0"})[0]
+        assert status in (201, 503), status
+        return status == 201
+
+    eventually(accepted, "a hook request accepted again", timeout=30)
     log = [line for line in server.log().splitlines() if "shiphook.storage" in line]
     assert [line.split("shiphook.storage: ")[1].split(":")[0] for line in log] == [
         "database unreachable",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 
 import pytest
 from conftest import plugin_env, run_cli, scripted_config
+from shiphook.testing import eventually
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
@@ -27,14 +27,12 @@ def curl(url: str, *args: str) -> tuple[int, dict]:
 
 
 def wait_terminal(config, deployment_id: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        shown = json.loads(
-            run_cli("deployments", "show", deployment_id, "--json", config=config).stdout
-        )
-        if shown["status"] not in ("queued", "in_progress") or time.monotonic() > deadline:
-            return shown
-        time.sleep(0.1)
+    def ended() -> dict | None:
+        shown = run_cli("deployments", "show", deployment_id, "--json", config=config).stdout
+        deployment = json.loads(shown)
+        return deployment if deployment["status"] not in ("queued", "in_progress") else None
+
+    return eventually(ended, f"the end of deployment {deployment_id}", timeout)
 
 
 def test_hooks_create_then_curl_then_deployments_show_the_outcome(tmp_path, serve):
@@ -135,8 +133,8 @@ def test_serve_starts_and_accepts_hooks_while_its_backend_is_unreachable(tmp_pat
         '{"imageTag":"1"}',
     )
     assert code == 201
-    time.sleep(0.3)
-    assert "backend fake (scripted) is not reachable: connection refused" in server.log()
+    unreachable = "backend fake (scripted) is not reachable: connection refused"
+    eventually(lambda: unreachable in server.log(), "the deployer's report of the backend")
 
 
 def test_the_default_config_serves_healthz_with_no_orchestrator(tmp_path, serve):

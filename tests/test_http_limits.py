@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import Server, run_cli, scripted_config
+from shiphook.testing import eventually
 
 HOOK_BODY = b'{"imageTag": "1.2.0"}'
 
@@ -44,6 +45,23 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines)
     return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def unread_requests(server: Server, socks: list[socket.socket]) -> int:
+    """How many of the requests sent on `socks` the server has not read yet: data of theirs not
+    yet delivered, or waiting in the server's end of the connection (Linux's /proc/net/tcp)."""
+    port = urlsplit(server.url).port
+    clients = {sock.getsockname()[1] for sock in socks}
+    sent, read = set(), set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, remote, _state, queues, *_ = line.split()
+        local_port, remote_port = (int(end.rsplit(":", 1)[1], 16) for end in (local, remote))
+        outgoing, incoming = (int(queue, 16) for queue in queues.split(":"))
+        if local_port in clients and not outgoing:
+            sent.add(local_port)
+        elif local_port == port and remote_port in clients and not incoming:
+            read.add(remote_port)
+    return len(clients - (sent & read))
 
 
 def exchange(server: Server, request: bytes) -> tuple[int, dict[str, str], dict]:
@@ -153,32 +171,30 @@ def test_hook_requests_are_answered_while_slow_and_oversized_clients_are_connect
     token = create_hook(config)
     server = serve(config)
     stop = threading.Event()
-    sent = []
+    cut_off = [0] * 4  # per stream
 
-    def endless_header() -> None:
+    def endless_header(stream: int) -> None:
         """Stream a header for ever; connect again each time the server cuts it off."""
-        total = 0
         while not stop.is_set():
             with connect(server) as sock:
                 sock.sendall(b"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\nX-Endless: ")
                 try:
                     while not stop.is_set():
                         sock.sendall(b"a" * 65536)
-                        total += 65536
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
-        sent.append(total)
+                    cut_off[stream] += 1
 
     slow = [connect(server) for _ in range(200)]
     for sock in slow:
         sock.sendall(b"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\n")
-    streams = [threading.Thread(target=endless_header) for _ in range(4)]
+    streams = [threading.Thread(target=endless_header, args=(n,)) for n in range(4)]
     rss_before = rss_kb(server.process.pid)
     for thread in streams:
         thread.start()
     try:
         statuses = [post_hook(server, token) for _ in range(20)]
-        time.sleep(2)  # the streams go on
+        # each stream cut off and back, many times over
+        eventually(lambda: min(cut_off) > 8, "the streams' cut-offs", timeout=30)
         statuses += [post_hook(server, token) for _ in range(20)]
     finally:
         stop.set()
@@ -188,7 +204,6 @@ def test_hook_requests_are_answered_while_slow_and_oversized_clients_are_connect
         for sock in slow:
             sock.close()
     assert statuses == [201] * 40
-    assert min(sent) > 8 * 65536  # each stream was cut off and came back, many times over
     assert rss_after - rss_before < 50 * 1024, (rss_before, rss_after)
 
 
@@ -207,9 +222,9 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(tmp_path, serve):
 def test_at_the_connection_limit_the_longest_waiting_head_makes_room(tmp_path, serve):
     server = serve(limited_config(tmp_path, max_connections=10, header_timeout=60))
     slow = [connect(server) for _ in range(10)]
-    for sock in slow:
+    for sock in slow:  # read by the server in this order
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-        time.sleep(0.05)  # in this order
+        eventually(lambda: not unread_requests(server, [sock]), "the head's reading")  # noqa: B023
     assert exchange(server, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")[0] == 200
     status, _, body = read_answer(slow[0])
     assert status == 408
@@ -229,7 +244,7 @@ def test_connections_over_the_limit_are_refused_with_503_while_all_are_answered(
             b"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n"
             b"X-Deploy-Hook-Token: " + token.encode() + b"\r\n\r\n"
         )
-    time.sleep(0.5)
+    eventually(lambda: not unread_requests(server, busy), "the busy requests' reading")
     with connect(server) as refused:
         status, headers, body = read_answer(refused)
     assert status == 503
@@ -237,9 +252,7 @@ def test_connections_over_the_limit_are_refused_with_503_while_all_are_answered(
     assert json.loads(body)["title"] == "503 Service Unavailable"
     for sock in busy:
         sock.close()
-    deadline = time.monotonic() + 20
-    while server.request("GET", "/healthz")[0] != 200:
-        assert time.monotonic() < deadline
+    eventually(lambda: server.request("GET", "/healthz")[0] == 200, "/healthz", timeout=20)
     assert "connection limit reached: 10 connections open" in server.log()
     assert "below the connection limit again (0 connections closed early, 1 refused)" in (
         server.log()
@@ -259,16 +272,15 @@ def test_slow_clients_cannot_exhaust_the_open_files_of_the_server(tmp_path, serv
         slow.append(sock)
         with contextlib.suppress(OSError):  # refused already
             sock.sendall(b"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\n")
+
+    def accepted() -> bool:
+        try:
+            return post_hook(server, token) == 201
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if post_hook(server, token) == 201:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no hook request was answered"
-            time.sleep(0.1)
+        eventually(accepted, "a hook request answered", timeout=30)
         assert "connection limit reached: 128 connections open" in server.log()
     finally:
         for sock in slow:
