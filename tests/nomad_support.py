@@ -14,7 +14,6 @@ PYTEST_DONT_REWRITE
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import nomad.api
 import pytest
 import requests
 from nomad_fake import SECOND, NomadFake
+from shiphook.testing import eventually
 
 T = TypeVar("T")
 REAL_AGENT = os.environ.get("NOMAD_ADDR")
@@ -75,17 +75,13 @@ class Cluster:
             done = [d for d in mine if d["Status"] in ("successful", "failed", "cancelled")]
             return done[-1] if done else None
 
-        return wait_until(ended, timeout, f"deployment of {job_id} version {version}")
+        return eventually(ended, f"the end of {job_id}'s deployment of version {version}", timeout)
 
 
 def wait_until(check: Callable[[], T], timeout: float = 30, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
+    """`shiphook.testing.eventually` with the arguments in this older order, for the
+    tests/test_nomad*.py modules, which still import it from here."""
+    return eventually(check, what or str(check), timeout)
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ SHIPHOOK_REQUIRE_DOCKER=1 (as in CI). Services are created without asking a regi
 target sets `resolve_image = false`: no registry is reachable here.
 
 PYTEST_DONT_REWRITE: the test modules import their helpers from here before pytest loads it as
-a plugin, too late to rewrite its asserts (it has none; `wait_until` raises its own), and pytest
-would warn about that.
+a plugin, too late to rewrite its asserts (it has none), and pytest would warn about that.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import pytest
 from conftest import write_config
 from dockerd import APP, JOB, PrivateDockerd, build_test_images, unavailable_reason
 from http_proxy import Answer, FaultProxy, UnixConnection, UnixServer
+from shiphook.testing import eventually
 
 T = TypeVar("T")
 SECOND = 1_000_000_000  # Swarm durations are nanoseconds
@@ -93,15 +92,9 @@ def engine() -> Iterator[Engine]:
 
 
 def wait_until(check: Callable[[], T], timeout: float = 60, what: str = "") -> T:
-    """Poll `check` until it returns something truthy; its last value goes in the failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what or check} did not happen within {timeout:g}s: {value!r}")
-        time.sleep(0.1)
+    """`shiphook.testing.eventually` with the arguments in this older order, for
+    tests/test_kubernetes.py, which still imports it from here."""
+    return eventually(check, what or str(check), timeout)
 
 
 class Services:
@@ -147,7 +140,7 @@ class Services:
             ),
             rollback_config=docker.types.RollbackConfig(parallelism=1, monitor=SECOND),
         )
-        wait_until(lambda: len(self.running_images(name)) == replicas, what=f"{name} running")
+        eventually(lambda: len(self.running_images(name)) == replicas, f"{name} running")
         return name
 
     def job(self, *, env: list[str], image: str = f"{JOB}:ok") -> str:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from nomad_fake import NomadFake
-from nomad_support import batch_job, service_job, wait_until
-from shiphook.testing import BackendConformance, JobRun, free_port
+from nomad_support import batch_job, service_job
+from shiphook.testing import BackendConformance, JobRun, eventually, free_port
 
 pytest_plugins = ["shiphook.testing"]
 
@@ -48,7 +48,7 @@ class TestNomadConformance(BackendConformance):
         job_id = f"web-{uuid.uuid4().hex[:8]}"
         # progress_deadline 0: a failed allocation fails the deployment at once
         self.fake.put_job(service_job(job_id, self.initial_tag, count=2, progress_deadline=0))
-        wait_until(lambda: (self.fake.job(job_id) or {}).get("Stable"), 30, "version 0 stable")
+        eventually(lambda: (self.fake.job(job_id) or {}).get("Stable"), "version 0 stable", 30)
         return {"job": job_id}
 
     def make_job(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import kubernetes.client as k8s
 import pytest
 from kubernetes.client.exceptions import ApiException
-from swarm_support import wait_until
+from shiphook.testing import eventually
 
 APP = "shiphook-test/app"  # never pulled: kwok plays the kubelet
 
@@ -92,10 +92,10 @@ def deployment_done(kube: Kube, name: str) -> bool:
 
 def test_a_deployment_rolls_to_a_new_tag_and_its_replicaset_pods_run_it(kube):
     kube.apps.create_namespaced_deployment(kube.namespace, workload("web", f"{APP}:v1", replicas=2))
-    wait_until(lambda: deployment_done(kube, "web"), what="the first rollout")
+    eventually(lambda: deployment_done(kube, "web"), what="the first rollout")
 
     kube.apps.patch_namespaced_deployment("web", kube.namespace, set_image(f"{APP}:v2"))
-    wait_until(lambda: deployment_done(kube, "web"), what="the rollout to v2")
+    eventually(lambda: deployment_done(kube, "web"), what="the rollout to v2")
 
     status = kube.apps.read_namespaced_deployment_status("web", kube.namespace).status
     assert (status.updated_replicas, status.ready_replicas, status.available_replicas) == (2, 2, 2)
@@ -103,7 +103,7 @@ def test_a_deployment_rolls_to_a_new_tag_and_its_replicaset_pods_run_it(kube):
         rs for rs in kube.apps.list_namespaced_replica_set(kube.namespace).items if rs.spec.replicas
     ]
     assert current.spec.template.spec.containers[0].image == f"{APP}:v2"
-    wait_until(lambda: images(kube, "web") == {f"{APP}:v2"}, what="only v2 pods")
+    eventually(lambda: images(kube, "web") == {f"{APP}:v2"}, what="only v2 pods")
     running = pods(kube, "web")
     assert len(running) == 2
     for pod in running:
@@ -117,7 +117,7 @@ def test_a_deployment_rolls_to_a_new_tag_and_its_replicaset_pods_run_it(kube):
 )
 def test_a_deployment_rolled_to_a_failing_tag_exceeds_its_progress_deadline(kube, tag, reason):
     kube.apps.create_namespaced_deployment(kube.namespace, workload("web", f"{APP}:v1", replicas=1))
-    wait_until(lambda: deployment_done(kube, "web"), what="the first rollout")
+    eventually(lambda: deployment_done(kube, "web"), what="the first rollout")
 
     patch = set_image(f"{APP}:{tag}", progressDeadlineSeconds=3)
     kube.apps.patch_namespaced_deployment("web", kube.namespace, patch)
@@ -127,7 +127,7 @@ def test_a_deployment_rolled_to_a_failing_tag_exceeds_its_progress_deadline(kube
         [condition] = [c for c in status.conditions if c.type == "Progressing"]
         return condition if condition.status == "False" else None
 
-    condition = wait_until(progressing, what="Progressing=False")
+    condition = eventually(progressing, what="Progressing=False")
     assert condition.reason == "ProgressDeadlineExceeded"
     assert "has timed out progressing" in condition.message
     assert not deployment_done(kube, "web")
@@ -170,29 +170,29 @@ def test_a_statefulset_rolls_to_a_new_revision(kube):
     apps.create_namespaced_stateful_set(
         ns, workload("db", f"{APP}:v1", replicas=2, serviceName="db")
     )
-    wait_until(lambda: statefulset_done(kube, "db"), what="the first rollout")
+    eventually(lambda: statefulset_done(kube, "db"), what="the first rollout")
     first = apps.read_namespaced_stateful_set_status("db", ns).status.current_revision
 
     apps.patch_namespaced_stateful_set("db", ns, set_image(f"{APP}:v2"))
-    wait_until(
+    eventually(
         lambda: (
             statefulset_done(kube, "db")
             and apps.read_namespaced_stateful_set_status("db", ns).status.current_revision != first
         ),
         what="the rollout to v2",
     )
-    wait_until(lambda: images(kube, "db") == {f"{APP}:v2"}, what="only v2 pods")
+    eventually(lambda: images(kube, "db") == {f"{APP}:v2"}, what="only v2 pods")
     assert sorted(p.metadata.name for p in pods(kube, "db")) == ["db-0", "db-1"]
 
 
 def test_a_daemonset_rolls_to_a_new_revision(kube):
     apps, ns = kube.apps, kube.namespace
     apps.create_namespaced_daemon_set(ns, workload("agent", f"{APP}:v1"))
-    wait_until(lambda: daemonset_done(kube, "agent"), what="the first rollout")
+    eventually(lambda: daemonset_done(kube, "agent"), what="the first rollout")
 
     apps.patch_namespaced_daemon_set("agent", ns, set_image(f"{APP}:v2"))
-    wait_until(lambda: daemonset_done(kube, "agent"), what="the rollout to v2")
-    wait_until(lambda: images(kube, "agent") == {f"{APP}:v2"}, what="only v2 pods")
+    eventually(lambda: daemonset_done(kube, "agent"), what="the rollout to v2")
+    eventually(lambda: images(kube, "agent") == {f"{APP}:v2"}, what="only v2 pods")
     revisions = kube.apps.list_namespaced_controller_revision(ns).items
     assert sorted(r.revision for r in revisions) == [1, 2]
 
@@ -219,7 +219,7 @@ def test_a_job_completes_or_fails_by_its_image_tag(kube, tag, condition, phase, 
             if c.type in ("Complete", "Failed") and c.status == "True"
         ]
 
-    [final] = wait_until(finished, what=f"the Job's {condition} condition")
+    [final] = eventually(finished, what=f"the Job's {condition} condition")
     assert final.type == condition
     if tag == "fail":
         assert final.reason == "BackoffLimitExceeded"
@@ -274,7 +274,7 @@ def test_a_serviceaccount_without_patch_on_deployments_is_forbidden_to_patch(kub
                 return False
             return True
 
-        wait_until(patched, what="the patch once allowed")
+        eventually(patched, what="the patch once allowed")
     assert (
         kube.apps.read_namespaced_deployment("web", ns).spec.template.spec.containers[0].image
         == f"{APP}:v2"

@@ -24,6 +24,7 @@ from shiphook import BackendError, Target
 from shiphook.errors import ConfigError
 from shiphook.instance import open_instance
 from shiphook.services import parse_hook_body
+from shiphook.testing import eventually
 from shiphook_swarm import SwarmBackend, SwarmOptions, SwarmTargetOptions
 from swarm_support import (
     NotAManagerProxy,
@@ -31,7 +32,6 @@ from swarm_support import (
     skip_or_fail,
     swarm_config,
     target,
-    wait_until,
 )
 
 # the `engine` and `services` fixtures; a plugin, so that one engine serves every module
@@ -60,7 +60,7 @@ def target_of(kind: str, service: str, **options: Any) -> Target:
 
 
 def progress_until_done(backend: SwarmBackend, t: Target, ref: dict) -> Any:
-    return wait_until(
+    return eventually(
         lambda: (p := backend.progress(t, ref)).state != "running" and p, what="progress"
     )
 
@@ -114,7 +114,7 @@ def test_a_broken_tag_is_rolled_back_to_the_old_image_with_swarms_message(
     assert "(task: non-zero exit (1))" in message
     assert message.endswith("; rolled back (rollback completed)")
     assert services.image(service) == f"{APP}:v1"
-    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v1"])
+    eventually(lambda: services.running_images(service) == [f"{APP}:v1"], "v1 running")
 
 
 def test_with_on_failure_leave_a_broken_tag_is_left_as_swarm_left_it(
@@ -305,17 +305,17 @@ def test_a_rollout_goes_on_when_the_engine_is_killed_and_started_again(
     config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=120))
     harness = harness_factory(config)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
-    wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
+    eventually(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout's start")
     caplog.set_level(logging.WARNING, logger="shiphook.deployer")
     daemon.kill()
-    wait_until(lambda: "cannot reach the Docker engine" in caplog.text, what="a failed poll")
+    eventually(lambda: "cannot reach the Docker engine" in caplog.text, what="a failed poll")
     daemon.start()
     daemon.wait_for_swarm()
 
     deployment = harness.wait_for(deployment_id, timeout=120)
     assert deployment["status"] == "succeeded", deployment
     assert services.image(service) == f"{APP}:v2"
-    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v2", f"{APP}:v2"])
+    eventually(lambda: services.running_images(service) == [f"{APP}:v2"] * 2, "v2 running")
 
 
 def test_an_engine_down_past_the_retry_budget_fails_clearly_and_loses_nothing(
@@ -326,7 +326,7 @@ def test_an_engine_down_past_the_retry_budget_fails_clearly_and_loses_nothing(
     config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=2))
     harness = harness_factory(config)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
-    wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
+    eventually(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout's start")
     daemon.kill()
     try:
         deployment = harness.wait_for(deployment_id, timeout=60)
@@ -355,7 +355,7 @@ def test_a_graceful_engine_restart_mid_rollout_ends_succeeded(
     config = swarm_config(tmp_path, engine, target("web", "app", service, retry_budget=120))
     harness = harness_factory(config)
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
-    wait_until(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout to start")
+    eventually(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout's start")
     caplog.set_level(logging.WARNING, logger="shiphook.deployer")
     daemon.stop()  # SIGTERM, as systemctl restart docker sends
     daemon.start()
@@ -367,7 +367,7 @@ def test_a_graceful_engine_restart_mid_rollout_ends_succeeded(
     # the engine did say it, and shiphook retried it rather than failing the deployment
     assert "This node is not a swarm manager" in caplog.text
     assert services.image(service) == f"{APP}:v2"
-    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v2"] * 3)
+    eventually(lambda: services.running_images(service) == [f"{APP}:v2"] * 3, "v2 running")
 
 
 def test_not_a_swarm_manager_mid_rollout_is_retried_and_the_rollout_succeeds(
@@ -447,7 +447,7 @@ def test_serve_then_hooks_create_then_curl_runs_the_new_tag_on_the_service(
         shown = json.loads(body)["deployment"]
         return None if shown["status"] in ("queued", "in_progress") else shown
 
-    deployment = wait_until(finished, timeout=90, what="the deployment to end")
+    deployment = eventually(finished, timeout=90, what="the deployment's end")
     assert deployment["status"] == "succeeded", deployment
     assert services.image(service) == f"{APP}:v2"
     assert services.running_images(service) == [f"{APP}:v2"]

@@ -20,7 +20,8 @@ from conftest import Harness, Server, replaced_by
 from dockerd import APP
 from shiphook.instance import open_instance
 from shiphook.models import TERMINAL
-from swarm_support import Engine, Services, job_body, swarm_config, target, wait_until
+from shiphook.testing import eventually
+from swarm_support import Engine, Services, job_body, swarm_config, target
 from test_durability import all_deployments, create_hook, post_hook, wait_all_terminal
 
 # the `engine` and `services` fixtures; a plugin, so that one engine serves every module
@@ -116,7 +117,7 @@ def test_wait_answers_502_with_swarms_reason_when_a_broken_tag_is_rolled_back(
     assert "(task: non-zero exit (1))" in description  # the failed task's own error
     assert description.endswith("; rolled back (rollback completed)")
     assert services.image(service) == f"{APP}:v1"
-    assert wait_until(lambda: services.running_images(service) == [f"{APP}:v1"])
+    eventually(lambda: services.running_images(service) == [f"{APP}:v1"], "v1 running")
 
 
 def test_wait_answers_504_at_the_deadline_and_the_swarm_rollout_goes_on(
@@ -284,7 +285,7 @@ def test_a_server_killed_mid_rollout_loses_nothing_and_runs_each_swarm_job_once(
         shown = {d["id"]: d for d in all_deployments(server)}
         return all(shown[d]["backendRef"] for d in first.values())
 
-    wait_until(started, timeout=60, what="both rollouts to start")
+    eventually(started, timeout=60, what="both rollouts' start")
     for n in range(1, 4):  # newer tags queue behind the running rollouts, as do more runs
         for name in apps:
             push(name, {"imageTag": tags[n]})
