@@ -326,7 +326,7 @@ def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, cap
     assert any(request_id in r.getMessage() for r in caplog.records)
 
 
-def test_requests_read_within_three_loop_turns_share_one_commit(quiet, monkeypatch):
+def test_requests_read_within_the_group_commits_turns_share_one_commit(quiet, monkeypatch):
     storage = quiet.instance.storage
     batches: list[list[str]] = []
     add_deployments = storage.add_deployments
@@ -346,15 +346,19 @@ def test_requests_read_within_three_loop_turns_share_one_commit(quiet, monkeypat
         )
         await commits.add(Accepted(new))
 
+    within = range(GroupCommit.TURNS)  # the turns of the first request and those after it
+    late = 3 * GroupCommit.TURNS
+
     async def main() -> None:
         await asyncio.gather(
-            *(accept(f"{turns}.{n}", turns) for turns in (0, 1, 2, 8) for n in (0, 1))
+            *(accept(f"{turns}.{n}", turns) for turns in (*within, late) for n in (0, 1))
         )
 
     commits = GroupCommit(storage)
     asyncio.run(main())
-    first, second = ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"], ["8.0", "8.1"]
-    assert batches == [first, second]  # those read in the three turns, then the late ones
+    first = [f"{turns}.{n}" for turns in within for n in (0, 1)]
+    second = [f"{late}.0", f"{late}.1"]
+    assert batches == [first, second]  # those read within the turns, then the late ones
     assert sorted(d.image_tag for d in quiet.instance.deployments.list()) == first + second
 
 
@@ -379,7 +383,7 @@ def test_a_full_sqlite_disk_answers_503_and_logs_once(quiet, caplog):
     body = {"instanceEnvironmentVariables": [{"name": "GREETING", "value": "x" * 30000}]}
     answers = [quiet.post_hook(token, body) for _ in range(3)]
     assert [a.status_code for a in answers] == [503] * 3
-    assert all(a.headers["Retry-After"] == "5" for a in answers)
+    assert all(int(a.headers["Retry-After"]) > 0 for a in answers)
     assert answers[0].json["cause"] == "OperationalError"
     logged = [r.getMessage() for r in caplog.records if r.name == "shiphook.storage"]
     assert logged == ["database unreachable: OperationalError: database or disk is full"]
