@@ -105,6 +105,26 @@ def test_many_waiting_ci_jobs_are_each_answered_when_their_run_ends(harness):
     assert [r.status_code for r in results] == [201] * 50
 
 
+def test_a_waiting_ci_job_is_answered_when_a_deployer_elsewhere_records_the_end(harness_factory):
+    """As under `shiphook serve`, where the deployer is another process (or another replica):
+    the waiters read outcomes from the database, whoever records them."""
+    accepting = harness_factory(start=False)  # no deployer of its own
+    token = accepting.new_hook("web")
+    deploying = harness_factory()  # the same database
+    hook = {"X-Deploy-Hook-Token": token}
+
+    async def ci_job(conductor):  # answered long before its deadline: released by the end
+        answer = conductor.simulate_post(
+            "/api/v1/dh", json={"imageTag": "1.0"}, headers=hook, params={"wait": "600"}
+        )
+        return await asyncio.wait_for(answer, timeout=60)
+
+    [result] = accepting.gather(ci_job)
+    assert result.status_code == 201, result.text
+    assert result.json["deployment"]["status"] == "succeeded"
+    assert deploying.backend.calls("deploy")
+
+
 # -- Idempotency-Key ----------------------------------------------------------------------------
 
 
