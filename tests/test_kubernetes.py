@@ -491,7 +491,10 @@ def test_a_rollback_brings_back_the_replicasets_annotations_as_kubectl_rollout_u
     last_applied = {"kubectl.kubernetes.io/last-applied-configuration": applied}
     annotate = kube.apps.patch_namespaced_deployment
     annotate("web", kube.namespace, {"metadata": {"annotations": last_applied}})
-    harness = harness_factory(kube_config(tmp_path, kube, target("web", "app", deployment="web")))
+    # the rollback, not how the rollout fails, is under test: shiphook's own rollout_timeout
+    # ends it should a busy controller-manager be late with the progress deadline
+    web = target("web", "app", deployment="web", rollout_timeout=20)
+    harness = harness_factory(kube_config(tmp_path, kube, web))
     token = harness.new_hook("web")
     first = wait_post(harness, token, {"imageTag": "v2"}).json["deployment"]
     assert first["status"] == "succeeded", first
@@ -510,7 +513,7 @@ def test_a_rollback_brings_back_the_replicasets_annotations_as_kubectl_rollout_u
     wait_until(lambda: kube.images("deployment", "web") == {"app": f"{APP}:broken"})
     cause = {"kubernetes.io/change-cause": "the broken one"}
     annotate("web", kube.namespace, {"metadata": {"annotations": cause}})
-    broken = harness.wait_for(broken_id, timeout=90)
+    broken = harness.wait_for(broken_id, timeout=120)
     assert broken["status"] == "rolled_back", broken
 
     annotations = kube.read("deployment", "web")["metadata"]["annotations"]
