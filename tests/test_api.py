@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from datetime import UTC, datetime
 
+import falcon.inspect
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN
 from shiphook import tokens
+from shiphook.http.app import WAIT_STATUS
 from shiphook.instance import open_instance
-from shiphook.models import DeploymentCreate
+from shiphook.models import DeploymentCreate, DeploymentPublic, Status
+from shiphook.services import wait_outcome
 from shiphook.storage import Accepted, GroupCommit
 from sqlalchemy import event
 from uuid_utils import uuid7
@@ -263,6 +268,68 @@ def test_admin_endpoints_are_off_without_an_admin_token(harness_factory, monkeyp
     assert "SHIPHOOK_ADMIN_TOKEN" in result.json["description"]
 
 
+# what a request without the admin token may call; every other route and method needs it
+PUBLIC = {("GET", "/healthz"), ("POST", "/api/v1/dh")}
+UNKNOWN_DEPLOYMENT = "01a227f9-c3cc-7bc7-b32b-faf0907280e9"
+
+
+def admin_routes(app) -> list[tuple[str, str]]:
+    """Every method and path the app answers with a responder of its own, with the path's
+    fields filled in (the admin token is checked before anything is looked up)."""
+    fields = {"{deployment_id}": UNKNOWN_DEPLOYMENT, "{target}": "web", "{hook_id:int}": "1"}
+    found = []
+    for route in falcon.inspect.inspect_routes(app):
+        path = route.path
+        for field, value in fields.items():
+            path = path.replace(field, value)
+        assert "{" not in path, f"give {route.path}'s field a value"
+        found += [(m.method, path) for m in route.methods if not m.internal]
+    return [r for r in found if r not in PUBLIC]
+
+
+def test_every_route_but_health_and_the_hook_needs_the_admin_token(quiet):
+    routes = admin_routes(quiet.app)
+    assert ("POST", f"/api/v1/deployments/{UNKNOWN_DEPLOYMENT}/rollback") in routes
+    for method, path in routes:
+        for headers, description in [
+            ({}, "admin token required: send 'Authorization: Bearer <admin token>'"),
+            ({"Authorization": "Basic dGVzdA=="}, "admin token required"),
+            ({"Authorization": "Bearer"}, "admin token required"),
+            ({"Authorization": "Bearer nope"}, "the admin token is not valid"),
+            ({"Authorization": f"Bearer {ADMIN_TOKEN}x"}, "the admin token is not valid"),
+        ]:
+            result = quiet.client.simulate_request(method, path, headers=headers)
+            assert result.status_code == 401, (method, path, headers)
+            assert result.json["title"] == "401 Unauthorized"
+            assert result.json["description"].startswith(description)
+            assert result.headers["WWW-Authenticate"] == 'Bearer realm="shiphook admin"'
+        answered = quiet.client.simulate_request(method, path, headers=ADMIN).status_code
+        assert answered not in (401, 403), (method, path)
+    assert quiet.instance.hooks.list() == []  # nothing was created without the token
+
+
+def test_without_an_admin_token_every_admin_route_is_403(harness_factory, monkeypatch):
+    monkeypatch.delenv("SHIPHOOK_ADMIN_TOKEN")
+    harness = harness_factory(start=False)
+    for method, path in admin_routes(harness.app):
+        result = harness.client.simulate_request(method, path, headers=ADMIN)
+        assert result.status_code == 403, (method, path)
+        assert result.json == {
+            "title": "403 Forbidden",
+            "description": "the admin API is disabled: "
+            "start shiphook with SHIPHOOK_ADMIN_TOKEN set",
+        }
+
+
+def test_a_deployment_read_with_a_hook_token_ignores_the_admin_token(quiet):
+    deployment_id = quiet.deploy(quiet.new_hook("web"), {"imageTag": "1.0"})
+    other = quiet.new_hook("web")
+    result = quiet.client.simulate_get(
+        f"/api/v1/deployments/{deployment_id}", headers={"X-Deploy-Hook-Token": other, **ADMIN}
+    )
+    assert result.status_code == 404
+
+
 def test_admin_creates_lists_and_deletes_hooks(quiet):
     created = quiet.client.simulate_post(
         "/api/v1/targets/web/hooks", json={"name": "gha"}, headers=ADMIN
@@ -306,6 +373,142 @@ def test_admin_lists_targets_and_deployments(quiet):
     assert bad.status_code == 400
     bad = quiet.client.simulate_get("/api/v1/deployments", params={"limit": "x"}, headers=ADMIN)
     assert bad.status_code == 400
+
+
+# -- query parameters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "1001", "99999999999999999999999", "x", "1.5", ""])
+def test_a_bad_limit_is_400_naming_what_it_takes_and_the_value(quiet, value):
+    result = quiet.client.simulate_get(
+        "/api/v1/deployments", query_string=f"limit={value}", headers=ADMIN
+    )
+    assert result.status_code == 400
+    assert result.json == {
+        "title": "400 Bad Request",
+        "description": f"limit: expected a whole number from 1 to 1000, got {value!r}",
+    }
+
+
+def test_the_limit_bounds_the_list_and_its_last_value_counts(quiet):
+    token = quiet.new_hook("web")
+    for tag in ("1.0", "1.1", "1.2"):
+        quiet.deploy(token, {"imageTag": tag})
+    listed = quiet.client.simulate_get(
+        "/api/v1/deployments", query_string="limit=x&limit=2", headers=ADMIN
+    )
+    assert [d["imageTag"] for d in listed.json["deployments"]] == ["1.2", "1.1"]
+    listed = quiet.client.simulate_get("/api/v1/deployments", headers=ADMIN)
+    assert len(listed.json["deployments"]) == 3  # 50 without one
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "-inf", "nan", "inf", "1e400", "", "0x10"])
+def test_a_bad_wait_is_400_naming_what_it_takes_and_the_value(quiet, value):
+    result = quiet.post_hook(quiet.new_hook("web"), {"imageTag": "1.0"}, params={"wait": value})
+    assert result.status_code == 400
+    assert result.json == {
+        "title": "400 Bad Request",
+        "description": f"wait: expected a number of seconds from 0 to 900, got {value!r}",
+    }
+    assert stored_deployments(quiet) == []
+
+
+def test_the_wait_is_checked_after_the_token_and_before_the_body(quiet):
+    bad_wait = {"wait": "soon"}
+    assert quiet.post_hook(tokens.new_token(), b"{", params=bad_wait).status_code == 404
+    result = quiet.post_hook(quiet.new_hook("web"), b"{", params=bad_wait)
+    assert result.json["description"].startswith("wait: ")
+
+
+def test_a_zero_wait_answers_at_once(quiet):
+    result = quiet.post_hook(quiet.new_hook("web"), {"imageTag": "1.0"}, params={"wait": "0"})
+    assert result.status_code == 201
+    assert result.json["deployment"]["status"] == "queued"
+
+
+# -- what ?wait answers: the outcome is the service's, the status code the API's ----------------
+
+
+def deployment_in(status: Status, message: str = "") -> DeploymentPublic:
+    now = datetime.now(UTC)
+    return DeploymentPublic(
+        id=UNKNOWN_DEPLOYMENT,
+        target="web",
+        kind="app",
+        status=status,
+        message=message,
+        created_at=now,
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (Status.succeeded, 201),
+        (Status.failed, 502),
+        (Status.rolled_back, 502),
+        (Status.superseded, 409),
+        (Status.queued, 504),
+        (Status.in_progress, 504),
+    ],
+)
+def test_each_state_a_wait_ends_in_has_the_readme_s_status_code(status, code):
+    waited = wait_outcome(deployment_in(status), waited=1)
+    assert int(WAIT_STATUS[waited.outcome][:3]) == code
+    assert (waited.description is None) == (code == 201)
+    assert waited.deployment.status == status
+
+
+def test_a_wait_outcome_says_what_a_ci_job_reads():
+    d = UNKNOWN_DEPLOYMENT
+    said = {
+        status: wait_outcome(deployment_in(status, message), waited=0.3).description
+        for status, message in [
+            (Status.rolled_back, "task exited with code 1; rolled back"),
+            (Status.failed, "task exited with code 1"),
+            (Status.superseded, "superseded by deployment X (tag 2.0)"),
+            (Status.in_progress, "1/2 tasks updated"),
+            (Status.queued, ""),
+        ]
+    }
+    assert said == {
+        Status.rolled_back: f"deployment {d} rolled back: task exited with code 1; rolled back",
+        Status.failed: f"deployment {d} failed: task exited with code 1",
+        Status.superseded: f"deployment {d} was superseded by deployment X (tag 2.0)",
+        Status.in_progress: f"deployment {d} is still in_progress after 0.3s; it goes on: "
+        f"GET /api/v1/deployments/{d}",
+        Status.queued: f"deployment {d} is still queued after 0.3s; it goes on: "
+        f"GET /api/v1/deployments/{d}",
+    }
+    stopping = wait_outcome(deployment_in(Status.in_progress), waited=9, shutting_down=True)
+    assert stopping.description == (
+        f"deployment {d} is still in_progress, and the server is shutting down; it goes on: "
+        f"GET /api/v1/deployments/{d}"
+    )
+
+
+# -- the access log ---------------------------------------------------------------------------
+
+
+def test_the_access_log_says_what_each_hook_request_was_answered(quiet, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="shiphook.access")
+    token = quiet.new_hook("web")
+    accepted = quiet.deploy(token, {"imageTag": "1.0"})
+    quiet.post_hook(token, {"imageTag": "1.0"}, params={"wait": "soon"})
+    quiet.client.simulate_get("/api/v1/dh")  # no hook request: 405
+    quiet.client.simulate_get("/api/v1/targets", headers=ADMIN)  # nor an admin one
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(quiet.instance.storage, "add_deployments", broken)
+    quiet.post_hook(token, {"imageTag": "1.1"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "shiphook.access"]
+    assert [re.sub(r" \(\d+\.\d ms\)$", "", line) for line in lines] == [
+        f"POST /api/v1/dh 201 deployment {accepted} queued",
+        "POST /api/v1/dh 400 wait: expected a number of seconds from 0 to 900, got 'soon'",
+        "POST /api/v1/dh 500 unexpected error",
+    ]
 
 
 def test_healthz(quiet):

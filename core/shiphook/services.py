@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import jiter
@@ -51,6 +53,7 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 HOOK_IDS = range(1, 2**31)  # the id column is a 32-bit SQL INTEGER on PostgreSQL
+LIST_LIMITS = range(1, 1001)  # how many deployments one listing may ask for
 
 
 def _oci_tag(value: str) -> str:
@@ -242,8 +245,10 @@ def check_deployment_filters(*, target: str | None, status: str | None, limit: i
             f"status: {status!r} is not a deployment status "
             f"(expected one of {', '.join(Status.__members__)})"
         )
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit: expected a number from 1 to 1000")
+    if limit not in LIST_LIMITS:
+        raise InvalidRequest(
+            f"limit: expected a number from {LIST_LIMITS.start} to {LIST_LIMITS[-1]}"
+        )
 
 
 class Hooks:
@@ -444,6 +449,57 @@ class Deployments:
         found = self.storage.list_deployments(target=target, status=status, limit=limit)
         histories = self.storage.histories([d.id for d in found])
         return [public_deployment(d, histories[d.id]) for d in found]
+
+
+class WaitOutcome(StrEnum):
+    """What a deployment's state means to a caller who waited for its end (`?wait`)."""
+
+    succeeded = "succeeded"  # rolled out, or the job run completed
+    failed = "failed"  # failed, or failed and was rolled back
+    superseded = "superseded"  # a newer deployment of its target replaced it before it started
+    unfinished = "unfinished"  # still queued or in progress: the wait ended first
+
+
+WAIT_OUTCOMES = {
+    Status.succeeded: WaitOutcome.succeeded,
+    Status.failed: WaitOutcome.failed,
+    Status.rolled_back: WaitOutcome.failed,
+    Status.superseded: WaitOutcome.superseded,
+    Status.queued: WaitOutcome.unfinished,
+    Status.in_progress: WaitOutcome.unfinished,
+}
+
+
+@dataclass(frozen=True)
+class Waited:
+    """The answer to a caller who waited: the outcome, what they read when it is not a success
+    (`None` when it is), and the deployment as it is now."""
+
+    outcome: WaitOutcome
+    description: str | None
+    deployment: DeploymentPublic
+
+
+def wait_outcome(
+    deployment: DeploymentPublic, *, waited: float, shutting_down: bool = False
+) -> Waited:
+    """What a wait of `waited` seconds for `deployment` (read once the wait ended: at the
+    deployment's end, at the deadline, or when the server began to shut down) comes to."""
+    outcome = WAIT_OUTCOMES[Status(deployment.status)]
+    status, message, ident = deployment.status, deployment.message, deployment.id
+    if outcome is WaitOutcome.succeeded:
+        description = None
+    elif outcome is WaitOutcome.superseded:  # the message names the newer deployment and its tag
+        description = f"deployment {ident} was {message}"
+    elif outcome is WaitOutcome.unfinished:
+        when = ", and the server is shutting down" if shutting_down else f" after {waited:g}s"
+        description = (
+            f"deployment {ident} is still {status}{when}; it goes on: "
+            f"GET /api/v1/deployments/{ident}"
+        )
+    else:
+        description = f"deployment {ident} {status.replace('_', ' ')}: {message}"
+    return Waited(outcome, description, deployment)
 
 
 def _check_idempotency_key(key: str) -> None:

@@ -1,13 +1,18 @@
 """The HTTP API: a Falcon ASGI app built by `create_app` from the collaborators it is given.
 
-Resources are thin: they read the request, call a service and shape the answer. Services raise
-domain errors; `ERROR_STATUS` maps each to an HTTP status in one place.
+Resources are thin: they read the request, call a service and shape the answer. Who may call a
+resource is declared once, on its class (`@falcon.before(admin_only)`). Services raise domain
+errors; `ERROR_STATUS` maps each to an HTTP status in one place, and `_bad_parameter` answers a
+query parameter that `req.get_param_as_int/float` refused in the same JSON shape. `AccessLog`
+writes a line per hook request from the answer as sent.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +22,7 @@ import falcon
 import falcon.asgi
 import falcon.media
 import orjson
+from falcon.asgi import Request, Response
 
 from shiphook.backends import Target
 from shiphook.errors import (
@@ -31,13 +37,16 @@ from shiphook.errors import (
     Unprocessable,
 )
 from shiphook.http.waiters import Waiters
-from shiphook.models import Status
+from shiphook.models import HookIdentity
 from shiphook.services import (
+    LIST_LIMITS,
     Deployments,
     Hooks,
     NewHookBody,
+    WaitOutcome,
     parse_json_body,
     public_target,
+    wait_outcome,
 )
 
 log = logging.getLogger("shiphook.http")
@@ -61,14 +70,12 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
 SHUTDOWN = "shiphook.shutdown"
 RETRY_AFTER = "5"  # seconds a caller is told to wait when the database is unavailable
 
-# How `?wait` answers, by the state the deployment is in when the wait ends.
+# How `?wait` answers each outcome (`shiphook.services.wait_outcome`).
 WAIT_STATUS = {
-    Status.succeeded: falcon.HTTP_201,
-    Status.failed: falcon.HTTP_502,
-    Status.rolled_back: falcon.HTTP_502,
-    Status.superseded: falcon.HTTP_409,
-    Status.queued: falcon.HTTP_504,
-    Status.in_progress: falcon.HTTP_504,
+    WaitOutcome.succeeded: falcon.HTTP_201,
+    WaitOutcome.failed: falcon.HTTP_502,
+    WaitOutcome.superseded: falcon.HTTP_409,
+    WaitOutcome.unfinished: falcon.HTTP_504,
 }
 
 
@@ -78,7 +85,7 @@ class AdminGuard:
     def __init__(self, token: str | None) -> None:
         self._token = token.encode() if token else None
 
-    def check(self, req: falcon.asgi.Request) -> None:
+    def check(self, req: Request) -> None:
         if self._token is None:
             raise AdminDisabled(
                 "the admin API is disabled: start shiphook with SHIPHOOK_ADMIN_TOKEN set"
@@ -92,7 +99,25 @@ class AdminGuard:
             raise Unauthenticated("the admin token is not valid")
 
 
-async def read_body(req: falcon.asgi.Request) -> bytes:
+async def admin_only(req: Request, resp: Response, resource: Any, params: dict) -> None:
+    """Runs before every responder of an admin resource (`@falcon.before(admin_only)` on its
+    class): the admin token (`resource.admin`, an `AdminGuard`), or 401 / 403."""
+    resource.admin.check(req)
+
+
+async def hook_token_or_admin(req: Request, resp: Response, resource: Any, params: dict) -> None:
+    """Runs before the responders of a resource that a deploy hook's token opens as well as the
+    admin token: passes them `hook`, the hook whose token was sent (it sees only what it
+    created), or `None` for the admin."""
+    token = req.get_header(TOKEN_HEADER)
+    if token is None:
+        resource.admin.check(req)
+        params["hook"] = None
+    else:
+        params["hook"] = await resource.hooks.storage.call(resource.hooks.authenticate, token)
+
+
+async def read_body(req: Request) -> bytes:
     if req.content_length is not None and req.content_length > MAX_BODY:
         raise PayloadTooLarge(
             f"request body is {req.content_length} bytes; the limit is {MAX_BODY}"
@@ -103,7 +128,13 @@ async def read_body(req: falcon.asgi.Request) -> bytes:
     return body
 
 
+def deployment_location(deployment_id: str) -> str:
+    return f"/api/v1/deployments/{deployment_id}"
+
+
 class DeployHookResource:
+    """`POST /api/v1/dh`: the hook contract; the accept path."""
+
     def __init__(
         self,
         hooks: Hooks,
@@ -117,20 +148,9 @@ class DeployHookResource:
         self.notify = notify
         self.waiters = waiters
         self.max_wait = max_wait
-        self.db = deployments.storage.call
 
-    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        started = time.perf_counter()
-        try:
-            outcome = await self._deploy(req, resp)
-        except Exception as error:
-            reason = error.message if isinstance(error, ShiphookError) else "unexpected error"
-            _log_access(req, _status_of(error), reason, started)
-            raise
-        _log_access(req, resp.status, outcome, started)
-
-    async def _deploy(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> str:
-        """Answer the hook request; return what the access log says of it."""
+    async def on_post(self, req: Request, resp: Response) -> None:
+        req.context.hook_request_started = time.perf_counter()  # for `AccessLog`
         token = req.get_header(TOKEN_HEADER)
         if token is None:
             raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
@@ -143,60 +163,53 @@ class DeployHookResource:
             self.notify(deployment["target"])
         else:
             resp.set_header("Idempotent-Replayed", "true")
-        resp.location = f"/api/v1/deployments/{deployment['id']}"
+        resp.location = deployment_location(deployment["id"])
         if not wait:
             resp.status = falcon.HTTP_201
             resp.media = {"deployment": deployment}
-            return f"deployment {deployment['id']} {deployment['status']}"
+            return
         shutdown = req.scope.get("extensions", {}).get(SHUTDOWN)
         await self.waiters.wait(deployment["id"], wait, until=shutdown)
-        outcome = (await self.db(self.deployments.get, deployment["id"])).to_json()
-        resp.status = WAIT_STATUS[Status(outcome["status"])]
-        if resp.status == falcon.HTTP_201:
-            resp.media = {"deployment": outcome}
+        current = await self.deployments.storage.call(self.deployments.get, deployment["id"])
+        waited = wait_outcome(
+            current, waited=wait, shutting_down=shutdown is not None and shutdown.done()
+        )
+        resp.status = WAIT_STATUS[waited.outcome]
+        if waited.description is None:
+            resp.media = {"deployment": waited.deployment.to_json()}
         else:
-            stopping = shutdown is not None and shutdown.done()
-            resp.media = {
-                "title": resp.status,
-                "description": wait_outcome(outcome, wait, shutting_down=stopping),
-                "deployment": outcome,
-            }
-        return f"deployment {outcome['id']} {outcome['status']}"
-
-    def _wait_seconds(self, req: falcon.asgi.Request) -> float:
-        raw = req.get_param("wait")
-        if raw is None:
-            return 0.0
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = -1.0
-        if not 0 <= seconds < float("inf"):
-            raise InvalidRequest(
-                f"wait: expected a number of seconds from 0 to {self.max_wait:g}, got {raw!r}"
+            resp.media = _error_body(
+                resp.status, waited.description, deployment=waited.deployment.to_json()
             )
+
+    def _wait_seconds(self, req: Request) -> float:
+        """`?wait`, capped by `max_wait`; 0 (answer at once) without it."""
+        seconds = req.get_param_as_float("wait", min_value=0, default=0.0)
+        if not math.isfinite(seconds):
+            raise falcon.HTTPInvalidParam("The value must be finite.", "wait")
         return min(seconds, self.max_wait)
 
 
-def _status_of(error: Exception) -> str:
-    """The status the error handlers answer `error` with."""
-    for kind in type(error).__mro__:
-        if kind in ERROR_STATUS:
-            return ERROR_STATUS[kind]
-    return falcon.HTTP_500
+class AccessLog:
+    """Middleware: one line per hook request (uvicorn's access log is off), read from the answer
+    as its responder or the error handlers shaped it; never a header nor the query string, so
+    never a token."""
 
-
-def _log_access(req: falcon.asgi.Request, status: str, outcome: str, started: float) -> None:
-    """One line per hook request (uvicorn's access log is off); never a header nor the query
-    string, so never a token."""
-    if access_log.isEnabledFor(logging.INFO):
-        args = (
-            req.method,
-            req.path,
-            str(status)[:3],
-            outcome,
-            (time.perf_counter() - started) * 1e3,
-        )
+    async def process_response(
+        self, req: Request, resp: Response, resource: Any, req_succeeded: bool
+    ) -> None:
+        started = req.context.get("hook_request_started")
+        if started is None or not access_log.isEnabledFor(logging.INFO):
+            return
+        answer = resp.media or {}
+        if "deployment" in answer:
+            outcome = f"deployment {answer['deployment']['id']} {answer['deployment']['status']}"
+        elif "requestId" in answer:
+            outcome = "unexpected error"
+        else:
+            outcome = answer.get("description", "")
+        args = (req.method, req.path, str(resp.status)[:3], outcome)
+        args += ((time.perf_counter() - started) * 1e3,)
         # made directly: `info()` would first walk the stack for a caller no line shows
         access_log.handle(
             access_log.makeRecord(
@@ -205,94 +218,77 @@ def _log_access(req: falcon.asgi.Request, status: str, outcome: str, started: fl
         )
 
 
-def wait_outcome(deployment: dict[str, Any], waited: float, *, shutting_down: bool = False) -> str:
-    """What a waiting CI job reads when the rollout did not simply succeed."""
-    status, message, ident = deployment["status"], deployment["message"], deployment["id"]
-    if status == Status.superseded:  # the message names the newer deployment and its tag
-        return f"deployment {ident} was {message}"
-    if status in (Status.queued, Status.in_progress):
-        when = ", and the server is shutting down" if shutting_down else f" after {waited:g}s"
-        return (
-            f"deployment {ident} is still {status}{when}; it goes on: "
-            f"GET /api/v1/deployments/{ident}"
-        )
-    return f"deployment {ident} {status.replace('_', ' ')}: {message}"
-
-
+@falcon.before(admin_only)
 class DeploymentsResource:
+    """The admin's deployments: the recent ones, and rolling one back."""
+
     def __init__(
-        self,
-        hooks: Hooks,
-        deployments: Deployments,
-        guard: AdminGuard,
-        notify: Callable[[str], None],
+        self, deployments: Deployments, notify: Callable[[str], None], admin: AdminGuard
     ) -> None:
-        self.hooks = hooks
         self.deployments = deployments
-        self.guard = guard
         self.notify = notify
+        self.admin = admin
         self.db = deployments.storage.call
 
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        self.guard.check(req)
+    async def on_get(self, req: Request, resp: Response) -> None:
         found = await self.db(
             self.deployments.list,
             target=req.get_param("target"),
             status=req.get_param("status"),
-            limit=_int_param(req, "limit", 50),
+            limit=req.get_param_as_int(
+                "limit", min_value=LIST_LIMITS.start, max_value=LIST_LIMITS[-1], default=50
+            ),
         )
         resp.media = {"deployments": [d.to_json() for d in found]}
 
-    async def on_get_item(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
-    ) -> None:
-        token = req.get_header(TOKEN_HEADER)
-        hook = None
-        if token is not None:
-            hook = await self.db(self.hooks.authenticate, token)
-        else:
-            self.guard.check(req)
-        deployment = await self.db(self.deployments.get, deployment_id, hook=hook)
-        resp.media = {"deployment": deployment.to_json()}
-
-    async def on_post_rollback(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, deployment_id: str
-    ) -> None:
-        self.guard.check(req)
+    async def on_post_rollback(self, req: Request, resp: Response, deployment_id: str) -> None:
         deployment = await self.db(self.deployments.rollback, deployment_id)
         self.notify(deployment.target)
         resp.status = falcon.HTTP_201
-        resp.location = f"/api/v1/deployments/{deployment.id}"
+        resp.location = deployment_location(deployment.id)
         resp.media = {"deployment": deployment.to_json()}
 
 
-class TargetsResource:
-    def __init__(self, targets: dict[str, Target], guard: AdminGuard) -> None:
-        self.targets = targets
-        self.guard = guard
+@falcon.before(hook_token_or_admin)
+class DeploymentResource:
+    """One deployment with its history, for the hook that created it or the admin."""
 
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        self.guard.check(req)
+    def __init__(self, hooks: Hooks, deployments: Deployments, admin: AdminGuard) -> None:
+        self.hooks = hooks
+        self.deployments = deployments
+        self.admin = admin
+
+    async def on_get(
+        self, req: Request, resp: Response, deployment_id: str, hook: HookIdentity | None
+    ) -> None:
+        deployment = await self.deployments.storage.call(
+            self.deployments.get, deployment_id, hook=hook
+        )
+        resp.media = {"deployment": deployment.to_json()}
+
+
+@falcon.before(admin_only)
+class TargetsResource:
+    def __init__(self, targets: dict[str, Target], admin: AdminGuard) -> None:
+        self.targets = targets
+        self.admin = admin
+
+    async def on_get(self, req: Request, resp: Response) -> None:
         resp.media = {"targets": [public_target(t) for t in self.targets.values()]}
 
 
+@falcon.before(admin_only)
 class HooksResource:
-    def __init__(self, hooks: Hooks, guard: AdminGuard) -> None:
+    def __init__(self, hooks: Hooks, admin: AdminGuard) -> None:
         self.hooks = hooks
-        self.guard = guard
+        self.admin = admin
         self.db = hooks.storage.call
 
-    async def on_get(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
-    ) -> None:
-        self.guard.check(req)
+    async def on_get(self, req: Request, resp: Response, target: str) -> None:
         found = await self.db(self.hooks.list, target=target)
         resp.media = {"hooks": [h.model_dump(mode="json", by_alias=True) for h in found]}
 
-    async def on_post(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, target: str
-    ) -> None:
-        self.guard.check(req)
+    async def on_post(self, req: Request, resp: Response, target: str) -> None:
         body = parse_json_body(
             NewHookBody, await read_body(req), 'expected a JSON object like {"name": "gitlab-ci"}'
         )
@@ -301,33 +297,25 @@ class HooksResource:
         resp.location = f"/api/v1/hooks/{created.id}"
         resp.media = {"hook": created.model_dump(mode="json", by_alias=True)}
 
-    async def on_delete_item(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, hook_id: int
-    ) -> None:
-        self.guard.check(req)
+    async def on_delete_item(self, req: Request, resp: Response, hook_id: int) -> None:
         deleted = await self.db(self.hooks.delete, hook_id)
         resp.media = {"hook": deleted.model_dump(mode="json", by_alias=True)}
 
 
 class HealthResource:
-    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+    async def on_get(self, req: Request, resp: Response) -> None:
         resp.media = {"status": "ok"}
 
 
-def _int_param(req: falcon.asgi.Request, name: str, default: int) -> int:
-    raw = req.get_param(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name}: expected a whole number, got {raw!r}") from None
+def _error_body(status: str, description: str, **more: Any) -> dict[str, Any]:
+    """Every error's JSON: `{"title": "400 Bad Request", "description": ...}`, then `more`."""
+    return {"title": status, "description": description, **more}
 
 
 def _domain_error_handler(status: str):
-    async def handle(req, resp, error: ShiphookError, params) -> None:
+    async def handle(req: Request, resp: Response, error: ShiphookError, params: dict) -> None:
         resp.status = status
-        resp.media = {"title": status, "description": error.message}
+        resp.media = _error_body(status, error.message)
         if status == falcon.HTTP_401:
             resp.set_header("WWW-Authenticate", 'Bearer realm="shiphook admin"')
         if isinstance(error, DatabaseUnavailable):
@@ -337,15 +325,38 @@ def _domain_error_handler(status: str):
     return handle
 
 
-async def _unexpected_error(req, resp, error: Exception, params) -> None:
+# the name in the description of Falcon's `HTTPInvalidParam`: 'The "limit" parameter is invalid.'
+FALCON_PARAMETER = re.compile(r'The "([^"]+)" parameter')
+
+
+def _bad_parameter(expected: dict[str, str]):
+    """The handler of a query parameter `req.get_param_as_int/float` refused: like every other
+    400, it names the parameter, what `expected` says it takes, and the value given."""
+
+    async def handle(
+        req: Request, resp: Response, error: falcon.HTTPInvalidParam, params: dict
+    ) -> None:
+        named = FALCON_PARAMETER.match(error.description or "")
+        name = named[1] if named else None
+        if name in expected:
+            description = f"{name}: expected {expected[name]}, got {req.get_param(name)!r}"
+        else:
+            description = error.description or ""
+        resp.status = falcon.HTTP_400
+        resp.media = _error_body(falcon.HTTP_400, description)
+
+    return handle
+
+
+async def _unexpected_error(req: Request, resp: Response, error: Exception, params: dict) -> None:
     request_id = req.get_header("X-Request-ID") or uuid.uuid4().hex
     log.error("request %s: %s %s failed", request_id, req.method, req.path, exc_info=error)
     resp.status = falcon.HTTP_500
-    resp.media = {
-        "title": falcon.HTTP_500,
-        "description": "an unexpected error occurred; quote the request id when reporting it",
-        "requestId": request_id,
-    }
+    resp.media = _error_body(
+        falcon.HTTP_500,
+        "an unexpected error occurred; quote the request id when reporting it",
+        requestId=request_id,
+    )
 
 
 def create_app(
@@ -357,30 +368,37 @@ def create_app(
     waiters: Waiters,
     admin_token: str | None,
     max_wait: float = 900,
-    middleware: list[Any] | None = None,
 ) -> falcon.asgi.App:
     """Build the API. `notify` is called after each committed deployment (the deployer's wake-up);
     `waiters` serves `?wait`."""
-    app = falcon.asgi.App(middleware=middleware or [])
+    app = falcon.asgi.App(middleware=[AccessLog()])
     json_handler = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
     app.req_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
-    guard = AdminGuard(admin_token)
-    deployments_resource = DeploymentsResource(hooks, deployments, guard, notify)
-    hooks_resource = HooksResource(hooks, guard)
+    admin = AdminGuard(admin_token)
+    deployments_resource = DeploymentsResource(deployments, notify, admin)
+    hooks_resource = HooksResource(hooks, admin)
 
     app.add_route("/healthz", HealthResource())
     app.add_route("/api/v1/dh", DeployHookResource(hooks, deployments, notify, waiters, max_wait))
     app.add_route("/api/v1/deployments", deployments_resource)
-    app.add_route("/api/v1/deployments/{deployment_id}", deployments_resource, suffix="item")
+    app.add_route(
+        "/api/v1/deployments/{deployment_id}", DeploymentResource(hooks, deployments, admin)
+    )
     app.add_route(
         "/api/v1/deployments/{deployment_id}/rollback", deployments_resource, suffix="rollback"
     )
-    app.add_route("/api/v1/targets", TargetsResource(targets, guard))
+    app.add_route("/api/v1/targets", TargetsResource(targets, admin))
     app.add_route("/api/v1/targets/{target}/hooks", hooks_resource)
     app.add_route("/api/v1/hooks/{hook_id:int}", hooks_resource, suffix="item")
 
     app.add_error_handler(Exception, _unexpected_error)
     for error, status in ERROR_STATUS.items():
         app.add_error_handler(error, _domain_error_handler(status))
+    # what each query parameter read with `req.get_param_as_int/float` takes
+    parameters = {
+        "wait": f"a number of seconds from 0 to {max_wait:g}",
+        "limit": f"a whole number from {LIST_LIMITS.start} to {LIST_LIMITS[-1]}",
+    }
+    app.add_error_handler(falcon.HTTPInvalidParam, _bad_parameter(parameters))
     return app
