@@ -18,6 +18,7 @@ from shiphook.http.app import TOKEN_HEADER
 from shiphook.instance import Instance, open_instance
 from shiphook.plugin_manager import describe_plugins, plugin_error
 from shiphook.services import (
+    LIST_LIMITS,
     check_deployment_filters,
     check_deployment_id,
     check_hook_id,
@@ -290,7 +291,12 @@ def deployments() -> None:
 @deployments.command("list")
 @click.option("--target", help="Only this target.")
 @click.option("--status", help="Only this status (queued, in_progress, succeeded, ...).")
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(LIST_LIMITS.start, LIST_LIMITS.stop - 1),
+    default=50,
+    show_default=True,
+)
 @json_option
 @click.pass_context
 def deployments_list(
