@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,12 +76,6 @@ class Cluster:
             return done[-1] if done else None
 
         return eventually(ended, f"the end of {job_id}'s deployment of version {version}", timeout)
-
-
-def wait_until(check: Callable[[], T], timeout: float = 30, what: str = "") -> T:
-    """`shiphook.testing.eventually` with the arguments in this older order, for the
-    tests/test_nomad*.py modules, which still import it from here."""
-    return eventually(check, what or str(check), timeout)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,12 +89,6 @@ def engine() -> Iterator[Engine]:
         yield Engine(daemon.host, daemon)
     finally:
         daemon.remove()
-
-
-def wait_until(check: Callable[[], T], timeout: float = 60, what: str = "") -> T:
-    """`shiphook.testing.eventually` with the arguments in this older order, for
-    tests/test_kubernetes.py, which still imports it from here."""
-    return eventually(check, what or str(check), timeout)
 
 
 class Services:

@@ -26,6 +26,7 @@ from conftest import ADMIN_TOKEN, ROOT, Harness, run_cli, write_config
 from http_proxy import Cut
 from k8s.api_proxy import TOO_MANY_REQUESTS, ApiServerProxy, Step, status
 from shiphook.instance import open_instance
+from shiphook.testing import eventually
 from shiphook_kubernetes.backend import (
     ANNOTATION_DEPLOYMENT,
     INSTANTIATE,
@@ -35,7 +36,6 @@ from shiphook_kubernetes.backend import (
     ApiError,
     job_name,
 )
-from swarm_support import wait_until
 from test_durability import all_deployments
 from test_k8s_cluster import template, workload
 
@@ -70,18 +70,18 @@ class Kube:
         if containers:
             body["spec"]["template"]["spec"]["containers"] = containers
         self.apps.create_namespaced_deployment(self.namespace, body)
-        wait_until(lambda: self.rolled_out("deployment", name), what=f"deployment {name}")
+        eventually(lambda: self.rolled_out("deployment", name), f"deployment {name}")
         return name
 
     def statefulset(self, name: str = "db", **spec) -> str:
         body = workload(name, f"{APP}:v1", **{"replicas": 2, "serviceName": name, **spec})
         self.apps.create_namespaced_stateful_set(self.namespace, body)
-        wait_until(lambda: self.rolled_out("statefulset", name), what=f"statefulset {name}")
+        eventually(lambda: self.rolled_out("statefulset", name), f"statefulset {name}")
         return name
 
     def daemonset(self, name: str = "agent") -> str:
         self.apps.create_namespaced_daemon_set(self.namespace, workload(name, f"{APP}:v1"))
-        wait_until(lambda: self.rolled_out("daemonset", name), what=f"daemonset {name}")
+        eventually(lambda: self.rolled_out("daemonset", name), f"daemonset {name}")
         return name
 
     def cronjob(
@@ -271,7 +271,7 @@ def test_a_failing_tag_is_rolled_back_to_the_previous_replicasets_template(
     # the template is the previous ReplicaSet's again, and its pods run
     assert kube.read("deployment", "web")["spec"]["template"] == before
     assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
-    wait_until(lambda: kube.pod_images("web") == [f"{APP}:v1"] * 2, what="v1 pods only")
+    eventually(lambda: kube.pod_images("web") == [f"{APP}:v1"] * 2, "v1 pods only")
 
 
 def test_a_failing_tag_with_on_failure_leave_fails_and_stays(kube, harness_factory, tmp_path):
@@ -463,9 +463,9 @@ def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(
     web = target("web", "app", deployment="web", rollout_timeout=60)
     harness = harness_factory(kube_config(tmp_path, kube, web))
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "broken"})
-    wait_until(
+    eventually(
         lambda: "ImagePullBackOff" in harness.instance.deployments.get(deployment_id).message,
-        what="the rollout's failing pod",
+        "the rollout's failing pod",
     )
     kube.apps.patch_namespaced_deployment("web", kube.namespace, {"spec": {"paused": True}})
     deployment = harness.wait_for(deployment_id, timeout=90)
@@ -506,11 +506,14 @@ def test_a_rollback_brings_back_the_replicasets_annotations_as_kubectl_rollout_u
 
     cause = {"kubernetes.io/change-cause": "v2 for the spring release"}
     annotate("web", kube.namespace, {"metadata": {"annotations": cause}})
-    wait_until(lambda: current_set().get("kubernetes.io/change-cause"), what="the set's cause")
+    eventually(lambda: current_set().get("kubernetes.io/change-cause"), "the set's cause")
     v2_set = current_set()
 
     broken_id = harness.deploy(token, {"imageTag": "broken"})
-    wait_until(lambda: kube.images("deployment", "web") == {"app": f"{APP}:broken"})
+    eventually(
+        lambda: kube.images("deployment", "web") == {"app": f"{APP}:broken"},
+        "kube.images('deployment', 'web') == {'app': f'{APP}:broken'}",
+    )
     cause = {"kubernetes.io/change-cause": "the broken one"}
     annotate("web", kube.namespace, {"metadata": {"annotations": cause}})
     broken = harness.wait_for(broken_id, timeout=120)
@@ -526,8 +529,15 @@ def test_a_rollback_brings_back_the_replicasets_annotations_as_kubectl_rollout_u
     assert "deployment.kubernetes.io/desired-replicas" in v2_set
     assert "deployment.kubernetes.io/desired-replicas" not in annotations
     revision = int(v2_set["deployment.kubernetes.io/revision"])
-    wait_until(lambda: kube.read("deployment", "web")["metadata"]["annotations"][
-        "deployment.kubernetes.io/revision"] == str(revision + 2))  # fmt: skip
+    eventually(
+        lambda: (
+            kube.read("deployment", "web")["metadata"]["annotations"][
+                "deployment.kubernetes.io/revision"
+            ]
+            == str(revision + 2)
+        ),
+        "the revision after the rollback",
+    )
 
 
 def test_in_cluster_the_pods_serviceaccount_and_namespace_are_used(
@@ -598,7 +608,7 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
         assert message.startswith(f"statefulset {name} rolling update complete: 2 pods at revision")
     else:
         assert message == f"daemonset {name} successfully rolled out"
-    wait_until(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, what="v2 pods")
+    eventually(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, "v2 pods")
     revisions = kube.apps.list_namespaced_controller_revision(kube.namespace).items
     assert sorted(r.revision for r in revisions) == [1, 2]
     before = kube.read(kind, name)["spec"]["template"]
@@ -611,7 +621,7 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
     assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in deployment["message"]
     # the ControllerRevision of v2 patched back
     assert kube.read(kind, name)["spec"]["template"] == before
-    wait_until(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, what="v2 pods again")
+    eventually(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, "v2 pods again")
 
 
 def test_a_partitioned_statefulset_rollout_ends_when_the_pods_above_the_partition_run_it(
@@ -763,7 +773,7 @@ def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, 
     assert status == 201, answer
     deployment_id = json.loads(answer)["deployment"]["id"]
     name = job_name(cronjob, deployment_id)
-    wait_until(kube.jobs, what="the Job")
+    eventually(kube.jobs, "the Job")
     server.stop(signal.SIGKILL)  # the server and its deployer process, at once
 
     instance = open_instance(config, plugin_modules=[])
@@ -778,7 +788,7 @@ def test_a_run_resumed_after_kill_9_of_shiphook_serve_has_exactly_one_job(kube, 
         [run] = [d for d in all_deployments(restarted) if d["id"] == deployment_id]
         return run if run["status"] not in ("queued", "in_progress") else None
 
-    run = wait_until(ended, what="the resumed run to end")
+    run = eventually(ended, "the resumed run to end")
     assert run["status"] == "succeeded", run
     assert run["message"].startswith(f"job {name} completed (")
     [job] = kube.jobs()

@@ -25,10 +25,10 @@ from nomad_support import (
     service_job,
     target,
     unique,
-    wait_until,
 )
 from shiphook import BackendError
 from shiphook.instance import open_instance
+from shiphook.testing import eventually
 from shiphook_nomad import NomadBackend, NomadOptions
 from test_durability import all_deployments, create_hook, post_hook, wait_all_terminal
 
@@ -497,7 +497,7 @@ def test_a_run_resumed_after_kill_9_of_serve_does_not_dispatch_twice(
         server, token, {"instanceEnvironmentVariables": [{"name": "GREETING", "value": "hi"}]}
     )
     assert status == 201, answer
-    wait_until(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), what="the dispatch")
+    eventually(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), "the dispatch")
     server.stop(signal.SIGKILL)
     assert len(fake.children(job_id)) == 1
 

@@ -16,7 +16,8 @@ import nomad.api.exceptions
 import pytest
 import requests
 from nomad_fake import JOB_KEYS, NomadFake
-from nomad_support import IMAGE, batch_job, service_job, wait_until
+from nomad_support import IMAGE, batch_job, service_job
+from shiphook.testing import eventually
 
 Fault = nomad.api.exceptions.BaseNomadException
 
@@ -45,7 +46,7 @@ def settled(fake: NomadFake, job_id: str, version: int) -> dict[str, Any]:
                 return d
         return None
 
-    return wait_until(ended, 10)
+    return eventually(ended, "the allocation to end", timeout=10)
 
 
 def test_errors_are_plain_text_with_nomads_codes_and_texts(fake):  # 1.1, 1.4, 2.1
@@ -296,14 +297,24 @@ def test_a_failed_batch_allocation_is_rescheduled_once(fake):  # 3.5, 3.6
             else None
         )
 
-    allocs = sorted(wait_until(both_failed, 10), key=lambda a: a["CreateIndex"])
+    allocs = sorted(
+        eventually(both_failed, "both failed", timeout=10), key=lambda a: a["CreateIndex"]
+    )
     assert allocs[0]["NextAllocation"] == allocs[1]["ID"]
     assert allocs[1]["NextAllocation"] == ""
     assert allocs[1]["ClientDescription"] == "Failed tasks"
     assert allocs[1]["DeploymentStatus"] is None
-    wait_until(lambda: jobs.get_job(child)["Status"] == "dead", 10)
+    eventually(
+        lambda: jobs.get_job(child)["Status"] == "dead",
+        "jobs.get_job(child)['Status'] == 'dead'",
+        timeout=10,
+    )
     fine = jobs.dispatch_job("migrate", meta={"EXIT": "0"})["DispatchedJobID"]
-    wait_until(lambda: [a["ClientStatus"] for a in jobs.get_allocations(fine)] == ["complete"], 10)
+    eventually(
+        lambda: [a["ClientStatus"] for a in jobs.get_allocations(fine)] == ["complete"],
+        "[a['ClientStatus'] for a in jobs.get_allocations(fine)] == ['complete']",
+        timeout=10,
+    )
 
 
 def test_acl_tokens_need_their_capability(fake):  # 1.4
@@ -346,5 +357,9 @@ def test_injected_faults_and_held_answers(fake):  # 1.4 (forwarded errors), 7
 
     sender = threading.Thread(target=register, daemon=True)
     sender.start()
-    assert wait_until(lambda: api(fake).get_job("web") if "web" in api(fake) else None, 10)
+    assert eventually(
+        lambda: api(fake).get_job("web") if "web" in api(fake) else None,
+        "api(fake).get_job('web') if 'web' in api(fake) else None",
+        timeout=10,
+    )
     assert sender.is_alive()

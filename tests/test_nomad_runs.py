@@ -16,7 +16,8 @@ from typing import Any
 
 from conftest import Harness, run_cli
 from nomad_fake import NomadFake
-from nomad_support import IMAGE, Cluster, batch_job, nomad_config, target, unique, wait_until
+from nomad_support import IMAGE, Cluster, batch_job, nomad_config, target, unique
+from shiphook.testing import eventually
 from test_durability import create_hook, post_hook, wait_all_terminal
 from test_nomad import nomad_env, registers
 
@@ -92,7 +93,7 @@ def test_a_run_never_dispatches_into_a_window_another_shiphook_opened_after_its_
     # the first's plain run reads the job while no window is open, and gets the answer late ...
     fake.hold("GET", f"/v1/job/{job_id}", 1.5)
     plain = first.deploy(first.new_hook("migrate"), run_body({"GREETING": "plain"}))
-    wait_until(lambda: fake.calls("GET", f"/v1/job/{job_id}"), what="the plain run's read")
+    eventually(lambda: fake.calls("GET", f"/v1/job/{job_id}"), "the plain run's read")
     # ... when the second's tagged run has opened its window (its dispatch's answer is held)
     fake.hold("POST", f"/v1/job/{job_id}/dispatch", 3)
     tagged = second.deploy(second.new_hook("migrate"), run_body(tag="v9"))
@@ -155,7 +156,7 @@ def kill_in_window(fake: Any, cluster: Cluster, server: Any, job_id: str, tag: s
     fake.hold("POST", f"/v1/job/{job_id}", 30)
     status, answer = post_hook(server, token, run_body({"GREETING": "hi"}, tag))
     assert status == 201, answer
-    wait_until(lambda: window_of(cluster, job_id), what="the run's window")
+    eventually(lambda: window_of(cluster, job_id), "the run's window")
     server.stop(signal.SIGKILL)
     assert fake.children(job_id) == []
     assert cluster.image(job_id) == f"{IMAGE}:{tag}"
@@ -204,7 +205,7 @@ def test_a_window_left_by_a_run_whose_target_was_removed_is_reported_and_taken_o
         result = run_cli("check", config=config, env=nomad_env(), check=False)
         return result.stdout if result.returncode == 1 else None
 
-    said = wait_until(reported, 60, "check reporting the stale window")
+    said = eventually(reported, "check reporting the stale window", timeout=60)
     assert (
         f"target migrate (job): NOT USABLE: job {job_id} has carried the image of run {left} "
         f"({IMAGE}:v5) since "
@@ -234,7 +235,7 @@ def test_a_stopped_serve_closes_the_window_of_the_run_it_was_starting(
     fake.hold("POST", f"/v1/job/{job_id}/dispatch", 2)  # the run is in its window meanwhile
     status, answer = post_hook(first, token, run_body(tag="v5"))
     assert status == 201, answer
-    wait_until(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), what="the dispatch")
+    eventually(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), "the dispatch")
     first.stop()  # SIGTERM, as an operator stops it
     assert first.process.returncode == 0, first.log()
     # serve exited once the run's dispatch was answered and the job had its own image back
@@ -255,7 +256,7 @@ def test_a_window_the_run_cannot_close_at_once_is_closed_while_the_run_is_follow
     harness = harness_factory(config)
     fake.hold("POST", f"/v1/job/{job_id}/dispatch", 0.5)
     run_id = harness.deploy(harness.new_hook("migrate"), run_body(tag="v5"))
-    wait_until(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), what="the dispatch")
+    eventually(lambda: fake.calls("POST", f"/v1/job/{job_id}/dispatch"), "the dispatch")
     # Nomad loses its leader just then: the register that would close the window fails
     fake.fail("POST", f"/v1/job/{job_id}", 500, "No cluster leader")
     run = harness.wait_for(run_id, 30)
