@@ -174,6 +174,14 @@ def postgres_url():
         admin.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The test runs on a new SQLite file, then on a fresh PostgreSQL schema."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path}/shiphook.db"
+
+
 # -- a real `shiphook serve` subprocess ---------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime
 
 import falcon.inspect
+import orjson
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN
@@ -15,7 +16,7 @@ from shiphook import tokens
 from shiphook.http.app import WAIT_STATUS
 from shiphook.instance import open_instance
 from shiphook.models import DeploymentCreate, DeploymentPublic, Status
-from shiphook.services import wait_outcome
+from shiphook.services import new_deployment_json, public_deployment, wait_outcome
 from shiphook.storage import Accepted, GroupCommit
 from sqlalchemy import event
 from uuid_utils import uuid7
@@ -79,6 +80,25 @@ def test_the_answer_to_a_hook_is_the_deployment_as_stored(quiet, target, body):
     answer = quiet.post_hook(quiet.new_hook(target), body).json["deployment"]
     stored = quiet.client.simulate_get(f"/api/v1/deployments/{answer['id']}", headers=ADMIN)
     assert answer == {k: v for k, v in stored.json["deployment"].items() if k != "history"}
+
+
+@pytest.mark.parametrize("microsecond", [0, 120])
+def test_a_new_deployments_json_is_its_public_view(microsecond):
+    new = DeploymentCreate(
+        id=str(uuid7()),
+        target="migrate",
+        kind="job",
+        created_at=datetime(2026, 12, 1, 9, 30, microsecond=microsecond, tzinfo=UTC),
+        hook_id=3,
+        hook_name="ci",
+        image_tag="2.0",
+        env=[{"name": "GREETING", "value": "hi"}],
+        rollback_of=str(uuid7()),
+        idempotency_key="build-7",
+        request_digest="d" * 64,
+    )
+    assert new_deployment_json(new) == public_deployment(new).to_json()
+    assert orjson.loads(orjson.dumps(new_deployment_json(new))) == public_deployment(new).to_json()
 
 
 def test_hook_use_stamps_last_used_at(quiet):

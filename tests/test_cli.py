@@ -243,4 +243,4 @@ def test_check_reports_the_schema_version(tmp_path):
     assert f"{database}: no database yet" in before
     run_cli("db", "upgrade", config=config)
     after = run_cli("check", config=config, check=False).stdout
-    assert f"{database}: schema 0001, the latest" in after
+    assert f"{database}: schema 0002, the latest" in after

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import scripted_backend
 from conftest import run_cli, scripted_config, write_config
+from shiphook import Target
 from shiphook.errors import ConfigError
 from shiphook.instance import open_instance
+from shiphook.services import public_target
 
 BACKEND = '[backends.fake]\nplugin = "scripted"\n'
 
@@ -31,6 +33,50 @@ def test_a_full_config_resolves_plugin_keys_with_the_plugins_models(tmp_path):
     assert web.options.name == "web"
     assert web.options.repository == "registry.test/app"
     assert instance.config.targets["migrate"].parameters == ("EXIT", "GREETING")
+    instance.close()
+
+
+def test_every_target_key_reaches_the_target_its_backend_gets_and_the_api(tmp_path):
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        database_url = "sqlite:///{tmp_path}/shiphook.db"
+        [backends.fake]
+        plugin = "scripted"
+        [targets.nightly]
+        kind = "job"
+        backend = "fake"
+        name = "nightly"
+        repository = "registry.test/nightly"
+        rollout_timeout = 42
+        on_failure = "leave"
+        retry_budget = 7.5
+        allowed_tags = 'v\\d+'
+        parameters = ["DAY"]
+        max_concurrent_runs = 3
+        call_timeout = 9
+        """,
+    )
+    instance = load(config)
+    target = instance.config.targets["nightly"]
+    assert isinstance(target, Target[scripted_backend.ScriptedTargetOptions])
+    assert target.options == scripted_backend.ScriptedTargetOptions(
+        name="nightly", repository="registry.test/nightly"
+    )
+    assert public_target(target) == {
+        "name": "nightly",
+        "kind": "job",
+        "backend": "fake",
+        "rolloutTimeout": 42.0,
+        "onFailure": "leave",
+        "retryBudget": 7.5,
+        "allowedTags": "v\\d+",
+        "parameters": ["DAY"],
+        "maxConcurrentRuns": 3,
+        "callTimeout": 9.0,
+        "options": {"name": "nightly", "repository": "registry.test/nightly"},
+    }
     instance.close()
 
 

@@ -20,13 +20,6 @@ from shiphook.services import Hooks
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite:///{tmp_path}/shiphook.db"
-
-
 @pytest.fixture
 def on_each_database(request, database_url, monkeypatch) -> Harness:
     """A harness on each database, its deployer not running: what is accepted stays queued."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import scripted_backend
 from conftest import plugin_env, run_cli, write_config
-from shiphook import Backend, hookimpl, hookspecs
+from shiphook import Backend, Target, hookimpl, hookspecs
 from shiphook.errors import ConfigError
 from shiphook.plugin_manager import collect_backends, make_plugin_manager
 
@@ -26,8 +26,9 @@ def install_fake_distribution(site: Path) -> None:
 
             class Echo(Backend):
                 name = "echo"
+                description = "answers every call at once"
                 def check(self): return "echo ready"
-                def describe(self, target): return TargetState(image=None)
+                def describe(self, target): return TargetState(image=None, detail="an echo")
                 def deploy(self, target, *, image_tag, deployment_id): return {"tag": image_tag}
                 def run_job(self, target, *, env, image_tag, deployment_id): return {}
                 def progress(self, target, ref): return Progress("succeeded", "echoed")
@@ -66,8 +67,29 @@ def test_a_third_party_backend_loads_through_the_entry_point_group(tmp_path):
         "distribution": "shiphook-echo",
         "version": "1.0",
         "backends": ["echo"],
+        "descriptions": {"echo": "answers every call at once"},
     }
-    assert "backend e (echo): echo ready" in run_cli("check", config=config, env=env).stdout
+    table = run_cli("plugins", config=config, env=env).stdout.splitlines()
+    assert table[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKEND", "DESCRIPTION"]
+    assert "echo shiphook-echo 1.0 echo answers every call at once" in [
+        " ".join(r.split()) for r in table
+    ]
+    checked = run_cli("check", config=config, env=env).stdout
+    assert "backend e (echo): echo ready" in checked
+    assert "target t (app): found, running unknown (an echo)" in checked
+
+
+def test_a_backend_written_for_the_bare_target_gets_typed_targets_and_works(harness):
+    """Plugins written before `Target` was generic annotate `target: Target`, as the scripted
+    backend does: they are handed the same `Target[TheirTargetOptions]`, and run unchanged."""
+    for method in ("describe", "deploy", "run_job", "progress", "rollback"):
+        annotation = inspect.get_annotations(getattr(scripted_backend.ScriptedBackend, method))
+        assert annotation["target"] == "Target", method
+    web = harness.instance.config.targets["web"]
+    assert isinstance(web, Target[scripted_backend.ScriptedTargetOptions])
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.1"})
+    assert harness.wait_for(deployment_id)["status"] == "succeeded"
+    assert harness.backend.image("web") == "registry.test/app:1.1"
 
 
 def test_disabled_plugins_blocks_an_entry_point_plugin_by_name(tmp_path):

@@ -10,13 +10,16 @@ could not be asked.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Kind = Literal["app", "job"]
+Seconds = Annotated[float, Field(gt=0)]
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class NoOptions(BaseModel):
@@ -28,8 +31,8 @@ class NoOptions(BaseModel):
 class ConnectionOptions(NoOptions):
     """Backend keys every orchestrator connection has; a backend's `Options` may extend it."""
 
-    timeout: Annotated[float, Field(gt=0)] = Field(30.0, description="seconds per API call")
-    poll_interval: Annotated[float, Field(gt=0)] = Field(
+    timeout: Seconds = Field(30.0, description="seconds per API call")
+    poll_interval: Seconds = Field(
         1.0, description="seconds between progress reads of a rollout or job run"
     )
 
@@ -49,26 +52,57 @@ class BackendError(Exception):
         self.transient = transient
 
 
-@dataclass(frozen=True)
-class Target:
-    """A deployable thing as configured in `[targets.<name>]`, handed to every backend call."""
+class TargetSettings(BaseModel):
+    """The keys every `[targets.<name>]` has, whatever its backend: shiphook's own."""
 
-    name: str
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     kind: Kind
     backend: str
-    options: Any  # the backend's TargetOptions instance: its locator keys, validated
-    rollout_timeout: float = 600.0
+    rollout_timeout: Seconds = 600.0
     on_failure: Literal["rollback", "leave"] = "rollback"
-    retry_budget: float = 300.0
+    retry_budget: Annotated[float, Field(ge=0)] = 300.0
     allowed_tags: str | None = None
-    parameters: tuple[str, ...] | None = None
-    max_concurrent_runs: int = 1
-    call_timeout: float = 120.0
+    parameters: tuple[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], ...] | None = None
+    max_concurrent_runs: int = Field(1, ge=1, le=100)
+    call_timeout: Seconds = 120.0
+
+    @field_validator("allowed_tags")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> TargetSettings:
+        if self.kind == "app" and self.parameters is not None:
+            raise ValueError("parameters applies to job targets only")
+        return self
+
+
+TargetOptionsT = TypeVar("TargetOptionsT", bound=BaseModel)
+
+
+class Target(TargetSettings, Generic[TargetOptionsT]):
+    """A deployable thing as configured in `[targets.<name>]`, handed to every backend call.
+
+    `options` is the backend's `TargetOptions` instance (its locator keys, validated); annotate
+    `target: Target[MyTargetOptions]` to have `target.options.<key>` typed (a bare `Target` works
+    too).
+    """
+
+    name: str
+    options: TargetOptionsT
 
 
 @dataclass(frozen=True)
 class TargetState:
-    """What `Backend.describe` found: the target exists, and the image it runs now."""
+    """What `Backend.describe` found: the target exists, the image it runs now, and in `detail`
+    a few words on what it is (`shiphook check` prints them)."""
 
     image: str | None
     detail: str = ""
@@ -99,11 +133,11 @@ another shiphook process after a restart, so it must hold everything needed to f
 class Backend(ABC):
     """Base class of every orchestrator backend.
 
-    Subclasses set `name` (what `plugin = "..."` in the config names), `Options` and
-    `TargetOptions` (pydantic models; use `extra="forbid"` so typos are reported), and the
-    capability flags; then implement the abstract methods. `__init__` receives the validated
-    `Options` instance and must not contact the orchestrator: `serve` starts, and keeps
-    accepting hooks, while an orchestrator is down.
+    Subclasses set `name` (what `plugin = "..."` in the config names), `description` (one line
+    `shiphook plugins` shows), `Options` and `TargetOptions` (pydantic models; use
+    `extra="forbid"` so typos are reported), and the capability flags; then implement the
+    abstract methods. `__init__` receives the validated `Options` instance and must not contact
+    the orchestrator: `serve` starts, and keeps accepting hooks, while an orchestrator is down.
 
     `deploy` and `run_job` receive the deployment id and must be idempotent for it: after a
     crash the deployer calls them again for the same deployment, and that must not start a

@@ -137,7 +137,10 @@ def check(ctx: click.Context) -> None:
             continue
         try:
             state = instance.backends[target.backend].describe(target)
-            click.echo(f"target {name} ({target.kind}): found, running {state.image or 'unknown'}")
+            detail = f" ({state.detail})" if state.detail else ""
+            click.echo(
+                f"target {name} ({target.kind}): found, running {state.image or 'unknown'}{detail}"
+            )
         except BackendError as exc:
             click.echo(f"target {name} ({target.kind}): NOT USABLE: {exc.message}")
             failed = True
@@ -188,6 +191,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
             "distribution": i.distribution,
             "version": i.version,
             "backends": list(i.backends),
+            "descriptions": {b: instance.registry.classes[b].description for b in i.backends},
         }
         for i in infos
     ]
@@ -195,8 +199,12 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         data,
         as_json,
         lambda: table(
-            ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKENDS"],
-            [(d["name"], d["distribution"], d["version"], ", ".join(d["backends"])) for d in data],
+            ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKEND", "DESCRIPTION"],
+            [
+                (d["name"], d["distribution"], d["version"], b, d["descriptions"].get(b))
+                for d in data
+                for b in d["backends"] or [None]  # a plugin may provide no backend
+            ],
         ),
     )
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shiphook.backends import BackendRegistry, Target
+from shiphook.backends import BackendRegistry, Seconds, Target, TargetSettings
 from shiphook.db import DATABASE_TIMEOUT, SQLITE_SYNCHRONOUS
 from shiphook.errors import ConfigError, describe_validation_error
 
@@ -25,10 +24,8 @@ log = logging.getLogger("shiphook.config")
 
 DEFAULT_CONFIG_PATH = Path("configs/shiphook.toml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Seconds = Annotated[float, Field(gt=0)]
 
 
 class ServerSettings(BaseModel):
@@ -75,34 +72,10 @@ class BackendSection(BaseModel):
     plugin: str
 
 
-class TargetSection(BaseModel):
+class TargetSection(TargetSettings):
+    """`[targets.<name>]`: shiphook's keys, and the backend's, which `resolve_config` checks."""
+
     model_config = ConfigDict(extra="allow")
-
-    kind: Literal["app", "job"]
-    backend: str
-    rollout_timeout: Seconds = 600
-    on_failure: Literal["rollback", "leave"] = "rollback"
-    retry_budget: Annotated[float, Field(ge=0)] = 300
-    allowed_tags: str | None = None
-    parameters: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] | None = None
-    max_concurrent_runs: int = Field(1, ge=1, le=100)
-    call_timeout: Seconds = 120
-
-    @field_validator("allowed_tags")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
-
-    @model_validator(mode="after")
-    def _fits_kind(self) -> TargetSection:
-        if self.kind == "app" and self.parameters is not None:
-            raise ValueError("parameters applies to job targets only")
-        return self
 
 
 class ConfigFile(BaseModel):
@@ -200,20 +173,8 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
                 "one run of a job at a time; remove the key or set it to 1"
             )
         options = _plugin_model(path, f"targets.{name}", backend_class.TargetOptions, section)
-        common = section.model_dump(exclude=set(section.model_extra or ()))
-        targets[name] = Target(
-            name=name,
-            backend=section.backend,
-            options=options,
-            kind=common["kind"],
-            rollout_timeout=common["rollout_timeout"],
-            on_failure=common["on_failure"],
-            retry_budget=common["retry_budget"],
-            allowed_tags=common["allowed_tags"],
-            parameters=tuple(common["parameters"]) if common["parameters"] is not None else None,
-            max_concurrent_runs=common["max_concurrent_runs"],
-            call_timeout=common["call_timeout"],
-        )
+        settings = {key: getattr(section, key) for key in TargetSettings.model_fields}
+        targets[name] = Target[backend_class.TargetOptions](name=name, options=options, **settings)
     return Config(
         path=path,
         server=parsed.server,

@@ -1,23 +1,23 @@
 """Database tables and the public shapes of what they hold.
 
 A family per entity: the table (SQLModel), the create model (what a new row is made of), and the
-public model the API and CLI show (never a table object). Create and public models are
-dataclasses or plain pydantic: the accept path builds one of each per request, and a SQLModel
-table object costs some fifty microseconds to construct. Times are timezone-aware UTC, ISO 8601
-with `Z` outside.
+public model the API and CLI show (never a table object). A deployment's fields are each declared
+once, in a chain of models the table and the public model extend: adding a column is adding it
+to the model it belongs to, and a migration. The create and public models are plain pydantic:
+the accept path builds one per request, and a SQLModel table object costs some fifty
+microseconds to construct. Times are timezone-aware UTC, ISO 8601 with `Z` outside.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
-from pydantic import Field as PydanticField
 from pydantic.alias_generators import to_camel
-from sqlalchemy import JSON, Column, Index, text
+from sqlalchemy import JSON, Index, text
 from sqlmodel import Field, SQLModel
 
 
@@ -39,6 +39,18 @@ class Status(StrEnum):
 
 
 TERMINAL = tuple(s.value for s in Status if s.terminal)
+
+
+def status_column() -> sa.Enum:
+    """A `Status` column: its value as text in a VARCHAR(16), no database enum type nor CHECK
+    constraint, so that SQLite and PostgreSQL keep the rows and schema they had as plain text."""
+    return sa.Enum(
+        Status,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda statuses: [s.value for s in statuses],
+    )
 
 
 class PublicModel(BaseModel):
@@ -85,9 +97,42 @@ class HookCreated(HookPublic):
 
 
 # -- deployments --------------------------------------------------------------
+# Each field once: DeploymentBase (what the API shows) <- DeploymentCreate (+ what the accept path
+# keeps to itself) <- Deployment, the table (+ what the deployer keeps to itself); and
+# DeploymentBase <- DeploymentPublic. The bases are plain pydantic models whose fields carry
+# SQLModel's column arguments, which the table reads.
 
 
-class Deployment(SQLModel, table=True):
+class DeploymentBase(BaseModel):
+    """A deployment as the API shows it: what was asked for, and what became of it."""
+
+    id: str = Field(primary_key=True, max_length=36)
+    target: str = Field(max_length=63)
+    kind: str = Field(max_length=8)
+    status: Status = Field(default=Status.queued, sa_type=status_column())
+    message: str = ""
+    hook_id: int | None = None
+    hook_name: str | None = None
+    image_tag: str | None = Field(default=None, max_length=128)
+    env: list[dict[str, str]] | None = Field(default=None, sa_type=JSON)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    previous_image: str | None = None
+    backend_ref: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    superseded_by: str | None = None
+    rollback_of: str | None = None
+
+
+class DeploymentCreate(DeploymentBase):
+    """A new deployment as the accept path records it: queued, nothing started (the defaults).
+    Its values come from validated input and the clock."""
+
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_digest: str | None = Field(default=None, max_length=64)
+
+
+class Deployment(SQLModel, DeploymentCreate, table=True):
     __table_args__ = (
         # status first: the deployer looks for queued and in-progress work across all targets
         Index("ix_deployment_status_target", "status", "target"),
@@ -101,45 +146,8 @@ class Deployment(SQLModel, table=True):
         ),
     )
 
-    id: str = Field(primary_key=True, max_length=36)
-    target: str = Field(max_length=63)
-    kind: str = Field(max_length=8)
-    hook_id: int | None = None
-    hook_name: str | None = None
-    image_tag: str | None = Field(default=None, max_length=128)
-    env: list[dict[str, str]] | None = Field(default=None, sa_column=Column(JSON))
-    status: str = Field(default=Status.queued, max_length=16)
-    message: str = ""
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    previous_image: str | None = None
-    backend_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    rollback_ref: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    superseded_by: str | None = None
-    rollback_of: str | None = None
+    rollback_ref: dict[str, Any] | None = Field(default=None, sa_type=JSON)
     slot: int | None = None
-    idempotency_key: str | None = Field(default=None, max_length=255)
-    request_digest: str | None = Field(default=None, max_length=64)
-
-
-@dataclass(frozen=True)
-class DeploymentCreate:
-    """A new deployment as the accept path records it: queued, nothing started. A dataclass,
-    not a model: its values come from validated input and the clock, and it costs a tenth."""
-
-    id: str
-    target: str
-    kind: str
-    created_at: datetime
-    hook_id: int | None = None
-    hook_name: str | None = None
-    image_tag: str | None = None
-    env: list[dict[str, str]] | None = None
-    rollback_of: str | None = None
-    idempotency_key: str | None = None
-    request_digest: str | None = None
 
 
 class DeploymentEvent(SQLModel, table=True):
@@ -148,35 +156,24 @@ class DeploymentEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     deployment_id: str = Field(index=True, max_length=36)
     at: datetime
-    status: str = Field(max_length=16)
+    status: Status = Field(sa_type=status_column())
     message: str = ""
 
 
 class EventPublic(PublicModel):
     at: datetime
-    status: str
+    status: Status
     message: str
 
 
-class DeploymentPublic(PublicModel):
-    id: str
-    target: str
-    kind: str
-    status: str = Status.queued
-    message: str = ""
-    hook_id: int | None = None
-    hook_name: str | None = None
-    image_tag: str | None = None
-    env: list[dict[str, str]] | None = PydanticField(
-        default=None, alias="instanceEnvironmentVariables"
-    )
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    previous_image: str | None = None
-    backend_ref: dict[str, Any] | None = None
-    superseded_by: str | None = None
-    rollback_of: str | None = None
+def _deployment_json_name(field: str) -> str:
+    """camelCase, but `env` keeps the name the hook contract gives it."""
+    return "instanceEnvironmentVariables" if field == "env" else to_camel(field)
+
+
+class DeploymentPublic(DeploymentBase, PublicModel):
+    model_config = ConfigDict(alias_generator=_deployment_json_name)
+
     history: list[EventPublic] | None = None
 
     def to_json(self) -> dict[str, Any]:

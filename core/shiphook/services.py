@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import jiter
 from pydantic import (
@@ -19,11 +19,12 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
+from pydantic.alias_generators import to_camel
 from uuid_utils import uuid7
 
 from shiphook import tokens
-from shiphook.backends import Target
-from shiphook.config import ENV_NAME_PATTERN, NAME_PATTERN
+from shiphook.backends import ENV_NAME_PATTERN, Target
+from shiphook.config import NAME_PATTERN
 from shiphook.errors import (
     Conflict,
     InvalidRequest,
@@ -34,6 +35,7 @@ from shiphook.errors import (
 from shiphook.images import tag_of
 from shiphook.models import (
     Deployment,
+    DeploymentBase,
     DeploymentCreate,
     DeploymentEvent,
     DeploymentPublic,
@@ -153,9 +155,7 @@ def public_deployment(
     history: Iterable[DeploymentEvent] | None = None,
 ) -> DeploymentPublic:
     """The API's view of a deployment; with `history`, every transition from queued on."""
-    public = DeploymentPublic.model_validate(
-        vars(deployment) if isinstance(deployment, DeploymentCreate) else deployment
-    )
+    public = DeploymentPublic.model_validate(deployment)
     if history is not None:
         public.history = [
             EventPublic(at=public.created_at, status=Status.queued, message=""),
@@ -168,38 +168,37 @@ def public_deployment(
     return public
 
 
-# what every field of a new deployment's JSON holds unless `new_deployment_json` sets it
-_QUEUED_JSON = DeploymentPublic(id="", target="", kind="", created_at=utcnow()).to_json()
+def _holds_times(annotation: Any) -> bool:
+    return annotation is datetime or datetime in get_args(annotation)
+
+
+# each field the API shows with its JSON key, once at import; and the keys of those that hold times
+_JSON_KEYS = tuple(
+    (name, DeploymentPublic.model_fields[name].alias) for name in DeploymentBase.model_fields
+)
+_JSON_TIMES = tuple(
+    DeploymentPublic.model_fields[name].alias
+    for name, field in DeploymentBase.model_fields.items()
+    if _holds_times(field.annotation)
+)
 
 
 def new_deployment_json(new: DeploymentCreate) -> dict[str, Any]:
     """`public_deployment(new).to_json()` without building the model, for the accept path's
     answer to every request (a test holds the two equal)."""
-    return _QUEUED_JSON | {
-        "id": new.id,
-        "target": new.target,
-        "kind": new.kind,
-        "hookId": new.hook_id,
-        "hookName": new.hook_name,
-        "imageTag": new.image_tag,
-        "instanceEnvironmentVariables": new.env,
-        "createdAt": new.created_at.isoformat().replace("+00:00", "Z"),
-        "rollbackOf": new.rollback_of,
-    }
+    values = vars(new)
+    answer = {key: values[name] for name, key in _JSON_KEYS}
+    for key in _JSON_TIMES:
+        if answer[key] is not None:
+            answer[key] = answer[key].isoformat().replace("+00:00", "Z")
+    return answer
 
 
 def public_target(target: Target) -> dict[str, Any]:
-    """The API's and the CLI's view of a configured target."""
-    return {
-        "name": target.name,
-        "kind": target.kind,
-        "backend": target.backend,
-        "onFailure": target.on_failure,
-        "rolloutTimeout": target.rollout_timeout,
-        "allowedTags": target.allowed_tags,
-        "parameters": list(target.parameters) if target.parameters is not None else None,
-        "options": target.options.model_dump(mode="json"),
-    }
+    """The API's and the CLI's view of a configured target: its keys, camelCase, and the
+    backend's `options`."""
+    shown = target.model_dump(mode="json", serialize_as_any=True)
+    return {to_camel(key): value for key, value in shown.items()}
 
 
 # -- arguments checked without the database (the CLI opens it only once they are valid) ------

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -80,7 +80,7 @@ class Accepted:
     hook_digest: str | None = None
 
     def row(self) -> dict[str, object]:
-        return {**vars(self.new), "status": Status.queued, "message": ""}
+        return vars(self.new)
 
 
 class Reachability:
@@ -147,8 +147,7 @@ class Storage:
                 hook.c.token_digest == bindparam("token_digest")
             ),
         )
-        columns = [*(f.name for f in fields(DeploymentCreate)), "status", "message"]
-        values = {c: bindparam(c) for c in columns} | {"updated_at": bindparam("created_at")}
+        values = {c: bindparam(c) for c in DeploymentCreate.model_fields}
         self._insert_deployment = Prepared(engine.dialect, insert(deployment).values(values))
         # a token deleted after it was looked up (or while it sat in the cache) records
         # nothing: the insert's transaction checks its hook first, and on PostgreSQL keeps it
@@ -405,9 +404,7 @@ class Storage:
         """Set `values` on the deployment; with `event`, record it in the history."""
         with self._core() as connection:
             connection.execute(
-                update(DEPLOYMENT)
-                .where(DEPLOYMENT.c.id == deployment_id)
-                .values(updated_at=now, **values)
+                update(DEPLOYMENT).where(DEPLOYMENT.c.id == deployment_id).values(**values)
             )
             if event is not None:
                 connection.execute(
@@ -554,7 +551,7 @@ class Storage:
                 started = connection.execute(
                     update(DEPLOYMENT)
                     .where(DEPLOYMENT.c.id == chosen.id, DEPLOYMENT.c.status == Status.queued)
-                    .values(status=Status.in_progress, slot=slot, started_at=now, updated_at=now)
+                    .values(status=Status.in_progress, slot=slot, started_at=now)
                 )
                 if not started.rowcount:
                     return None, superseded, False
@@ -618,7 +615,6 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
             superseded_by=newest.id,
             message=f"superseded by deployment {newest.id} (tag {newest.image_tag})",
             finished_at=now,
-            updated_at=now,
         )
         .returning(DEPLOYMENT.c.id)
     )

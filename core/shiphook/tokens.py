@@ -16,7 +16,6 @@ PREFIX = "shk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BODY_LEN = 43  # ceil(256 / log2(62))
 _CHECK_LEN = 6  # ceil(32 / log2(62))
-TOKEN_LENGTH = len(PREFIX) + _BODY_LEN + _CHECK_LEN
 TOKEN_PATTERN = rf"{PREFIX}[0-9A-Za-z]{{{_BODY_LEN + _CHECK_LEN}}}"
 _SHAPE = re.compile(TOKEN_PATTERN, re.ASCII)
 

@@ -39,6 +39,9 @@ class DockerTargetOptions(BaseModel):
     container: str = Field(min_length=1, description="the container's name")
 
 
+DockerTarget = Target[DockerTargetOptions]
+
+
 class DockerBackend(Backend):
     name = "docker"
     description = "plain Docker containers on one host, recreated with the new image"
@@ -86,10 +89,10 @@ class DockerBackend(Backend):
         version = self.call(lambda api: api.version())
         return f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')})"
 
-    def describe(self, target: Target) -> TargetState:
+    def describe(self, target: DockerTarget) -> TargetState:
         return TargetState(image=self.inspect(target.options.container)["Config"]["Image"])
 
-    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
+    def deploy(self, target: DockerTarget, *, image_tag: str, deployment_id: str) -> Ref:
         name = target.options.container
         new_name, old_name = f"{name}-{deployment_id}", f"{name}-{deployment_id}-old"
         try:
@@ -139,7 +142,7 @@ class DockerBackend(Backend):
             config.pop("Hostname")  # Docker's default: the new container gets its own
         return config | {"Image": image, "HostConfig": old["HostConfig"]}
 
-    def progress(self, target: Target, ref: Ref) -> Progress:
+    def progress(self, target: DockerTarget, ref: Ref) -> Progress:
         if ref.get("unchanged"):
             return Progress("succeeded", f"{target.options.container} already runs {ref['image']}")
         state = self.inspect(ref["container"])["State"]
@@ -159,7 +162,7 @@ class DockerBackend(Backend):
         self.remove(ref["replaced"])  # kept until the new container proved itself
         return Progress("succeeded", f"{ref['image']} up, health {health or 'none'}")
 
-    def rollback(self, target: Target, ref: Ref) -> Ref:
+    def rollback(self, target: DockerTarget, ref: Ref) -> Ref:
         name = target.options.container
         if not ref.get("unchanged") and self.inspect(name)["Id"] == ref["container"]:
             self.remove(ref["container"])

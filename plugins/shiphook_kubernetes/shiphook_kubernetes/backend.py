@@ -215,6 +215,9 @@ class Client:
     namespace: str  # the backend's default namespace
 
 
+KubernetesTarget = Target[KubernetesTargetOptions]
+
+
 class KubernetesBackend(Backend):
     """Deployments, StatefulSets, DaemonSets and CronJobs through the Kubernetes API."""
 
@@ -321,7 +324,7 @@ class KubernetesBackend(Backend):
             finally:
                 response.release_conn()
 
-    def _namespace(self, target: Target) -> str:
+    def _namespace(self, target: KubernetesTarget) -> str:
         return target.options.namespace or self.client.namespace
 
     # -- check and describe -----------------------------------------------------------------
@@ -368,7 +371,7 @@ class KubernetesBackend(Backend):
         if missing:
             raise BackendError(_may_not(missing, namespace, f"target {target.name}"))
 
-    def describe(self, target: Target) -> TargetState:
+    def describe(self, target: KubernetesTarget) -> TargetState:
         namespace = self._namespace(target)
         if target.kind == "job":
             if target.options.cronjob is not None:  # else _cronjob says what the kind needs
@@ -389,7 +392,7 @@ class KubernetesBackend(Backend):
             detail += f", {found['spec']['replicas']} replicas"
         return TargetState(image=container["image"], detail=detail)
 
-    def _workload_of(self, target: Target) -> tuple[Workload, str]:
+    def _workload_of(self, target: KubernetesTarget) -> tuple[Workload, str]:
         o = target.options
         for key, workload in WORKLOADS.items():
             if getattr(o, key) is not None:
@@ -399,7 +402,7 @@ class KubernetesBackend(Backend):
             'needs a deployment, statefulset or daemonset: name one, or make it kind = "job"'
         )
 
-    def _cronjob(self, target: Target, namespace: str) -> dict[str, Any]:
+    def _cronjob(self, target: KubernetesTarget, namespace: str) -> dict[str, Any]:
         if target.options.cronjob is None:
             raise BackendError(
                 f"target {target.name} is of kind 'job', which needs a cronjob: name one, or "
@@ -428,7 +431,7 @@ class KubernetesBackend(Backend):
 
     # -- app deploys ---------------------------------------------------------------------------
 
-    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
+    def deploy(self, target: KubernetesTarget, *, image_tag: str, deployment_id: str) -> Ref:
         workload, name = self._workload_of(target)
         namespace = self._namespace(target)
         for _attempt in range(PATCH_ATTEMPTS):
@@ -513,7 +516,7 @@ class KubernetesBackend(Backend):
             if any(r.get("uid") == uid for r in item["metadata"].get("ownerReferences") or ())
         ]
 
-    def rollback(self, target: Target, ref: Ref) -> Ref:
+    def rollback(self, target: KubernetesTarget, ref: Ref) -> Ref:
         workload = WORKLOADS[ref["workload"]]
         namespace, name, restore = ref["namespace"], ref["name"], ref["previous_image"]
         answer = {"op": "rollback", "workload": workload.key, "namespace": namespace}
@@ -616,7 +619,7 @@ class KubernetesBackend(Backend):
             )
         return chosen[0]["data"] | {"metadata": {"resourceVersion": version}}, STRATEGIC
 
-    def progress(self, target: Target, ref: Ref) -> Progress:
+    def progress(self, target: KubernetesTarget, ref: Ref) -> Progress:
         if ref["op"] == "run":
             return self._job_progress(ref)
         workload = WORKLOADS[ref["workload"]]
@@ -658,7 +661,7 @@ class KubernetesBackend(Backend):
 
     def run_job(
         self,
-        target: Target,
+        target: KubernetesTarget,
         *,
         env: dict[str, str],
         image_tag: str | None,
@@ -861,7 +864,7 @@ def job_name(cronjob: str, deployment_id: str) -> str:
     return f"{cronjob[:52].rstrip('-.')}-{digest}"
 
 
-def _container(target: Target, template: dict[str, Any], what: str) -> dict[str, Any]:
+def _container(target: KubernetesTarget, template: dict[str, Any], what: str) -> dict[str, Any]:
     """The pod template's container the target names, or its only one."""
     containers = template["spec"]["containers"]
     names = ", ".join(c["name"] for c in containers)

@@ -168,6 +168,9 @@ class Client:
         self.leader = nomad.api.status.Leader(**settings)
 
 
+NomadTarget = Target[NomadTargetOptions]
+
+
 class NomadBackend(Backend):
     """Nomad service jobs (app targets) and parameterized batch jobs (job targets)."""
 
@@ -301,7 +304,7 @@ class NomadBackend(Backend):
         )
         return f"Nomad at {self.options.address} (leader {leader}; {where})"
 
-    def describe(self, target: Target) -> TargetState:
+    def describe(self, target: NomadTarget) -> TargetState:
         job = self._job_of_kind(target)
         if target.kind == "job":
             # said up front by `shiphook check`; a run sends the names anyway, for Nomad to refuse
@@ -338,12 +341,12 @@ class NomadBackend(Backend):
             f"({group['Count']} allocations), task {task['Name']}, version {job['Version']}",
         )
 
-    def _job_of_kind(self, target: Target) -> dict[str, Any]:
+    def _job_of_kind(self, target: NomadTarget) -> dict[str, Any]:
         job = self._job(target.options.job)
         self._check_kind(job, target)
         return job
 
-    def _check_kind(self, job: dict[str, Any], target: Target) -> None:
+    def _check_kind(self, job: dict[str, Any], target: NomadTarget) -> None:
         parameterized = bool(job.get("ParameterizedJob")) and not job.get("Dispatched")
         if target.kind == "app" and (job["Type"] not in ("service", "system") or parameterized):
             raise BackendError(
@@ -360,7 +363,7 @@ class NomadBackend(Backend):
 
     # -- app deploys --------------------------------------------------------------------
 
-    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
+    def deploy(self, target: NomadTarget, *, image_tag: str, deployment_id: str) -> Ref:
         job_id = target.options.job
         ours = self._version_of(job_id, deployment_id)
         if ours is not None:  # an earlier call registered it
@@ -400,7 +403,12 @@ class NomadBackend(Backend):
         return min(mine, key=lambda v: v["Version"], default=None)
 
     def _app_ref(
-        self, job: dict[str, Any], target: Target, image: str, version: int, previous: int | None
+        self,
+        job: dict[str, Any],
+        target: NomadTarget,
+        image: str,
+        version: int,
+        previous: int | None,
     ) -> Ref:
         """`previous` is the version this deployment's register replaced; None: it changed
         nothing."""
@@ -421,7 +429,7 @@ class NomadBackend(Backend):
             else "allocations",
         }
 
-    def progress(self, target: Target, ref: Ref) -> Progress:
+    def progress(self, target: NomadTarget, ref: Ref) -> Progress:
         if ref["op"] == "run":
             left_open = self._window_left_open(target, ref)
             progress = self._run_progress(ref)
@@ -567,7 +575,7 @@ class NomadBackend(Backend):
         state = "failed" if alloc["ClientStatus"] == "failed" else "unhealthy"
         return f"; allocation {alloc['ID'][:8]} {state}" + _task_failure(alloc)
 
-    def rollback(self, target: Target, ref: Ref) -> Ref:
+    def rollback(self, target: NomadTarget, ref: Ref) -> Ref:
         answer = {**ref, "op": "rollback", "updated": False}
         if not ref["updated"]:
             return answer  # this deployment changed nothing, so there is nothing to undo
@@ -616,7 +624,7 @@ class NomadBackend(Backend):
 
     def run_job(
         self,
-        target: Target,
+        target: NomadTarget,
         *,
         env: dict[str, str],
         image_tag: str | None,
@@ -644,7 +652,7 @@ class NomadBackend(Backend):
                 self._runs.notify_all()
 
     def _run(
-        self, target: Target, env: dict[str, str], image_tag: str | None, deployment_id: str
+        self, target: NomadTarget, env: dict[str, str], image_tag: str | None, deployment_id: str
     ) -> Ref:
         job_id = target.options.job
         image, windowed, taken_over = self._ready_to_dispatch(target, image_tag, deployment_id)
@@ -893,7 +901,7 @@ def _clear_window(job: dict[str, Any], task: dict[str, Any], base: str | None) -
 
 
 def _locate(
-    job: dict[str, Any], target: Target, *, image_needed: bool = True
+    job: dict[str, Any], target: NomadTarget, *, image_needed: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The target's group and task in `job` (each may be left out when there is only one)."""
     options = target.options

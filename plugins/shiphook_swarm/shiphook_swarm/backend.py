@@ -152,6 +152,9 @@ class EngineClient(docker.APIClient):
         pass  # requests.Session.__init__ sets it; it stays off
 
 
+SwarmTarget = Target[SwarmTargetOptions]
+
+
 class SwarmBackend(Backend):
     """Swarm services through the Docker Engine API (1.41+, i.e. Docker Engine 20.10 or later)."""
 
@@ -298,7 +301,7 @@ class SwarmBackend(Backend):
             f"swarm nodes: {swarm.get('Nodes', '?')}, managers: {swarm.get('Managers', '?')})"
         )
 
-    def describe(self, target: Target) -> TargetState:
+    def describe(self, target: SwarmTarget) -> TargetState:
         spec = self._service_of_kind(target)["Spec"]
         replicas = (spec["Mode"].get("Replicated") or {}).get("Replicas")
         detail = f"{_mode(spec)} service {spec['Name']}"
@@ -306,7 +309,7 @@ class SwarmBackend(Backend):
             detail += f", {replicas} replicas"
         return TargetState(image=_image(spec), detail=detail)
 
-    def _service_of_kind(self, target: Target) -> dict[str, Any]:
+    def _service_of_kind(self, target: SwarmTarget) -> dict[str, Any]:
         service = self._inspect(target.options.service)
         modes = APP_MODES if target.kind == "app" else JOB_MODES
         mode = _mode(service["Spec"])
@@ -319,7 +322,7 @@ class SwarmBackend(Backend):
             )
         return service
 
-    def _image_for(self, target: Target, current: str, image_tag: str) -> str:
+    def _image_for(self, target: SwarmTarget, current: str, image_tag: str) -> str:
         """`<repository>:<tag>`, pinned to the registry's digest when resolve_image is on."""
         image = f"{target.options.image or repository_of(current)}:{image_tag}"
         if not target.options.resolve_image:
@@ -341,7 +344,7 @@ class SwarmBackend(Backend):
 
     # -- app rollouts --------------------------------------------------------------------------
 
-    def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> Ref:
+    def deploy(self, target: SwarmTarget, *, image_tag: str, deployment_id: str) -> Ref:
         found = self._service_of_kind(target)
         wanted = self._image_for(target, _image(found["Spec"]), image_tag)
         replaced: dict[str, str] = {}
@@ -394,7 +397,7 @@ class SwarmBackend(Backend):
                 return container["Image"]
         return None
 
-    def rollback(self, target: Target, ref: Ref) -> Ref:
+    def rollback(self, target: SwarmTarget, ref: Ref) -> Ref:
         self._was_manager = True  # `ref` is work this engine took as a manager
         restore = ref["previous_image"]
         answer = {"op": "rollback", "service": ref["service"], "name": ref["name"]}
@@ -428,7 +431,7 @@ class SwarmBackend(Backend):
         _, done = self._update(ref["service"], ref["name"], change, rollback="previous")
         return done if done is not None else answer | {"requested": True}
 
-    def progress(self, target: Target, ref: Ref) -> Progress:
+    def progress(self, target: SwarmTarget, ref: Ref) -> Progress:
         self._was_manager = True  # `ref` is work this engine took as a manager
         if ref["op"] == "run":
             return self._job_progress(ref)
@@ -538,7 +541,7 @@ class SwarmBackend(Backend):
 
     def run_job(
         self,
-        target: Target,
+        target: SwarmTarget,
         *,
         env: dict[str, str],
         image_tag: str | None,
