@@ -360,7 +360,7 @@ class KubernetesBackend(Backend):
                 missing.append(f"{verb} {resource}{'.' + group if group else ''}")
         return missing
 
-    def _review(self, target: Target, key: str, namespace: str) -> None:
+    def _review(self, target: KubernetesTarget, key: str, namespace: str) -> None:
         """Fail, naming what is missing, unless the credentials may do in the target's
         namespace all that a deploy to it (and its rollback) needs: before a rollout changes
         anything, and in `shiphook check` for each target."""
