@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 import scripted_backend
 from conftest import plugin_env, run_cli, write_config
+from mypy import api as mypy_api
 from shiphook import Backend, Target, hookimpl, hookspecs
 from shiphook.errors import ConfigError
 from shiphook.plugin_manager import collect_backends, make_plugin_manager
@@ -90,6 +92,53 @@ def test_a_backend_written_for_the_bare_target_gets_typed_targets_and_works(harn
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "1.1"})
     assert harness.wait_for(deployment_id)["status"] == "succeeded"
     assert harness.backend.image("web") == "registry.test/app:1.1"
+
+
+TYPED_BACKEND = """
+from pydantic import BaseModel
+from shiphook import Backend, Progress, Ref, Target, TargetState
+
+
+class ServiceOptions(BaseModel):
+    service: str
+
+
+ServiceTarget = Target[ServiceOptions]
+
+
+class ServiceBackend(Backend):
+    name = "service"
+    TargetOptions = ServiceOptions
+
+    def check(self) -> str:
+        return "ready"
+
+    def describe(self, target: ServiceTarget) -> TargetState:
+        reveal_type(target.options.service)
+        return TargetState(image=target.options.servce)
+
+    def deploy(self, target: ServiceTarget, *, image_tag: str, deployment_id: str) -> Ref:
+        return {}
+
+    def progress(self, target: Target, ref: Ref) -> Progress:
+        return Progress("succeeded")
+"""
+
+
+def test_a_type_checker_knows_a_backends_target_options(tmp_path):
+    """`Target[ServiceOptions]` types `target.options`, so a typo in a key is caught before it
+    runs; the methods so annotated, or with a bare `Target`, fit the `Backend` they override."""
+    (tmp_path / "typed_backend.py").write_text(TYPED_BACKEND)
+    report, errors, _ = mypy_api.run(
+        [str(tmp_path / "typed_backend.py"), "--cache-dir", str(tmp_path / ".mypy_cache")]
+    )
+    assert errors == ""
+    revealed, typo = [line.split(": ", 1)[1] for line in report.splitlines() if ".py:" in line]
+    assert re.fullmatch(r'note: Revealed type is "(builtins\.)?str"', revealed)
+    assert (
+        typo
+        == 'error: "ServiceOptions" has no attribute "servce"; maybe "service"?  [attr-defined]'
+    )
 
 
 def test_disabled_plugins_blocks_an_entry_point_plugin_by_name(tmp_path):
