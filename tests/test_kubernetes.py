@@ -1072,10 +1072,12 @@ def test_check_reviews_each_targets_own_namespace_and_names_what_is_missing_ther
         role = "(README.md, Kubernetes: the Role shiphook needs)"
         lines = checked.stdout.splitlines()
         assert lines[3:] == [
-            f"target web (app): found, running {APP}:v1",
+            f"target web (app): found, running {APP}:v1 "
+            f"(deployment web in namespace {kube.namespace}, 2 replicas)",
             f"target second (app): NOT USABLE: the credentials may not list replicasets.apps in "
             f"namespace {second}, which target second needs {role}",
-            f"target leave (app): found, running {APP}:v1",  # it will not roll back
+            f"target leave (app): found, running {APP}:v1 "  # it will not roll back
+            f"(deployment web in namespace {second}, 1 replicas)",
             f"target third (app): NOT USABLE: the credentials may not get deployments.apps, "
             f"patch deployments.apps, list pods, list replicasets.apps in namespace {third}, "
             f"which target third needs {role}",
