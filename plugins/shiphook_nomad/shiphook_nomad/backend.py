@@ -691,7 +691,7 @@ class NomadBackend(Backend):
         return ref
 
     def _ready_to_dispatch(
-        self, target: Target, image_tag: str | None, deployment_id: str
+        self, target: NomadTarget, image_tag: str | None, deployment_id: str
     ) -> tuple[str, bool, str | None]:
         """Leave the job ready for this run's dispatch: as it is, or with this run's window
         open. Returns the image the run runs, whether it dispatches in its own window, and the
@@ -754,7 +754,7 @@ class NomadBackend(Backend):
             transient=True,
         )
 
-    def _close_window(self, target: Target, deployment_id: str) -> None:
+    def _close_window(self, target: NomadTarget, deployment_id: str) -> None:
         """Put the job's own image back, if the run's window is still open."""
 
         def change(job: dict[str, Any]) -> bool | None:
@@ -794,7 +794,7 @@ class NomadBackend(Backend):
             )
             raise BackendError(f"{exc.message}: {why}; waiting", transient=True) from None
 
-    def _window_left_open(self, target: Target, ref: Ref) -> str:
+    def _window_left_open(self, target: NomadTarget, ref: Ref) -> str:
         """Close the window run_job left open; '' once it is closed, else why it is not."""
         if ref.get("window") != "open" or ref["deployment"] in self._windows_closed:
             return ""
