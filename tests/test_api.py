@@ -13,11 +13,11 @@ import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN
 from shiphook import tokens
+from shiphook.fastpath import Accepted, GroupCommit
 from shiphook.http.app import WAIT_STATUS
 from shiphook.instance import open_instance
 from shiphook.models import DeploymentCreate, DeploymentPublic, Status
 from shiphook.services import new_deployment_json, public_deployment, wait_outcome
-from shiphook.storage import Accepted, GroupCommit
 from sqlalchemy import event
 from uuid_utils import uuid7
 
@@ -521,7 +521,7 @@ def test_the_access_log_says_what_each_hook_request_was_answered(quiet, caplog, 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(quiet.instance.storage, "add_deployments", broken)
+    monkeypatch.setattr(quiet.instance.storage.accept_path, "add_deployments", broken)
     quiet.post_hook(token, {"imageTag": "1.1"})
     lines = [r.getMessage() for r in caplog.records if r.name == "shiphook.access"]
     assert [re.sub(r" \(\d+\.\d ms\)$", "", line) for line in lines] == [
@@ -541,7 +541,7 @@ def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, cap
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(quiet.instance.storage, "add_deployments", broken)
+    monkeypatch.setattr(quiet.instance.storage.accept_path, "add_deployments", broken)
     result = quiet.post_hook(token, {"imageTag": "1.0"})
     assert result.status_code == 500
     request_id = result.json["requestId"]
@@ -552,13 +552,13 @@ def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, cap
 def test_requests_read_within_the_group_commits_turns_share_one_commit(quiet, monkeypatch):
     storage = quiet.instance.storage
     batches: list[list[str]] = []
-    add_deployments = storage.add_deployments
+    add_deployments = storage.accept_path.add_deployments
 
-    def counted(batch, **kwargs):
+    def counted(*, batch):
         batches.append([a.new.image_tag for a in batch])
-        return add_deployments(batch, **kwargs)
+        return add_deployments(batch=batch)
 
-    monkeypatch.setattr(storage, "add_deployments", counted)
+    monkeypatch.setattr(storage.accept_path, "add_deployments", counted)
 
     async def accept(tag: str, turns: int) -> None:
         for _ in range(turns):  # each sleep(0) is one turn of the event loop

@@ -25,6 +25,7 @@ import scripted_backend
 from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
 from shiphook.db import create_db_engine
 from shiphook.deployer.process import RESTART_DELAY
+from shiphook.fastpath import checkpoint
 from shiphook.testing import eventually
 from test_http_limits import connect, read_answer, unread_requests
 
@@ -525,11 +526,11 @@ def test_an_http_worker_can_leave_checkpoints_to_the_deployer(harness_factory, d
     quiet = harness_factory(start=False)
     storage = quiet.instance.storage
     if deferred:
-        storage.defer_checkpoints()
+        storage.accept_path.defer_checkpoints()
     token = quiet.new_hook("web")
     for n in range(500):  # a commit each, writing three pages or more to the log
         assert quiet.post_hook(token, {"imageTag": f"{n}.0"}).status_code == 201
-    frames, copied = storage.checkpoint()
+    frames, copied = checkpoint(storage.engine)
     if deferred:  # past SQLite's automatic checkpoint at 1 000 pages: none ran
         assert frames > 1000
         assert copied == frames

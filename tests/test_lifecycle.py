@@ -163,8 +163,9 @@ def test_a_key_is_forgotten_after_24_hours(harness):
     token = harness.new_hook("web")
     headers = {"Idempotency-Key": "k"}
     first = harness.post_hook(token, {"imageTag": "1.0"}, headers=headers).json["deployment"]
-    old = harness.instance.storage.get_deployment(first["id"]).created_at - timedelta(hours=25)
-    harness.instance.storage.update_deployment(first["id"], now=old, created_at=old)
+    storage = harness.instance.storage
+    old = storage.get_deployment(deployment_id=first["id"]).created_at - timedelta(hours=25)
+    storage.update_deployment(deployment_id=first["id"], now=old, created_at=old)
     second = harness.post_hook(token, {"imageTag": "1.1"}, headers=headers)
     assert second.status_code == 201
     assert second.json["deployment"]["id"] != first["id"]

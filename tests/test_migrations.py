@@ -11,8 +11,9 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from shiphook.db import _alembic_config, create_db_engine, upgrade
+from shiphook.fastpath import KeyTaken
 from shiphook.models import Deployment, DeploymentCreate, Status
-from shiphook.storage import KeyTaken, Storage
+from shiphook.storage import Storage
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime
 
@@ -84,17 +85,17 @@ def test_dropping_updated_at_keeps_every_deployment_and_its_indexes(database_url
     assert "updated_at" not in {c["name"] for c in sa.inspect(engine).get_columns("deployment")}
     storage = Storage(engine)
     for row in (finished, queued):
-        stored = storage.get_deployment(row["id"])
+        stored = storage.get_deployment(deployment_id=row["id"])
         assert stored.model_dump() == {k: v for k, v in row.items() if k != "updated_at"}
         assert type(stored.status) is Status
     assert [d.id for d in storage.list_deployments(status="queued")] == [queued["id"]]
     # the idempotency index is still unique per hook and key, and only where a key is given
     again = {"target": "web", "kind": "app", "created_at": CREATED, "hook_id": 1}
-    storage.add_deployment(DeploymentCreate(id="0193a000-0000-7000-8000-000000000003", **again))
-    storage.add_deployment(DeploymentCreate(id="0193a000-0000-7000-8000-000000000004", **again))
+    storage.add_deployment(new=DeploymentCreate(id="0193a000-0000-7000-8000-000000000003", **again))
+    storage.add_deployment(new=DeploymentCreate(id="0193a000-0000-7000-8000-000000000004", **again))
     with pytest.raises(KeyTaken):
         storage.add_deployment(
-            DeploymentCreate(
+            new=DeploymentCreate(
                 id="0193a000-0000-7000-8000-000000000005", idempotency_key="build-1", **again
             )
         )

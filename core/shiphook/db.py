@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import math
 import os
-import queue
-import threading
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +16,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.sql.expression import Executable
 
 from shiphook.errors import ConfigError
+from shiphook.fastpath import write_lock
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
@@ -114,53 +110,6 @@ def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
     cursor.close()
 
 
-class FileWriteLock:
-    """Serialises SQLite writers across threads and processes.
-
-    SQLite's busy handler sleeps whole milliseconds while another connection writes; taking an
-    OS lock around each write transaction makes writers queue instead of polling.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
-        # a forked child shares the descriptor, and with it the lock: it must open its own
-        os.register_at_fork(after_in_child=self._forget)
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._thread_lock:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _forget(self) -> None:
-        self._fd = None
-
-
-@contextlib.contextmanager
-def no_lock() -> Iterator[None]:
-    yield
-
-
-_file_locks: dict[Path, FileWriteLock] = {}  # one per database file, as the OS lock is per process
-_file_locks_guard = threading.Lock()
-
-
-def write_lock(engine: Engine) -> Callable[..., contextlib.AbstractContextManager[None]]:
-    """What to hold around a write transaction on this engine."""
-    if engine.dialect.name != "sqlite":
-        return no_lock
-    path = Path(engine.url.database or "").resolve().with_suffix(".lock")
-    with _file_locks_guard:
-        return _file_locks.setdefault(path, FileWriteLock(path))
-
-
 def safe_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
@@ -228,82 +177,3 @@ def schema_state(engine: Engine) -> str:
     except CommandError:
         return f"schema {current}, unknown to this shiphook (written by a newer version?)"
     return f"schema {current}, this shiphook needs {head}: run `shiphook db upgrade`"
-
-
-class Prepared:
-    """A Core statement compiled once for a dialect, run on a DBAPI cursor.
-
-    The accept path runs its insert per request this way. Going through an ORM session costs about
-    0.8 ms per request and SQLAlchemy Core about 0.1 ms; a DBAPI cursor with SQL that SQLAlchemy
-    compiled from the same table definitions, and parameters passed through the same type
-    processors, costs what SQLite itself costs.
-    """
-
-    def __init__(self, dialect: Dialect, statement: Executable) -> None:
-        compiled = statement.compile(dialect=dialect)
-        self.sql = str(compiled)
-        self._processors = [
-            (key, process)
-            for key, bind in compiled.binds.items()
-            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
-        ]
-        self._order = compiled.positiontup if compiled.positional else None
-
-    def params(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        """The DBAPI parameters for `values` (which holds every bind's value, processed here
-        once each); None is always SQL NULL."""
-        processed = values | {
-            key: process(value)
-            for key, process in self._processors
-            if (value := values[key]) is not None
-        }
-        if self._order is None:
-            return processed
-        return tuple(map(processed.__getitem__, self._order))
-
-
-class DirectConnections:
-    """DBAPI connections taken out of SQLAlchemy's pool for the accept path, in autocommit mode
-    with explicit transactions; reused through a lock-free queue."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.autocheckpoint = True  # SQLite: commits copy the WAL into the database now and then
-        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    @contextlib.contextmanager
-    def cursor(self) -> Iterator[Any]:
-        try:
-            connection = self._idle.get_nowait()
-        except queue.Empty:
-            connection = self._connect()
-        try:
-            cursor = connection.cursor()
-            yield cursor
-            cursor.close()
-        except self.engine.dialect.loaded_dbapi.Error as exc:
-            if self.engine.dialect.is_disconnect(exc, connection, None):
-                connection.close()  # a fresh one next time
-                raise
-            self._rollback(connection)
-            self._idle.put(connection)
-            raise
-        except BaseException:
-            self._rollback(connection)
-            self._idle.put(connection)
-            raise
-        self._idle.put(connection)
-
-    def _connect(self) -> Any:
-        fairy = self.engine.raw_connection()
-        fairy.detach()  # ours from now on; the pool neither counts nor resets it
-        connection = fairy.dbapi_connection
-        self.engine.dialect.set_isolation_level(connection, "AUTOCOMMIT")
-        if not self.autocheckpoint and self.engine.dialect.name == "sqlite":
-            connection.execute("PRAGMA wal_autocheckpoint=0")
-        return connection
-
-    @staticmethod
-    def _rollback(connection: Any) -> None:
-        with contextlib.suppress(Exception):
-            connection.cursor().execute("ROLLBACK")

@@ -32,12 +32,12 @@ from shiphook.errors import (
     Unprocessable,
     describe_validation_error,
 )
+from shiphook.fastpath import Accepted, GroupCommit, HookGone, KeyTaken
 from shiphook.images import tag_of
 from shiphook.models import (
     Deployment,
     DeploymentBase,
     DeploymentCreate,
-    DeploymentEvent,
     DeploymentPublic,
     EventPublic,
     HookCreated,
@@ -46,7 +46,7 @@ from shiphook.models import (
     Status,
     utcnow,
 )
-from shiphook.storage import Accepted, GroupCommit, HookGone, KeyTaken, Storage
+from shiphook.storage import Storage
 
 M = TypeVar("M", bound=BaseModel)
 STAMP_RESOLUTION = timedelta(seconds=1)
@@ -152,14 +152,14 @@ def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
 
 def public_deployment(
     deployment: Deployment | DeploymentCreate,
-    history: Iterable[DeploymentEvent] | None = None,
+    history: Iterable[EventPublic] | None = None,
 ) -> DeploymentPublic:
     """The API's view of a deployment; with `history`, every transition from queued on."""
     public = DeploymentPublic.model_validate(deployment)
     if history is not None:
         public.history = [
             EventPublic(at=public.created_at, status=Status.queued, message=""),
-            *(EventPublic.model_validate(e) for e in history),
+            *history,
         ]
         if public.status == Status.superseded:  # recorded on the row, in bulk
             public.history.append(
@@ -273,24 +273,28 @@ class Hooks:
         hook = self.storage.create_hook(
             name=name, target=target, token_digest=tokens.digest(token), now=self.clock()
         )
-        return HookCreated(**HookPublic.model_validate(hook).model_dump(), token=token)
+        return HookCreated(**hook.model_dump(), token=token)
 
     def list(self, *, target: str | None = None) -> list[HookPublic]:
         if target is not None:
             configured_target(self.targets, target)
-        return [HookPublic.model_validate(h) for h in self.storage.list_hooks(target=target)]
+        return self.storage.list_hooks(target=target)
 
     def delete(self, hook_id: int) -> HookPublic:
         check_hook_id(hook_id)
-        hook = self.storage.delete_hook(hook_id)
+        hook = self.storage.delete_hook(hook_id=hook_id)
         if hook is None:
             raise NotFound(f"no hook with id {hook_id}")
-        return HookPublic.model_validate(hook)
+        return hook
 
     def authenticate(self, token: str) -> HookIdentity:
         """The hook this token opens; `NotFound` for a malformed, unknown or deleted token."""
         digest = _token_digest(token)
-        hook = self.storage.hook_by_digest(digest) if tokens.is_well_formed(token) else None
+        hook = (
+            self.storage.accept_path.hook_by_digest(token_digest=digest)
+            if tokens.is_well_formed(token)
+            else None
+        )
         if hook is None:
             raise NotFound(NO_SUCH_HOOK)
         return hook
@@ -300,9 +304,11 @@ class Hooks:
         a cache (the deployment's insert checks the hook again, in its own transaction, so a
         deleted hook still records nothing), others are looked up through `Storage.call`."""
         digest = _token_digest(token)
-        hook = self.storage.known_hook(digest)
+        hook = self.storage.accept_path.known_hook(token_digest=digest)
         if hook is None and tokens.is_well_formed(token):
-            hook = await self.storage.call(self.storage.hook_by_digest, digest, remember=True)
+            hook = await self.storage.call(
+                self.storage.accept_path.hook_by_digest, token_digest=digest, remember=True
+            )
         if hook is None:
             raise NotFound(NO_SUCH_HOOK)
         return hook
@@ -391,7 +397,7 @@ class Deployments:
         if earlier is None:
             return None
         if earlier.created_at < self.clock() - IDEMPOTENCY_WINDOW:
-            self.storage.release_key(earlier.id)
+            self.storage.release_key(deployment_id=earlier.id)
             return None
         if earlier.request_digest != digest:
             raise Unprocessable(
@@ -422,7 +428,7 @@ class Deployments:
             image_tag=tag,
             rollback_of=source.id,
         )
-        self.storage.add_deployment(new)
+        self.storage.add_deployment(new=new)
         return public_deployment(new)
 
     def get(self, deployment_id: str, *, hook: HookIdentity | None = None) -> DeploymentPublic:
@@ -430,12 +436,13 @@ class Deployments:
         deployment = self._stored(deployment_id)
         if hook is not None and deployment.hook_id != hook.id:
             raise NotFound(f"no deployment with id {deployment_id!r}")
-        return public_deployment(deployment, self.storage.histories([deployment_id])[deployment_id])
+        history = self.storage.histories(deployment_ids=[deployment_id])[deployment_id]
+        return public_deployment(deployment, history)
 
     def _stored(self, deployment_id: str) -> Deployment:
         """The deployment with this id; `NotFound` without a query for what is no id."""
         check_deployment_id(deployment_id)
-        deployment = self.storage.get_deployment(deployment_id)
+        deployment = self.storage.get_deployment(deployment_id=deployment_id)
         if deployment is None:
             raise NotFound(f"no deployment with id {deployment_id!r}")
         return deployment
@@ -446,7 +453,7 @@ class Deployments:
         """Recent deployments, newest first, each with its history."""
         check_deployment_filters(target=target, status=status, limit=limit)
         found = self.storage.list_deployments(target=target, status=status, limit=limit)
-        histories = self.storage.histories([d.id for d in found])
+        histories = self.storage.histories(deployment_ids=[d.id for d in found])
         return [public_deployment(d, histories[d.id]) for d in found]
 
 

@@ -1,10 +1,14 @@
-"""Data functions over the hook and deployment tables. Nothing here knows HTTP or orchestrators.
+"""Data functions over the hook, deployment and lease tables. Nothing here knows HTTP or
+orchestrators.
 
-Every write runs in one transaction under the database's write lock (a no-op except on SQLite,
-where it makes writers from all threads and processes queue instead of busy-waiting). The two
-calls of the accept path (`hook_by_digest`, `add_deployments`) run prepared statements on direct
-DBAPI connections; everything else uses SQLModel sessions or Core. The calls are blocking: an
-event loop makes them through `Storage.call` and `GroupCommit`, which run them in threads.
+One style: SQLAlchemy Core statements on the table definitions of `shiphook.models`, every
+function keyword-only and returning models, never rows. A read runs on a connection of its
+own; a write runs in one transaction under the database's write lock
+(`shiphook.fastpath.write_lock`). The two calls of a hook request are the exception, and live
+in `shiphook.fastpath` with their reasons: `Storage.accept_path`.
+
+The calls are blocking: an event loop makes them through `Storage.call` (and the accept path's
+insert through `shiphook.fastpath.GroupCommit`), which run them in threads.
 """
 
 from __future__ import annotations
@@ -24,63 +28,50 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Update,
     and_,
-    bindparam,
     case,
     delete,
     func,
     insert,
     or_,
+    select,
     update,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
 
-from shiphook.db import DATABASE_TIMEOUT, DirectConnections, Prepared, write_lock
+from shiphook.db import DATABASE_TIMEOUT
 from shiphook.errors import DatabaseUnavailable
+from shiphook.fastpath import Accepted, AcceptPath, write_lock
 from shiphook.models import (
     Deployment,
     DeploymentCreate,
     DeploymentEvent,
+    EventPublic,
     Hook,
-    HookIdentity,
+    HookPublic,
     Lease,
     Status,
 )
 
 log = logging.getLogger("shiphook.storage")
 
-DEPLOYMENT, EVENT, LEASE = Deployment.__table__, DeploymentEvent.__table__, Lease.__table__
-KNOWN_HOOKS = 10_000  # token digests remembered by the accept path
+HOOK, DEPLOYMENT, EVENT, LEASE = (
+    Hook.__table__,
+    Deployment.__table__,
+    DeploymentEvent.__table__,
+    Lease.__table__,
+)
+HOOK_PUBLIC = [HOOK.c[name] for name in HookPublic.model_fields]
 SUPERSEDE_CHUNK = 200  # rows per transaction, so a burst never holds the write lock for long
 DATABASE_THREADS = 8  # an HTTP worker's database calls in flight at once
 T = TypeVar("T")
 
 
-class KeyTaken(Exception):
-    """Another deployment of this hook already holds the idempotency key."""
-
-
-class HookGone(Exception):
-    """The hook that made a request was deleted before its deployment was committed."""
-
-
 class TokenTaken(Exception):
     """Another hook has the new hook's token digest: the random source repeats itself."""
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """A deployment to commit; with `hook_digest`, only if that hook still exists."""
-
-    new: DeploymentCreate
-    stamp_hook: bool = False
-    hook_digest: str | None = None
-
-    def row(self) -> dict[str, object]:
-        return vars(self.new)
 
 
 class Reachability:
@@ -122,11 +113,20 @@ class PendingTarget:
     active_slots: frozenset[int]
 
 
+def _deployment(row: Row[Any]) -> Deployment:
+    """A deployment read back, as a model bound to no session."""
+    return Deployment(**row._mapping)
+
+
 class Storage:
+    """The database of one shiphook process: its data functions, the accept path's
+    (`accept_path`), and the threads an event loop calls them in."""
+
     def __init__(self, engine: Engine, *, timeout: float = DATABASE_TIMEOUT) -> None:
         self.engine = engine
         self.timeout = timeout
         self.reachability = Reachability()
+        self.accept_path = AcceptPath(engine)
         dbapi = engine.dialect.loaded_dbapi
         # what a database that is down, full, unreachable or too slow raises
         self._unavailable: tuple[type[BaseException], ...] = (
@@ -139,58 +139,8 @@ class Storage:
         )
         self._threads: ThreadPoolExecutor | None = None
         self._lock = write_lock(engine)
-        self._direct = DirectConnections(engine)
-        hook, deployment = Hook.__table__, Deployment.__table__
-        self._find_hook = Prepared(
-            engine.dialect,
-            select(hook.c.id, hook.c.name, hook.c.target).where(
-                hook.c.token_digest == bindparam("token_digest")
-            ),
-        )
-        values = {c: bindparam(c) for c in DeploymentCreate.model_fields}
-        self._insert_deployment = Prepared(engine.dialect, insert(deployment).values(values))
-        # a token deleted after it was looked up (or while it sat in the cache) records
-        # nothing: the insert's transaction checks its hook first, and on PostgreSQL keeps it
-        # from being deleted until the commit
-        self._hook_alive = Prepared(
-            engine.dialect,
-            select(hook.c.id)
-            .where(hook.c.id == bindparam("hook_id"), hook.c.token_digest == bindparam("digest"))
-            .with_for_update(read=True, key_share=True),
-        )
-        self._stamp_hook = Prepared(
-            engine.dialect,
-            update(hook)
-            .where(hook.c.id == bindparam("hook_id"))
-            .values(last_used_at=bindparam("at")),
-        )
-        self._known_hooks: dict[str, HookIdentity] = {}
-        # SQLite takes its write lock at BEGIN IMMEDIATE, waiting in its busy handler while
-        # another connection holds it; a deferred transaction that has read fails at its first
-        # write instead ("database is locked"), without waiting
-        self._begin = "BEGIN IMMEDIATE" if engine.dialect.name == "sqlite" else "BEGIN"
 
-    def defer_checkpoints(self) -> None:
-        """Keep the accept path's commits from checkpointing SQLite's write-ahead log.
-
-        A checkpoint copies the log into the database and syncs both to disk, which can take a
-        slow disk's whole latency; in an HTTP worker that holds up every request waiting for its
-        commit. Call before the first request; then something else must call `checkpoint`
-        regularly (the deployer process of `shiphook serve` does, five times a second).
-        """
-        self._direct.autocheckpoint = False
-
-    def checkpoint(self) -> tuple[int, int]:
-        """Copy what SQLite's write-ahead log holds into the database without waiting for
-        readers or writers; return the log's frames and how many are now in the database.
-        Nothing to do on other databases."""
-        if self.engine.dialect.name != "sqlite":
-            return 0, 0
-        with self.engine.connect() as connection:
-            _busy, frames, copied = connection.exec_driver_sql(
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            ).one()
-        return frames, copied
+    # -- calls from an event loop ---------------------------------------------------------
 
     async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`function(*args, **kwargs)`, a blocking call of this storage, for the event loop: in
@@ -223,175 +173,124 @@ class Storage:
         return asyncio.get_running_loop().run_in_executor(self._threads, function)
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._lock(), Session(self.engine, expire_on_commit=False) as session:
-            yield session
-            session.commit()
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction, under the write lock."""
+        with self._lock(), self.engine.begin() as connection:
+            yield connection
 
-    def _read(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    # -- hooks ----------------------------------------------------------------------------
 
-    # -- hooks --------------------------------------------------------------
-
-    def create_hook(self, *, name: str, target: str, token_digest: str, now: datetime) -> Hook:
-        hook = Hook(name=name, target=target, token_digest=token_digest, created_at=now)
+    def create_hook(
+        self, *, name: str, target: str, token_digest: str, now: datetime
+    ) -> HookPublic:
         try:
-            with self._write() as session:
-                session.add(hook)
-                session.flush()
+            with self._write() as connection:
+                hook_id = connection.execute(
+                    insert(HOOK)
+                    .values(name=name, target=target, token_digest=token_digest, created_at=now)
+                    .returning(HOOK.c.id)
+                ).scalar_one()
         except IntegrityError:  # PostgreSQL's message would quote the row, the digest with it
             raise TokenTaken("another hook has the new hook's token digest") from None
-        return hook
+        return HookPublic(id=hook_id, name=name, target=target, created_at=now, last_used_at=None)
 
-    def known_hook(self, token_digest: str) -> HookIdentity | None:
-        """The hook with this token digest if it was remembered: for callers whose write checks
-        the hook again (`add_deployments` does)."""
-        return self._known_hooks.get(token_digest)
+    def list_hooks(self, *, target: str | None = None) -> list[HookPublic]:
+        query = select(*HOOK_PUBLIC).order_by(HOOK.c.id)
+        if target is not None:
+            query = query.where(HOOK.c.target == target)
+        with self.engine.connect() as connection:
+            return [HookPublic(**row._mapping) for row in connection.execute(query)]
 
-    def hook_by_digest(self, token_digest: str, *, remember: bool = False) -> HookIdentity | None:
-        """The hook with this token digest; with `remember`, kept for `known_hook`."""
-        with self._direct.cursor() as cursor:
-            cursor.execute(
-                self._find_hook.sql, self._find_hook.params({"token_digest": token_digest})
-            )
-            row = cursor.fetchone()
+    def delete_hook(self, *, hook_id: int) -> HookPublic | None:
+        """Delete the hook; its token stops working at once, in every process (the accept
+        path's insert checks the hook)."""
+        with self._write() as connection:
+            row = connection.execute(
+                delete(HOOK)
+                .where(HOOK.c.id == hook_id)
+                .returning(*HOOK_PUBLIC, HOOK.c.token_digest)
+            ).first()
         if row is None:
             return None
-        hook = HookIdentity(id=row[0], name=row[1], target=row[2], token_digest=token_digest)
-        if remember:
-            if len(self._known_hooks) >= KNOWN_HOOKS:
-                self._known_hooks.clear()
-            self._known_hooks[token_digest] = hook
-        return hook
+        self.accept_path.forget(token_digest=row.token_digest)
+        return HookPublic(**row._mapping)
 
-    def list_hooks(self, *, target: str | None = None) -> Sequence[Hook]:
-        query = select(Hook).order_by(Hook.id)
-        if target is not None:
-            query = query.where(Hook.target == target)
-        with self._read() as session:
-            return session.exec(query).all()
+    # -- deployments ------------------------------------------------------------------------
 
-    def delete_hook(self, hook_id: int) -> Hook | None:
-        with self._write() as session:
-            hook = session.get(Hook, hook_id)
-            if hook is not None:
-                session.delete(hook)
-                self._known_hooks.pop(hook.token_digest, None)
-            return hook
-
-    # -- deployments --------------------------------------------------------
-
-    def add_deployment(self, new: DeploymentCreate) -> None:
-        """Commit one queued deployment that no hook request made (a rollback on demand)."""
-        self.add_deployments([Accepted(new)])
-
-    def add_deployments(self, batch: Sequence[Accepted]) -> set[str]:
-        """Commit queued deployments in one transaction; return the ids of those not recorded
-        because their hook no longer exists (checked once per hook, in the same transaction).
-        Raises `KeyTaken` (committing nothing) when an idempotency key is already held."""
-        hooks = {a.hook_digest: a.new.hook_id for a in batch if a.hook_digest is not None}
-        with self._lock(), self._direct.cursor() as cursor:
-            cursor.execute(self._begin)
-            gone = {
-                digest
-                for digest, hook_id in hooks.items()
-                if not self._alive(cursor, hook_id, digest)
-            }
-            kept = [a for a in batch if a.hook_digest not in gone] if gone else batch
-            try:
-                cursor.executemany(
-                    self._insert_deployment.sql,
-                    [self._insert_deployment.params(a.row()) for a in kept],
-                )
-            except self.engine.dialect.loaded_dbapi.IntegrityError:
-                keys = [a.new.idempotency_key for a in batch if a.new.idempotency_key]
-                if not keys:
-                    raise
-                raise KeyTaken(", ".join(keys)) from None
-            stamps = [
-                self._stamp_hook.params({"hook_id": a.new.hook_id, "at": a.new.created_at})
-                for a in kept
-                if a.stamp_hook
-            ]
-            if stamps:
-                cursor.executemany(self._stamp_hook.sql, stamps)
-            cursor.execute("COMMIT")
-        for digest in gone:
-            self._known_hooks.pop(digest, None)
-        return {a.new.id for a in batch if a.hook_digest in gone}
-
-    def _alive(self, cursor: Any, hook_id: int | None, digest: str) -> bool:
-        cursor.execute(
-            self._hook_alive.sql, self._hook_alive.params({"hook_id": hook_id, "digest": digest})
-        )
-        return cursor.fetchone() is not None
+    def add_deployment(self, *, new: DeploymentCreate) -> None:
+        """Commit one queued deployment that no hook request made (a rollback on demand), with
+        the accept path's insert."""
+        self.accept_path.add_deployments(batch=[Accepted(new)])
 
     def deployment_by_key(self, *, hook_id: int, idempotency_key: str) -> Deployment | None:
-        query = select(Deployment).where(
-            Deployment.hook_id == hook_id, Deployment.idempotency_key == idempotency_key
+        query = select(DEPLOYMENT).where(
+            DEPLOYMENT.c.hook_id == hook_id, DEPLOYMENT.c.idempotency_key == idempotency_key
         )
-        with self._read() as session:
-            return session.exec(query).first()
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else _deployment(row)
 
-    def release_key(self, deployment_id: str) -> None:
+    def release_key(self, *, deployment_id: str) -> None:
         """Let an expired idempotency key be used again."""
-        with self._write() as session:
-            session.exec(
-                update(Deployment)
-                .where(Deployment.id == deployment_id)
+        with self._write() as connection:
+            connection.execute(
+                update(DEPLOYMENT)
+                .where(DEPLOYMENT.c.id == deployment_id)
                 .values(idempotency_key=None)
             )
 
     def last_success(self, *, target: str, before: str) -> Deployment | None:
         """The newest deployment of `target` older than `before` that succeeded."""
         query = (
-            select(Deployment)
+            select(DEPLOYMENT)
             .where(
-                Deployment.target == target,
-                Deployment.status == Status.succeeded,
-                col(Deployment.id) < before,
-                col(Deployment.image_tag).is_not(None),
+                DEPLOYMENT.c.target == target,
+                DEPLOYMENT.c.status == Status.succeeded,
+                DEPLOYMENT.c.id < before,
+                DEPLOYMENT.c.image_tag.is_not(None),
             )
-            .order_by(col(Deployment.id).desc())
+            .order_by(DEPLOYMENT.c.id.desc())
             .limit(1)
         )
-        with self._read() as session:
-            return session.exec(query).first()
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else _deployment(row)
 
-    def get_deployment(self, deployment_id: str) -> Deployment | None:
-        with self._read() as session:
-            return session.get(Deployment, deployment_id)
+    def get_deployment(self, *, deployment_id: str) -> Deployment | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(DEPLOYMENT).where(DEPLOYMENT.c.id == deployment_id)
+            ).first()
+        return None if row is None else _deployment(row)
 
-    def histories(self, deployment_ids: Sequence[str]) -> dict[str, list[DeploymentEvent]]:
+    def histories(self, *, deployment_ids: Sequence[str]) -> dict[str, list[EventPublic]]:
         """The recorded transitions of each deployment, oldest first, in one query."""
         query = (
-            select(DeploymentEvent)
-            .where(col(DeploymentEvent.deployment_id).in_(deployment_ids))
-            .order_by(DeploymentEvent.id)
+            select(EVENT.c.deployment_id, EVENT.c.at, EVENT.c.status, EVENT.c.message)
+            .where(EVENT.c.deployment_id.in_(deployment_ids))
+            .order_by(EVENT.c.id)
         )
-        found: dict[str, list[DeploymentEvent]] = {i: [] for i in deployment_ids}
-        with self._read() as session:
-            for event in session.exec(query):
-                found[event.deployment_id].append(event)
+        found: dict[str, list[EventPublic]] = {i: [] for i in deployment_ids}
+        with self.engine.connect() as connection:
+            for row in connection.execute(query):
+                event = EventPublic(at=row.at, status=row.status, message=row.message)
+                found[row.deployment_id].append(event)
         return found
 
     def list_deployments(
-        self,
-        *,
-        target: str | None = None,
-        status: str | None = None,
-        limit: int = 50,
-    ) -> Sequence[Deployment]:
-        query = select(Deployment).order_by(col(Deployment.id).desc()).limit(limit)
+        self, *, target: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[Deployment]:
+        """The newest deployments first."""
+        query = select(DEPLOYMENT).order_by(DEPLOYMENT.c.id.desc()).limit(limit)
         if target is not None:
-            query = query.where(Deployment.target == target)
+            query = query.where(DEPLOYMENT.c.target == target)
         if status is not None:
-            query = query.where(Deployment.status == status)
-        with self._read() as session:
-            return session.exec(query).all()
+            query = query.where(DEPLOYMENT.c.status == status)
+        with self.engine.connect() as connection:
+            return [_deployment(row) for row in connection.execute(query)]
 
-    def statuses(self, deployment_ids: Sequence[str]) -> dict[str, str]:
-        """Status by id, for the waiters' poll (a Core query: it runs on the event loop)."""
+    def statuses(self, *, deployment_ids: Sequence[str]) -> dict[str, str]:
+        """Status by id, for the waiters' poll."""
         query = select(DEPLOYMENT.c.id, DEPLOYMENT.c.status).where(
             DEPLOYMENT.c.id.in_(deployment_ids)
         )
@@ -399,10 +298,10 @@ class Storage:
             return {deployment_id: status for deployment_id, status in connection.execute(query)}
 
     def update_deployment(
-        self, deployment_id: str, *, now: datetime, event: str | None = None, **values
+        self, *, deployment_id: str, now: datetime, event: str | None = None, **values: Any
     ) -> None:
         """Set `values` on the deployment; with `event`, record it in the history."""
-        with self._core() as connection:
+        with self._write() as connection:
             connection.execute(
                 update(DEPLOYMENT).where(DEPLOYMENT.c.id == deployment_id).values(**values)
             )
@@ -416,15 +315,7 @@ class Storage:
                     )
                 )
 
-    # -- the deployer's work queue -------------------------------------------------
-    # Core statements, not ORM sessions: dispatch latency is a handful of these, and a session
-    # costs ten times the statement.
-
-    @contextlib.contextmanager
-    def _core(self) -> Iterator[Connection]:
-        """One write transaction on a Core connection, under the write lock."""
-        with self._lock(), self.engine.begin() as connection:
-            yield connection
+    # -- the deployer's work queue --------------------------------------------------------
 
     def pending_targets(self) -> list[PendingTarget]:
         """Targets with queued or in-progress deployments."""
@@ -467,7 +358,7 @@ class Storage:
         """Take the slot if it is free, expired, already ours, or (with `takeover`) still held
         by that owner, known to be gone; True when we hold it."""
         holders = [owner] if takeover is None else [owner, takeover]
-        with self._core() as connection:
+        with self._write() as connection:
             taken = connection.execute(
                 update(LEASE)
                 .where(
@@ -491,7 +382,7 @@ class Storage:
             return True
 
     def renew_lease(self, *, target: str, slot: int, owner: str, until: datetime) -> bool:
-        with self._core() as connection:
+        with self._write() as connection:
             renewed = connection.execute(
                 update(LEASE)
                 .where(LEASE.c.target == target, LEASE.c.slot == slot, LEASE.c.owner == owner)
@@ -500,7 +391,7 @@ class Storage:
             return bool(renewed.rowcount)
 
     def release_lease(self, *, target: str, slot: int, owner: str) -> None:
-        with self._core() as connection:
+        with self._write() as connection:
             connection.execute(
                 delete(LEASE).where(
                     LEASE.c.target == target, LEASE.c.slot == slot, LEASE.c.owner == owner
@@ -534,13 +425,13 @@ class Storage:
             row = connection.execute(query).first()
         if row is None:
             return None, [], False
-        chosen = Deployment(**row._mapping)
+        chosen = _deployment(row)
         if chosen.status == Status.in_progress:
             return chosen, [], True
         superseded: list[str] = []
         supersede = _supersede(chosen, now) if kind == "app" else None
         while True:
-            with self._core() as connection:
+            with self._write() as connection:
                 # an app's older queued deployments are superseded before it starts, in chunks
                 # (a burst never holds the write lock long), so a crash in between leaves it
                 # the newest; the last chunk and the start share one transaction
@@ -582,7 +473,7 @@ class Storage:
         supersede = _supersede(newest, now)
         superseded: list[str] = []
         while True:
-            with self._core() as connection:
+            with self._write() as connection:
                 chunk = list(connection.execute(supersede).scalars())
             superseded += chunk
             if len(chunk) < SUPERSEDE_CHUNK:
@@ -618,122 +509,3 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
         )
         .returning(DEPLOYMENT.c.id)
     )
-
-
-class GroupCommit:
-    """Commits the deployments accepted in three turns of the event loop in one transaction, in
-    a database thread, one transaction at a time.
-
-    When many CI jobs call at once, a transaction per request spends most of its time in BEGIN,
-    COMMIT and the write lock; a transaction for all the requests read in one turn, and in the
-    turns after it, costs little more than one of them. The later turns matter when each CI job
-    opens its own connection: its request often arrives a turn or two after the one before
-    (three turns measured best: 11-15 % more req/s than two and a lower p99; four or six raised
-    the p99). While a transaction commits (waiting for the write lock or the disk's sync), the
-    event loop reads more requests: they form the next batch, committed when this one is, so
-    that deployments commit in the order they were accepted. Every caller is answered only after
-    the commit holding its row, or with `DatabaseUnavailable` when that took longer than the
-    storage's `timeout` (a batch then still waiting is dropped; one in flight may yet commit).
-    Used from the event loop's thread only.
-    """
-
-    TURNS = 3
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self._batch: list[tuple[Accepted, asyncio.Future[None]]] = []
-        self._expiry: asyncio.TimerHandle | None = None
-        self._committing = False
-
-    async def add(self, accepted: Accepted) -> None:
-        """Return once `accepted` is committed; raise `HookGone`, `KeyTaken` or
-        `DatabaseUnavailable` if it was not."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._batch:
-            # after this turn and the ones after it: each call_soon defers by one turn
-            loop.call_soon(*[loop.call_soon] * (self.TURNS - 1), self._commit)
-            self._expiry = loop.call_later(self.storage.timeout, self._expire, self._batch)
-        self._batch.append((accepted, future))
-        await future
-
-    def _commit(self) -> None:
-        if self._committing:
-            return  # the transaction in flight starts this batch when it ends
-        batch, expiry, self._batch, self._expiry = self._batch, self._expiry, [], None
-        waiting = [(accepted, future) for accepted, future in batch if not future.done()]
-        if not waiting:
-            if expiry is not None:
-                expiry.cancel()
-            return
-        self._committing = True
-        committed = self.storage.in_thread(
-            functools.partial(self.storage.add_deployments, [a for a, _ in waiting])
-        )
-        committed.add_done_callback(functools.partial(self._committed, waiting, expiry))
-
-    def _committed(
-        self,
-        waiting: list[tuple[Accepted, asyncio.Future[None]]],
-        expiry: asyncio.TimerHandle | None,
-        committed: asyncio.Future[set[str]],
-    ) -> None:
-        if expiry is not None:
-            expiry.cancel()
-        error = committed.exception()
-        if error is None:
-            self.storage.reachability.answered()
-            for accepted, future in waiting:
-                _settle(future, HookGone() if accepted.new.id in committed.result() else None)
-        elif self.storage.unavailable(error):
-            unavailable = self.storage.reachability.failed(error)
-            for _, future in waiting:
-                _settle(future, unavailable)
-        else:  # each alone, so that only the holder of a taken key (or whatever failed) fails
-            alone = self.storage.in_thread(
-                functools.partial(self._each_alone, [a for a, _ in waiting])
-            )
-            alone.add_done_callback(functools.partial(self._committed_alone, waiting))
-            return
-        self._next()
-
-    def _committed_alone(
-        self,
-        waiting: list[tuple[Accepted, asyncio.Future[None]]],
-        outcomes: asyncio.Future[list[BaseException | None]],
-    ) -> None:
-        for (_, future), outcome in zip(waiting, outcomes.result(), strict=True):
-            _settle(future, outcome)
-        self._next()
-
-    def _next(self) -> None:
-        self._committing = False
-        if self._batch:
-            self._commit()
-
-    def _expire(self, batch: list[tuple[Accepted, asyncio.Future[None]]]) -> None:
-        unavailable = self.storage.reachability.failed(TimeoutError())
-        for _, future in batch:
-            _settle(future, unavailable)
-
-    def _each_alone(self, batch: list[Accepted]) -> list[BaseException | None]:
-        """Commit each deployment in a transaction of its own (in a database thread); what each
-        gave."""
-        outcomes: list[BaseException | None] = []
-        for accepted in batch:
-            try:
-                missing = self.storage.add_deployments([accepted])
-            except Exception as error:
-                outcomes.append(error)
-            else:
-                outcomes.append(HookGone() if missing else None)
-        return outcomes
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # its request timed out or was cancelled
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

@@ -334,7 +334,12 @@ class Deployer:
     def _finish(self, deployment: Deployment, status: Status, message: str) -> None:
         now = self.clock()
         self.storage.update_deployment(
-            deployment.id, now=now, event=status, status=status, message=message, finished_at=now
+            deployment_id=deployment.id,
+            now=now,
+            event=status,
+            status=status,
+            message=message,
+            finished_at=now,
         )
         level = logging.WARNING if status in (Status.failed, Status.rolled_back) else logging.INFO
         log.log(
@@ -432,7 +437,9 @@ class Execution:
     def _rollback_reason(self) -> str:
         """Why a deployment resumed while rolling back is rolled back: its history says (its
         message may have moved on to the rollback's progress since)."""
-        history = self.deployer.storage.histories([self.deployment.id])[self.deployment.id]
+        history = self.deployer.storage.histories(deployment_ids=[self.deployment.id])[
+            self.deployment.id
+        ]
         for event in reversed(history):
             if event.message.startswith(ROLLING_BACK):
                 return event.message.removeprefix(ROLLING_BACK)
@@ -584,7 +591,7 @@ class Execution:
         self.lease.keep()
         event = Status.in_progress if "message" in values else None
         self.deployer.storage.update_deployment(
-            self.deployment.id, now=self.deployer.clock(), event=event, **values
+            deployment_id=self.deployment.id, now=self.deployer.clock(), event=event, **values
         )
         for key, value in values.items():
             setattr(self.deployment, key, value)

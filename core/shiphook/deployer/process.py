@@ -23,6 +23,7 @@ from pathlib import Path
 from shiphook.backends import BackendError
 from shiphook.db import describe_failure
 from shiphook.deployer.deployer import Deployer
+from shiphook.fastpath import checkpoint
 from shiphook.instance import Instance, open_instance
 from shiphook.wakeup import sockaddr
 
@@ -153,7 +154,7 @@ def _checkpoints(instance: Instance, stop: multiprocessing.synchronize.Event) ->
     failing = False  # log when checkpoints start and stop failing, not each one
     while not stop.wait(CHECKPOINT_INTERVAL):
         try:
-            instance.storage.checkpoint()
+            checkpoint(instance.storage.engine)
         except Exception as exc:  # the next one will do
             if not failing:
                 cause = describe_failure(instance.storage.engine, exc)

@@ -3,7 +3,7 @@
 `app` is the Falcon API (resources, error mapping); `connections` the HTTP protocol with its
 limits; `waiters` holds `?wait` callers until their deployment ends; `notifier` wakes the
 deployer process after each commit. A hook request's deployment is committed by the accept path
-(`shiphook.storage.GroupCommit`) in a database thread, so that the event loop never waits for
+(`shiphook.fastpath.GroupCommit`) in a database thread, so that the event loop never waits for
 the database.
 
 May import the shared modules of `shiphook` (config, models, storage, services, plugin API),

@@ -42,7 +42,9 @@ class Waiters:
         self._ensure_poller()
         try:
             # it may have ended before we registered
-            statuses = await self.storage.call(self.storage.statuses, [deployment_id])
+            statuses = await self.storage.call(
+                self.storage.statuses, deployment_ids=[deployment_id]
+            )
             if statuses.get(deployment_id) in TERMINAL:
                 return
             ends = [future] if until is None else [future, until]
@@ -74,7 +76,7 @@ class Waiters:
             if not ids:
                 return
             try:  # one indexed query per interval for every waiter of this event loop
-                statuses = await self.storage.call(self.storage.statuses, ids)
+                statuses = await self.storage.call(self.storage.statuses, deployment_ids=ids)
             except DatabaseUnavailable:  # logged once by the storage; the waiters wait on
                 continue
             except Exception:

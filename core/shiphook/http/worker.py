@@ -70,7 +70,7 @@ def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.Ap
 def worker_app() -> falcon.asgi.App:
     """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
     instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
-    instance.storage.defer_checkpoints()  # the deployer process checkpoints
+    instance.storage.accept_path.defer_checkpoints()  # the deployer process checkpoints
     logging.basicConfig(
         level=instance.config.server.log_level.upper(),
         format=LOG_FORMAT,

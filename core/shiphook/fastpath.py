@@ -1,0 +1,456 @@
+"""The accept path's performance devices, in one place.
+
+A hook request (`POST /api/v1/dh`) costs the HTTP worker a token lookup (on a token's first use
+only) and a share of one insert transaction. What follows is everything that makes those cheap
+when many CI jobs call at once, each with what it buys; the figures are in bench/README.md
+("Results" for today's, "Log" for what each step gained and what was tried and dropped).
+
+- `Prepared`: the accept path's statements, compiled by SQLAlchemy once from the table
+  definitions and run on a DBAPI cursor, with the parameters passed through the same type
+  processors. An ORM session costs several times the statement per request, Core's execution
+  machinery about as much as the statement; a cursor costs what the database costs.
+- `DirectConnections`: DBAPI connections of the accept path, taken out of SQLAlchemy's pool and
+  reused through a lock-free queue, in autocommit mode with explicit transactions: no pool
+  checkout, reset or implicit BEGIN per call.
+- the token cache (`AcceptPath.known_hook`, `hook_by_digest(remember=True)`): a token's hook is
+  looked up once per process; later requests skip the SELECT. It stays correct because the
+  insert's transaction checks, once per hook, that the hook still exists (and on PostgreSQL keeps
+  it from being deleted until the commit), so a deleted hook records nothing, from any process.
+- the write lock (`write_lock`): SQLite has one writer at a time, and a writer that finds the
+  database locked sleeps in SQLite's busy handler, whole milliseconds at a time. Every writer of
+  shiphook (the accept path, the deployer, the CLI, migrations; any thread, any process) holds
+  an OS file lock beside the database around its write transaction instead, so writers queue
+  in the kernel and the next one starts as soon as the last one commits. A no-op elsewhere.
+- checkpoint deferral (`AcceptPath.defer_checkpoints`, `checkpoint`): a commit that reaches
+  SQLite's automatic checkpoint copies the write-ahead log into the database and syncs both to
+  disk, which holds up every request waiting for that commit. The HTTP workers of `shiphook
+  serve` never checkpoint; its deployer process calls `checkpoint` a few times a second.
+- `GroupCommit`: the deployments accepted within a few turns of the event loop share one
+  transaction (one BEGIN, one hook re-check, one write lock, one COMMIT and disk sync), run in a
+  database thread while the event loop reads the next batch.
+
+Why a module of its own, beside `shiphook.storage` rather than in `shiphook.http`: the group
+commit runs in an HTTP worker, but the write lock is taken by every writer, the deployer
+process's included, and the deployer process runs the checkpoints; `shiphook.deployer` must not
+import `shiphook.http`. So this module imports only the models and errors (storage builds on it:
+`Storage.accept_path` is an `AcceptPath`), and nothing here knows HTTP or orchestrators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.expression import Executable
+
+from shiphook.models import Deployment, DeploymentCreate, Hook, HookIdentity
+
+if TYPE_CHECKING:
+    from shiphook.storage import Storage
+
+KNOWN_HOOKS = 10_000  # token digests remembered per process; the cache starts over when full
+
+
+class KeyTaken(Exception):
+    """Another deployment of this hook already holds the idempotency key."""
+
+
+class HookGone(Exception):
+    """The hook that made a request was deleted before its deployment was committed."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A deployment to commit; with `hook_digest`, only if that hook still exists."""
+
+    new: DeploymentCreate
+    stamp_hook: bool = False
+    hook_digest: str | None = None
+
+    def row(self) -> dict[str, object]:
+        return vars(self.new)
+
+
+# -- the write lock -------------------------------------------------------------------------
+
+
+class FileWriteLock:
+    """An exclusive OS lock on a file beside the SQLite database, held around each write
+    transaction by every thread and process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread_lock = threading.Lock()  # flock is per open file: threads queue here
+        self._fd: int | None = None
+        # a forked child shares the descriptor, and with it the lock: it must open its own
+        os.register_at_fork(after_in_child=self._forget)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _forget(self) -> None:
+        self._fd = None
+
+
+@contextlib.contextmanager
+def no_lock() -> Iterator[None]:
+    yield
+
+
+_file_locks: dict[Path, FileWriteLock] = {}  # one per database file, as the OS lock is per process
+_file_locks_guard = threading.Lock()
+
+
+def write_lock(engine: Engine) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """What to hold around a write transaction on this engine: the database file's
+    `FileWriteLock` on SQLite, nothing on a database that queues its writers itself."""
+    if engine.dialect.name != "sqlite":
+        return no_lock
+    path = Path(engine.url.database or "").resolve().with_suffix(".lock")
+    with _file_locks_guard:
+        return _file_locks.setdefault(path, FileWriteLock(path))
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint(engine: Engine) -> tuple[int, int]:
+    """Copy what SQLite's write-ahead log holds into the database without waiting for readers
+    or writers; return the log's frames and how many are now in the database. Nothing to do on
+    other databases."""
+    if engine.dialect.name != "sqlite":
+        return 0, 0
+    with engine.connect() as connection:
+        _busy, frames, copied = connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+    return frames, copied
+
+
+# -- statements and connections ---------------------------------------------------------------
+
+
+class Prepared:
+    """A Core statement compiled once for a dialect, run on a DBAPI cursor."""
+
+    def __init__(self, dialect: Dialect, statement: Executable) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self._processors = [
+            (key, process)
+            for key, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+        self._order = compiled.positiontup if compiled.positional else None
+
+    def params(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The DBAPI parameters for `values` (which holds every bind's value, processed here
+        once each); None is always SQL NULL."""
+        processed = values | {
+            key: process(value)
+            for key, process in self._processors
+            if (value := values[key]) is not None
+        }
+        if self._order is None:
+            return processed
+        return tuple(map(processed.__getitem__, self._order))
+
+
+class DirectConnections:
+    """DBAPI connections in autocommit mode (transactions are explicit), reused through a
+    lock-free queue; one that the database dropped is closed and replaced on next use."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.autocheckpoint = True  # SQLite: whether commits may checkpoint the write-ahead log
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[Any]:
+        try:
+            connection = self._idle.get_nowait()
+        except queue.Empty:
+            connection = self._connect()
+        try:
+            cursor = connection.cursor()
+            yield cursor
+            cursor.close()
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            if self.engine.dialect.is_disconnect(exc, connection, None):
+                connection.close()  # a fresh one next time
+                raise
+            self._rollback(connection)
+            self._idle.put(connection)
+            raise
+        except BaseException:
+            self._rollback(connection)
+            self._idle.put(connection)
+            raise
+        self._idle.put(connection)
+
+    def _connect(self) -> Any:
+        fairy = self.engine.raw_connection()
+        fairy.detach()  # ours from now on; the pool neither counts nor resets it
+        connection = fairy.dbapi_connection
+        self.engine.dialect.set_isolation_level(connection, "AUTOCOMMIT")
+        if not self.autocheckpoint and self.engine.dialect.name == "sqlite":
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+        return connection
+
+    @staticmethod
+    def _rollback(connection: Any) -> None:
+        with contextlib.suppress(Exception):
+            connection.cursor().execute("ROLLBACK")
+
+
+# -- the accept path's two calls ----------------------------------------------------------------
+
+
+class AcceptPath:
+    """The database calls of a hook request: the token's hook, and the insert of accepted
+    deployments. Blocking, thread-safe; the event loop makes them through `Storage.call` and
+    `GroupCommit`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = write_lock(engine)
+        self._direct = DirectConnections(engine)
+        self._known: dict[str, HookIdentity] = {}
+        # SQLite takes its write lock at BEGIN IMMEDIATE, waiting in its busy handler while
+        # another connection holds it; a deferred transaction that has read fails at its first
+        # write instead ("database is locked"), without waiting
+        self._begin = "BEGIN IMMEDIATE" if engine.dialect.name == "sqlite" else "BEGIN"
+        hook, deployment = Hook.__table__, Deployment.__table__
+        dialect = engine.dialect
+        self._find_hook = Prepared(
+            dialect,
+            select(hook.c.id, hook.c.name, hook.c.target).where(
+                hook.c.token_digest == bindparam("token_digest")
+            ),
+        )
+        values = {c: bindparam(c) for c in DeploymentCreate.model_fields}
+        self._insert_deployment = Prepared(dialect, insert(deployment).values(values))
+        self._hook_alive = Prepared(
+            dialect,
+            select(hook.c.id)
+            .where(hook.c.id == bindparam("hook_id"), hook.c.token_digest == bindparam("digest"))
+            .with_for_update(read=True, key_share=True),
+        )
+        self._stamp_hook = Prepared(
+            dialect,
+            update(hook)
+            .where(hook.c.id == bindparam("hook_id"))
+            .values(last_used_at=bindparam("at")),
+        )
+
+    def defer_checkpoints(self) -> None:
+        """Keep this process's commits from checkpointing SQLite's write-ahead log. Call before
+        the first request; then another process must call `checkpoint` regularly (the deployer
+        process of `shiphook serve` does)."""
+        self._direct.autocheckpoint = False
+
+    def known_hook(self, *, token_digest: str) -> HookIdentity | None:
+        """The hook with this token digest if it was remembered: for callers whose write checks
+        the hook again (`add_deployments` does)."""
+        return self._known.get(token_digest)
+
+    def forget(self, *, token_digest: str) -> None:
+        """A deleted hook's token is no longer known."""
+        self._known.pop(token_digest, None)
+
+    def hook_by_digest(self, *, token_digest: str, remember: bool = False) -> HookIdentity | None:
+        """The hook with this token digest; with `remember`, kept for `known_hook`."""
+        with self._direct.cursor() as cursor:
+            cursor.execute(
+                self._find_hook.sql, self._find_hook.params({"token_digest": token_digest})
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        hook = HookIdentity(id=row[0], name=row[1], target=row[2], token_digest=token_digest)
+        if remember:
+            if len(self._known) >= KNOWN_HOOKS:
+                self._known.clear()
+            self._known[token_digest] = hook
+        return hook
+
+    def add_deployments(self, *, batch: Sequence[Accepted]) -> set[str]:
+        """Commit queued deployments in one transaction; return the ids of those not recorded
+        because their hook no longer exists (checked once per hook, in the same transaction).
+        Raises `KeyTaken` (committing nothing) when an idempotency key is already held."""
+        hooks = {a.hook_digest: a.new.hook_id for a in batch if a.hook_digest is not None}
+        with self._lock(), self._direct.cursor() as cursor:
+            cursor.execute(self._begin)
+            gone = {
+                digest
+                for digest, hook_id in hooks.items()
+                if not self._alive(cursor, hook_id, digest)
+            }
+            kept = [a for a in batch if a.hook_digest not in gone] if gone else batch
+            try:
+                cursor.executemany(
+                    self._insert_deployment.sql,
+                    [self._insert_deployment.params(a.row()) for a in kept],
+                )
+            except self.engine.dialect.loaded_dbapi.IntegrityError:
+                keys = [a.new.idempotency_key for a in batch if a.new.idempotency_key]
+                if not keys:
+                    raise
+                raise KeyTaken(", ".join(keys)) from None
+            stamps = [
+                self._stamp_hook.params({"hook_id": a.new.hook_id, "at": a.new.created_at})
+                for a in kept
+                if a.stamp_hook
+            ]
+            if stamps:
+                cursor.executemany(self._stamp_hook.sql, stamps)
+            cursor.execute("COMMIT")
+        for digest in gone:
+            self._known.pop(digest, None)
+        return {a.new.id for a in batch if a.hook_digest in gone}
+
+    def _alive(self, cursor: Any, hook_id: int | None, digest: str) -> bool:
+        cursor.execute(
+            self._hook_alive.sql, self._hook_alive.params({"hook_id": hook_id, "digest": digest})
+        )
+        return cursor.fetchone() is not None
+
+
+# -- the group commit ------------------------------------------------------------------------------
+
+
+class GroupCommit:
+    """Commits the deployments accepted within `TURNS` turns of the event loop in one
+    transaction, in a database thread, one transaction at a time.
+
+    The turns after the first matter when each CI job opens its own connection: its request
+    often arrives a turn or two after the one before. While a transaction commits (waiting for
+    the write lock or the disk's sync), the event loop reads more requests: they form the next
+    batch, committed when this one is, so that deployments commit in the order they were
+    accepted (superseding relies on it). Every caller is answered only after the commit holding
+    its row, or with `DatabaseUnavailable` when that took longer than the storage's `timeout` (a
+    batch then still waiting is dropped; one in flight may yet commit). When a batch fails for
+    another reason, each of its deployments is committed alone, so that only the holder of a
+    taken idempotency key (or whatever failed) gets the error. Used from the event loop's
+    thread only.
+    """
+
+    TURNS = 3
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._batch: list[tuple[Accepted, asyncio.Future[None]]] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._committing = False
+
+    async def add(self, accepted: Accepted) -> None:
+        """Return once `accepted` is committed; raise `HookGone`, `KeyTaken` or
+        `DatabaseUnavailable` if it was not."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._batch:
+            # after this turn and the ones after it: each call_soon defers by one turn
+            loop.call_soon(*[loop.call_soon] * (self.TURNS - 1), self._commit)
+            self._expiry = loop.call_later(self.storage.timeout, self._expire, self._batch)
+        self._batch.append((accepted, future))
+        await future
+
+    def _commit(self) -> None:
+        if self._committing:
+            return  # the transaction in flight starts this batch when it ends
+        batch, expiry, self._batch, self._expiry = self._batch, self._expiry, [], None
+        waiting = [(accepted, future) for accepted, future in batch if not future.done()]
+        if not waiting:
+            if expiry is not None:
+                expiry.cancel()
+            return
+        self._committing = True
+        committed = self.storage.in_thread(
+            functools.partial(
+                self.storage.accept_path.add_deployments, batch=[a for a, _ in waiting]
+            )
+        )
+        committed.add_done_callback(functools.partial(self._committed, waiting, expiry))
+
+    def _committed(
+        self,
+        waiting: list[tuple[Accepted, asyncio.Future[None]]],
+        expiry: asyncio.TimerHandle | None,
+        committed: asyncio.Future[set[str]],
+    ) -> None:
+        if expiry is not None:
+            expiry.cancel()
+        error = committed.exception()
+        if error is None:
+            self.storage.reachability.answered()
+            for accepted, future in waiting:
+                _settle(future, HookGone() if accepted.new.id in committed.result() else None)
+        elif self.storage.unavailable(error):
+            unavailable = self.storage.reachability.failed(error)
+            for _, future in waiting:
+                _settle(future, unavailable)
+        else:
+            alone = self.storage.in_thread(
+                functools.partial(self._each_alone, [a for a, _ in waiting])
+            )
+            alone.add_done_callback(functools.partial(self._committed_alone, waiting))
+            return
+        self._next()
+
+    def _committed_alone(
+        self,
+        waiting: list[tuple[Accepted, asyncio.Future[None]]],
+        outcomes: asyncio.Future[list[BaseException | None]],
+    ) -> None:
+        for (_, future), outcome in zip(waiting, outcomes.result(), strict=True):
+            _settle(future, outcome)
+        self._next()
+
+    def _next(self) -> None:
+        self._committing = False
+        if self._batch:
+            self._commit()
+
+    def _expire(self, batch: list[tuple[Accepted, asyncio.Future[None]]]) -> None:
+        unavailable = self.storage.reachability.failed(TimeoutError())
+        for _, future in batch:
+            _settle(future, unavailable)
+
+    def _each_alone(self, batch: list[Accepted]) -> list[BaseException | None]:
+        """Commit each deployment in a transaction of its own (in a database thread); what each
+        gave."""
+        outcomes: list[BaseException | None] = []
+        for accepted in batch:
+            try:
+                missing = self.storage.accept_path.add_deployments(batch=[accepted])
+            except Exception as error:
+                outcomes.append(error)
+            else:
+                outcomes.append(HookGone() if missing else None)
+        return outcomes
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # its request timed out or was cancelled
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
