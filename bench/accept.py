@@ -17,10 +17,11 @@ schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests u
 
     .venv/bin/python bench/accept.py [--seconds 10] [--rounds 3] [--hooks 10,100000,1000000]
         [--databases sqlite,postgresql] [--synchronous full,normal] [--connections 16,64]
-        [--modes keep-alive,close] [--baseline REV] [--log-level warning]
+        [--modes keep-alive,close] [--baseline REV[,REV]] [--log-level warning]
 
 `--baseline REV` adds, for each server, the shiphook of another git revision (its `core` on this
-venv), so that a change is measured against the code before it, in the same rounds.
+venv), so that a change is measured against the code before it, in the same rounds; several
+revisions, comma-separated, compare alternatives with each other and with the code before.
 `--log-level info` (the servers' default) writes an access log line per request to the
 server's log file. Each shiphook run also reports the CPU time its HTTP worker and its
 deployer process spent per answered request, which a busy machine changes much less than req/s.
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--synchronous", default="", help="SQLite: full, normal or both")
     parser.add_argument("--connections", default="16,64")
     parser.add_argument("--modes", default="keep-alive,close")
-    parser.add_argument("--baseline", help="a git revision to measure in the same rounds")
+    parser.add_argument("--baseline", default="", help="git revisions to measure alongside")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
     counts = [int(n) for n in args.hooks.split(",")]
@@ -68,11 +69,10 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         servers = {("bare", 0): (stack.enter_context(bare_server()), "-")}
         shiphooks = {}
-        if args.baseline:
-            source = stack.enter_context(checkout(args.baseline))
-            variants += [
-                (f"{label} {args.baseline}", *rest, source) for label, *rest, _ in variants
-            ]
+        ours = list(variants)
+        for revision in filter(None, args.baseline.split(",")):
+            source = stack.enter_context(checkout(revision))
+            variants += [(f"{label} {revision}", *rest, source) for label, *rest, _ in ours]
         for label, database, extra, source in variants:
             for count in counts:
                 server = stack.enter_context(
@@ -107,7 +107,7 @@ def main() -> None:
                         cpu.setdefault((kind, count, c, close), []).append(per)
                         used = f"  cpu/req worker {per[0]:5.1f} us deployer {per[1]:5.1f} us"
                     print(
-                        f"round {round_ + 1}: {kind:17} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}{used}",
+                        f"round {round_ + 1}: {kind:28} {count:>8} hooks {c:>3} conns {mode:10} {result.row()}{used}",
                         flush=True,
                     )
         for (label, count), server in shiphooks.items():  # every answered request is recorded
@@ -152,7 +152,7 @@ def main() -> None:
         runs.append(run)
 
     print(
-        f"\n{'server':17} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'cpu us worker/deployer':>20} errors"
+        f"\n{'server':28} {'hooks':>8} {'conns':>5} {'conn':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'cpu us worker/deployer':>20} errors"
     )
     for r in runs:
         mode = "close" if r["close"] else "keep-alive"
@@ -160,7 +160,7 @@ def main() -> None:
         used = r.get("cpu_us_per_request")
         used = f"{used['worker']:.1f} / {used['deployer']:.1f}" if used else "-"
         print(
-            f"{r['server']:17} {r['hooks']:>8} {r['connections']:>5} {mode:10} "
+            f"{r['server']:28} {r['hooks']:>8} {r['connections']:>5} {mode:10} "
             f"{r['requests_per_second']:>9.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {ratio:>6} {used:>20} "
             f"{r['errors'] + r['non_2xx']}"
         )
