@@ -106,6 +106,7 @@ def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    # shiphook's writers queue on `fastpath.write_lock`; this waits for a writer outside it
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 

@@ -21,6 +21,8 @@ when many CI jobs call at once, each with what it buys; the figures are in bench
   shiphook (the accept path, the deployer, the CLI, migrations; any thread, any process) holds
   an OS file lock beside the database around its write transaction instead, so writers queue
   in the kernel and the next one starts as soon as the last one commits. A no-op elsewhere.
+  (`BEGIN IMMEDIATE` with no busy timeout and a retry loop instead makes writers poll; the Log
+  of 2026-12-01 has how it compared.)
 - checkpoint deferral (`AcceptPath.defer_checkpoints`, `checkpoint`): a commit that reaches
   SQLite's automatic checkpoint copies the write-ahead log into the database and syncs both to
   disk, which holds up every request waiting for that commit. The HTTP workers of `shiphook
@@ -32,7 +34,7 @@ when many CI jobs call at once, each with what it buys; the figures are in bench
 Why a module of its own, beside `shiphook.storage` rather than in `shiphook.http`: the group
 commit runs in an HTTP worker, but the write lock is taken by every writer, the deployer
 process's included, and the deployer process runs the checkpoints; `shiphook.deployer` must not
-import `shiphook.http`. So this module imports only the models and errors (storage builds on it:
+import `shiphook.http`. So this module imports only the models (storage builds on it:
 `Storage.accept_path` is an `AcceptPath`), and nothing here knows HTTP or orchestrators.
 """
 

@@ -31,9 +31,9 @@ log = logging.getLogger("shiphook.deployer")
 
 RESTART_DELAY = 1.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-# seconds between checkpoints of the HTTP workers' SQLite writes: under load, a short log that is
-# copied often kept the workers' p99 lower than a long one copied in bursts (bench/README.md);
-# with nothing to copy, a checkpoint costs about 0.1 ms and no disk sync
+# seconds between checkpoints of the HTTP workers' SQLite writes (`shiphook.fastpath`): a short
+# write-ahead log copied often, not a long one copied in bursts; one with nothing to copy costs
+# no disk sync
 CHECKPOINT_INTERVAL = 0.2
 
 
