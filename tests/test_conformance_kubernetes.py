@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes.client as k8s
 import pytest
 from conftest import free_port
 from shiphook.testing import BackendConformance, JobRun
-from test_kubernetes import APP, README_RULES, Kube
+from test_kubernetes import APP, README_RULES, new_kube
 
 pytest_plugins = ["shiphook.testing"]
 
@@ -33,18 +32,8 @@ class TestKubernetesConformance(BackendConformance):
 
     @pytest.fixture(autouse=True)
     def _kubernetes(self, kube_cluster) -> Iterator[None]:
-        namespace = kube_cluster.new_namespace("conformance")
-        with kube_cluster.client() as api:
-            self.kube = Kube(
-                kube_cluster,
-                namespace,
-                k8s.AppsV1Api(api),
-                k8s.BatchV1Api(api),
-                k8s.CoreV1Api(api),
-                k8s.RbacAuthorizationV1Api(api),
-            )
+        with new_kube(kube_cluster, "conformance") as self.kube:
             yield
-            k8s.CoreV1Api(api).delete_namespace(namespace)
 
     def _kubeconfig(self, server: str) -> str:
         """A kubeconfig of a cluster at `server` that is not the test cluster."""

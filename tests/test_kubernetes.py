@@ -9,6 +9,7 @@ ReplicaSets, ControllerRevisions, pods, Jobs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -157,12 +158,13 @@ class Kube:
         return name
 
 
-@pytest.fixture
-def kube(kube_cluster) -> Iterator[Kube]:
-    namespace = kube_cluster.new_namespace("shiphook")
-    with kube_cluster.client() as api:
+@contextlib.contextmanager
+def new_kube(cluster: Any, prefix: str) -> Iterator[Kube]:
+    """A `Kube` on a fresh namespace of `cluster`, deleted afterwards."""
+    namespace = cluster.new_namespace(prefix)
+    with cluster.client() as api:
         yield Kube(
-            kube_cluster,
+            cluster,
             namespace,
             k8s.AppsV1Api(api),
             k8s.BatchV1Api(api),
@@ -170,6 +172,12 @@ def kube(kube_cluster) -> Iterator[Kube]:
             k8s.RbacAuthorizationV1Api(api),
         )
         k8s.CoreV1Api(api).delete_namespace(namespace)
+
+
+@pytest.fixture
+def kube(kube_cluster) -> Iterator[Kube]:
+    with new_kube(kube_cluster, "shiphook") as kube:
+        yield kube
 
 
 def kube_config(
