@@ -1,9 +1,12 @@
 """Benchmark 1: the accept path against the framework's limit.
 
 `shiphook serve` as a user runs it (SQLite, deployer process, a recording backend whose rollouts
-take a second), with N hooks stored, driven by wrk on POST /api/v1/dh; in the same run the same
-wrk against a bare Falcon app on the same stack. With keep-alive, and with a new connection per
-request (`Connection: close`), which is what CI jobs calling once each do.
+take a second), with N hooks stored, driven by wrk on POST /api/v1/dh, each request with a new
+tag; in the same run the same wrk against a bare Falcon app on the same stack. (`--same-tag`
+sends one tag throughout, as the runs before 2026-12-01 did: each batch's newest then already
+runs, and the deployer makes a no-op rollout per batch, dozens a second, beside the accept
+path.) With keep-alive, and with a new connection per request (`Connection: close`), which is
+what CI jobs calling once each do.
 
 All servers run side by side and each setting is measured on all of them back to back, so that
 the ratios compare figures taken within a minute of each other: this machine's speed drifts by
@@ -17,7 +20,7 @@ schema of the machine's PostgreSQL (`SHIPHOOK_TEST_POSTGRES_URL`, as the tests u
 
     .venv/bin/python bench/accept.py [--seconds 10] [--rounds 3] [--hooks 10,100000,1000000]
         [--databases sqlite,postgresql] [--synchronous full,normal] [--connections 16,64]
-        [--modes keep-alive,close] [--baseline REV[,REV]] [--log-level warning]
+        [--modes keep-alive,close] [--baseline REV[,REV]] [--log-level warning] [--same-tag]
 
 `--baseline REV` adds, for each server, the shiphook of another git revision (its `core` on this
 venv), so that a change is measured against the code before it, in the same rounds; several
@@ -33,7 +36,7 @@ import argparse
 import contextlib
 import statistics
 
-from common import bare_server, checkout, cpu_seconds, save, seed_hooks, shiphook, wrk
+from common import HOOK_BODY, bare_server, checkout, cpu_seconds, save, seed_hooks, shiphook, wrk
 
 
 def main() -> None:
@@ -47,6 +50,9 @@ def main() -> None:
     parser.add_argument("--modes", default="keep-alive,close")
     parser.add_argument("--baseline", default="", help="git revisions to measure alongside")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--same-tag", action="store_true", help="every request the same tag (as before 2026-12-01)"
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.hooks.split(",")]
     connections = [int(n) for n in args.connections.split(",")]
@@ -94,7 +100,14 @@ def main() -> None:
                 for (kind, count), (url, token) in order if round_ % 2 == 0 else order[::-1]:
                     pids = shiphooks[(kind, count)].pids() if kind != "bare" else []
                     before = [cpu_seconds(pid) for pid in pids]
-                    result = wrk(url, token=token, connections=c, seconds=args.seconds, close=close)
+                    result = wrk(
+                        url,
+                        token=token,
+                        connections=c,
+                        seconds=args.seconds,
+                        close=close,
+                        body=HOOK_BODY if args.same_tag else "",
+                    )
                     measured.setdefault((kind, count, c, close), []).append(result)
                     mode = "close" if close else "keep-alive"
                     used = ""

@@ -315,9 +315,10 @@ def wrk(
     connections: int,
     seconds: int = 10,
     close: bool = False,
-    body: str = HOOK_BODY,
+    body: str = "",
 ) -> WrkResult:
-    """POST the hook request with wrk (one thread: the other core is the server's)."""
+    """POST the hook request with wrk (one thread: the other core is the server's): each with
+    a new tag, or all with `body`."""
     env = {**os.environ, "TOKEN": token, "BODY": body, "CLOSE": "1" if close else ""}
     out = subprocess.run(
         [
