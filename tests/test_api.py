@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import falcon.inspect
@@ -13,11 +14,14 @@ import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN
 from shiphook import tokens
+from shiphook.db import create_db_engine, upgrade
 from shiphook.fastpath import Accepted, GroupCommit
 from shiphook.http.app import WAIT_STATUS
 from shiphook.instance import open_instance
-from shiphook.models import DeploymentCreate, DeploymentPublic, Status
+from shiphook.models import DeploymentCreate, DeploymentPublic, HookPublic, Status
 from shiphook.services import new_deployment_json, public_deployment, wait_outcome
+from shiphook.storage import Storage
+from shiphook.testing import eventually
 from sqlalchemy import event
 from uuid_utils import uuid7
 
@@ -583,6 +587,133 @@ def test_requests_read_within_the_group_commits_turns_share_one_commit(quiet, mo
     second = [f"{late}.0", f"{late}.1"]
     assert batches == [first, second]  # those read within the turns, then the late ones
     assert sorted(d.image_tag for d in quiet.instance.deployments.list()) == first + second
+
+
+# -- the accept path on PostgreSQL ------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_storage(postgres_url) -> Iterator[Storage]:
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    storage = Storage(engine)
+    try:
+        yield storage
+    finally:
+        storage.close()
+
+
+def accepted_by(hook: HookPublic, digest: str, tag: str, *, stamp: bool = False) -> Accepted:
+    new = DeploymentCreate(
+        id=str(uuid7()),
+        target=hook.target,
+        kind="app",
+        created_at=datetime.now(UTC),
+        hook_id=hook.id,
+        hook_name=hook.name,
+        image_tag=tag,
+    )
+    return Accepted(new, stamp, digest)
+
+
+def test_on_postgresql_a_batch_is_one_statement_from_the_event_loop(pg_storage):
+    """No database thread; the hooks checked in the statement: a deleted hook's rows are left
+    out (its callers get `HookGone`), the others' recorded, a stamped hook's use recorded."""
+    now = datetime.now(UTC)
+    kept = pg_storage.create_hook(name="ci", target="web", token_digest="a" * 64, now=now)
+    deleted = pg_storage.create_hook(name="old", target="web", token_digest="b" * 64, now=now)
+    pg_storage.delete_hook(hook_id=deleted.id)
+    batches: list[list[str]] = []
+    add_on_loop = pg_storage.accept_path.add_deployments_on_loop
+
+    async def counted(*, batch):
+        batches.append([a.new.image_tag for a in batch])
+        return await add_on_loop(batch=batch)
+
+    pg_storage.accept_path.add_deployments_on_loop = counted
+
+    async def main() -> list[BaseException | None]:
+        commits = GroupCommit(pg_storage)
+        batch = [
+            accepted_by(kept, "a" * 64, "1.0", stamp=True),
+            accepted_by(deleted, "b" * 64, "1.1"),
+            accepted_by(kept, "a" * 64, "1.2"),
+        ]
+        return await asyncio.gather(*(commits.add(a) for a in batch), return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert [type(o).__name__ for o in outcomes] == ["NoneType", "HookGone", "NoneType"]
+    assert batches == [["1.0", "1.1", "1.2"]]
+    assert pg_storage._threads is None  # the pool of database threads was never started
+    recorded = pg_storage.list_deployments(target="web", limit=10)
+    assert sorted(d.image_tag for d in recorded) == ["1.0", "1.2"]
+    assert all(d.status == Status.queued and d.hook_name == "ci" for d in recorded)
+    [hook] = pg_storage.list_hooks()
+    assert hook.last_used_at == min(d.created_at for d in recorded)  # the stamped request's
+
+    # a deployment no hook asked for (as a rollback on demand) is recorded without a check; a
+    # job's variables keep their JSON shape and text, NUL-free as the API has them
+    env = [{"name": "GREETING", "value": 'h\u00e9llo "world"\n'}]
+    no_hook = DeploymentCreate(
+        id=str(uuid7()), target="migrate", kind="job", created_at=datetime.now(UTC), env=env
+    )
+    pg_storage.add_deployment(new=no_hook)
+    assert pg_storage.get_deployment(deployment_id=no_hook.id).env == env
+
+
+def end_backends(storage: Storage, *, running: str) -> None:
+    """End the PostgreSQL backends whose last statement holds `running`, as a restart or an idle
+    timeout would, and wait until they are gone."""
+    with storage.engine.connect() as connection:
+        ended = (
+            connection.exec_driver_sql(
+                "SELECT pid FROM pg_stat_activity, pg_terminate_backend(pid) AS ended "
+                "WHERE strpos(query, %(running)s) > 0 AND pid <> pg_backend_pid()",
+                {"running": running},
+            )
+            .scalars()
+            .all()
+        )
+    assert ended
+
+    def gone() -> bool:  # in a transaction of its own: each sees the activity anew
+        with storage.engine.connect() as connection:
+            return not connection.exec_driver_sql(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%(ended)s)", {"ended": ended}
+            ).all()
+
+    eventually(gone, "the backends' end")
+
+
+def test_on_postgresql_the_accept_paths_connections_the_server_closed_are_replaced(pg_storage):
+    """Before use, without a failed request: the insert's connection on the event loop, and the
+    token lookup's in a thread."""
+    hook = pg_storage.create_hook(
+        name="ci", target="web", token_digest="a" * 64, now=datetime.now(UTC)
+    )
+
+    async def add(tag: str) -> BaseException | None:
+        commits = GroupCommit(pg_storage)
+        [outcome] = await asyncio.gather(
+            commits.add(accepted_by(hook, "a" * 64, tag)), return_exceptions=True
+        )
+        return outcome
+
+    async def main() -> list[BaseException | None]:
+        first = await add("1.0")
+        end_backends(pg_storage, running="json_to_recordset")
+        return [first, await add("2.0"), await add("3.0")]
+
+    assert asyncio.run(main()) == [None, None, None]
+    assert asyncio.run(add("4.0")) is None  # another event loop: a connection of its own
+    tags = sorted(d.image_tag for d in pg_storage.list_deployments(target="web", limit=10))
+    assert tags == ["1.0", "2.0", "3.0", "4.0"]
+
+    lookup = pg_storage.accept_path.hook_by_digest
+    assert lookup(token_digest="a" * 64) == lookup(token_digest="a" * 64)  # a connection kept
+    end_backends(pg_storage, running="WHERE hook.token_digest")
+    found = lookup(token_digest="a" * 64)
+    assert found is not None and found.name == "ci"
 
 
 @pytest.mark.parametrize(("setting", "pragma"), [("", 2), ('sqlite_synchronous = "normal"', 1)])

@@ -3,6 +3,7 @@ and several replicas sharing one PostgreSQL database."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
-from shiphook.db import create_db_engine
+from shiphook.db import connect_on_loop, create_db_engine
 from shiphook.deployer.process import RESTART_DELAY
 from shiphook.fastpath import checkpoint
 from shiphook.testing import eventually
@@ -579,6 +580,18 @@ def test_every_postgresql_connection_has_connect_statement_and_keepalive_timeout
     assert given["connect_timeout"] == "3"
     assert (given["keepalives"], given["keepalives_idle"]) == ("1", "3")
     assert given["tcp_user_timeout"] == "3000"
+
+    async def on_loop() -> tuple[str, str, dict[str, str]]:  # the accept path's, on PostgreSQL
+        connect = connect_on_loop(engine, 3)
+        assert connect is not None
+        async with await connect() as connection:
+            timeout = await (await connection.execute("SHOW statement_timeout")).fetchone()
+            schema = await (await connection.execute("SHOW search_path")).fetchone()
+            return timeout[0], schema[0], connection.info.get_parameters()
+
+    timeout, schema, given_on_loop = asyncio.run(on_loop())
+    assert timeout == "3s" and schema.startswith("shiphook_")
+    assert {k: given_on_loop.get(k) for k in given} == given
 
     engine = create_db_engine(f"{postgres_url}&connect_timeout=10", timeout=3)  # the URL's wins
     try:

@@ -6,7 +6,7 @@ import functools
 import math
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,21 @@ def create_db_engine(
         raise ConfigError(
             f"server.database_url: no driver for {parsed.drivername}: {exc}"
         ) from None
+
+
+def connect_on_loop(engine: Engine, timeout: float) -> Callable[[], Awaitable[Any]] | None:
+    """How an event loop opens a connection of its own to `engine`'s database, in autocommit
+    mode and with the parameters and timeouts of the engine's connections: psycopg's
+    `AsyncConnection` on PostgreSQL, None on other databases and drivers."""
+    if engine.dialect.driver != "psycopg":
+        return None
+    import psycopg
+
+    _, given = engine.dialect.create_connect_args(engine.url)
+    # without SQLAlchemy's adapters ("context"): the accept path passes plain text
+    params = {k: v for k, v in given.items() if k != "context"}
+    params |= _libpq_timeouts(engine.url.query, timeout)
+    return functools.partial(psycopg.AsyncConnection.connect, autocommit=True, **params)
 
 
 def _libpq_timeouts(query: Mapping[str, Any], timeout: float) -> dict[str, Any]:

@@ -30,6 +30,12 @@ when many CI jobs call at once, each with what it buys; the figures are in bench
 - `GroupCommit`: the deployments accepted within a few turns of the event loop share one
   transaction (one BEGIN, one hook re-check, one write lock, one COMMIT and disk sync), run in a
   database thread while the event loop reads the next batch.
+- one statement per batch on PostgreSQL (`batch_insert`), made from the event loop: the batch
+  travels as one JSON parameter, and a single statement checks its hooks, stamps them and
+  inserts its rows, in the transaction the server gives every statement in autocommit mode; one
+  round trip, nothing per row on the client but its JSON. The event loop sends it on an
+  asynchronous connection of its own (`AcceptPath.add_deployments_on_loop`): no thread to hand
+  the batch to, and no wait for the lock a thread needs to deliver its result.
 
 Why a module of its own, beside `shiphook.storage` rather than in `shiphook.http`: the group
 commit runs in an HTTP worker, but the write lock is taken by every writer, the deployer
@@ -44,12 +50,15 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from select import POLLIN, poll
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, bindparam, insert, select, update
@@ -82,6 +91,10 @@ class Accepted:
 
     def row(self) -> dict[str, object]:
         return vars(self.new)
+
+    def batch_row(self) -> dict[str, object]:
+        """Its row for `batch_insert`: with the hook digest to check, and whether to stamp."""
+        return vars(self.new) | {"checked": self.hook_digest, "stamp": self.stamp_hook}
 
 
 # -- the write lock -------------------------------------------------------------------------
@@ -177,17 +190,22 @@ class Prepared:
 
 class DirectConnections:
     """DBAPI connections in autocommit mode (transactions are explicit), reused through a
-    lock-free queue; one that the database dropped is closed and replaced on next use."""
+    lock-free queue; one that the database closed is replaced before use (on PostgreSQL), or
+    after the statement it failed (elsewhere)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.autocheckpoint = True  # SQLite: whether commits may checkpoint the write-ahead log
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._psycopg = engine.dialect.driver == "psycopg"
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[Any]:
         try:
             connection = self._idle.get_nowait()
+            if self._psycopg and _closed(connection):
+                connection.close()
+                connection = self._connect()
         except queue.Empty:
             connection = self._connect()
         try:
@@ -216,6 +234,15 @@ class DirectConnections:
             connection.execute("PRAGMA wal_autocheckpoint=0")
         return connection
 
+    def close(self) -> None:
+        """Close the idle connections (one in use is closed when it comes back, or with its
+        process)."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
     @staticmethod
     def _rollback(connection: Any) -> None:
         with contextlib.suppress(Exception):
@@ -228,10 +255,15 @@ class DirectConnections:
 class AcceptPath:
     """The database calls of a hook request: the token's hook, and the insert of accepted
     deployments. Blocking, thread-safe; the event loop makes them through `Storage.call` and
-    `GroupCommit`."""
+    `GroupCommit`, which on PostgreSQL inserts with `add_deployments_on_loop` instead.
+    `connect_on_loop` opens the asynchronous connection that takes."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, *, connect_on_loop: Callable[[], Awaitable[Any]] | None = None
+    ) -> None:
         self.engine = engine
+        self.connect_on_loop = connect_on_loop
+        self._on_loop: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self._lock = write_lock(engine)
         self._direct = DirectConnections(engine)
         self._known: dict[str, HookIdentity] = {}
@@ -261,6 +293,17 @@ class AcceptPath:
             .where(hook.c.id == bindparam("hook_id"))
             .values(last_used_at=bindparam("at")),
         )
+        self._batch_insert = batch_insert(dialect) if dialect.name == "postgresql" else None
+
+    def close(self) -> None:
+        """Close this path's own connections (the pool's are the engine's)."""
+        self._direct.close()
+        self._close_on_loop()
+
+    def _close_on_loop(self) -> None:
+        if self._on_loop is not None:  # its loop may be gone: closed without it
+            self._on_loop[1].pgconn.finish()
+            self._on_loop = None
 
     def defer_checkpoints(self) -> None:
         """Keep this process's commits from checkpointing SQLite's write-ahead log. Call before
@@ -297,6 +340,10 @@ class AcceptPath:
         """Commit queued deployments in one transaction; return the ids of those not recorded
         because their hook no longer exists (checked once per hook, in the same transaction).
         Raises `KeyTaken` (committing nothing) when an idempotency key is already held."""
+        if self._batch_insert is not None:
+            with self._direct.cursor() as cursor, self._keys_taken(batch):
+                cursor.execute(self._batch_insert, (_batch_json(batch),))
+                return self._not_recorded(batch, cursor.fetchall())
         hooks = {a.hook_digest: a.new.hook_id for a in batch if a.hook_digest is not None}
         with self._lock(), self._direct.cursor() as cursor:
             cursor.execute(self._begin)
@@ -306,16 +353,11 @@ class AcceptPath:
                 if not self._alive(cursor, hook_id, digest)
             }
             kept = [a for a in batch if a.hook_digest not in gone] if gone else batch
-            try:
+            with self._keys_taken(batch):
                 cursor.executemany(
                     self._insert_deployment.sql,
                     [self._insert_deployment.params(a.row()) for a in kept],
                 )
-            except self.engine.dialect.loaded_dbapi.IntegrityError:
-                keys = [a.new.idempotency_key for a in batch if a.new.idempotency_key]
-                if not keys:
-                    raise
-                raise KeyTaken(", ".join(keys)) from None
             stamps = [
                 self._stamp_hook.params({"hook_id": a.new.hook_id, "at": a.new.created_at})
                 for a in kept
@@ -327,6 +369,47 @@ class AcceptPath:
         for digest in gone:
             self._known.pop(digest, None)
         return {a.new.id for a in batch if a.hook_digest in gone}
+
+    async def add_deployments_on_loop(self, *, batch: Sequence[Accepted]) -> set[str]:
+        """`add_deployments` on PostgreSQL, from the event loop (see `GroupCommit`): on this
+        process's asynchronous connection of the running loop, opened on first use and again
+        when the database has closed it."""
+        assert self._batch_insert is not None and self.connect_on_loop is not None
+        loop = asyncio.get_running_loop()
+        if self._on_loop is None or self._on_loop[0] is not loop or _closed(self._on_loop[1]):
+            self._close_on_loop()  # another loop's (tests run several), or one closed
+            self._on_loop = (loop, await self.connect_on_loop())
+        connection = self._on_loop[1]
+        try:
+            with self._keys_taken(batch):
+                cursor = await connection.execute(self._batch_insert, (_batch_json(batch),))
+                rows = await cursor.fetchall()
+        except self.engine.dialect.loaded_dbapi.Error:
+            if connection.broken:
+                self._on_loop = None
+                await connection.close()
+            raise
+        return self._not_recorded(batch, rows)
+
+    @contextlib.contextmanager
+    def _keys_taken(self, batch: Sequence[Accepted]) -> Iterator[None]:
+        """An insert refused for a unique key is `KeyTaken` when the batch has idempotency
+        keys (the database's own message would quote the row)."""
+        try:
+            yield
+        except self.engine.dialect.loaded_dbapi.IntegrityError:
+            keys = [a.new.idempotency_key for a in batch if a.new.idempotency_key]
+            if not keys:
+                raise
+            raise KeyTaken(", ".join(keys)) from None
+
+    def _not_recorded(self, batch: Sequence[Accepted], returned: Sequence[Any]) -> set[str]:
+        """The ids of the batch that `batch_insert` did not return, their hooks forgotten."""
+        recorded = {row[0] for row in returned}
+        missing = [a for a in batch if a.new.id not in recorded]
+        for accepted in missing:
+            self._known.pop(accepted.hook_digest or "", None)
+        return {a.new.id for a in missing}
 
     def _alive(self, cursor: Any, hook_id: int | None, digest: str) -> bool:
         cursor.execute(
@@ -340,7 +423,8 @@ class AcceptPath:
 
 class GroupCommit:
     """Commits the deployments accepted within `TURNS` turns of the event loop in one
-    transaction, in a database thread, one transaction at a time.
+    transaction, in a database thread (on PostgreSQL, from the event loop), one transaction at
+    a time.
 
     The turns after the first matter when each CI job opens its own connection: its request
     often arrives a turn or two after the one before. While a transaction commits (waiting for
@@ -384,11 +468,14 @@ class GroupCommit:
                 expiry.cancel()
             return
         self._committing = True
-        committed = self.storage.in_thread(
-            functools.partial(
-                self.storage.accept_path.add_deployments, batch=[a for a, _ in waiting]
+        accept_path, accepted = self.storage.accept_path, [a for a, _ in waiting]
+        committed: asyncio.Future[set[str]]
+        if accept_path.connect_on_loop is not None:
+            committed = asyncio.ensure_future(accept_path.add_deployments_on_loop(batch=accepted))
+        else:
+            committed = self.storage.in_thread(
+                functools.partial(accept_path.add_deployments, batch=accepted)
             )
-        )
         committed.add_done_callback(functools.partial(self._committed, waiting, expiry))
 
     def _committed(
@@ -447,6 +534,50 @@ class GroupCommit:
             else:
                 outcomes.append(HookGone() if missing else None)
         return outcomes
+
+
+def batch_insert(dialect: Dialect) -> str:
+    """PostgreSQL's insert of a batch of accepted deployments, given as one JSON array of
+    `Accepted.batch_row`s: rows with a `checked` token digest only if that hook still exists
+    (locked against deletion until the commit, as `_hook_alive` does), their hooks' `last_used_at`
+    set where `stamp` says so; returns the ids inserted. Its column types are the table's."""
+    table = Deployment.__table__
+    names = list(DeploymentCreate.model_fields)
+    columns = ", ".join(names)
+    types = ", ".join(f"{name} {table.c[name].type.compile(dialect)}" for name in names)
+    return f"""
+        WITH batch AS (
+            SELECT * FROM json_to_recordset(%s::json)
+                AS b({types}, checked TEXT, stamp BOOLEAN)
+        ), alive AS (
+            SELECT hook.id FROM hook
+            JOIN (SELECT DISTINCT hook_id, checked FROM batch) c
+                ON hook.id = c.hook_id AND hook.token_digest = c.checked
+            FOR KEY SHARE OF hook
+        ), stamped AS (
+            UPDATE hook SET last_used_at = s.at
+            FROM (SELECT hook_id, max(created_at) AS at FROM batch WHERE stamp GROUP BY hook_id) s
+            WHERE hook.id = s.hook_id AND hook.id IN (SELECT id FROM alive)
+        )
+        INSERT INTO deployment ({columns})
+        SELECT {columns} FROM batch WHERE checked IS NULL OR hook_id IN (SELECT id FROM alive)
+        RETURNING id
+    """
+
+
+def _closed(connection: Any) -> bool:
+    """Whether an idle psycopg connection (either kind) is closed, or closed by the server: a
+    server that ended it (a restart, an idle timeout, `pg_terminate_backend`) sent its goodbye,
+    which waits unread."""
+    if connection.closed:
+        return True
+    poller = poll()
+    poller.register(connection.pgconn.socket, POLLIN)
+    return bool(poller.poll(0))
+
+
+def _batch_json(batch: Sequence[Accepted]) -> str:
+    return json.dumps([a.batch_row() for a in batch], default=datetime.isoformat)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -48,7 +48,7 @@ class Instance:
     def close(self) -> None:
         for backend in self.backends.values():
             backend.close()
-        self.storage.engine.dispose()
+        self.storage.close()
 
 
 def open_instance(

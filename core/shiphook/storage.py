@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import IntegrityError
 
-from shiphook.db import DATABASE_TIMEOUT
+from shiphook.db import DATABASE_TIMEOUT, connect_on_loop
 from shiphook.errors import DatabaseUnavailable
 from shiphook.fastpath import Accepted, AcceptPath, write_lock
 from shiphook.models import (
@@ -126,7 +126,7 @@ class Storage:
         self.engine = engine
         self.timeout = timeout
         self.reachability = Reachability()
-        self.accept_path = AcceptPath(engine)
+        self.accept_path = AcceptPath(engine, connect_on_loop=connect_on_loop(engine, timeout))
         dbapi = engine.dialect.loaded_dbapi
         # what a database that is down, full, unreachable or too slow raises
         self._unavailable: tuple[type[BaseException], ...] = (
@@ -139,6 +139,11 @@ class Storage:
         )
         self._threads: ThreadPoolExecutor | None = None
         self._lock = write_lock(engine)
+
+    def close(self) -> None:
+        """Close every connection to the database, the accept path's own and the pool's."""
+        self.accept_path.close()
+        self.engine.dispose()
 
     # -- calls from an event loop ---------------------------------------------------------
 
