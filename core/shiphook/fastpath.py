@@ -566,9 +566,9 @@ def batch_insert(dialect: Dialect) -> str:
 
 
 def _closed(connection: Any) -> bool:
-    """Whether an idle psycopg connection (either kind) is closed, or closed by the server: a
-    server that ended it (a restart, an idle timeout, `pg_terminate_backend`) sent its goodbye,
-    which waits unread."""
+    """Whether an idle psycopg connection (either kind) is closed or has something unread from
+    the server: as a rule the goodbye of a server that ended it (a restart, an idle timeout,
+    `pg_terminate_backend`). Replacing a connection costs less than failing a request."""
     if connection.closed:
         return True
     poller = poll()
