@@ -3,6 +3,7 @@ wrk, seeding hooks, and reading memory. Loopback only; everything under a tempor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -228,6 +229,42 @@ def shiphook(
             yield served
         finally:
             served.stop()
+
+
+# a job target whose first run never ends: `?wait` callers on it stay waiting, as job runs queue
+# and never coalesce (an app's queued deployments are superseded and their callers answered)
+HELD_JOB = """
+[backends.endless]
+plugin = "scripted"
+polls = 1_000_000_000
+
+[targets.held]
+kind = "job"
+backend = "endless"
+name = "held"
+rollout_timeout = 3600
+"""
+
+
+async def open_waiters(
+    port: int, token: str, count: int, wait: float
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` connections, each a `?wait=<wait>` hook request for `HELD_JOB`'s target (on a
+    hook of `token`), sent raw; the first run is under way before the others are sent."""
+    streams = []
+    for n in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps({"instanceEnvironmentVariables": [{"name": "N", "value": str(n)}]})
+        writer.write(
+            f"POST /api/v1/dh?wait={wait:g} HTTP/1.1\r\nHost: bench\r\n".encode()
+            + f"X-Deploy-Hook-Token: {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body.encode()
+        )
+        await writer.drain()
+        streams.append((reader, writer))
+        if n == 0:
+            await asyncio.sleep(0.5)
+    return streams
 
 
 def seed_hooks(server: Shiphook, count: int, target: str = "web") -> None:

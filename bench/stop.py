@@ -1,6 +1,6 @@
 """How long `shiphook serve` takes to stop while CI jobs wait on `?wait`.
 
-`--waiters` requests `?wait=<--wait>` are held open on a target whose rollout does not end; then
+`--waiters` requests `?wait=<--wait>` are held open on a job target whose first run does not end; then
 SIGTERM goes to serve, or to every process of it (as systemd sends it), with one HTTP worker and
 with two. Prints how long after the signal the last waiting request was answered and serve
 exited, the answers' statuses, deployer restarts and ERROR lines in its log. `--baseline REV`
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import resource
 import signal
@@ -22,35 +21,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import checkout, save, shiphook
-
-HELD = """
-[targets.held]
-kind = "app"
-backend = "rec"
-name = "held"
-rollout_timeout = 3600
-"""
+from common import HELD_JOB, checkout, open_waiters, save, shiphook
 
 
 async def stop_while_waiting(
     server, token: str, count: int, wait: float, group: bool
 ) -> tuple[float, float, Counter]:
     """Seconds from the signal to the last answer and to serve's exit, and the statuses."""
-    streams = []
-    for n in range(count):
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        tag = "hang-0" if n == 0 else f"1.{n}"  # the first holds the target; the rest queue
-        body = json.dumps({"imageTag": tag}).encode()
-        writer.write(
-            f"POST /api/v1/dh?wait={wait:g} HTTP/1.1\r\nHost: bench\r\n".encode()
-            + f"X-Deploy-Hook-Token: {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        streams.append((reader, writer))
-        if n == 0:
-            await asyncio.sleep(0.5)  # let the hanging rollout start first
+    streams = await open_waiters(server.port, token, count, wait)
     await asyncio.sleep(2)  # every request committed and waiting
     signalled = time.monotonic()
     if group:
@@ -73,7 +51,7 @@ async def stop_while_waiting(
 
 
 def run(source: Path | None, waiters: int, wait: float, workers: int, group: bool) -> dict:
-    with shiphook(HELD, server=f"workers = {workers}\nmax_wait = 900", source=source) as server:
+    with shiphook(HELD_JOB, server=f"workers = {workers}\nmax_wait = 900", source=source) as server:
         token = server.create_hook("held")
         server.start()
         time.sleep(2)  # the deployer is up

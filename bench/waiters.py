@@ -1,6 +1,7 @@
 """Benchmark 5: 500 CI jobs waiting on `?wait=600` while the accept path is driven by wrk.
 
-The waiters hold their requests open on a target whose rollout does not end; wrk drives
+The waiters hold their requests open on a job target whose first run does not end, so that the
+others queue behind it (an app target would supersede all but the newest at once); wrk drives
 POST /api/v1/dh on another target at 16 connections: without them, with them, and without them
 again once they are gone (the machine's speed drifts over minutes: the change is taken against
 the mean of the runs before and after). Prints req/s and p99, and the resident memory of the
@@ -13,39 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import threading
 import time
 
-from common import rss_mb, save, shiphook, wrk
-
-HELD = """
-[targets.held]
-kind = "app"
-backend = "rec"
-name = "held"
-rollout_timeout = 3600
-"""
+from common import HELD_JOB, open_waiters, rss_mb, save, shiphook, wrk
 
 
 async def hold(
     port: int, token: str, count: int, ready: threading.Event, release: threading.Event
 ) -> list[str]:
     """Open `count` connections, each a `?wait=600` hook request; read answers when released."""
-    streams = []
-    for n in range(count):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        tag = "hang-0" if n == 0 else f"1.{n}"  # the first holds the target; the rest queue
-        body = json.dumps({"imageTag": tag}).encode()
-        writer.write(
-            b"POST /api/v1/dh?wait=600 HTTP/1.1\r\nHost: bench\r\n"
-            + f"X-Deploy-Hook-Token: {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        streams.append((reader, writer))
-        if n == 0:
-            await asyncio.sleep(0.5)  # let the hanging rollout start first
+    streams = await open_waiters(port, token, count, 600)
     await asyncio.sleep(1)
     early = [r for r, _ in streams if r.at_eof() or len(r._buffer)]
     ready.set()
@@ -61,7 +40,7 @@ def main() -> None:
     parser.add_argument("--waiters", type=int, default=500)
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
-    with shiphook(HELD) as server:
+    with shiphook(HELD_JOB) as server:
         token, held_token = server.create_hook("web"), server.create_hook("held")
         server.start()
         time.sleep(1)
