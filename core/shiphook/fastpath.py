@@ -301,7 +301,7 @@ class AcceptPath:
         self._close_on_loop()
 
     def _close_on_loop(self) -> None:
-        if self._on_loop is not None:  # its loop may be gone: closed without it
+        if self._on_loop is not None:  # without awaiting: its loop may be gone
             self._on_loop[1].pgconn.finish()
             self._on_loop = None
 
@@ -367,7 +367,7 @@ class AcceptPath:
                 cursor.executemany(self._stamp_hook.sql, stamps)
             cursor.execute("COMMIT")
         for digest in gone:
-            self._known.pop(digest, None)
+            self.forget(token_digest=digest)
         return {a.new.id for a in batch if a.hook_digest in gone}
 
     async def add_deployments_on_loop(self, *, batch: Sequence[Accepted]) -> set[str]:
@@ -386,8 +386,7 @@ class AcceptPath:
                 rows = await cursor.fetchall()
         except self.engine.dialect.loaded_dbapi.Error:
             if connection.broken:
-                self._on_loop = None
-                await connection.close()
+                self._close_on_loop()
             raise
         return self._not_recorded(batch, rows)
 
@@ -407,8 +406,8 @@ class AcceptPath:
         """The ids of the batch that `batch_insert` did not return, their hooks forgotten."""
         recorded = {row[0] for row in returned}
         missing = [a for a in batch if a.new.id not in recorded]
-        for accepted in missing:
-            self._known.pop(accepted.hook_digest or "", None)
+        for accepted in missing:  # only a checked row is left out: it has a digest
+            self.forget(token_digest=accepted.hook_digest or "")
         return {a.new.id for a in missing}
 
     def _alive(self, cursor: Any, hook_id: int | None, digest: str) -> bool:

@@ -7,8 +7,9 @@ own; a write runs in one transaction under the database's write lock
 (`shiphook.fastpath.write_lock`). The two calls of a hook request are the exception, and live
 in `shiphook.fastpath` with their reasons: `Storage.accept_path`.
 
-The calls are blocking: an event loop makes them through `Storage.call` (and the accept path's
-insert through `shiphook.fastpath.GroupCommit`), which run them in threads.
+The calls are blocking: an event loop makes them through `Storage.call`, which runs them in
+threads; the accept path's insert goes through `shiphook.fastpath.GroupCommit`, in a thread too
+but on PostgreSQL, where the event loop sends it itself.
 """
 
 from __future__ import annotations
