@@ -50,17 +50,16 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import json
 import os
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from select import POLLIN, poll
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
@@ -443,17 +442,19 @@ class GroupCommit:
         self.storage = storage
         self._batch: list[tuple[Accepted, asyncio.Future[None]]] = []
         self._expiry: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the batch's
         self._committing = False
 
     async def add(self, accepted: Accepted) -> None:
         """Return once `accepted` is committed; raise `HookGone`, `KeyTaken` or
         `DatabaseUnavailable` if it was not."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
         if not self._batch:
+            # a batch is one loop's: asking once per batch saves a getpid() per request
+            loop = self._loop = asyncio.get_running_loop()
             # after this turn and the ones after it: each call_soon defers by one turn
             loop.call_soon(*[loop.call_soon] * (self.TURNS - 1), self._commit)
             self._expiry = loop.call_later(self.storage.timeout, self._expire, self._batch)
+        future = self._loop.create_future()
         self._batch.append((accepted, future))
         await future
 
@@ -488,9 +489,12 @@ class GroupCommit:
         error = committed.exception()
         if error is None:
             self.storage.reachability.answered()
+            gone = committed.result()
+            self._next()  # the next batch's transaction starts before these callers are answered
             for accepted, future in waiting:
-                _settle(future, HookGone() if accepted.new.id in committed.result() else None)
-        elif self.storage.unavailable(error):
+                _settle(future, HookGone() if accepted.new.id in gone else None)
+            return
+        if self.storage.unavailable(error):
             unavailable = self.storage.reachability.failed(error)
             for _, future in waiting:
                 _settle(future, unavailable)
@@ -576,7 +580,7 @@ def _closed(connection: Any) -> bool:
 
 
 def _batch_json(batch: Sequence[Accepted]) -> str:
-    return json.dumps([a.batch_row() for a in batch], default=datetime.isoformat)
+    return orjson.dumps([a.batch_row() for a in batch]).decode()
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
