@@ -1085,7 +1085,7 @@ def test_check_reviews_each_targets_own_namespace_and_names_what_is_missing_ther
             f"target second (app): NOT USABLE: the credentials may not list replicasets.apps in "
             f"namespace {second}, which target second needs {role}",
             f"target leave (app): found, running {APP}:v1 "  # it will not roll back
-            f"(deployment web in namespace {second}, 1 replicas)",
+            f"(deployment web in namespace {second}, 1 replica)",
             f"target third (app): NOT USABLE: the credentials may not get deployments.apps, "
             f"patch deployments.apps, list pods, list replicasets.apps in namespace {third}, "
             f"which target third needs {role}",

@@ -389,7 +389,8 @@ class KubernetesBackend(Backend):
         container = _container(target, found["spec"]["template"], f"{workload.key} {name}")
         detail = f"{workload.key} {name} in namespace {namespace}"
         if "replicas" in found["spec"]:
-            detail += f", {found['spec']['replicas']} replicas"
+            replicas = found["spec"]["replicas"]
+            detail += f", {replicas} replica{'' if replicas == 1 else 's'}"
         return TargetState(image=container["image"], detail=detail)
 
     def _workload_of(self, target: KubernetesTarget) -> tuple[Workload, str]:
