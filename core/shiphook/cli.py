@@ -228,7 +228,7 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
     kind = configured_target(instance.config.targets, target).kind
     hook_name(name)
     created = migrated(instance).hooks.create(target=target, name=name)
-    data = created.model_dump(mode="json", by_alias=True)
+    data = created.to_json()
     server = instance.config.server
     url = (server.public_url or f"http://{server.host}:{server.port}").rstrip("/")
     body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
@@ -256,7 +256,7 @@ def hooks_list(ctx: click.Context, target: str | None, as_json: bool) -> None:
     if target is not None:
         configured_target(instance.config.targets, target)
     found = migrated(instance).hooks.list(target=target)
-    data = [h.model_dump(mode="json", by_alias=True) for h in found]
+    data = [h.to_json() for h in found]
     emit(
         data,
         as_json,
@@ -280,7 +280,7 @@ def hooks_delete(ctx: click.Context, hook_id: int, as_json: bool) -> None:
     check_hook_id(hook_id)
     deleted = migrated(instance).hooks.delete(hook_id)
     emit(
-        deleted.model_dump(mode="json", by_alias=True),
+        deleted.to_json(),
         as_json,
         lambda: click.echo(
             f"Deleted hook {deleted.id} ({deleted.name}) of target {deleted.target}."

@@ -58,6 +58,10 @@ class PublicModel(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object the API and `--json` print."""
+        return self.model_dump(mode="json", by_alias=True)
+
 
 # -- hooks ------------------------------------------------------------------
 

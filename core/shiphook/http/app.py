@@ -286,7 +286,7 @@ class HooksResource:
 
     async def on_get(self, req: Request, resp: Response, target: str) -> None:
         found = await self.db(self.hooks.list, target=target)
-        resp.media = {"hooks": [h.model_dump(mode="json", by_alias=True) for h in found]}
+        resp.media = {"hooks": [h.to_json() for h in found]}
 
     async def on_post(self, req: Request, resp: Response, target: str) -> None:
         body = parse_json_body(
@@ -295,11 +295,11 @@ class HooksResource:
         created = await self.db(self.hooks.create, target=target, name=body.name)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/hooks/{created.id}"
-        resp.media = {"hook": created.model_dump(mode="json", by_alias=True)}
+        resp.media = {"hook": created.to_json()}
 
     async def on_delete_item(self, req: Request, resp: Response, hook_id: int) -> None:
         deleted = await self.db(self.hooks.delete, hook_id)
-        resp.media = {"hook": deleted.model_dump(mode="json", by_alias=True)}
+        resp.media = {"hook": deleted.to_json()}
 
 
 class HealthResource:
