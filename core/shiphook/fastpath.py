@@ -490,9 +490,11 @@ class GroupCommit:
         if error is None:
             self.storage.reachability.answered()
             gone = committed.result()
-            self._next()  # the next batch's transaction starts before these callers are answered
-            for accepted, future in waiting:
-                _settle(future, HookGone() if accepted.new.id in gone else None)
+            try:
+                self._next()  # the next batch's transaction starts before these callers' answers
+            finally:
+                for accepted, future in waiting:
+                    _settle(future, HookGone() if accepted.new.id in gone else None)
             return
         if self.storage.unavailable(error):
             unavailable = self.storage.reachability.failed(error)
