@@ -916,6 +916,35 @@ def test_429_5xx_and_lost_connections_are_retried_and_the_rollout_succeeds(
     assert kube.pod_images("web") == [f"{APP}:v2"] * 2
 
 
+def test_a_retry_waits_as_long_as_retry_after_asks_or_gives_up_past_the_budget(
+    kube, api_proxy, harness_factory, tmp_path
+):
+    """The API server's `Retry-After` (2 s, where the backoff's first delay is at most 0.5 s)
+    sets the retry's delay; one longer than the target's retry budget (10 s) fails at once."""
+    kube.deployment("web")
+    kube.deployment("api")
+    web, api = (
+        f"/apis/apps/v1/namespaces/{kube.namespace}/deployments/{n}" for n in ("web", "api")
+    )
+    kubeconfig = api_proxy.kubeconfig(tmp_path / "proxied.kubeconfig", kube.namespace)
+    targets = target("web", "app", deployment="web"), target("api", "app", deployment="api")
+    harness = harness_factory(kube_config(tmp_path, kube, *targets, kubeconfig=kubeconfig))
+    initializing = "storage is (re)initializing"
+    api_proxy.script(
+        Step("PATCH", web, status(429, "TooManyRequests", initializing, retry_after=2)),
+        Step("PATCH", api, status(429, "TooManyRequests", initializing, retry_after=60)),
+    )
+    waited = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"}).json["deployment"]
+    assert waited["status"] == "succeeded", waited
+    assert [e["message"] for e in waited["history"] if e["message"].startswith("retry ")] == [
+        f"retry 1 in 2 s: {initializing}"
+    ]
+    refused = wait_post(harness, harness.new_hook("api"), {"imageTag": "v2"}).json["deployment"]
+    assert refused["status"] == "failed", refused
+    assert refused["message"] == f"gave up after 1 attempt over 0.0s of retries: {initializing}"
+    assert kube.pod_images("api") == [f"{APP}:v1"] * 2
+
+
 @pytest.mark.parametrize(
     "code, reason, message",
     [

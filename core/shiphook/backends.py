@@ -44,12 +44,20 @@ class BackendError(Exception):
     version conflicts): the deployer retries it with backoff within the target's retry budget.
     `transient=False` (the default) means retrying cannot help (not found, forbidden, invalid):
     the deployment fails at once with `message`, which should be the orchestrator's own words.
+    `retry_after` is the delay in seconds the orchestrator asked for (an HTTP `Retry-After`): the
+    deployer waits at least that long before the retry, or gives up at once if that is more than
+    the target's retry budget has left.
     """
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    retry_after: float | None = None
+
+    def __init__(
+        self, message: str, *, transient: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.transient = transient
+        self.retry_after = retry_after
 
 
 class TargetSettings(BaseModel):

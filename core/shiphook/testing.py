@@ -637,7 +637,7 @@ class BackendConformance:
             deployment = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("silent"), body))
             # the backend gave up on its own (a transient error, no budget left to retry it)
             assert deployment["status"] == "failed", deployment
-            assert deployment["message"].startswith("gave up after 1 attempts"), deployment
+            assert deployment["message"].startswith("gave up after 1 attempt over"), deployment
             stopped = threading.Thread(target=shiphook.deployer.stop)
             stopped.start()
             stopped.join(60)

@@ -514,10 +514,11 @@ class Execution:
                 if not exc.transient:
                     raise
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
+                delay = max(delay, exc.retry_after or 0)
                 if self.retry_spent + delay > self.target.retry_budget:
                     raise BackendError(
-                        f"gave up after {attempt + 1} attempts over {self.retry_spent:.1f}s "
-                        f"of retries: {exc.message}"
+                        f"gave up after {attempt + 1} attempt{'s' if attempt else ''} over "
+                        f"{self.retry_spent:.1f}s of retries: {exc.message}"
                     ) from exc
                 attempt += 1
                 self.retry_spent += delay

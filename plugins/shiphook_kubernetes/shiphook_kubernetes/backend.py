@@ -200,8 +200,16 @@ class KubernetesTargetOptions(BaseModel):
 class ApiError(BackendError):
     """An answer of the API server other than 2xx, with its HTTP status and Status.reason."""
 
-    def __init__(self, message: str, *, status: int, reason: str, transient: bool) -> None:
-        super().__init__(message, transient=transient)
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        reason: str,
+        transient: bool,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, transient=transient, retry_after=retry_after)
         self.status = status
         self.reason = reason
 
@@ -306,7 +314,13 @@ class KubernetesBackend(Backend):
             if status == 401:  # the API's whole message is "Unauthorized"
                 message += f": {self._where} does not accept the credentials"
             transient = status in (409, 429) or status >= 500
-            raise ApiError(message, status=status, reason=reason, transient=transient) from None
+            raise ApiError(
+                message,
+                status=status,
+                reason=reason,
+                transient=transient,
+                retry_after=_retry_after(exc) if transient else None,
+            ) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendError(f"cannot reach {self._where}: {exc}", transient=True) from None
         except ConfigException as exc:  # the kubeconfig or the pod's files do not serve
@@ -972,6 +986,13 @@ def _status_of(exc: ApiException) -> tuple[str, str]:
     if lines:
         message += f": {lines[0][:200]}"
     return message, str(exc.reason or "")
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    """The seconds an answer's `Retry-After` asks for: the API server sends whole seconds (its
+    in-flight limit 1, a Status with `details.retryAfterSeconds` those)."""
+    value = (exc.headers or {}).get("Retry-After", "").strip()
+    return float(value) if value.isdigit() else None
 
 
 def _read(path: Path) -> str | None:
