@@ -589,43 +589,6 @@ def test_requests_read_within_the_group_commits_turns_share_one_commit(quiet, mo
     assert sorted(d.image_tag for d in quiet.instance.deployments.list()) == first + second
 
 
-def test_the_next_batch_starts_before_the_last_ones_callers_are_answered(quiet, monkeypatch):
-    """...and they are answered even when it cannot start."""
-    storage = quiet.instance.storage
-    events: list[str] = []
-    in_thread = storage.in_thread
-
-    def starting(function):
-        tags = [a.new.image_tag for a in function.keywords["batch"]]
-        events.append(f"commit {' '.join(tags)}")
-        if "2.0" in tags:
-            raise RuntimeError("no thread to commit in")
-        return in_thread(function)
-
-    monkeypatch.setattr(storage, "in_thread", starting)
-    monkeypatch.setattr(storage, "timeout", 0.2)  # how long a batch that never starts waits
-
-    async def accept(tag: str) -> None:
-        new = DeploymentCreate(
-            id=str(uuid7()), target="web", kind="app", created_at=datetime.now(UTC), image_tag=tag
-        )
-        await commits.add(Accepted(new))
-        events.append(f"answered {tag}")
-
-    async def main(first: str, then: str) -> None:
-        one = asyncio.ensure_future(accept(first))
-        while not events:  # until its batch's commit has started
-            await asyncio.sleep(0)
-        await asyncio.wait_for(asyncio.gather(one, accept(then), return_exceptions=True), 10)
-
-    commits = GroupCommit(storage)
-    asyncio.run(main("1.0", "1.1"))
-    assert events == ["commit 1.0", "commit 1.1", "answered 1.0", "answered 1.1"]
-    events.clear()
-    asyncio.run(main("1.2", "2.0"))  # 2.0's batch cannot start; 1.2 is answered all the same
-    assert events == ["commit 1.2", "commit 2.0", "answered 1.2"]
-
-
 # -- the accept path on PostgreSQL ------------------------------------------------------------
 
 
@@ -720,6 +683,49 @@ def end_backends(storage: Storage, *, running: str) -> None:
             ).all()
 
     eventually(gone, "the backends' end")
+
+
+def test_on_postgresql_the_next_batch_is_sent_before_the_last_ones_callers_are_answered(
+    pg_storage, monkeypatch
+):
+    """...and they are answered even when it cannot be sent."""
+    events: list[str] = []
+    add_on_loop = pg_storage.accept_path.add_deployments_on_loop
+
+    def sending(*, batch):
+        tags = " ".join(a.new.image_tag for a in batch)
+        if "2.0" in tags:
+            events.append(f"send {tags}")
+            raise RuntimeError("no connection to send it on")
+
+        async def sent():
+            events.append(f"send {tags}")  # the task's first step sends the statement
+            return await add_on_loop(batch=batch)
+
+        return sent()
+
+    monkeypatch.setattr(pg_storage.accept_path, "add_deployments_on_loop", sending)
+    monkeypatch.setattr(pg_storage, "timeout", 0.2)  # how long a batch never sent waits
+
+    async def accept(tag: str) -> None:
+        new = DeploymentCreate(
+            id=str(uuid7()), target="web", kind="app", created_at=datetime.now(UTC), image_tag=tag
+        )
+        await commits.add(Accepted(new))
+        events.append(f"answered {tag}")
+
+    async def main(first: str, then: str) -> None:
+        one = asyncio.ensure_future(accept(first))
+        while not events:  # until its batch is sent
+            await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(one, accept(then), return_exceptions=True), 10)
+
+    commits = GroupCommit(pg_storage)
+    asyncio.run(main("1.0", "1.1"))
+    assert events == ["send 1.0", "send 1.1", "answered 1.0", "answered 1.1"]
+    events.clear()
+    asyncio.run(main("1.2", "2.0"))  # 2.0's batch cannot be sent; 1.2 is answered all the same
+    assert events == ["send 1.2", "send 2.0", "answered 1.2"]
 
 
 def test_on_postgresql_the_accept_paths_connections_the_server_closed_are_replaced(pg_storage):
