@@ -553,6 +553,14 @@ def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, cap
     assert any(request_id in r.getMessage() for r in caplog.records)
 
 
+def hookless(tag: str) -> Accepted:
+    """A deployment of `web` that no hook asked for (as a rollback): no hook to check."""
+    new = DeploymentCreate(
+        id=str(uuid7()), target="web", kind="app", created_at=datetime.now(UTC), image_tag=tag
+    )
+    return Accepted(new)
+
+
 def test_requests_read_within_the_group_commits_turns_share_one_commit(quiet, monkeypatch):
     storage = quiet.instance.storage
     batches: list[list[str]] = []
@@ -567,11 +575,7 @@ def test_requests_read_within_the_group_commits_turns_share_one_commit(quiet, mo
     async def accept(tag: str, turns: int) -> None:
         for _ in range(turns):  # each sleep(0) is one turn of the event loop
             await asyncio.sleep(0)
-        now = datetime.now(UTC)
-        new = DeploymentCreate(
-            id=str(uuid7()), target="web", kind="app", created_at=now, image_tag=tag
-        )
-        await commits.add(Accepted(new))
+        await commits.add(hookless(tag))
 
     within = range(GroupCommit.TURNS)  # the turns of the first request and those after it
     late = 3 * GroupCommit.TURNS
@@ -708,10 +712,7 @@ def test_on_postgresql_the_next_batch_is_sent_before_the_last_ones_callers_are_a
     monkeypatch.setattr(pg_storage, "timeout", 0.2)  # how long a batch never sent waits
 
     async def accept(tag: str) -> None:
-        new = DeploymentCreate(
-            id=str(uuid7()), target="web", kind="app", created_at=datetime.now(UTC), image_tag=tag
-        )
-        await commits.add(Accepted(new))
+        await commits.add(hookless(tag))
         events.append(f"answered {tag}")
 
     async def main(first: str, then: str) -> None:

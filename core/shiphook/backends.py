@@ -49,8 +49,6 @@ class BackendError(Exception):
     the target's retry budget has left.
     """
 
-    retry_after: float | None = None
-
     def __init__(
         self, message: str, *, transient: bool = False, retry_after: float | None = None
     ) -> None:
