@@ -315,8 +315,15 @@ def test_every_route_but_health_and_the_hook_needs_the_admin_token(quiet):
     routes = admin_routes(quiet.app)
     assert ("POST", f"/api/v1/deployments/{UNKNOWN_DEPLOYMENT}/rollback") in routes
     for method, path in routes:
+        hook_readable = (method, path) == ("GET", f"/api/v1/deployments/{UNKNOWN_DEPLOYMENT}")
         for headers, description in [
-            ({}, "admin token required: send 'Authorization: Bearer <admin token>'"),
+            (
+                {},
+                "send the token of the hook that made it in X-Deploy-Hook-Token, or the admin "
+                "token as 'Authorization: Bearer <admin token>'"
+                if hook_readable
+                else "admin token required: send 'Authorization: Bearer <admin token>'",
+            ),
             ({"Authorization": "Basic dGVzdA=="}, "admin token required"),
             ({"Authorization": "Bearer"}, "admin token required"),
             ({"Authorization": "Bearer nope"}, "the admin token is not valid"),
@@ -432,9 +439,26 @@ def test_a_bad_wait_is_400_naming_what_it_takes_and_the_value(quiet, value):
     assert result.status_code == 400
     assert result.json == {
         "title": "400 Bad Request",
-        "description": f"wait: expected a number of seconds from 0 to 900, got {value!r}",
+        "description": "wait: expected a number of seconds, 0 or more (it waits 900 at the most), "
+        f"got {value!r}",
     }
     assert stored_deployments(quiet) == []
+
+
+def test_an_unknown_path_or_method_is_answered_with_what_is_wrong(quiet):
+    for method, path in [("DELETE", "/api/v1/hooks/abc"), ("GET", "/api/v1/dh/"), ("GET", "/x")]:
+        result = quiet.client.simulate_request(method, path, headers=ADMIN)
+        assert result.status_code == 404
+        assert result.json["description"].startswith(f"no endpoint {path}: "), result.json
+    escaped = quiet.client.simulate_get("/a%0Ab")
+    assert escaped.json["description"].startswith("no endpoint /a\\nb: "), escaped.json
+    for method in ("GET", "PUT"):
+        result = quiet.client.simulate_request(method, "/api/v1/dh")
+        assert result.status_code == 405
+        assert result.headers["allow"] == "POST, OPTIONS"
+        assert result.json["description"] == (
+            f"{method} is not allowed here; this path takes POST, OPTIONS"
+        )
 
 
 def test_the_wait_is_checked_after_the_token_and_before_the_body(quiet):
@@ -514,13 +538,23 @@ def test_a_wait_outcome_says_what_a_ci_job_reads():
 # -- the access log ---------------------------------------------------------------------------
 
 
-def test_the_access_log_says_what_each_hook_request_was_answered(quiet, caplog, monkeypatch):
+def test_the_access_log_says_what_each_hook_and_admin_request_was_answered(
+    quiet, caplog, monkeypatch
+):
     caplog.set_level(logging.INFO, logger="shiphook.access")
     token = quiet.new_hook("web")
     accepted = quiet.deploy(token, {"imageTag": "1.0"})
     quiet.post_hook(token, {"imageTag": "1.0"}, params={"wait": "soon"})
     quiet.client.simulate_get("/api/v1/dh")  # no hook request: 405
-    quiet.client.simulate_get("/api/v1/targets", headers=ADMIN)  # nor an admin one
+    quiet.client.simulate_get("/healthz")  # nor an admin one
+    quiet.client.simulate_get("/api/v1/targets", headers=ADMIN)
+    created = quiet.client.simulate_post(
+        "/api/v1/targets/web/hooks", json={"name": "ci"}, headers=ADMIN
+    )
+    hook = created.json["hook"]["id"]
+    quiet.client.simulate_delete(f"/api/v1/hooks/{hook}", headers={"Authorization": "Bearer guess"})
+    quiet.client.simulate_delete(f"/api/v1/hooks/{hook}", headers=ADMIN)
+    quiet.client.simulate_get("/api/v1/deployments/a%0Ab", headers=ADMIN)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -530,7 +564,13 @@ def test_the_access_log_says_what_each_hook_request_was_answered(quiet, caplog, 
     lines = [r.getMessage() for r in caplog.records if r.name == "shiphook.access"]
     assert [re.sub(r" \(\d+\.\d ms\)$", "", line) for line in lines] == [
         f"POST /api/v1/dh 201 deployment {accepted} queued",
-        "POST /api/v1/dh 400 wait: expected a number of seconds from 0 to 900, got 'soon'",
+        "POST /api/v1/dh 400 wait: expected a number of seconds, 0 or more (it waits 900 at the "
+        "most), got 'soon'",
+        "GET /api/v1/targets 200 ",
+        f"POST /api/v1/targets/web/hooks 201 hook {hook} (ci) of target web",
+        f"DELETE /api/v1/hooks/{hook} 401 the admin token is not valid",
+        f"DELETE /api/v1/hooks/{hook} 200 hook {hook} (ci) of target web",
+        "GET /api/v1/deployments/a\\nb 404 no deployment with id 'a\\nb'",
         "POST /api/v1/dh 500 unexpected error",
     ]
 

@@ -99,7 +99,7 @@ CONFIGURED = "configured: api, gone, migrate, report, strict, web"
             ["deployments", "list", "--status", "bogus"],
             "status: 'bogus' is not a deployment status",
         ),
-        (["deployments", "list", "--target", "a b"], "target: expected a target name"),
+        (["deployments", "list", "--target", "a b"], "target: expected a target's name"),
         (["deployments", "show", "nope"], "no deployment with id 'nope'"),
         (["deployments", "rollback", "nope"], "no deployment with id 'nope'"),
     ],

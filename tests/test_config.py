@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import scripted_backend
 from conftest import run_cli, scripted_config, write_config
@@ -131,7 +133,7 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
         ("[server\n", "not valid TOML"),
         (
             '[server]\ndatabase_url = "nonsense"\n',
-            "server.database_url: 'nonsense' is not a database URL",
+            "server.database_url: not a database URL (expected e.g. sqlite:///shiphook.db",
         ),
         ('[server]\ndatabase_url = "sqlite://"\n', "in-memory SQLite database"),
         (
@@ -139,6 +141,10 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             "server.max_header_bytes: Input should be greater than or equal to 1024",
         ),
         ("[server]\nmax_headers = 5000\n", "server.max_headers: Input should be less than"),
+        (
+            '[server]\npublic_url = "deploy.example.com/"\n',
+            "server.public_url: expected the base URL CI jobs reach shiphook at, like https://",
+        ),
         ("[server]\nheader_timeout = 0\n", "server.header_timeout: Input should be greater than 0"),
         ("[server]\nmax_connections = 0\n", "server.max_connections: Input should be greater"),
         (
@@ -153,6 +159,27 @@ def test_a_bad_config_names_the_file_the_key_and_what_is_expected(tmp_path, text
         load(path)
     assert expected in caught.value.message
     assert str(path) in caught.value.message or "database_url" in caught.value.message
+
+
+def test_a_bad_database_url_from_the_environment_is_named_so_and_never_quoted(
+    tmp_path, monkeypatch
+):
+    for url in ("post gres://u:hunter2@db/shiphook", "postgresql://u:hunter2@db:port/shiphook"):
+        monkeypatch.setenv("SHIPHOOK_DATABASE_URL", url)
+        with pytest.raises(ConfigError) as caught:
+            open_instance(write_config(tmp_path, ""))
+        assert caught.value.message.startswith("SHIPHOOK_DATABASE_URL: not a database URL")
+        assert "hunter2" not in caught.value.message
+
+
+def test_a_short_admin_token_is_refused_at_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHIPHOOK_ADMIN_TOKEN", "short")
+    with pytest.raises(ConfigError) as caught:
+        open_instance(write_config(tmp_path, ""))
+    assert caught.value.message == (
+        "SHIPHOOK_ADMIN_TOKEN: 5 characters; an admin token has at least 16 "
+        "(make one with `openssl rand -hex 32`)"
+    )
 
 
 def test_a_missing_config_file_says_how_to_choose_one(tmp_path):
@@ -187,6 +214,28 @@ def test_serve_and_check_exit_non_zero_with_one_line_and_no_traceback(
     assert expected in lines[0]
     assert lines[0].startswith(f"shiphook: {path}: ")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_serve_on_an_address_it_cannot_have_says_so_in_one_line_before_starting(tmp_path):
+    """Nothing starts, and nothing claims to be serving, when the address cannot be bound."""
+    path = scripted_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (["--port", str(port)], f"cannot listen on 127.0.0.1:{port} ", "in use"),
+            (["--host", "999.1.1.1"], "cannot listen on 999.1.1.1:", "not known"),
+        ]
+        for args, where, cause in cases:
+            result = run_cli("serve", *args, config=path, check=False)
+            assert result.returncode == 2, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert lines[0].startswith(f"shiphook: {where}") and cause in lines[0], lines
+    wrong = run_cli("serve", "--port", "99999", config=path, check=False)
+    assert wrong.returncode == 2
+    assert "--port" in wrong.stderr and "1<=x<=65535" in wrong.stderr, wrong.stderr
 
 
 def test_check_reports_reachable_backends_and_found_targets(tmp_path):

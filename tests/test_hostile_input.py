@@ -121,7 +121,7 @@ def test_a_target_filter_that_is_no_target_name_is_400(quiet, target):
     result = quiet.client.simulate_get(
         "/api/v1/deployments", query_string=f"target={target}", headers=ADMIN
     )
-    assert_json_error(result, 400, "target: expected a target name")
+    assert_json_error(result, 400, "target: expected a target's name")
 
 
 def test_a_well_formed_unknown_target_filter_still_lists_nothing(quiet):
@@ -196,7 +196,7 @@ def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
         (["deployments", "show", "\u0000"], "no deployment with id"),
         (["deployments", "show", "\udcff"], "no deployment with id"),
         (["deployments", "rollback", "a\u0000b"], "no deployment with id"),
-        (["deployments", "list", "--target", "\u0000"], "target: expected a target name"),
+        (["deployments", "list", "--target", "\u0000"], "target: expected a target's name"),
         (["hooks", "delete", "100000000000000000000"], "no hook with id 100000000000000000000"),
         (["hooks", "delete", "2147483648"], "no hook with id 2147483648"),
     ],
@@ -251,7 +251,44 @@ def test_the_cli_answers_hostile_arguments_in_one_line(
 def test_a_repeated_json_key_is_400_naming_it(quiet, target, body, key):
     """A proxy or a reviewer reading the first value would see another request."""
     token = quiet.new_hook(target)
-    assert_json_error(quiet.post_hook(token, body), 400, f'duplicate key "{key}"')
+    assert_json_error(quiet.post_hook(token, body), 400, f"key {key} given twice")
+    assert stored(quiet)[1] == []
+
+
+def test_keys_the_caller_sent_are_named_escaped_short_and_few(quiet, caplog):
+    """Unknown keys are named in the answer and in the access line, but quoted, escaped and cut
+    short, and at most ten of them: a key can neither forge a log line nor fill one."""
+    caplog.set_level(logging.INFO, logger="shiphook.access")
+    token = quiet.new_hook("web")
+    forged = "x\n2026-12-01 00:00:00,000 ERROR shiphook.server: forged"
+    result = quiet.post_hook(token, {"imageTag": "1.0", forged: 1, "y" * 60_000: 1})
+    shown = repr(forged[:40])
+    assert_json_error(result, 400, f"[{shown}...]: unknown key", f"['{'y' * 40}'...]: unknown key")
+    many = quiet.post_hook(token, {"imageTag": "1.0"} | {f"k{n}": 1 for n in range(5000)})
+    assert_json_error(many, 400, "k9: unknown key; and 4990 more errors")
+    assert "k10" not in many.json["description"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "shiphook.access"]
+    assert len(lines) == 2, lines
+    assert all("\n" not in line and len(line) < 1000 for line in lines), lines
+    assert "x\\n2026" in lines[0]
+    assert stored(quiet)[1] == []
+
+
+def test_a_token_or_idempotency_key_sent_twice_is_400(quiet):
+    """Falcon joins a repeated field with commas: two tokens, or two keys, are not one."""
+    token = quiet.new_hook("web")
+    for headers in (
+        [("X-Deploy-Hook-Token", token), ("X-Deploy-Hook-Token", token)],
+        [("X-Deploy-Hook-Token", token), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+        [("X-Deploy-Hook-Token", token), ("Idempotency-Key", "a,b")],
+    ):
+        result = quiet.client.simulate_post(
+            "/api/v1/dh", body=b'{"imageTag":"1.0"}', headers=headers
+        )
+        expected = f"{headers[-1][0]}: expected one value, without a comma (sent twice?)"
+        assert_json_error(result, 400, expected)
+    twice = [("X-Deploy-Hook-Token", token)] * 2
+    assert_json_error(quiet.client.simulate_get("/api/v1/deployments/x", headers=twice), 400)
     assert stored(quiet)[1] == []
 
 
@@ -259,7 +296,7 @@ def test_a_repeated_key_in_the_admin_hook_body_is_400(quiet):
     result = quiet.client.simulate_post(
         "/api/v1/targets/web/hooks", body=b'{"name":"ci","name":"other"}', headers=ADMIN
     )
-    assert_json_error(result, 400, 'duplicate key "name"')
+    assert_json_error(result, 400, "key name given twice")
     assert stored(quiet) == ([], [])
 
 

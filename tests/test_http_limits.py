@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Server, run_cli, scripted_config
+from conftest import ADMIN_TOKEN, Server, run_cli, scripted_config
 from shiphook.testing import eventually
 
 HOOK_BODY = b'{"imageTag": "1.2.0"}'
@@ -144,6 +144,28 @@ def test_too_many_header_fields_get_a_json_431(tmp_path, serve):
     assert "20 header fields ([server] max_headers)" in body["description"]
     fields = b"".join(b"X-%d: 1\r\n" % n for n in range(15))
     assert exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")[0] == 200
+
+
+def test_a_body_that_never_finishes_gets_a_json_408_and_the_connection_is_closed(tmp_path, serve):
+    config = limited_config(tmp_path, body_timeout=0.5)
+    token = create_hook(config)
+    server = serve(config)
+    for path in ("/api/v1/dh", "/api/v1/targets/web/hooks"):
+        with connect(server) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Deploy-Hook-Token: {token}\r\n"
+                f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 100\r\n\r\n".encode()
+                + b'{"imageTag":"1.'
+            )
+            status, headers, body = read_answer(sock)  # returns once the server has closed it
+        assert status == 408, body
+        assert headers["content-type"] == "application/json"
+        assert headers["connection"] == "close"
+        assert json.loads(body)["description"] == (
+            "the request body did not arrive within 0.5 s ([server] body_timeout)"
+        )
+    assert post_hook(server, token) == 201
+    assert "Traceback" not in server.log()
 
 
 def test_a_client_that_never_finishes_its_head_is_disconnected(tmp_path, serve):

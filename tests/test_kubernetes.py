@@ -181,9 +181,15 @@ def kube(kube_cluster) -> Iterator[Kube]:
 
 
 def kube_config(
-    tmp_path: Path, kube: Kube, *targets: str, kubeconfig: Path | None = None, extra: str = ""
+    tmp_path: Path,
+    kube: Kube,
+    *targets: str,
+    kubeconfig: Path | None = None,
+    extra: str = "",
+    namespace: str | None = None,
 ) -> Path:
-    """A config whose backend `k8s` reaches the test cluster (as admin unless `kubeconfig`)."""
+    """A config whose backend `k8s` reaches the test cluster (as admin unless `kubeconfig`), its
+    default namespace the test's unless `namespace`."""
     text = f"""
 [server]
 database_url = "sqlite:///{tmp_path}/shiphook.db"
@@ -191,7 +197,7 @@ database_url = "sqlite:///{tmp_path}/shiphook.db"
 [backends.k8s]
 plugin = "kubernetes"
 kubeconfig = "{kubeconfig or kube.cluster.kubeconfig}"
-namespace = "{kube.namespace}"
+namespace = "{namespace or kube.namespace}"
 timeout = 10
 poll_interval = 0.2
 """
@@ -586,7 +592,9 @@ def test_in_cluster_the_pods_serviceaccount_and_namespace_are_used(
     )
     harness = harness_factory(config)
     backend = harness.instance.backends["k8s"]
-    assert backend.check().endswith(f"namespace {kube.namespace}: may do all the backend needs")
+    assert backend.check().endswith(
+        f": the credentials are accepted; targets default to namespace {kube.namespace}"
+    )
     result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
     assert result.status_code == 201, result.text
     assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
@@ -818,7 +826,10 @@ def test_api_errors_are_the_apis_own_message_and_permanent_or_transient_by_statu
     )
     harness = harness_factory(config)
     gone = harness.wait_for(harness.deploy(harness.new_hook("gone"), {"imageTag": "v2"}), 30)
-    assert (gone["status"], gone["message"]) == ("failed", 'deployments.apps "gone" not found')
+    assert (gone["status"], gone["message"]) == (
+        "failed",
+        f'deployments.apps "gone" not found in namespace {kube.namespace}',
+    )
 
     backend = harness.instance.backends["k8s"]
     workload = WORKLOADS["deployment"]
@@ -1000,7 +1011,7 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
     )
     checked = run_cli("check", config=config, env=serve_env())
     assert "backend k8s (kubernetes): Kubernetes v1.36.3 at https://127.0.0.1:" in checked.stdout
-    assert f"namespace {kube.namespace}: may do all the backend needs" in checked.stdout
+    assert f"targets default to namespace {kube.namespace}" in checked.stdout
 
     harness = harness_factory(config)
     web = harness.new_hook("web")
@@ -1023,8 +1034,8 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
 def test_a_role_without_patch_or_create_fails_at_once_and_check_names_what_is_missing(
     kube, harness_factory, tmp_path
 ):
-    """A rollout is preceded by the review of what its target needs, so nothing is changed; a
-    job run is not, and meets the API server's own 403."""
+    """A rollout or a job run is preceded by the review of what its target needs, so nothing is
+    changed or created."""
     kube.deployment("web")
     cronjob = kube.cronjob()
     rules = [dict(rule) for rule in README_RULES]
@@ -1042,10 +1053,13 @@ def test_a_role_without_patch_or_create_fails_at_once_and_check_names_what_is_mi
     )
     checked = run_cli("check", config=config, env=serve_env(), check=False)
     assert checked.returncode == 1
-    assert (
-        "the credentials may not patch deployments.apps, patch statefulsets.apps, "
-        f"patch daemonsets.apps, create jobs.batch in namespace {kube.namespace}"
-    ) in checked.stdout, checked.stdout
+    role = "(README.md, Kubernetes: the Role shiphook needs)"
+    assert checked.stdout.splitlines()[3:] == [
+        f"target web (app): NOT USABLE: the credentials may not patch deployments.apps in "
+        f"namespace {kube.namespace}, which target web needs {role}",
+        f"target migrate (job): NOT USABLE: the credentials may not create jobs.batch in "
+        f"namespace {kube.namespace}, which target migrate needs {role}",
+    ], checked.stdout
 
     harness = harness_factory(config)
     result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
@@ -1061,10 +1075,55 @@ def test_a_role_without_patch_or_create_fails_at_once_and_check_names_what_is_mi
     run = wait_post(harness, harness.new_hook("migrate"), run_body(MODE="x")).json["deployment"]
     assert run["status"] == "failed"
     assert run["message"] == (
-        f'jobs.batch is forbidden: User "system:serviceaccount:{kube.namespace}:reader" cannot '
-        f'create resource "jobs" in API group "batch" in the namespace "{kube.namespace}"'
+        f"the credentials may not create jobs.batch in namespace {kube.namespace}, which target "
+        f"migrate needs {role}"
     )
     assert kube.jobs() == []
+
+
+def test_the_readmes_role_in_the_targets_namespace_alone_passes_check_and_deploys(
+    kube, harness_factory, tmp_path
+):
+    """The backend's own namespace (here `default`, where the ServiceAccount may do nothing) is
+    not reviewed: only each target's is."""
+    kube.deployment("web")
+    kube.service_account("shiphook", README_RULES)
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web", namespace=kube.namespace),
+        kubeconfig=as_service_account(kube, tmp_path, "shiphook"),
+        namespace="default",
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode == 0, checked.stdout
+    assert "the credentials are accepted; targets default to namespace default" in checked.stdout
+    assert f"target web (app): found, running {APP}:v1" in checked.stdout
+    harness = harness_factory(config)
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.json["deployment"]["status"] == "succeeded", result.text
+
+
+@pytest.mark.parametrize(
+    "text, cause",
+    [("not: [yaml", "ParserError: while parsing a flow sequence"), ("- a\n- b\n", "TypeError")],
+)
+def test_a_kubeconfig_that_is_not_one_is_named_in_one_line(tmp_path, text, cause):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(text)
+    config = write_config(
+        tmp_path,
+        f'[backends.k8s]\nplugin = "kubernetes"\nkubeconfig = "{kubeconfig}"\n'
+        '[targets.web]\nkind = "app"\nbackend = "k8s"\ndeployment = "web"\n',
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode == 1
+    line = checked.stdout.splitlines()[2]
+    assert line.startswith(
+        f"backend k8s (kubernetes): UNREACHABLE: {kubeconfig}: not a kubeconfig ({cause}"
+    ), checked.stdout
+    assert line.endswith("expected the YAML that `kubectl config view --raw` prints")
+    assert "Traceback" not in checked.stdout + checked.stderr
 
 
 def test_check_reviews_each_targets_own_namespace_and_names_what_is_missing_there(
@@ -1119,7 +1178,7 @@ def test_check_reviews_each_targets_own_namespace_and_names_what_is_missing_ther
             f"patch deployments.apps, list pods, list replicasets.apps in namespace {third}, "
             f"which target third needs {role}",
         ], checked.stdout
-        assert lines[2].endswith(f"namespace {kube.namespace}: may do all the backend needs")
+        assert lines[2].endswith(f"targets default to namespace {kube.namespace}")
 
         # a rollout that could not be rolled back is not started; one that need not be, is
         harness = harness_factory(config)
@@ -1269,7 +1328,7 @@ def test_the_context_named_is_used_with_its_namespace(kube, tmp_path):
         """,
     )
     checked = run_cli("check", config=config, env=serve_env())
-    assert f"namespace {kube.namespace}: may do all the backend needs" in checked.stdout
+    assert f"targets default to namespace {kube.namespace}" in checked.stdout
     assert f"target web (app): found, running {APP}:v1" in checked.stdout
 
 
@@ -1336,6 +1395,8 @@ def test_the_backend_is_told_how_to_reach_the_cluster_by_the_file_alone(tmp_path
          "daemonset (an app target) or cronjob (a job target); got deployment, cronjob"),
         ('container = "app"', "got none"),
         ('deployment = "web"\nimage = "repo:1.0"', "expected a repository without tag or digest"),
+        ('deployment = "web"\nnamespace = "Not_Valid"', "targets.web.namespace: expected a "
+         "namespace's name: 1 to 63 lowercase letters, digits and '-'"),
     ],
 )  # fmt: skip
 def test_a_target_names_exactly_one_workload(tmp_path, keys, error):

@@ -93,7 +93,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
 
 @main.command()
 @click.option("--host", help="Listen address (default: [server] host).")
-@click.option("--port", type=int, help="Listen port (default: [server] port).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Listen port (default: [server] port).")
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Apply migrations, start the deployer and serve the API."""
@@ -117,7 +117,7 @@ def check(ctx: click.Context) -> None:
     database = instance.storage.engine
     try:
         click.echo(f"database {safe_url(database)}: {schema_state(database)}")
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
         click.echo(f"database {safe_url(database)}: UNREACHABLE: {describe_failure(database, exc)}")
         failed = True
     reachable = set()

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shiphook.backends import BackendRegistry, Seconds, Target, TargetSettings
-from shiphook.db import DATABASE_TIMEOUT, SQLITE_SYNCHRONOUS
+from shiphook.db import DATABASE_TIMEOUT, DATABASE_URL_ENV, SQLITE_SYNCHRONOUS
 from shiphook.errors import ConfigError, describe_validation_error
 
 log = logging.getLogger("shiphook.config")
@@ -25,7 +34,16 @@ log = logging.getLogger("shiphook.config")
 DEFAULT_CONFIG_PATH = Path("configs/shiphook.toml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+NAME_RULE = "1 to 63 characters of A-Z a-z 0-9 _ . -, the first a letter or digit"
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError(f"not a valid name: expected {NAME_RULE}")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
 
 
 class ServerSettings(BaseModel):
@@ -44,8 +62,18 @@ class ServerSettings(BaseModel):
     max_header_bytes: int = Field(65536, ge=1024, le=1048576)
     max_headers: int = Field(100, ge=10, le=1000)
     header_timeout: Seconds = 10
+    body_timeout: Seconds = 10
     max_connections: int = Field(4096, ge=1, le=1048576)
     shutdown_timeout: Seconds = 10
+
+    @field_validator("public_url")
+    @classmethod
+    def _an_http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+            raise ValueError(
+                "expected the base URL CI jobs reach shiphook at, like https://deploy.example.com"
+            )
+        return url
 
     @model_validator(mode="after")
     def _shutdown_outlasts_a_commit(self) -> ServerSettings:
@@ -132,7 +160,7 @@ def read_config_file(path: Path) -> ConfigFile:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as exc:
         raise _config_error(path, exc) from None
-    url = os.environ.get("SHIPHOOK_DATABASE_URL")
+    url = os.environ.get(DATABASE_URL_ENV)
     if url:
         parsed.server.database_url = url
     return parsed

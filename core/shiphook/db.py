@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import math
 import os
 import zlib
@@ -37,6 +39,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
+DATABASE_URL_ENV = "SHIPHOOK_DATABASE_URL"  # overrides [server] database_url
+
+
 def create_db_engine(
     url: str, *, timeout: float = DATABASE_TIMEOUT, synchronous: str = SQLITE_SYNCHRONOUS
 ) -> Engine:
@@ -48,17 +53,17 @@ def create_db_engine(
     url = normalize_url(url)
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # not quoted: it may hold a password
         raise ConfigError(
-            f"server.database_url: {url!r} is not a database URL "
+            f"{database_url_source()}: not a database URL "
             "(expected e.g. sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):
             raise ConfigError(
-                "server.database_url: an in-memory SQLite database would lose every deployment; "
-                "give a file, e.g. sqlite:///shiphook.db"
+                f"{database_url_source()}: an in-memory SQLite database would lose every "
+                "deployment; give a file, e.g. sqlite:///shiphook.db"
             )
         engine = create_engine(
             url,
@@ -81,8 +86,13 @@ def create_db_engine(
         )
     except ImportError as exc:
         raise ConfigError(
-            f"server.database_url: no driver for {parsed.drivername}: {exc}"
+            f"{database_url_source()}: no driver for {parsed.drivername}: {exc}"
         ) from None
+
+
+def database_url_source() -> str:
+    """Where the database URL came from, as the config reads it: the environment wins."""
+    return DATABASE_URL_ENV if os.environ.get(DATABASE_URL_ENV) else "server.database_url"
 
 
 def connect_on_loop(engine: Engine, timeout: float) -> Callable[[], Awaitable[Any]] | None:
@@ -149,6 +159,17 @@ def unusable(engine: Engine, exc: BaseException) -> ConfigError:
     return ConfigError(f"server.database_url: cannot use {safe_url(engine)}: {cause}")
 
 
+class _DialectLines(logging.Filter):
+    """Drops the lines Alembic logs about its dialect at every start ("Context impl ...",
+    "Will assume ... DDL"), which tell an operator nothing; its "Running upgrade" lines stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Context impl ", "Will assume "))
+
+
+logging.getLogger("alembic.runtime.migration").addFilter(_DialectLines())
+
+
 def _alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -178,7 +199,11 @@ def schema_state(engine: Engine) -> str:
     An SQLite file that does not exist yet is not created."""
     if engine.dialect.name == "sqlite":
         path = Path(engine.url.database or "")
-        if not path.exists() and path.parent.is_dir() and os.access(path.parent, os.W_OK):
+        if not path.exists():  # what `serve` would meet creating it (OSError, as it would)
+            if not path.parent.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(errno.EACCES, "directory not writable", str(path.parent))
             return "no database yet (`shiphook serve` or `shiphook db upgrade` creates it)"
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()

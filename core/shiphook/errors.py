@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ShiphookError(Exception):
     """Base of every error a person is meant to read."""
@@ -35,6 +37,10 @@ class PayloadTooLarge(ShiphookError):
     """The request body exceeds the limit."""
 
 
+class RequestTimeout(ShiphookError):
+    """The request did not arrive in time."""
+
+
 class Conflict(ShiphookError):
     """The request cannot be done in the state things are in."""
 
@@ -52,13 +58,23 @@ class DatabaseUnavailable(ShiphookError):
         self.cause = cause
 
 
+MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
+
+
 def describe_validation_error(exc, prefix: str = "") -> list[str]:
-    """One line per pydantic error: the dotted key path, what is wrong, and what was given."""
+    """One line per pydantic error (the first MAX_ERRORS): the dotted key path, what is wrong,
+    and what was given."""
+    errors = exc.errors(include_url=False)
     lines = []
-    for error in exc.errors(include_url=False):
+    for error in errors[:MAX_ERRORS]:
         path = prefix
         for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+            if part == "[key]":  # pydantic's mark of an error in the key itself
+                continue
+            if isinstance(part, int) or not PLAIN_KEY.fullmatch(part):
+                path += f"[{shown_key(part)}]"
+            else:
+                path += f".{part}" if path else part
         message = error["msg"].removeprefix("Value error, ")
         if (
             error["type"] not in {"missing", "extra_forbidden"}
@@ -75,7 +91,20 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         lines.append(f"{path}: {message}" if path else message)
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"and {len(errors) - MAX_ERRORS} more errors")
     return lines
+
+
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
+
+
+def shown_key(key: int | str) -> str:
+    """A key or index as an error shows it: a plain one as it is, any other quoted, escaped and
+    cut short, so that a key a caller sent can neither forge a log line nor fill one."""
+    if isinstance(key, int) or PLAIN_KEY.fullmatch(key):
+        return str(key)
+    return repr(key[:40]) + ("..." if len(key) > 40 else "")
 
 
 def _may_be_secret(loc: tuple[int | str, ...]) -> bool:

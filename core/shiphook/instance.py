@@ -21,6 +21,9 @@ from shiphook.plugin_manager import collect_backends, make_plugin_manager, plugi
 from shiphook.services import Deployments, Hooks
 from shiphook.storage import Storage
 
+ADMIN_TOKEN_ENV = "SHIPHOOK_ADMIN_TOKEN"  # the admin API's token; unset, the admin API is off
+MIN_ADMIN_TOKEN = 16  # characters
+
 
 @dataclass
 class Instance:
@@ -40,7 +43,7 @@ class Instance:
 
     @property
     def admin_token(self) -> str | None:
-        return os.environ.get("SHIPHOOK_ADMIN_TOKEN") or None
+        return os.environ.get(ADMIN_TOKEN_ENV) or None
 
     def migrate(self) -> None:
         upgrade(self.storage.engine)
@@ -64,6 +67,12 @@ def open_instance(
     """
     file = config_path(path)
     parsed = read_config_file(file)
+    token = os.environ.get(ADMIN_TOKEN_ENV) or ""
+    if 0 < len(token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(
+            f"{ADMIN_TOKEN_ENV}: {len(token)} characters; an admin token has at least "
+            f"{MIN_ADMIN_TOKEN} (make one with `openssl rand -hex 32`)"
+        )
     pm = make_plugin_manager(disabled=parsed.server.disabled_plugins, modules=plugin_modules)
     for plugin in plugin_objects:
         pm.register(plugin)

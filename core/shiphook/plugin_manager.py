@@ -29,9 +29,19 @@ def make_plugin_manager(
     """
     pm = pluggy.PluginManager("shiphook")
     pm.add_hookspecs(hookspecs)
+    if modules is None:
+        modules = [m for m in os.environ.get("SHIPHOOK_PLUGINS", "").split(",") if m.strip()]
+    modules = [m.strip() for m in modules]
+    entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    known = sorted({e.name for e in entry_points} | set(modules))
     for name in disabled:
+        if name not in known:
+            raise ConfigError(
+                f"server.disabled_plugins: no plugin named {name!r} is installed or in "
+                f"SHIPHOOK_PLUGINS (there are: {', '.join(known) or 'none'})"
+            )
         pm.set_blocked(name)
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for entry_point in entry_points:
         if pm.is_blocked(entry_point.name):
             continue
         try:  # import here first, so a broken plugin is named rather than a traceback
@@ -43,10 +53,7 @@ def make_plugin_manager(
                 f'[server] disabled_plugins = ["{entry_point.name}"]'
             ) from None
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    if modules is None:
-        modules = [m for m in os.environ.get("SHIPHOOK_PLUGINS", "").split(",") if m.strip()]
     for dotted in modules:
-        dotted = dotted.strip()
         if pm.is_blocked(dotted) or pm.has_plugin(dotted):
             continue
         try:
@@ -83,7 +90,8 @@ def plugin_error(exc: BaseException) -> str:
     """What plugin code raised, in one line; `sys.exit` in a plugin is a failure, not an exit."""
     if isinstance(exc, SystemExit):
         return f"it called sys.exit({exc.code!r})"
-    return f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {'; '.join(lines)}"
 
 
 @dataclass(frozen=True)

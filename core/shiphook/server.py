@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 
 import falcon.asgi
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from shiphook.deployer.deployer import Deployer
 from shiphook.deployer.process import DeployerSupervisor
+from shiphook.errors import ConfigError
 from shiphook.http.connections import connection_limits, protocol_factory
 from shiphook.http.worker import app_for
 from shiphook.instance import Instance
@@ -35,6 +38,7 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
 
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
     settings = instance.config.server
+    listener = listen(host or settings.host, port or settings.port)
     instance.migrate()
     config_path = instance.config.path.resolve()
     limits = connection_limits(settings)
@@ -43,38 +47,63 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     os.environ["SHIPHOOK_CONFIG"] = str(config_path)
     os.environ[DEPLOYER_SOCKET] = address
     log.info(
-        "shiphook serving on http://%s:%d (config %s, %s, %s)",
-        host or settings.host,
-        port or settings.port,
+        "shiphook serving on http://%s (config %s, %s, %s, admin API %s)",
+        _host_port(listener.getsockname()),
         config_path,
         _count(len(instance.config.targets), "target"),
         _count(settings.workers, "HTTP worker"),
+        "on" if instance.admin_token else "off: SHIPHOOK_ADMIN_TOKEN is not set",
+    )
+    config = uvicorn.Config(
+        "shiphook.http.worker:worker_app",
+        factory=True,
+        workers=settings.workers,
+        loop="uvloop",
+        http=protocol_factory(limits),
+        ws="none",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; end with an exception
     # instead of the signal's default, so that the deployer below is stopped too
     signal.signal(signal.SIGTERM, _exit)
     deployer.start()
     try:
-        uvicorn.run(
-            "shiphook.http.worker:worker_app",
-            factory=True,
-            host=host or settings.host,
-            port=port or settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http=protocol_factory(limits),
-            ws="none",
-            lifespan="off",
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=settings.shutdown_timeout,
-        )
+        if settings.workers > 1:
+            Multiprocess(config, sockets=[listener]).run()
+        else:
+            uvicorn.Server(config).run(sockets=[listener])
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):  # the stop is under way, and bounded
             signal.signal(signum, signal.SIG_IGN)
         deployer.stop(settings.shutdown_timeout)
         release_deployer_address(address)
+        listener.close()
         log.info("shiphook stopped")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts, so that an address that cannot be
+    had is one line (`ConfigError`) rather than a server that said it was serving."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {_host_port((host, port))} ([server] host and port, or "
+            f"--host and --port): {exc.strerror or exc}"
+        ) from None
+    listener.set_inheritable(True)  # the HTTP workers' processes take it over
+    return listener
+
+
+def _host_port(address: tuple) -> str:
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _exit(signum: int, frame: object) -> None:

@@ -24,13 +24,14 @@ from uuid_utils import uuid7
 
 from shiphook import tokens
 from shiphook.backends import ENV_NAME_PATTERN, Target
-from shiphook.config import NAME_PATTERN
+from shiphook.config import NAME_PATTERN, NAME_RULE
 from shiphook.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
     Unprocessable,
     describe_validation_error,
+    shown_key,
 )
 from shiphook.fastpath import Accepted, GroupCommit, HookGone, KeyTaken
 from shiphook.images import tag_of
@@ -119,8 +120,10 @@ def parse_json_body(model: type[M], body: bytes, expected: str) -> M:
         raise InvalidRequest(f"{'; '.join(describe_validation_error(exc))}: {expected}") from None
     try:  # pydantic keeps a repeated key's last value; a proxy or a reviewer may read the first
         jiter.from_json(body, catch_duplicate_keys=True)
-    except ValueError as exc:
-        raise InvalidRequest(f"{exc}: give each key once") from None
+    except ValueError as exc:  # 'Detected duplicate key "<key as sent>" at line 1 column 30'
+        quoted, _, where = str(exc).removeprefix("Detected duplicate key ").rpartition(" at ")
+        key = shown_key(quoted.strip('"'))
+        raise InvalidRequest(f"key {key} given twice (at {where}): give each key once") from None
     return parsed
 
 
@@ -236,9 +239,7 @@ def check_deployment_id(deployment_id: str) -> None:
 def check_deployment_filters(*, target: str | None, status: str | None, limit: int) -> None:
     """`InvalidRequest` naming a filter of the deployments list that cannot match."""
     if target is not None and not re.fullmatch(NAME_PATTERN, target):
-        raise InvalidRequest(
-            f"target: expected a target name (1 to 63 of A-Z a-z 0-9 _ . -), got {target!r}"
-        )
+        raise InvalidRequest(f"target: expected a target's name ({NAME_RULE}), got {target!r}")
     if status is not None and status not in Status.__members__:
         raise InvalidRequest(
             f"status: {status!r} is not a deployment status "

@@ -25,6 +25,7 @@ from shiphook.db import describe_failure
 from shiphook.deployer.deployer import Deployer
 from shiphook.fastpath import checkpoint
 from shiphook.instance import Instance, open_instance
+from shiphook.plugin_manager import plugin_error
 from shiphook.wakeup import sockaddr
 
 log = logging.getLogger("shiphook.deployer")
@@ -179,3 +180,5 @@ def report_backends(instance: Instance) -> None:
                 backend.name,
                 exc.message,
             )
+        except Exception as exc:  # a plugin's bug: named, as `check` does, without a traceback
+            log.warning("backend %s (%s): check failed: %s", name, backend.name, plugin_error(exc))

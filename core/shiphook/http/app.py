@@ -4,11 +4,12 @@ Resources are thin: they read the request, call a service and shape the answer. 
 resource is declared once, on its class (`@falcon.before(admin_only)`). Services raise domain
 errors; `ERROR_STATUS` maps each to an HTTP status in one place, and `_bad_parameter` answers a
 query parameter that `req.get_param_as_int/float` refused in the same JSON shape. `AccessLog`
-writes a line per hook request from the answer as sent.
+writes a line per hook request and admin API request from the answer as sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -32,6 +33,7 @@ from shiphook.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ShiphookError,
     Unauthenticated,
     Unprocessable,
@@ -60,6 +62,7 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Unauthenticated: falcon.HTTP_401,
     AdminDisabled: falcon.HTTP_403,
     NotFound: falcon.HTTP_404,
+    RequestTimeout: falcon.HTTP_408,
     Conflict: falcon.HTTP_409,
     PayloadTooLarge: falcon.HTTP_413,
     Unprocessable: falcon.HTTP_422,
@@ -101,7 +104,9 @@ class AdminGuard:
 
 async def admin_only(req: Request, resp: Response, resource: Any, params: dict) -> None:
     """Runs before every responder of an admin resource (`@falcon.before(admin_only)` on its
-    class): the admin token (`resource.admin`, an `AdminGuard`), or 401 / 403."""
+    class): the admin token (`resource.admin`, an `AdminGuard`), or 401 / 403. Every such
+    request, refused or not, gets an access line."""
+    req.context.logged_since = time.perf_counter()
     resource.admin.check(req)
 
 
@@ -109,20 +114,42 @@ async def hook_token_or_admin(req: Request, resp: Response, resource: Any, param
     """Runs before the responders of a resource that a deploy hook's token opens as well as the
     admin token: passes them `hook`, the hook whose token was sent (it sees only what it
     created), or `None` for the admin."""
-    token = req.get_header(TOKEN_HEADER)
+    req.context.logged_since = time.perf_counter()
+    token = single_header(req, TOKEN_HEADER)
     if token is None:
+        if req.get_header("Authorization") is None:
+            raise Unauthenticated(
+                f"send the token of the hook that made it in {TOKEN_HEADER}, or the admin "
+                "token as 'Authorization: Bearer <admin token>'"
+            )
         resource.admin.check(req)
         params["hook"] = None
     else:
         params["hook"] = await resource.hooks.storage.call(resource.hooks.authenticate, token)
 
 
-async def read_body(req: Request) -> bytes:
+def single_header(req: Request, name: str) -> str | None:
+    """A header that holds one value (a token, a key). Falcon joins a field sent more than once
+    with commas, so a comma is refused."""
+    value = req.get_header(name)
+    if value is not None and "," in value:
+        raise InvalidRequest(f"{name}: expected one value, without a comma (sent twice?)")
+    return value
+
+
+async def read_body(req: Request, timeout: float) -> bytes:
+    """The request's body, which must arrive within `timeout` seconds ([server] body_timeout)."""
     if req.content_length is not None and req.content_length > MAX_BODY:
         raise PayloadTooLarge(
             f"request body is {req.content_length} bytes; the limit is {MAX_BODY}"
         )
-    body = await req.bounded_stream.read(MAX_BODY + 1)
+    try:
+        async with asyncio.timeout(timeout):
+            body = await req.bounded_stream.read(MAX_BODY + 1)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g} s ([server] body_timeout)"
+        ) from None
     if len(body) > MAX_BODY:
         raise PayloadTooLarge(f"request body exceeds the limit of {MAX_BODY} bytes")
     return body
@@ -142,22 +169,26 @@ class DeployHookResource:
         notify: Callable[[str], None],
         waiters: Waiters,
         max_wait: float,
+        body_timeout: float,
     ) -> None:
         self.hooks = hooks
         self.deployments = deployments
         self.notify = notify
         self.waiters = waiters
         self.max_wait = max_wait
+        self.body_timeout = body_timeout
 
     async def on_post(self, req: Request, resp: Response) -> None:
-        req.context.hook_request_started = time.perf_counter()  # for `AccessLog`
-        token = req.get_header(TOKEN_HEADER)
+        req.context.logged_since = time.perf_counter()  # for `AccessLog`
+        token = single_header(req, TOKEN_HEADER)
         if token is None:
             raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
         hook = await self.hooks.authenticate_deploy(token)
         wait = self._wait_seconds(req)
         deployment, created = await self.deployments.accept(
-            hook, await read_body(req), idempotency_key=req.get_header("Idempotency-Key")
+            hook,
+            await read_body(req, self.body_timeout),
+            idempotency_key=single_header(req, "Idempotency-Key"),
         )
         if created:
             self.notify(deployment["target"])
@@ -191,24 +222,27 @@ class DeployHookResource:
 
 
 class AccessLog:
-    """Middleware: one line per hook request (uvicorn's access log is off), read from the answer
-    as its responder or the error handlers shaped it; never a header nor the query string, so
-    never a token."""
+    """Middleware: one line per hook request and per admin API request (uvicorn's access log is
+    off), read from the answer as its responder or the error handlers shaped it; never a header
+    nor the query string, so never a token."""
 
     async def process_response(
         self, req: Request, resp: Response, resource: Any, req_succeeded: bool
     ) -> None:
-        started = req.context.get("hook_request_started")
+        started = req.context.get("logged_since")
         if started is None or not access_log.isEnabledFor(logging.INFO):
             return
         answer = resp.media or {}
         if "deployment" in answer:
             outcome = f"deployment {answer['deployment']['id']} {answer['deployment']['status']}"
+        elif "hook" in answer:
+            hook = answer["hook"]
+            outcome = f"hook {hook['id']} ({hook['name']}) of target {hook['target']}"
         elif "requestId" in answer:
             outcome = "unexpected error"
         else:
-            outcome = answer.get("description", "")
-        args = (req.method, req.path, str(resp.status)[:3], outcome)
+            outcome = _one_short_line(answer.get("description", ""))
+        args = (req.method, _one_short_line(req.path, 200), str(resp.status)[:3], outcome)
         args += ((time.perf_counter() - started) * 1e3,)
         # made directly: `info()` would first walk the stack for a caller no line shows
         access_log.handle(
@@ -216,6 +250,14 @@ class AccessLog:
                 access_log.name, logging.INFO, __file__, 0, "%s %s %s %s (%.1f ms)", args, None
             )
         )
+
+
+def _one_short_line(text: str, limit: int = 300) -> str:
+    """A description as an access line shows it: escaped and cut short, as it may quote what
+    the caller sent."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 @falcon.before(admin_only)
@@ -279,9 +321,10 @@ class TargetsResource:
 
 @falcon.before(admin_only)
 class HooksResource:
-    def __init__(self, hooks: Hooks, admin: AdminGuard) -> None:
+    def __init__(self, hooks: Hooks, admin: AdminGuard, body_timeout: float) -> None:
         self.hooks = hooks
         self.admin = admin
+        self.body_timeout = body_timeout
         self.db = hooks.storage.call
 
     async def on_get(self, req: Request, resp: Response, target: str) -> None:
@@ -290,7 +333,9 @@ class HooksResource:
 
     async def on_post(self, req: Request, resp: Response, target: str) -> None:
         body = parse_json_body(
-            NewHookBody, await read_body(req), 'expected a JSON object like {"name": "gitlab-ci"}'
+            NewHookBody,
+            await read_body(req, self.body_timeout),
+            'expected a JSON object like {"name": "gitlab-ci"}',
         )
         created = await self.db(self.hooks.create, target=target, name=body.name)
         resp.status = falcon.HTTP_201
@@ -318,6 +363,8 @@ def _domain_error_handler(status: str):
         resp.media = _error_body(status, error.message)
         if status == falcon.HTTP_401:
             resp.set_header("WWW-Authenticate", 'Bearer realm="shiphook admin"')
+        if isinstance(error, RequestTimeout):  # the rest of the body would be read as a request
+            resp.set_header("Connection", "close")
         if isinstance(error, DatabaseUnavailable):
             resp.media["cause"] = error.cause
             resp.set_header("Retry-After", RETRY_AFTER)
@@ -348,6 +395,26 @@ def _bad_parameter(expected: dict[str, str]):
     return handle
 
 
+async def _no_route(req: Request, resp: Response, error: falcon.HTTPError, params: dict) -> None:
+    resp.status = falcon.HTTP_404
+    resp.media = _error_body(
+        falcon.HTTP_404,
+        f"no endpoint {_one_short_line(req.path, 100)}: the API's paths are in the README "
+        "(a hook's id is a whole number)",
+    )
+
+
+async def _method_not_allowed(
+    req: Request, resp: Response, error: falcon.HTTPMethodNotAllowed, params: dict
+) -> None:
+    allowed = (error.headers or {}).get("Allow", "")
+    resp.status = falcon.HTTP_405
+    resp.set_header("Allow", allowed)
+    resp.media = _error_body(
+        falcon.HTTP_405, f"{req.method} is not allowed here; this path takes {allowed}"
+    )
+
+
 async def _unexpected_error(req: Request, resp: Response, error: Exception, params: dict) -> None:
     request_id = req.get_header("X-Request-ID") or uuid.uuid4().hex
     log.error("request %s: %s %s failed", request_id, req.method, req.path, exc_info=error)
@@ -368,6 +435,7 @@ def create_app(
     waiters: Waiters,
     admin_token: str | None,
     max_wait: float = 900,
+    body_timeout: float = 10,
 ) -> falcon.asgi.App:
     """Build the API. `notify` is called after each committed deployment (the deployer's wake-up);
     `waiters` serves `?wait`."""
@@ -377,10 +445,13 @@ def create_app(
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     admin = AdminGuard(admin_token)
     deployments_resource = DeploymentsResource(deployments, notify, admin)
-    hooks_resource = HooksResource(hooks, admin)
+    hooks_resource = HooksResource(hooks, admin, body_timeout)
 
     app.add_route("/healthz", HealthResource())
-    app.add_route("/api/v1/dh", DeployHookResource(hooks, deployments, notify, waiters, max_wait))
+    app.add_route(
+        "/api/v1/dh",
+        DeployHookResource(hooks, deployments, notify, waiters, max_wait, body_timeout),
+    )
     app.add_route("/api/v1/deployments", deployments_resource)
     app.add_route(
         "/api/v1/deployments/{deployment_id}", DeploymentResource(hooks, deployments, admin)
@@ -393,11 +464,13 @@ def create_app(
     app.add_route("/api/v1/hooks/{hook_id:int}", hooks_resource, suffix="item")
 
     app.add_error_handler(Exception, _unexpected_error)
+    app.add_error_handler(falcon.HTTPRouteNotFound, _no_route)
+    app.add_error_handler(falcon.HTTPMethodNotAllowed, _method_not_allowed)
     for error, status in ERROR_STATUS.items():
         app.add_error_handler(error, _domain_error_handler(status))
     # what each query parameter read with `req.get_param_as_int/float` takes
     parameters = {
-        "wait": f"a number of seconds from 0 to {max_wait:g}",
+        "wait": f"a number of seconds, 0 or more (it waits {max_wait:g} at the most)",
         "limit": f"a whole number from {LIST_LIMITS.start} to {LIST_LIMITS[-1]}",
     }
     app.add_error_handler(falcon.HTTPInvalidParam, _bad_parameter(parameters))

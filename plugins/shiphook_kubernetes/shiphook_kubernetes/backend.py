@@ -17,19 +17,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import kubernetes.client
 import kubernetes.config
 import urllib3
+import yaml
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from pydantic import BaseModel, ConfigDict, Field, FilePath, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FilePath, model_validator
 from shiphook import (
     Backend,
     BackendError,
@@ -142,6 +144,18 @@ WORKLOADS = {
 }
 
 
+def _namespace_name(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+        raise ValueError(
+            "expected a namespace's name: 1 to 63 lowercase letters, digits and '-', the first "
+            "and last a letter or digit"
+        )
+    return value
+
+
+Namespace = Annotated[str | None, AfterValidator(_namespace_name)]
+
+
 class KubernetesOptions(ConnectionOptions):
     """`[backends.<name>]` with `plugin = "kubernetes"`: how to reach the API server. KUBECONFIG
     and the proxy variables are never read: the config file alone says how it is reached."""
@@ -151,7 +165,7 @@ class KubernetesOptions(ConnectionOptions):
     in_cluster: bool = Field(
         False, description="use the ServiceAccount of the pod shiphook runs in"
     )
-    namespace: str | None = Field(
+    namespace: Namespace = Field(
         None,
         description="namespace of targets that name none; default: the context's namespace "
         "(in_cluster: the pod's own), else default",
@@ -174,7 +188,7 @@ class KubernetesTargetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    namespace: str | None = Field(None, description="default: the backend's namespace")
+    namespace: Namespace = Field(None, description="default: the backend's namespace")
     deployment: str | None = Field(None, description="an app: the Deployment's name")
     statefulset: str | None = Field(None, description="an app: the StatefulSet's name")
     daemonset: str | None = Field(None, description="an app: the DaemonSet's name")
@@ -270,11 +284,18 @@ class KubernetesBackend(Backend):
             namespace = _read(IN_CLUSTER_NAMESPACE)
         else:
             path = str(o.kubeconfig)
-            kubernetes.config.load_kube_config(
-                config_file=path, context=o.context, client_configuration=config,
-                persist_config=False,
-            )  # fmt: skip
-            contexts, current = kubernetes.config.list_kube_config_contexts(path)
+            try:  # the client's ConfigException is _api_errors'; these, a file it cannot read
+                kubernetes.config.load_kube_config(
+                    config_file=path, context=o.context, client_configuration=config,
+                    persist_config=False,
+                )  # fmt: skip
+                contexts, current = kubernetes.config.list_kube_config_contexts(path)
+            except (yaml.YAMLError, TypeError, AttributeError, KeyError) as exc:
+                cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+                raise BackendError(
+                    f"{path}: not a kubeconfig ({cause}); expected the YAML that "
+                    "`kubectl config view --raw` prints"
+                ) from None
             chosen = next((c for c in contexts if c["name"] == o.context), current)
             namespace = (chosen.get("context") or {}).get("namespace")
         api = kubernetes.client.ApiClient(config)
@@ -344,14 +365,14 @@ class KubernetesBackend(Backend):
     # -- check and describe -----------------------------------------------------------------
 
     def check(self) -> str:
+        """The server's version, and that it accepts the credentials (any review needs them);
+        what each target needs is reviewed in its own namespace by `describe`."""
         client = self.client
         version = self._call(kubernetes.client.VersionApi(client.api).get_code)
         server = f"Kubernetes {version.get('gitVersion', '?')} at {client.api.configuration.host}"
-        namespace = client.namespace
-        missing = self._missing(namespace, NEEDED)
-        if missing:
-            raise BackendError(f"{server}: {_may_not(missing, namespace)}")
-        return f"{server}, namespace {namespace}: may do all the backend needs"
+        self._missing(client.namespace, NEEDED[:1])
+        accepted = "the credentials are accepted"
+        return f"{server}: {accepted}; targets default to namespace {client.namespace}"
 
     def _missing(self, namespace: str, needs: list[tuple[str, str, str]]) -> list[str]:
         """Which of `needs` the credentials may not do in `namespace`, as the API server's
@@ -423,13 +444,15 @@ class KubernetesBackend(Backend):
                 f"target {target.name} is of kind 'job', which needs a cronjob: name one, or "
                 'make it kind = "app"'
             )
-        return self._call(
-            self.client.batch.read_namespaced_cron_job, target.options.cronjob, namespace
-        )
+        with _not_found_in(namespace):
+            return self._call(
+                self.client.batch.read_namespaced_cron_job, target.options.cronjob, namespace
+            )
 
     def _read(self, workload: Workload, namespace: str, name: str) -> dict[str, Any]:
         method = getattr(self.client.apps, f"read_namespaced_{workload.method}")
-        return self._call(method, name, namespace)
+        with _not_found_in(namespace):
+            return self._call(method, name, namespace)
 
     def _patch(
         self,
@@ -683,6 +706,7 @@ class KubernetesBackend(Backend):
         deployment_id: str,
     ) -> Ref:
         namespace = self._namespace(target)
+        self._review(target, "cronjob", namespace)  # before the Job exists, as for an app
         cronjob = self._cronjob(target, namespace)
         name = job_name(cronjob["metadata"]["name"], deployment_id)
         job_template = cronjob["spec"]["jobTemplate"]
@@ -969,6 +993,20 @@ def _may_not(missing: list[str], namespace: str, needed_by: str | None = None) -
     if needed_by:
         text += f", which {needed_by} needs"
     return f"{text} ({ROLE})"
+
+
+@contextmanager
+def _not_found_in(namespace: str) -> Iterator[None]:
+    """A 404 of a read names the namespace it looked in (the API server's message does not)."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        raise ApiError(
+            f"{exc.message} in namespace {namespace}", status=404, reason=exc.reason,
+            transient=False,
+        ) from None  # fmt: skip
 
 
 def _status_of(exc: ApiException) -> tuple[str, str]:
