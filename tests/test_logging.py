@@ -86,3 +86,12 @@ def test_retries_and_progress_are_the_deployments_message_history_and_log(
         line for line in log_lines("shiphook.deployer", logging.WARNING) if line.startswith(prefix)
     ]
     assert all(prefix + p in log_lines("shiphook.deployer") for p in progress)
+    # every in-progress message of the history is a line, the first one ("rolling out") too
+    started = [m for m in steps if m and not m.startswith("retry")]
+    assert started[0].startswith("rolling out transient2 (was ")
+    assert all(prefix + m in log_lines("shiphook.deployer") for m in started)
+
+
+def test_a_job_runs_start_is_a_line(harness, log_lines):
+    run = harness.wait_for(harness.deploy(harness.new_hook("migrate"), {}))
+    assert f"deployment {run['id']} of migrate: job run started" in log_lines("shiphook.deployer")

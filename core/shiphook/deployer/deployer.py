@@ -410,7 +410,7 @@ class Execution:
                 message = f"already runs {d.previous_image}: no rollout"
             else:
                 message = f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})"
-            self._record(backend_ref=ref, message=message)
+            self._progress(message, backend_ref=ref)
         outcome = self._track(ref)
         if outcome.state == "succeeded":
             self._finish(Status.succeeded, outcome.message or "rollout completed")
@@ -469,13 +469,18 @@ class Execution:
                 image_tag=d.image_tag,
                 deployment_id=d.id,
             )
-            self._record(backend_ref=ref, message="job run started")
+            self._progress("job run started", backend_ref=ref)
         outcome = self._track(ref)
         status = Status.succeeded if outcome.state == "succeeded" else Status.failed
         fallback = "run completed" if status == Status.succeeded else "run failed"
         self._finish(status, outcome.message or fallback)
 
     # -- shared ------------------------------------------------------------------
+
+    def _progress(self, message: str, **values: Any) -> None:
+        """A new message of the running deployment: into its history and the log."""
+        log.info("deployment %s of %s: %s", self.deployment.id, self.target.name, message)
+        self._record(message=message, **values)
 
     def _track(self, ref: Ref, *, deadline_from: datetime | None = None) -> Progress:
         """Poll progress until the work ends or the target's rollout timeout passes."""
@@ -487,13 +492,7 @@ class Execution:
             if progress.state != "running":
                 return progress
             if progress.message and progress.message != self.deployment.message:
-                log.info(
-                    "deployment %s of %s: %s",
-                    self.deployment.id,
-                    self.target.name,
-                    progress.message,
-                )
-                self._record(message=progress.message)
+                self._progress(progress.message)
             if self.deployer.clock() >= deadline:
                 last = f" (last state: {progress.message})" if progress.message else ""
                 return Progress(
