@@ -300,6 +300,13 @@ def test_a_repeated_key_in_the_admin_hook_body_is_400(quiet):
     assert stored(quiet) == ([], [])
 
 
+def test_a_body_that_begins_with_a_utf8_bom_is_read_as_json(quiet):
+    """As RFC 8259 lets a parser do: a file sent with `curl --data @body.json` that a Windows
+    editor saved as "UTF-8 with BOM" begins with one."""
+    result = quiet.post_hook(quiet.new_hook("web"), b'\xef\xbb\xbf{"imageTag":"1.0"}')
+    assert result.status_code == 201, result.text
+
+
 def test_the_same_key_in_sibling_objects_is_fine(quiet):
     token = quiet.new_hook("migrate")
     variables = [{"name": "EXIT", "value": "0"}, {"name": "GREETING", "value": "hi"}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 from collections.abc import Callable, Iterable
@@ -113,7 +114,8 @@ def parse_json_body(model: type[M], body: bytes, expected: str) -> M:
     """Parse a JSON body whatever its Content-Type (curl --data sends a form type); an empty
     body is `{}`. Raise `InvalidRequest` naming each wrong field and showing what is expected,
     or the key an object repeats."""
-    body = body or b"{}"
+    # a UTF-8 byte order mark is skipped: files saved by some Windows editors begin with one
+    body = body.removeprefix(codecs.BOM_UTF8) or b"{}"
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as exc:
