@@ -424,6 +424,21 @@ def test_the_deployer_ignores_sigterm_and_a_dead_deployer_is_replaced(tmp_path, 
     assert post_hook(server, token, {"imageTag": "2.0"}, "?wait=30")[0] == 201
     assert "deployer process exited with status -9; starting a new one" in server.log()
 
+    # a stop after a restart stops both (the killed deployer had been waiting to be stopped)
+    replacement = deployer_process(server)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    assert "shiphook stopped" in server.log()
+    eventually(lambda: not Path(f"/proc/{replacement}").exists(), "the deployer gone")
+
+
+def test_a_deployer_whose_serve_was_killed_stops(tmp_path, serve):
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0))
+    deployer = deployer_process(server)
+    os.kill(server.process.pid, signal.SIGKILL)  # serve alone, not its process group
+    server.process.wait()
+    eventually(lambda: not Path(f"/proc/{deployer}").exists(), "the deployer gone", timeout=30)
+
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------
 

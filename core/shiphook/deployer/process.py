@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import multiprocessing.synchronize
-import os
 import signal
 import socket
 import threading
 from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from shiphook.backends import BackendError
@@ -44,6 +43,9 @@ class DeployerSupervisor:
     The deployer ignores SIGTERM and SIGINT: systemd and a terminal send them to every process of
     the service, and the deployer is to stop when `serve` says so, after its HTTP workers, not
     before; to its supervisor a deployer that went away on a signal would look like a crash.
+    `serve` says so by closing its end of a pipe of that process's own: a pipe, unlike a
+    `multiprocessing.Event`, cannot be left waiting on a process that was killed while it
+    waited (the Event's `set` then blocks for ever), and it closes by itself when `serve` dies.
     """
 
     def __init__(self, config_path: Path, address: str, log_level: str) -> None:
@@ -52,7 +54,7 @@ class DeployerSupervisor:
         self.log_level = log_level
         self._context = multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._stop = self._context.Event()  # the deployer process's: stop now
+        self._stop: Connection | None = None  # our end of the deployer's pipe: closed, it stops
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # a restart and a stop do not cross
         self._watcher = threading.Thread(target=self._watch, name="deployer-watcher", daemon=True)
@@ -67,7 +69,8 @@ class DeployerSupervisor:
         with self._lock:
             self._stopping.set()
             process = self._process
-        self._stop.set()
+            if self._stop is not None:
+                self._stop.close()
         if process is None:
             return
         process.join(timeout)
@@ -81,9 +84,12 @@ class DeployerSupervisor:
             process.join()
 
     def _spawn(self) -> None:
+        if self._stop is not None:  # the pipe of a deployer that died
+            self._stop.close()
+        stop, self._stop = self._context.Pipe(duplex=False)
         self._process = self._context.Process(
             target=run_deployer,
-            args=(str(self.config_path), self.address, self.log_level, self._stop),
+            args=(str(self.config_path), self.address, self.log_level, stop),
             name="shiphook-deployer",
         )
         # blocked here, the signals are blocked in the child until it ignores them: one sent to
@@ -95,6 +101,7 @@ class DeployerSupervisor:
             self._process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            stop.close()  # the deployer's end, which it holds now
 
     def _watch(self) -> None:
         while not self._stopping.wait(RESTART_DELAY):
@@ -109,10 +116,8 @@ class DeployerSupervisor:
                     self._spawn()
 
 
-def run_deployer(
-    config_path: str, address: str, log_level: str, stop: multiprocessing.synchronize.Event
-) -> None:
-    """The deployer process: run until `stop` is set, or until `shiphook serve` is gone."""
+def run_deployer(config_path: str, address: str, log_level: str, stop: Connection) -> None:
+    """The deployer process: run until `serve` closes the other end of `stop` (or is gone)."""
     for signum in STOP_SIGNALS:  # sent to the whole service; serve stops us once it is done
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -131,11 +136,10 @@ def run_deployer(
     deployer.start()
     threading.Thread(target=report_backends, args=(instance,), daemon=True).start()
     threading.Thread(target=_relay, args=(inbox, deployer), daemon=True).start()
-    threading.Thread(target=_checkpoints, args=(instance, stop), daemon=True).start()
-    parent = os.getppid()
-    while not stop.wait(1.0):
-        if os.getppid() != parent:  # serve died without stopping us
-            break
+    stopping = threading.Event()
+    threading.Thread(target=_checkpoints, args=(instance, stopping), daemon=True).start()
+    stop.poll(None)  # until the pipe's other end is closed (or written to)
+    stopping.set()
     deployer.stop()
     inbox.close()
     instance.close()
@@ -150,7 +154,7 @@ def _relay(inbox: socket.socket, deployer: Deployer) -> None:
         deployer.notify(message.decode())
 
 
-def _checkpoints(instance: Instance, stop: multiprocessing.synchronize.Event) -> None:
+def _checkpoints(instance: Instance, stop: threading.Event) -> None:
     """Checkpoint the database for the HTTP workers, which leave it to us."""
     failing = False  # log when checkpoints start and stop failing, not each one
     while not stop.wait(CHECKPOINT_INTERVAL):
