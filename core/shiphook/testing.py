@@ -577,6 +577,9 @@ class BackendConformance:
         first_run = self._ended(shiphook, first)
         assert first_run["status"] == "succeeded", first_run
         assert_tag(self.job_run(self._locator(job), first_run).image, self.other_job_tag)
+        # what `shiphook check` shows the job running is its own image, not that run's
+        target = shiphook.instance.config.targets["job"]
+        assert_tag(shiphook.instance.backends[target.backend].describe(target).image, self.job_tag)
         second = self._ended(shiphook, shiphook.deploy(token, {}))
         assert second["status"] == "succeeded", second
         assert_tag(self.job_run(self._locator(job), second).image, self.job_tag)

@@ -307,7 +307,8 @@ class SwarmBackend(Backend):
         detail = f"{_mode(spec)} service {spec['Name']}"
         if replicas is not None:
             detail += f", {replicas} replicas"
-        return TargetState(image=_image(spec), detail=detail)
+        image = _image(spec) if target.kind == "app" else _own_image(spec)
+        return TargetState(image=image, detail=detail)
 
     def _service_of_kind(self, target: SwarmTarget) -> dict[str, Any]:
         service = self._inspect(target.options.service)
@@ -566,9 +567,7 @@ class SwarmBackend(Backend):
             base_env = current_env
             if labels.get(LABEL_ENV_APPLIED) == json.dumps(current_env):
                 base_env = json.loads(labels.get(LABEL_ENV_BASE) or "[]")
-            base_image = container["Image"]
-            if labels.get(LABEL_IMAGE_APPLIED) == base_image:
-                base_image = labels.get(LABEL_IMAGE_BASE) or base_image
+            base_image = _own_image(spec)
             container["Env"] = _merge_env(base_env, env)
             container["Image"] = tagged or base_image
             task_template = spec["TaskTemplate"]
@@ -640,6 +639,15 @@ def _mode(spec: dict[str, Any]) -> str:
 
 def _image(spec: dict[str, Any]) -> str:
     return spec["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def _own_image(spec: dict[str, Any]) -> str:
+    """The image of a job service without the last run's `imageTag`, which applied to that run
+    only (unless someone has changed the image since shiphook wrote it)."""
+    labels = _labels(spec)
+    if labels.get(LABEL_IMAGE_APPLIED) == _image(spec):
+        return labels.get(LABEL_IMAGE_BASE) or _image(spec)
+    return _image(spec)
 
 
 def _labels(spec: dict[str, Any]) -> dict[str, str]:
