@@ -373,14 +373,18 @@ def test_admin_creates_lists_and_deletes_hooks(quiet):
     listed = quiet.client.simulate_get("/api/v1/targets/web/hooks", headers=ADMIN).json["hooks"]
     assert [h["name"] for h in listed] == ["gha"]
     assert "token" not in listed[0] and "tokenDigest" not in listed[0]
+    shown = quiet.client.simulate_get(created.headers["location"], headers=ADMIN)
+    assert shown.json == {"hook": listed[0]}
 
     deleted = quiet.client.simulate_delete(f"/api/v1/hooks/{hook['id']}", headers=ADMIN)
     assert deleted.status_code == 200
     assert quiet.post_hook(hook["token"], {"imageTag": "1.1"}).status_code == 404
-    assert (
-        quiet.client.simulate_delete(f"/api/v1/hooks/{hook['id']}", headers=ADMIN).status_code
-        == 404
-    )
+    for gone in (quiet.client.simulate_delete, quiet.client.simulate_get):
+        result = gone(f"/api/v1/hooks/{hook['id']}", headers=ADMIN)
+        assert result.json == {
+            "title": "404 Not Found",
+            "description": f"no hook with id {hook['id']}",
+        }
 
 
 def test_admin_hook_creation_rejects_bad_input(quiet):

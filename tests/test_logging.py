@@ -56,6 +56,10 @@ def test_failed_and_rolled_back_deployments_are_warnings(harness, log_lines):
     assert any(
         line.startswith(f"deployment {rolled_back} of web: rolled_back: ") for line in warnings
     )
+    # the decision comes first: the orchestrator's words for the rollback may sound manual
+    assert any(
+        line.startswith(f"deployment {rolled_back} of web: rolling back: ") for line in warnings
+    )
     assert any(line.startswith(f"deployment {failed} of api: failed: ") for line in warnings)
     assert not any(succeeded in line for line in warnings)
     assert any(

@@ -283,6 +283,12 @@ class Hooks:
             configured_target(self.targets, target)
         return self.storage.list_hooks(target=target)
 
+    def get(self, hook_id: int) -> HookPublic:
+        check_hook_id(hook_id)
+        for hook in self.storage.list_hooks(hook_id=hook_id):
+            return hook
+        raise NotFound(f"no hook with id {hook_id}")
+
     def delete(self, hook_id: int) -> HookPublic:
         check_hook_id(hook_id)
         hook = self.storage.delete_hook(hook_id=hook_id)

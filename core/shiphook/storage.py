@@ -200,10 +200,14 @@ class Storage:
             raise TokenTaken("another hook has the new hook's token digest") from None
         return HookPublic(id=hook_id, name=name, target=target, created_at=now, last_used_at=None)
 
-    def list_hooks(self, *, target: str | None = None) -> list[HookPublic]:
+    def list_hooks(
+        self, *, target: str | None = None, hook_id: int | None = None
+    ) -> list[HookPublic]:
         query = select(*HOOK_PUBLIC).order_by(HOOK.c.id)
         if target is not None:
             query = query.where(HOOK.c.target == target)
+        if hook_id is not None:
+            query = query.where(HOOK.c.id == hook_id)
         with self.engine.connect() as connection:
             return [HookPublic(**row._mapping) for row in connection.execute(query)]
 

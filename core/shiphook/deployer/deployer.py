@@ -425,6 +425,9 @@ class Execution:
         if not self.backend.can_rollback:
             self._finish(Status.failed, reason)
             return
+        log.warning(
+            "deployment %s of %s: %s%s", self.deployment.id, self.target.name, ROLLING_BACK, reason
+        )
         self._record(message=f"{ROLLING_BACK}{reason}")
         try:
             rollback_ref = self._call(self.backend.rollback, self.target, ref)

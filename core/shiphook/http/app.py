@@ -342,6 +342,9 @@ class HooksResource:
         resp.location = f"/api/v1/hooks/{created.id}"
         resp.media = {"hook": created.to_json()}
 
+    async def on_get_item(self, req: Request, resp: Response, hook_id: int) -> None:
+        resp.media = {"hook": (await self.db(self.hooks.get, hook_id)).to_json()}
+
     async def on_delete_item(self, req: Request, resp: Response, hook_id: int) -> None:
         deleted = await self.db(self.hooks.delete, hook_id)
         resp.media = {"hook": deleted.to_json()}
