@@ -300,6 +300,20 @@ def test_a_repeated_key_in_the_admin_hook_body_is_400(quiet):
     assert stored(quiet) == ([], [])
 
 
+@pytest.mark.parametrize(
+    "target, body, shown",
+    [
+        ("web", b'{"imageTag": null}', "imageTag: Input should be a valid string (got null)"),
+        ("web", b"hello", "Invalid JSON: expected value at line 1 column 1 (got 'hello')"),
+        ("migrate", b'{"instanceEnvironmentVariables": {"A": "s3cr3t"}}', "a valid array:"),
+    ],
+)
+def test_what_was_sent_is_shown_as_json_and_an_environment_never(quiet, target, body, shown):
+    result = quiet.post_hook(quiet.new_hook(target), body)
+    assert_json_error(result, 400, shown)
+    assert "s3cr3t" not in result.text
+
+
 def test_a_body_that_begins_with_a_utf8_bom_is_read_as_json(quiet):
     """As RFC 8259 lets a parser do: a file sent with `curl --data @body.json` that a Windows
     editor saved as "UTF-8 with BOM" begins with one."""

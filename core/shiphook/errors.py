@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 
@@ -85,7 +86,7 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
                 and any(_may_be_secret((k,)) for k in error["input"])
             )
         ):
-            given = repr(error["input"])
+            given = _shown_input(error["input"])
             if len(given) <= 60:
                 message += f" (got {given})"
         if error["type"] == "extra_forbidden":
@@ -94,6 +95,19 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
     if len(errors) > MAX_ERRORS:
         lines.append(f"and {len(errors) - MAX_ERRORS} more errors")
     return lines
+
+
+def _shown_input(value: object) -> str:
+    """A value that was given, as its JSON or TOML reads: text quoted and escaped, the rest as
+    JSON (`null`, not Python's `None`)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
@@ -108,6 +122,8 @@ def shown_key(key: int | str) -> str:
 
 
 def _may_be_secret(loc: tuple[int | str, ...]) -> bool:
-    """A job's environment value or a credential option is never echoed back (nor logged)."""
+    """A job's environment (its values, or what was sent in its place) or a credential option
+    is never echoed back (nor logged)."""
     key = str(loc[-1]).lower() if loc else ""
-    return key == "value" or any(word in key for word in ("token", "password", "secret", "key"))
+    words = ("token", "password", "secret", "key", "environment")
+    return key == "value" or any(word in key for word in words)
