@@ -383,6 +383,8 @@ def test_a_stop_does_not_wait_for_a_backend_call_that_hangs_and_the_next_start_r
     assert server.process.wait(30) == 0
     assert backend_state(tmp_path).calls("deploy") == []  # it had not returned
     assert " ERROR " not in server.log() and " WARNING " not in server.log(), server.log()
+    left = f"deployment {body['deployment']['id']} of app0: left in progress by the stop; it "
+    assert left + "resumes at the next start" in server.log()
 
     restarted = serve(config, name="second")
     [deployment] = wait_all_terminal(restarted, 1)

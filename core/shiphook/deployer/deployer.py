@@ -306,7 +306,13 @@ class Deployer:
                         deployment.image_tag or "job run",
                     )
                 Execution(self, target, deployment, lease).execute()
-        except (Stopping, LeaseLost):
+        except Stopping:
+            log.info(
+                "deployment %s of %s: left in progress by the stop; it resumes at the next start",
+                deployment.id,
+                target.name,
+            )
+        except LeaseLost:
             pass
         except DBAPIError as exc:
             log.error(
