@@ -4,6 +4,7 @@ on demand, history. In process, through falcon.testing and the scripted backend.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 from datetime import timedelta
 
@@ -241,7 +242,8 @@ def test_a_restarted_deployer_resumes_an_in_progress_rollout_without_deploying_a
 # -- rollback on demand ---------------------------------------------------------------------------
 
 
-def test_rollback_deploys_the_previous_successful_image_as_a_new_deployment(harness):
+def test_rollback_deploys_the_previous_successful_image_as_a_new_deployment(harness, caplog):
+    caplog.set_level(logging.INFO, logger="shiphook.deployer")
     token = harness.new_hook("web")
     harness.wait_for(harness.deploy(token, {"imageTag": "1.0"}))
     current = harness.deploy(token, {"imageTag": "2.0"})
@@ -252,6 +254,8 @@ def test_rollback_deploys_the_previous_successful_image_as_a_new_deployment(harn
     assert rollback["rollbackOf"] == current and rollback["imageTag"] == "1.0"
     assert harness.wait_for(rollback["id"])["status"] == "succeeded"
     assert harness.backend.image("web") == "registry.test/app:1.0"
+    started = f"deployment {rollback['id']} of web: in progress (1.0, the rollback of {current})"
+    assert started in caplog.messages
 
 
 def test_rollback_of_a_first_deployment_returns_to_the_image_it_replaced(harness):

@@ -299,11 +299,11 @@ class Deployer:
                         target.name,
                     )
                 else:
+                    what = deployment.image_tag or "job run"
+                    if deployment.rollback_of:
+                        what += f", the rollback of {deployment.rollback_of}"
                     log.info(
-                        "deployment %s of %s: in progress (%s)",
-                        deployment.id,
-                        target.name,
-                        deployment.image_tag or "job run",
+                        "deployment %s of %s: in progress (%s)", deployment.id, target.name, what
                     )
                 Execution(self, target, deployment, lease).execute()
         except Stopping:
