@@ -164,6 +164,14 @@ def test_a_body_that_never_finishes_gets_a_json_408_and_the_connection_is_closed
         assert json.loads(body)["description"] == (
             "the request body did not arrive within 0.5 s ([server] body_timeout)"
         )
+    # a token that opens nothing is answered before the body; the connection is closed later
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\nX-Deploy-Hook-Token: shk_nothing\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        status, _, body = read_answer(sock)
+    assert status == 404, body
     assert post_hook(server, token) == 201
     assert "Traceback" not in server.log()
 

@@ -38,10 +38,6 @@ class PayloadTooLarge(ShiphookError):
     """The request body exceeds the limit."""
 
 
-class RequestTimeout(ShiphookError):
-    """The request did not arrive in time."""
-
-
 class Conflict(ShiphookError):
     """The request cannot be done in the state things are in."""
 

@@ -9,7 +9,6 @@ writes a line per hook request and admin API request from the answer as sent.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
@@ -33,7 +32,6 @@ from shiphook.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    RequestTimeout,
     ShiphookError,
     Unauthenticated,
     Unprocessable,
@@ -62,7 +60,6 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Unauthenticated: falcon.HTTP_401,
     AdminDisabled: falcon.HTTP_403,
     NotFound: falcon.HTTP_404,
-    RequestTimeout: falcon.HTTP_408,
     Conflict: falcon.HTTP_409,
     PayloadTooLarge: falcon.HTTP_413,
     Unprocessable: falcon.HTTP_422,
@@ -137,19 +134,13 @@ def single_header(req: Request, name: str) -> str | None:
     return value
 
 
-async def read_body(req: Request, timeout: float) -> bytes:
-    """The request's body, which must arrive within `timeout` seconds ([server] body_timeout)."""
+async def read_body(req: Request) -> bytes:
+    """The request's body (the connection answers one that is late: [server] body_timeout)."""
     if req.content_length is not None and req.content_length > MAX_BODY:
         raise PayloadTooLarge(
             f"request body is {req.content_length} bytes; the limit is {MAX_BODY}"
         )
-    try:
-        async with asyncio.timeout(timeout):
-            body = await req.bounded_stream.read(MAX_BODY + 1)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not arrive within {timeout:g} s ([server] body_timeout)"
-        ) from None
+    body = await req.bounded_stream.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise PayloadTooLarge(f"request body exceeds the limit of {MAX_BODY} bytes")
     return body
@@ -169,14 +160,12 @@ class DeployHookResource:
         notify: Callable[[str], None],
         waiters: Waiters,
         max_wait: float,
-        body_timeout: float,
     ) -> None:
         self.hooks = hooks
         self.deployments = deployments
         self.notify = notify
         self.waiters = waiters
         self.max_wait = max_wait
-        self.body_timeout = body_timeout
 
     async def on_post(self, req: Request, resp: Response) -> None:
         req.context.logged_since = time.perf_counter()  # for `AccessLog`
@@ -187,7 +176,7 @@ class DeployHookResource:
         wait = self._wait_seconds(req)
         deployment, created = await self.deployments.accept(
             hook,
-            await read_body(req, self.body_timeout),
+            await read_body(req),
             idempotency_key=single_header(req, "Idempotency-Key"),
         )
         if created:
@@ -321,10 +310,9 @@ class TargetsResource:
 
 @falcon.before(admin_only)
 class HooksResource:
-    def __init__(self, hooks: Hooks, admin: AdminGuard, body_timeout: float) -> None:
+    def __init__(self, hooks: Hooks, admin: AdminGuard) -> None:
         self.hooks = hooks
         self.admin = admin
-        self.body_timeout = body_timeout
         self.db = hooks.storage.call
 
     async def on_get(self, req: Request, resp: Response, target: str) -> None:
@@ -334,7 +322,7 @@ class HooksResource:
     async def on_post(self, req: Request, resp: Response, target: str) -> None:
         body = parse_json_body(
             NewHookBody,
-            await read_body(req, self.body_timeout),
+            await read_body(req),
             'expected a JSON object like {"name": "gitlab-ci"}',
         )
         created = await self.db(self.hooks.create, target=target, name=body.name)
@@ -366,8 +354,6 @@ def _domain_error_handler(status: str):
         resp.media = _error_body(status, error.message)
         if status == falcon.HTTP_401:
             resp.set_header("WWW-Authenticate", 'Bearer realm="shiphook admin"')
-        if isinstance(error, RequestTimeout):  # the rest of the body would be read as a request
-            resp.set_header("Connection", "close")
         if isinstance(error, DatabaseUnavailable):
             resp.media["cause"] = error.cause
             resp.set_header("Retry-After", RETRY_AFTER)
@@ -438,7 +424,6 @@ def create_app(
     waiters: Waiters,
     admin_token: str | None,
     max_wait: float = 900,
-    body_timeout: float = 10,
 ) -> falcon.asgi.App:
     """Build the API. `notify` is called after each committed deployment (the deployer's wake-up);
     `waiters` serves `?wait`."""
@@ -448,13 +433,10 @@ def create_app(
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     admin = AdminGuard(admin_token)
     deployments_resource = DeploymentsResource(deployments, notify, admin)
-    hooks_resource = HooksResource(hooks, admin, body_timeout)
+    hooks_resource = HooksResource(hooks, admin)
 
     app.add_route("/healthz", HealthResource())
-    app.add_route(
-        "/api/v1/dh",
-        DeployHookResource(hooks, deployments, notify, waiters, max_wait, body_timeout),
-    )
+    app.add_route("/api/v1/dh", DeployHookResource(hooks, deployments, notify, waiters, max_wait))
     app.add_route("/api/v1/deployments", deployments_resource)
     app.add_route(
         "/api/v1/deployments/{deployment_id}", DeploymentResource(hooks, deployments, admin)

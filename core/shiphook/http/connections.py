@@ -1,11 +1,12 @@
 """The HTTP connections of `shiphook serve`: uvicorn's httptools protocol, with limits.
 
-uvicorn reads a request head without bound, keeps a client that never finishes one for ever,
-and answers a malformed request in plain text. `HttpProtocol` caps a head's bytes and header
-count, closes a client that does not send its head within `header_timeout`, and answers each of
-these in JSON, like the app's own errors. At `max_connections`, the connection that has waited
-longest for its request head makes room for a new one, so that slow clients cannot lock others
-out; the log says when the limit is reached and when it is left. When the server begins to shut
+uvicorn reads a request head without bound, keeps a client that never finishes one (or its body)
+for ever, and answers a malformed request in plain text. `HttpProtocol` caps a head's bytes and
+header count, closes a client that does not send its head within `header_timeout` or then its
+body within `body_timeout`, and answers each of these in JSON, like the app's own errors. At
+`max_connections`, the connection that has waited longest for its request head makes room for a
+new one, so that slow clients cannot lock others out; the log says when the limit is reached and
+when it is left. When the server begins to shut
 down, every request learns it through its scope (`SHUTDOWN`), so that the app can answer at once
 what it would otherwise hold for long (`?wait`).
 """
@@ -40,6 +41,7 @@ class Limits:
     max_header_bytes: int  # the request line and the header fields
     max_headers: int
     header_timeout: float  # seconds from a request's first byte (or connecting) to its head's end
+    body_timeout: float  # seconds from a request head's end to its body's
     max_connections: int  # per HTTP worker
 
 
@@ -67,6 +69,7 @@ def connection_limits(settings: ServerSettings) -> Limits:
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
         max_connections=max(max_connections, 1),
     )
 
@@ -84,6 +87,7 @@ class ConnectionGuard:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.heads: dict[HttpProtocol, None] = {}  # oldest first: a dict keeps insertion order
+        self.bodies: dict[HttpProtocol, float] = {}  # those reading a body, since (loop time)
         self.full = False  # the limit was reached, and the count of connections is not below it
         self.closed_early = 0  # since the limit was reached
         self.refused = 0
@@ -107,7 +111,18 @@ class ConnectionGuard:
             connection.close_head(
                 f"the request head did not arrive within {timeout:g} s ([server] header_timeout)"
             )
-        self.sweep = loop.call_later(min(timeout / 4, 1.0), self._sweep, loop)
+        body_timeout = self.limits.body_timeout
+        deadline = loop.time() - body_timeout
+        late = []
+        for connection, since in self.bodies.items():
+            if since >= deadline:
+                break
+            late.append(connection)
+        for connection in late:
+            connection.close_body(
+                f"the request body did not arrive within {body_timeout:g} s ([server] body_timeout)"
+            )
+        self.sweep = loop.call_later(min(timeout / 4, body_timeout / 4, 1.0), self._sweep, loop)
 
     def make_room(self, open_connections: int) -> bool:
         """At the limit: close the connection that has waited longest for a request head (not
@@ -163,6 +178,7 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self.heads = guard.heads
+        self.bodies = guard.bodies
         self.max_header_bytes = guard.limits.max_header_bytes
         self.max_headers = guard.limits.max_headers
 
@@ -181,6 +197,7 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._end_head()
+        self.bodies.pop(self, None)
         if self.guard.full:
             self.guard.closed(len(self.connections))
 
@@ -241,6 +258,11 @@ class HttpProtocol(HttpToolsProtocol):
         if len(self.headers) > self.max_headers:
             raise _TooManyHeaders
         super().on_headers_complete()
+        self.bodies[self] = self.loop.time()
+
+    def on_message_complete(self) -> None:
+        self.bodies.pop(self, None)
+        super().on_message_complete()
 
     def shutdown(self) -> None:
         """The server begins to shut down (uvicorn calls this on every open connection): tell
@@ -252,6 +274,14 @@ class HttpProtocol(HttpToolsProtocol):
             self._reject(503, "the server is shutting down; try again", b"retry-after: 1\r\n")
         else:
             super().shutdown()
+
+    def close_body(self, description: str) -> None:
+        """Close a connection whose request body is late: a 408, unless its answer has begun."""
+        self.bodies.pop(self, None)
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+        else:
+            self._reject(408, description)
 
     def close_head(self, description: str) -> None:
         """Close a connection whose head is late: a 408 if it sent part of one, else nothing."""

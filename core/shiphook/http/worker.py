@@ -63,7 +63,6 @@ def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.Ap
         notify=notify,
         waiters=Waiters(instance.storage),
         max_wait=instance.config.server.max_wait,
-        body_timeout=instance.config.server.body_timeout,
         admin_token=instance.admin_token,
     )
 
