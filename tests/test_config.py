@@ -129,7 +129,19 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             "targets.w.parameters[0]: String should match pattern",
         ),
         ('[server]\nport = "eighty"\n', "server.port: Input should be a valid integer"),
-        ("[server]\nlisten = 1\n", "server.listen: unknown key"),
+        ("[server]\nlisten = 1\n", "server.listen: unknown key (expected one of: body_timeout,"),
+        (
+            "[deployer]\nthread = 3\n",
+            "unknown key (expected one of: lease_seconds, scan_interval, ",
+        ),
+        (
+            "[serverr]\n",
+            "serverr: unknown key (expected one of: backends, deployer, server, targets)",
+        ),
+        (
+            BACKEND + "polz = 3\n",
+            "backends.fake.polz: unknown key (expected one of: address, fail_in,",
+        ),
         ("[server\n", "not valid TOML"),
         (
             '[server]\ndatabase_url = "nonsense"\n',

@@ -159,7 +159,7 @@ def read_config_file(path: Path) -> ConfigFile:
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as exc:
-        raise _config_error(path, exc) from None
+        raise _config_error(path, exc, model=ConfigFile) from None
     url = os.environ.get(DATABASE_URL_ENV)
     if url:
         parsed.server.database_url = url
@@ -215,11 +215,12 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
 def _plugin_model(path: Path, prefix: str, model: type[BaseModel], section: BaseModel) -> Any:
     try:
         return model.model_validate(section.model_extra or {})
-    except ValidationError as exc:
-        raise _config_error(path, exc, prefix) from None
+    except ValidationError as exc:  # the table's keys are the plugin's and the section's
+        raise _config_error(path, exc, prefix, model, type(section).model_fields) from None
 
 
-def _config_error(path: Path, exc: ValidationError, prefix: str = "") -> ConfigError:
-    return ConfigError(
-        "\n".join(f"{path}: {line}" for line in describe_validation_error(exc, prefix))
-    )
+def _config_error(
+    path: Path, exc: ValidationError, prefix: str = "", model: Any = None, also: Any = ()
+) -> ConfigError:
+    lines = describe_validation_error(exc, prefix, model, also)
+    return ConfigError("\n".join(f"{path}: {line}" for line in lines))

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
+
+from pydantic import BaseModel
 
 
 class ShiphookError(Exception):
@@ -58,9 +63,12 @@ class DatabaseUnavailable(ShiphookError):
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 
 
-def describe_validation_error(exc, prefix: str = "") -> list[str]:
+def describe_validation_error(
+    exc, prefix: str = "", model: Any = None, also: Iterable[str] = ()
+) -> list[str]:
     """One line per pydantic error (the first MAX_ERRORS): the dotted key path, what is wrong,
-    and what was given."""
+    and what was given; for an unknown key of `model` (the one validated), the keys it takes
+    there, with `also` (keys of the same table that another model takes)."""
     errors = exc.errors(include_url=False)
     lines = []
     for error in errors[:MAX_ERRORS]:
@@ -87,10 +95,34 @@ def describe_validation_error(exc, prefix: str = "") -> list[str]:
                 message += f" (got {given})"
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+            keys = sorted({*_keys_at(model, error["loc"][:-1]), *also})
+            if keys:
+                message += f" (expected one of: {', '.join(keys)})"
         lines.append(f"{path}: {message}" if path else message)
     if len(errors) > MAX_ERRORS:
         lines.append(f"and {len(errors) - MAX_ERRORS} more errors")
     return lines
+
+
+def _keys_at(annotation: Any, loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model found at `loc` inside `annotation` takes (none known: [])."""
+    for part in (*loc, None):
+        while get_origin(annotation) in (Union, UnionType):  # an optional table
+            models = [a for a in get_args(annotation) if _is_model(a)]
+            annotation = models[0] if models else None
+        if part is None:
+            break
+        if get_origin(annotation) in (dict, list):  # `part` is a table's name or an index
+            annotation = get_args(annotation)[-1]
+        elif _is_model(annotation) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
+        else:
+            return []
+    return list(annotation.model_fields) if _is_model(annotation) else []
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _shown_input(value: object) -> str:

@@ -119,7 +119,8 @@ def parse_json_body(model: type[M], body: bytes, expected: str) -> M:
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as exc:
-        raise InvalidRequest(f"{'; '.join(describe_validation_error(exc))}: {expected}") from None
+        lines = describe_validation_error(exc, model=model)
+        raise InvalidRequest(f"{'; '.join(lines)}: {expected}") from None
     try:  # pydantic keeps a repeated key's last value; a proxy or a reviewer may read the first
         jiter.from_json(body, catch_duplicate_keys=True)
     except ValueError as exc:  # 'Detected duplicate key "<key as sent>" at line 1 column 30'
