@@ -1332,6 +1332,27 @@ def test_the_context_named_is_used_with_its_namespace(kube, tmp_path):
     assert f"target web (app): found, running {APP}:v1" in checked.stdout
 
 
+def test_an_api_server_whose_certificate_is_not_trusted_fails_at_once_in_one_line(
+    kube, harness_factory, tmp_path
+):
+    """No retry makes a certificate trusted: the deployment fails without retries."""
+    kube.deployment("web")
+    config = yaml.safe_load(Path(kube.cluster.kubeconfig).read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"].pop("certificate-authority-data", None)
+        cluster["cluster"].pop("certificate-authority", None)
+    untrusting = tmp_path / "untrusting.kubeconfig"
+    untrusting.write_text(yaml.safe_dump(config))
+    web = target("web", "app", deployment="web", retry_budget=600)
+    harness = harness_factory(kube_config(tmp_path, kube, web, kubeconfig=untrusting))
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "v2"}), 60)
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].startswith(f"cannot reach the API server of {untrusting}: ")
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment["message"]
+    assert "\n" not in deployment["message"]
+    assert retries(deployment) == []
+
+
 def test_an_api_server_that_never_answers_is_given_up_after_the_timeout(tmp_path):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

@@ -327,9 +327,12 @@ class KubernetesBackend(Backend):
             yield
         except ApiException as exc:
             status = exc.status or 0
-            if status == 0:  # the client's wrapping of a TLS error
+            if status == 0:  # the client's wrapping of a TLS error, as text
+                cause = " ".join(str(exc.reason).split())  # one line
+                # a retry may outlast a handshake cut short, never an untrusted certificate
+                transient = "CERTIFICATE_VERIFY_FAILED" not in cause
                 raise BackendError(
-                    f"cannot reach {self._where}: {exc.reason}", transient=True
+                    f"cannot reach {self._where}: {cause}", transient=transient
                 ) from None
             message, reason = _status_of(exc)
             if status == 401:  # the API's whole message is "Unauthorized"
@@ -343,7 +346,8 @@ class KubernetesBackend(Backend):
                 retry_after=_retry_after(exc) if transient else None,
             ) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackendError(f"cannot reach {self._where}: {exc}", transient=True) from None
+            cause = " ".join(str(exc).split())  # one line
+            raise BackendError(f"cannot reach {self._where}: {cause}", transient=True) from None
         except ConfigException as exc:  # the kubeconfig or the pod's files do not serve
             source = "in-cluster config" if self.options.in_cluster else self.options.kubeconfig
             raise BackendError(f"{source}: {exc}") from None
