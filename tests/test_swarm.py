@@ -451,7 +451,7 @@ def test_serve_then_hooks_create_then_curl_runs_the_new_tag_on_the_service(
     assert deployment["status"] == "succeeded", deployment
     assert services.image(service) == f"{APP}:v2"
     assert services.running_images(service) == [f"{APP}:v2"]
-    assert "(config " in server.log() and ", 1 target, 1 HTTP worker)" in server.log()
+    assert "(config " in server.log() and ", 1 target, 1 HTTP worker, admin API on)" in server.log()
 
 
 def test_rollback_returns_to_the_tag_shiphook_last_deployed_not_to_one_set_by_hand(
