@@ -38,7 +38,7 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
 
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
     settings = instance.config.server
-    listener = listen(host or settings.host, port or settings.port)
+    listeners = listen(host or settings.host, port or settings.port)
     instance.migrate()
     config_path = instance.config.path.resolve()
     limits = connection_limits(settings)
@@ -48,7 +48,7 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     os.environ[DEPLOYER_SOCKET] = address
     log.info(
         "shiphook serving on http://%s (config %s, %s, %s, admin API %s)",
-        _host_port(listener.getsockname()),
+        _host_port((host or settings.host, listeners[0].getsockname()[1])),
         config_path,
         _count(len(instance.config.targets), "target"),
         _count(settings.workers, "HTTP worker"),
@@ -72,33 +72,42 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     deployer.start()
     try:
         if settings.workers > 1:
-            Multiprocess(config, sockets=[listener]).run()
+            Multiprocess(config, sockets=listeners).run()
         else:
-            uvicorn.Server(config).run(sockets=[listener])
+            uvicorn.Server(config).run(sockets=listeners)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):  # the stop is under way, and bounded
             signal.signal(signum, signal.SIG_IGN)
         deployer.stop(settings.shutdown_timeout)
         release_deployer_address(address)
-        listener.close()
+        for listener in listeners:
+            listener.close()
         log.info("shiphook stopped")
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything starts, so that an address that cannot be
-    had is one line (`ConfigError`) rather than a server that said it was serving."""
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets, one per address of `host` (as asyncio's `create_server` binds
+    them), bound before anything starts, so that an address that cannot be had is one line
+    (`ConfigError`) rather than a server that said it was serving."""
+    listeners: list[socket.socket] = []
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, protocol, _, address in dict.fromkeys(found):
+            listener = socket.socket(family, kind, protocol)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # its IPv4 address, if any, has a socket of its own
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+            listener.set_inheritable(True)  # the HTTP workers' processes take it over
     except OSError as exc:
+        for listener in listeners:
+            listener.close()
         raise ConfigError(
             f"cannot listen on {_host_port((host, port))} ([server] host and port, or "
             f"--host and --port): {exc.strerror or exc}"
         ) from None
-    listener.set_inheritable(True)  # the HTTP workers' processes take it over
-    return listener
+    return listeners
 
 
 def _host_port(address: tuple) -> str:
