@@ -621,3 +621,25 @@ def test_a_config_error_about_the_token_never_shows_it(tmp_path):
     assert result.returncode == 2
     assert "backends.nomad: token and token_file are alternatives: set one" in result.stderr
     assert "s3cr3t" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "keys, error",
+    [
+        ('token = "s3cr3t\\nsecond"', "token: expected an ACL token, one line of printable ASCII"),
+        ('token = "s3cr3t€"', "token: expected an ACL token, one line of printable ASCII"),
+        ('token_file = "two-lines"', "two-lines: expected an ACL token, one line"),
+        ('token_file = "empty"', "empty is empty"),
+        ('address = "http://admin:s3cr3t@nomad:4646"', "backends.nomad.address: expected"),
+    ],
+)
+def test_a_token_that_cannot_be_sent_is_a_config_error_that_never_shows_it(tmp_path, keys, error):
+    """Sent anyway, a token with a line break was quoted back by the HTTP client, in the log,
+    the deployment's message and the caller's answer."""
+    (tmp_path / "two-lines").write_text("s3cr3t\nsecond\n")
+    (tmp_path / "empty").write_text("\n")
+    config = write_config(tmp_path, f'[backends.nomad]\nplugin = "nomad"\n{keys}\n')
+    result = run_cli("check", config=config, check=False)
+    assert result.returncode == 2, result.stdout
+    assert error in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout

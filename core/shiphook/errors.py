@@ -127,15 +127,20 @@ def _is_model(annotation: Any) -> bool:
 
 def _shown_input(value: object) -> str:
     """A value that was given, as its JSON or TOML reads: text quoted and escaped, the rest as
-    JSON (`null`, not Python's `None`)."""
+    JSON (`null`, not Python's `None`); the password of a URL in it masked."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
-        return repr(value)
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
+        shown = repr(value)
+    else:
+        try:
+            shown = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            shown = repr(value)
+    return URL_PASSWORD.sub(r"\1***@", shown)
+
+
+URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]*@")
 
 
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")

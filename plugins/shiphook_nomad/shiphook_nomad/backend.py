@@ -115,6 +115,7 @@ class NomadOptions(ConnectionOptions):
     def _consistent(self) -> NomadOptions:
         if self.token is not None and self.token_file is not None:
             raise ValueError("token and token_file are alternatives: set one")
+        self.acl_token()  # a token that cannot be sent is a config error, never quoted
         if (self.tls_client_cert is None) != (self.tls_client_key is None):
             raise ValueError("tls_client_cert and tls_client_key go together: set both or neither")
         if self.address.startswith("http://") and any(
@@ -122,6 +123,28 @@ class NomadOptions(ConnectionOptions):
         ):
             raise ValueError("TLS files need an https:// address")
         return self
+
+    def acl_token(self) -> str | None:
+        """The ACL token, from `token` or `token_file`: one line of printable ASCII, as
+        Nomad's secret IDs are (anything else could not go into a header)."""
+        if self.token is not None:
+            token, source = self.token.get_secret_value().strip(), "token"
+        elif self.token_file is not None:
+            try:
+                token = self.token_file.read_text().strip()
+            except (OSError, UnicodeError) as exc:
+                raise ValueError(f"cannot read token_file {self.token_file}: {exc}") from None
+            source = f"token_file {self.token_file}"
+            if not token:
+                raise ValueError(f"{source} is empty")
+        else:
+            return None
+        if not re.fullmatch(r"[!-~]+", token):
+            raise ValueError(
+                f"{source}: expected an ACL token, one line of printable ASCII without spaces "
+                "(a secret ID, like Nomad's)"
+            )
+        return token
 
 
 class NomadTargetOptions(BaseModel):
@@ -142,11 +165,7 @@ class Client:
     (`nomad.Nomad` would fill missing ones from NOMAD_* variables)."""
 
     def __init__(self, options: NomadOptions) -> None:
-        token = None
-        if options.token is not None:
-            token = options.token.get_secret_value().strip()
-        elif options.token_file is not None:
-            token = options.token_file.read_text().strip()
+        token = options.acl_token()
         session = requests.Session()
         session.trust_env = False  # no proxy or CA bundle from the environment
         cert: tuple[str, ...] = ()
@@ -200,8 +219,8 @@ class NomadBackend(Backend):
             if self._client is None:
                 try:
                     self._client = Client(self.options)
-                except OSError as exc:
-                    raise BackendError(f"cannot read token_file: {exc}") from None
+                except ValueError as exc:  # the token file changed since the config was read
+                    raise BackendError(str(exc)) from None
             return self._client
 
     @property
