@@ -66,6 +66,30 @@ def test_errors_are_plain_text_with_nomads_codes_and_texts(fake):  # 1.1, 1.4, 2
     assert (raw.status_code, raw.text) == (405, "Invalid method")
 
 
+def test_bad_query_parameters_and_methods_get_nomads_answers(fake):
+    url = f"{fake.address}/v1/job/web"
+    for query, text in [("index=abc", "Invalid index"), ("index=1&wait=xyz", "Invalid wait time")]:
+        answer = requests.get(f"{url}?{query}")
+        assert (answer.status_code, answer.text) == (400, text)
+    assert requests.get(f"{url}?index=1&wait=1m30s").status_code == 404  # no such job yet
+    answer = requests.patch(url)
+    assert (answer.status_code, answer.text) == (405, "Invalid method")
+
+
+def test_a_job_in_a_namespace_that_does_not_exist_is_refused(fake):
+    answer = requests.post(
+        f"{fake.address}/v1/jobs?namespace=foo", json={"Job": service_job("web")}
+    )
+    assert (answer.status_code, answer.text) == (
+        500,
+        '1 error occurred:\n\t* job "web" is in nonexistent namespace "foo"\n\n',
+    )
+    fake.namespaces.add("foo")
+    assert requests.post(
+        f"{fake.address}/v1/jobs?namespace=foo", json={"Job": service_job("web")}
+    ).ok
+
+
 def test_register_checks_in_nomads_order_with_its_texts(fake):  # 2.2
     jobs = api(fake)
     url = f"{fake.address}/v1/job/web"

@@ -90,6 +90,7 @@ DEFAULT_UPDATE = {
     "Canary": 0,
 }
 ENFORCE = "Enforcing job modify index"
+GO_DURATION = re.compile(r"(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+|0")  # what time.ParseDuration takes
 TERMINAL_DEPLOYMENT = ("successful", "failed", "cancelled")
 TERMINAL_ALLOC = ("complete", "failed", "lost")
 CAPABILITIES = ("read-job", "submit-job", "dispatch-job")
@@ -172,6 +173,7 @@ class NomadFake:
         self.lock = threading.RLock()
         self._index = 1
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.namespaces = {"default"}  # a job registered in another is refused, as Nomad does
         self.versions: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.evals: dict[str, dict[str, Any]] = {}
         self.deployments: dict[str, dict[str, Any]] = {}
@@ -199,7 +201,7 @@ class NomadFake:
             def _handle(self) -> None:
                 fake._serve(self)
 
-            do_GET = do_POST = do_PUT = do_DELETE = _handle
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -377,6 +379,10 @@ class NomadFake:
         self, method: str, path: str, query: dict[str, str], body: Any, raw: bytes, secret: str
     ) -> tuple[Any, int | None]:
         namespace = query.get("namespace") or "default"
+        if not query.get("index", "0").isdigit():  # parseWait and parseConsistency: 400s
+            raise NomadError(400, "Invalid index")
+        if "wait" in query and not GO_DURATION.fullmatch(query["wait"]):
+            raise NomadError(400, "Invalid wait time")
         if path == "/v1/status/leader":
             return "127.0.0.1:4647", None
         if path == "/v1/jobs":
@@ -537,6 +543,8 @@ class NomadFake:
         namespace = query.get("namespace") or _get_ci(body, "Namespace") or job.get("Namespace")
         namespace = namespace or "default"
         problems = self._validate(job)
+        if namespace not in self.namespaces:
+            problems.append(f'job "{job["ID"]}" is in nonexistent namespace "{namespace}"')
         if problems:
             text = f"{len(problems)} error{'s' if len(problems) > 1 else ''} occurred:\n"
             raise NomadError(500, text + "".join(f"\t* {p}\n" for p in problems) + "\n")
