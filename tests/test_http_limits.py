@@ -176,6 +176,31 @@ def test_a_body_that_never_finishes_gets_a_json_408_and_the_connection_is_closed
     assert "Traceback" not in server.log()
 
 
+def test_a_body_that_does_not_all_arrive_deploys_nothing(tmp_path, serve):
+    """The ASGI server ends a body cut short as if it were whole: a complete JSON object in
+    fewer bytes than its Content-Length, late or from a client that went, is not acted on (the
+    client was answered 408, or not at all, and retries)."""
+    config = limited_config(tmp_path, body_timeout=0.5)
+    token = create_hook(config)
+    server = serve(config)
+    head = (
+        f"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\nX-Deploy-Hook-Token: {token}\r\n"
+        "Content-Length: 40\r\n\r\n"
+    ).encode()
+    with connect(server) as late:
+        late.sendall(head + b'{"imageTag":"late"}')
+        status, _, body = read_answer(late)
+    assert status == 408, body
+    with connect(server) as gone:
+        gone.sendall(head + b'{"imageTag":"gone"}')
+        time.sleep(0.1)
+    time.sleep(1)  # past body_timeout: had either been taken, it would be committed by now
+    assert post_hook(server, token) == 201
+    listed = json.loads(run_cli("deployments", "list", "--json", config=config).stdout)
+    assert [d["imageTag"] for d in listed] == ["1.2.0"]
+    assert "POST /api/v1/dh 408 the request body did not all arrive" in server.log()
+
+
 def test_a_client_that_never_finishes_its_head_is_disconnected(tmp_path, serve):
     server = serve(limited_config(tmp_path, header_timeout=0.5))
     with connect(server) as partial, connect(server) as silent, connect(server) as trickling:

@@ -43,6 +43,10 @@ class PayloadTooLarge(ShiphookError):
     """The request body exceeds the limit."""
 
 
+class RequestTimeout(ShiphookError):
+    """The request did not all arrive."""
+
+
 class Conflict(ShiphookError):
     """The request cannot be done in the state things are in."""
 

@@ -32,6 +32,7 @@ from shiphook.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ShiphookError,
     Unauthenticated,
     Unprocessable,
@@ -60,6 +61,7 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     Unauthenticated: falcon.HTTP_401,
     AdminDisabled: falcon.HTTP_403,
     NotFound: falcon.HTTP_404,
+    RequestTimeout: falcon.HTTP_408,
     Conflict: falcon.HTTP_409,
     PayloadTooLarge: falcon.HTTP_413,
     Unprocessable: falcon.HTTP_422,
@@ -68,6 +70,10 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
 # scope["extensions"][SHUTDOWN], set by `shiphook serve`: a future of the event loop, done once
 # the server begins to shut down (it then accepts no connection and waits for the requests)
 SHUTDOWN = "shiphook.shutdown"
+# scope["extensions"][BODY_CUT], set by `shiphook serve` when the connection closed before the
+# request's body had all arrived (the client went, or body_timeout passed): the ASGI server then
+# ends the body as if it were complete, and what came of it must not be acted on
+BODY_CUT = "shiphook.body_cut"
 RETRY_AFTER = "5"  # seconds a caller is told to wait when the database is unavailable
 
 # How `?wait` answers each outcome (`shiphook.services.wait_outcome`).
@@ -141,6 +147,11 @@ async def read_body(req: Request) -> bytes:
             f"request body is {req.content_length} bytes; the limit is {MAX_BODY}"
         )
     body = await req.bounded_stream.read(MAX_BODY + 1)
+    if req.scope.get("extensions", {}).get(BODY_CUT):
+        raise RequestTimeout(
+            "the request body did not all arrive: the connection closed, or [server] "
+            "body_timeout passed"
+        )
     if len(body) > MAX_BODY:
         raise PayloadTooLarge(f"request body exceeds the limit of {MAX_BODY} bytes")
     return body

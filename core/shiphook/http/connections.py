@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from shiphook.config import ServerSettings
-from shiphook.http.app import SHUTDOWN
+from shiphook.http.app import BODY_CUT, SHUTDOWN
 
 log = logging.getLogger("shiphook.server")
 
@@ -195,9 +195,10 @@ class HttpProtocol(HttpToolsProtocol):
             self.guard.start(self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.bodies:
+            self._cut_body()
         super().connection_lost(exc)
         self._end_head()
-        self.bodies.pop(self, None)
         if self.guard.full:
             self.guard.closed(len(self.connections))
 
@@ -277,11 +278,16 @@ class HttpProtocol(HttpToolsProtocol):
 
     def close_body(self, description: str) -> None:
         """Close a connection whose request body is late: a 408, unless its answer has begun."""
-        self.bodies.pop(self, None)
+        self._cut_body()
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()
         else:
             self._reject(408, description)
+
+    def _cut_body(self) -> None:
+        """The request's body will not all arrive: tell the app (`BODY_CUT`)."""
+        del self.bodies[self]
+        self.scope["extensions"][BODY_CUT] = True
 
     def close_head(self, description: str) -> None:
         """Close a connection whose head is late: a 408 if it sent part of one, else nothing."""
