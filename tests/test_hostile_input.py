@@ -304,8 +304,11 @@ def test_a_repeated_key_in_the_admin_hook_body_is_400(quiet):
     "target, body, shown",
     [
         ("web", b'{"imageTag": null}', "imageTag: Input should be a valid string (got null)"),
-        ("web", b"hello", "Invalid JSON: expected value at line 1 column 1 (got 'hello')"),
+        ("web", b"hello", "Invalid JSON: expected value at line 1 column 1: expected"),
         ("migrate", b'{"instanceEnvironmentVariables": {"A": "s3cr3t"}}', "a valid array:"),
+        ("migrate", b'{"instanceEnvironmentVariables": [["A", "s3cr3t"]]}', "[0]: Input should"),
+        ("migrate", b'{"instanceEnvironmentVariables": ["s3cr3t"]}', "[0]: Input should"),
+        ("migrate", b'{"instanceEnvironmentVariables":[{"name":"E","value":"s3cr3t"', "EOF while"),
     ],
 )
 def test_what_was_sent_is_shown_as_json_and_an_environment_never(quiet, target, body, shown):

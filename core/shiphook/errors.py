@@ -86,7 +86,7 @@ def describe_validation_error(
                 path += f".{part}" if path else part
         message = error["msg"].removeprefix("Value error, ")
         if (
-            error["type"] not in {"missing", "extra_forbidden"}
+            error["type"] not in {"missing", "extra_forbidden", "json_invalid"}  # json: the body
             and "input" in error
             and not _may_be_secret(error["loc"])
             and not (
@@ -159,8 +159,8 @@ def shown_key(key: int | str) -> str:
 
 
 def _may_be_secret(loc: tuple[int | str, ...]) -> bool:
-    """A job's environment (its values, or what was sent in its place) or a credential option
-    is never echoed back (nor logged)."""
-    key = str(loc[-1]).lower() if loc else ""
+    """Nothing inside a job's environment (its values, or what was sent in its place) nor a
+    credential option is echoed back (nor logged)."""
+    keys = [str(part).lower() for part in loc]
     words = ("token", "password", "secret", "key", "environment")
-    return key == "value" or any(word in key for word in words)
+    return "value" in keys or any(word in key for key in keys for word in words)
