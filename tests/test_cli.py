@@ -206,7 +206,7 @@ def test_an_unusable_database_is_one_line_naming_it_and_the_cause(tmp_path, kind
         assert result.returncode == 2, (command, result.stderr)
         assert result.stdout == ""
         [line] = result.stderr.splitlines()
-        assert line.startswith(f"shiphook: server.database_url: cannot use {shown}: "), line
+        assert line.startswith(f"shiphook: SHIPHOOK_DATABASE_URL: cannot use {shown}: "), line
         assert cause in line
         assert "db-secret" not in line
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 import scripted_backend
-from conftest import run_cli, scripted_config, write_config
+from conftest import free_port, plugin_env, run_cli, scripted_config, write_config
 from shiphook import Target
 from shiphook.errors import ConfigError
 from shiphook.instance import open_instance
@@ -182,6 +182,20 @@ def test_a_bad_database_url_from_the_environment_is_named_so_and_never_quoted(
             open_instance(write_config(tmp_path, ""))
         assert caught.value.message.startswith("SHIPHOOK_DATABASE_URL: not a database URL")
         assert "hunter2" not in caught.value.message
+    config = write_config(tmp_path, "")
+    for url, expected in [
+        ("http://u:hunter2@db/shiphook", "SHIPHOOK_DATABASE_URL: no driver for http: "),
+        (
+            f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db",
+            "SHIPHOOK_DATABASE_URL: cannot use postgresql+psycopg://u:***@127.0.0.1:",
+        ),
+    ]:
+        result = run_cli(
+            "hooks", "list", config=config, env=plugin_env(SHIPHOOK_DATABASE_URL=url), check=False
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"shiphook: {expected}"), result.stderr
+        assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_short_admin_token_is_refused_at_start(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from shiphook.errors import ConfigError
 from shiphook.fastpath import write_lock
@@ -84,9 +84,10 @@ def create_db_engine(
             if parsed.get_backend_name() == "postgresql"
             else {},
         )
-    except ImportError as exc:
+    except (ImportError, NoSuchModuleError) as exc:
         raise ConfigError(
-            f"{database_url_source()}: no driver for {parsed.drivername}: {exc}"
+            f"{database_url_source()}: no driver for {parsed.drivername}: {exc} (expected e.g. "
+            "sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
 
 
@@ -156,7 +157,7 @@ def describe_failure(engine: Engine, exc: BaseException) -> str:
 def unusable(engine: Engine, exc: BaseException) -> ConfigError:
     """The error for a database that cannot be opened or written at all (at start-up)."""
     cause = describe_failure(engine, exc)
-    return ConfigError(f"server.database_url: cannot use {safe_url(engine)}: {cause}")
+    return ConfigError(f"{database_url_source()}: cannot use {safe_url(engine)}: {cause}")
 
 
 class _DialectLines(logging.Filter):
