@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -196,6 +197,22 @@ def test_a_bad_database_url_from_the_environment_is_named_so_and_never_quoted(
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"shiphook: {expected}"), result.stderr
         assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_password_in_the_database_urls_query_is_never_shown(tmp_path):
+    url = "postgresql://u:one@127.0.0.1:1/db?sslmode=disable&password=two&sslpassword=three"
+    result = run_cli(
+        "check",
+        config=write_config(tmp_path, ""),
+        env=plugin_env(SHIPHOOK_DATABASE_URL=url),
+        check=False,
+    )
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("database ")]
+    assert line.startswith(
+        "database postgresql+psycopg://u:***@127.0.0.1:1/db?"
+        "password=***&sslmode=disable&sslpassword=***: UNREACHABLE: "
+    ), line
+    assert not {"one", "two", "three"} & set(re.split(r"\W+", result.stdout + result.stderr))
 
 
 def test_a_short_admin_token_is_refused_at_start(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import os
+import re
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -138,7 +139,10 @@ def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
 
 
 def safe_url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
+    """The database URL without its password, the `user:password@` one or a libpq parameter's
+    (`?password=`, `?sslpassword=`)."""
+    shown = engine.url.render_as_string(hide_password=True)
+    return re.sub(r"([?&][^=&]*password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
 def describe_failure(engine: Engine, exc: BaseException) -> str:
