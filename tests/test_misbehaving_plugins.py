@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import write_config
@@ -111,3 +112,32 @@ def test_a_plugin_returning_what_the_contract_does_not_allow_fails_that_deployme
     assert deployment["message"].endswith(": a bug in the plugin"), deployment
     again = {"imageTag": f"{body['imageTag']}-again"} if body else {}
     assert harness.wait_for(harness.deploy(token, again))["status"] == "failed"
+
+
+def test_a_slot_claimed_after_the_database_stalled_is_left_to_its_lease(
+    harness_factory, monkeypatch, caplog
+):
+    """A claim whose answer came after half the lease (a silent database) may see its lease
+    expire before the first renewal, and another process take the slot meanwhile: two would
+    work on one target. The claimant leaves it."""
+    harness = harness_factory(start=False)
+    instance = harness.instance
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    deployer = Deployer(
+        instance.storage,
+        instance.config.targets,
+        instance.backends,
+        settings=DeployerSettings(lease_seconds=10),
+        clock=lambda: now[0],
+        owner="stalled",
+    )
+    claim = instance.storage.claim_lease
+
+    def answered_late(**kwargs):
+        now[0] += timedelta(seconds=20)
+        return claim(**kwargs)
+
+    monkeypatch.setattr(instance.storage, "claim_lease", answered_late)
+    deployer._claim(instance.config.targets["web"], 0, now[0])  # not started: no worker pool
+    assert deployer._running == set()
+    assert "deployer: slot web/0 claimed 0:00:20 late, the database slow to answer" in caplog.text

@@ -255,17 +255,30 @@ class Deployer:
         """Take the slot's lease unless this process works on it already, and work on it;
         `takeover` names a holder that is gone."""
         key = (target.name, slot)
+        lease = timedelta(seconds=self.settings.lease_seconds)
         with self._running_lock:
             if key in self._running or len(self._running) >= self.settings.threads:
                 return  # hold no slot it cannot work on; other replicas may take it
+            until = self.clock() + lease  # not `now`: the scan may have waited on the database
             if not self.storage.claim_lease(
                 target=target.name,
                 slot=slot,
                 owner=self.owner,
                 now=now,
-                until=now + timedelta(seconds=self.settings.lease_seconds),
+                until=until,
                 takeover=takeover,
             ):
+                return
+            if self.clock() > until - lease / 2:
+                # the claim itself waited on the database: its lease may expire before the
+                # first renewal and another process take the slot, so leave it to expire
+                log.warning(
+                    "deployer: slot %s/%d claimed %s late, the database slow to answer; left "
+                    "to its lease's expiry (another process, or this one, takes it then)",
+                    target.name,
+                    slot,
+                    self.clock() - (until - lease),
+                )
                 return
             self._running.add(key)
         assert self._pool is not None
@@ -313,7 +326,12 @@ class Deployer:
                 target.name,
             )
         except LeaseLost:
-            pass
+            log.warning(
+                "deployer: slot %s/%d was taken over by another process (its lease expired "
+                "while the database did not answer); its work goes on there",
+                target.name,
+                slot,
+            )
         except DBAPIError as exc:
             log.error(
                 "deployer: slot %s/%d stopped: database unreachable: %s; its work resumes later",
