@@ -215,13 +215,14 @@ def test_a_password_in_the_database_urls_query_is_never_shown(tmp_path):
     assert not {"one", "two", "three"} & set(re.split(r"\W+", result.stdout + result.stderr))
 
 
-def test_a_short_admin_token_is_refused_at_start(tmp_path, monkeypatch):
-    monkeypatch.setenv("SHIPHOOK_ADMIN_TOKEN", "short")
+@pytest.mark.parametrize("token", ["short", " " * 16, "abcdefghijklmnop\n", "é" * 17])
+def test_an_admin_token_no_client_could_send_is_refused_at_start(tmp_path, monkeypatch, token):
+    monkeypatch.setenv("SHIPHOOK_ADMIN_TOKEN", token)
     with pytest.raises(ConfigError) as caught:
         open_instance(write_config(tmp_path, ""))
     assert caught.value.message == (
-        "SHIPHOOK_ADMIN_TOKEN: 5 characters; an admin token has at least 16 "
-        "(make one with `openssl rand -hex 32`)"
+        "SHIPHOOK_ADMIN_TOKEN: expected at least 16 printable ASCII characters and no spaces or "
+        "line breaks, which a client could not send (make one with `openssl rand -hex 32`)"
     )
 
 

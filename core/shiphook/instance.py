@@ -7,6 +7,7 @@ can build as many isolated instances as they like.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,10 +69,11 @@ def open_instance(
     file = config_path(path)
     parsed = read_config_file(file)
     token = os.environ.get(ADMIN_TOKEN_ENV) or ""
-    if 0 < len(token) < MIN_ADMIN_TOKEN:
+    if token and not re.fullmatch(rf"[!-~]{{{MIN_ADMIN_TOKEN},}}", token):
         raise ConfigError(
-            f"{ADMIN_TOKEN_ENV}: {len(token)} characters; an admin token has at least "
-            f"{MIN_ADMIN_TOKEN} (make one with `openssl rand -hex 32`)"
+            f"{ADMIN_TOKEN_ENV}: expected at least {MIN_ADMIN_TOKEN} printable ASCII characters "
+            "and no spaces or line breaks, which a client could not send (make one with "
+            "`openssl rand -hex 32`)"
         )
     pm = make_plugin_manager(disabled=parsed.server.disabled_plugins, modules=plugin_modules)
     for plugin in plugin_objects:
