@@ -434,12 +434,31 @@ def test_the_deployer_ignores_sigterm_and_a_dead_deployer_is_replaced(tmp_path, 
     eventually(lambda: not Path(f"/proc/{replacement}").exists(), "the deployer gone")
 
 
-def test_a_deployer_whose_serve_was_killed_stops(tmp_path, serve):
-    server = serve(fleet_config(tmp_path, apps=1, jobs=0))
-    deployer = deployer_process(server)
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_processes_of_a_serve_that_was_killed_stop(tmp_path, serve, workers):
+    """Its deployer, and its HTTP workers when there are several: none takes hooks that no
+    deployer runs, nor holds the port a new serve needs."""
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0, server=f"workers = {workers}"))
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    eventually(lambda: len(children.read_text().split()) > workers, "serve's processes")
+    spawned = [
+        int(pid)
+        for pid in children.read_text().split()
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(spawned) == workers + (workers > 1), spawned  # the deployer, and the workers
     os.kill(server.process.pid, signal.SIGKILL)  # serve alone, not its process group
     server.process.wait()
-    eventually(lambda: not Path(f"/proc/{deployer}").exists(), "the deployer gone", timeout=30)
+    for pid in spawned:
+        eventually(lambda pid=pid: not alive(pid), f"process {pid} gone", timeout=30)
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------

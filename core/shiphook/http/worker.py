@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import falcon.asgi
@@ -79,5 +82,21 @@ def worker_app() -> falcon.asgi.App:
     )
     notify = DeployerNotifier(os.environ[DEPLOYER_SOCKET])
     app = app_for(instance, notify)
+    _stop_with_serve()
     gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
     return app
+
+
+def _stop_with_serve() -> None:
+    """One HTTP worker of several is a process of its own, which `serve` stops; if `serve` is
+    gone without doing so (SIGKILL, the OOM killer), the worker stops itself, as on SIGTERM,
+    rather than take hooks for a deployer that is gone too."""
+    serve = multiprocessing.parent_process()
+    if serve is None:  # one worker: serve itself
+        return
+
+    def watch() -> None:
+        serve.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="serve-watch", daemon=True).start()
