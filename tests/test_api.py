@@ -454,6 +454,7 @@ def test_an_unknown_path_or_method_is_answered_with_what_is_wrong(quiet):
         result = quiet.client.simulate_request(method, path, headers=ADMIN)
         assert result.status_code == 404
         assert result.json["description"].startswith(f"no endpoint {path}: "), result.json
+        assert ("whole number" in result.json["description"]) == ("/hooks/" in path)
     escaped = quiet.client.simulate_get("/a%0Ab")
     assert escaped.json["description"].startswith("no endpoint /a\\nb: "), escaped.json
     for method in ("GET", "PUT"):
@@ -549,8 +550,8 @@ def test_the_access_log_says_what_each_hook_and_admin_request_was_answered(
     token = quiet.new_hook("web")
     accepted = quiet.deploy(token, {"imageTag": "1.0"})
     quiet.post_hook(token, {"imageTag": "1.0"}, params={"wait": "soon"})
-    quiet.client.simulate_get("/api/v1/dh")  # no hook request: 405
-    quiet.client.simulate_get("/healthz")  # nor an admin one
+    quiet.client.simulate_get("/api/v1/dh")  # no hook request, but a refusal: 405
+    quiet.client.simulate_get("/healthz")  # neither
     quiet.client.simulate_get("/api/v1/targets", headers=ADMIN)
     created = quiet.client.simulate_post(
         "/api/v1/targets/web/hooks", json={"name": "ci"}, headers=ADMIN
@@ -570,6 +571,7 @@ def test_the_access_log_says_what_each_hook_and_admin_request_was_answered(
         f"POST /api/v1/dh 201 deployment {accepted} queued",
         "POST /api/v1/dh 400 wait: expected a number of seconds, 0 or more (it waits 900 at the "
         "most), got 'soon'",
+        "GET /api/v1/dh 405 GET is not allowed here; this path takes POST, OPTIONS",
         "GET /api/v1/targets 200 ",
         f"POST /api/v1/targets/web/hooks 201 hook {hook} (ci) of target web",
         f"DELETE /api/v1/hooks/{hook} 401 the admin token is not valid",

@@ -396,17 +396,19 @@ def _bad_parameter(expected: dict[str, str]):
 
 
 async def _no_route(req: Request, resp: Response, error: falcon.HTTPError, params: dict) -> None:
+    req.context.logged_since = time.perf_counter()  # a refusal, as an admin call's is
     resp.status = falcon.HTTP_404
+    hint = " (a hook's id is a whole number)" if req.path.startswith("/api/v1/hooks/") else ""
     resp.media = _error_body(
         falcon.HTTP_404,
-        f"no endpoint {_one_short_line(req.path, 100)}: the API's paths are in the README "
-        "(a hook's id is a whole number)",
+        f"no endpoint {_one_short_line(req.path, 100)}: the API's paths are in the README{hint}",
     )
 
 
 async def _method_not_allowed(
     req: Request, resp: Response, error: falcon.HTTPMethodNotAllowed, params: dict
 ) -> None:
+    req.context.logged_since = time.perf_counter()
     allowed = (error.headers or {}).get("Allow", "")
     resp.status = falcon.HTTP_405
     resp.set_header("Allow", allowed)
