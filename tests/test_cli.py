@@ -49,6 +49,12 @@ def test_hooks_create_json_carries_the_token_and_curl(cli):
     assert "instanceEnvironmentVariables" in data["curl"]
 
 
+def test_the_curl_line_brackets_an_ipv6_host(tmp_path, monkeypatch):
+    config = scripted_config(tmp_path, server='host = "::1"')
+    result = run_cli("hooks", "create", "web", "--name", "a", "--json", config=config)
+    assert "'http://[::1]:8080/api/v1/dh'" in json.loads(result.stdout)["curl"]
+
+
 def test_hooks_list_filters_by_target_and_never_shows_tokens(cli):
     cli("hooks", "create", "web", "--name", "a")
     cli("hooks", "create", "api", "--name", "b")

@@ -154,10 +154,18 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             "server.max_header_bytes: Input should be greater than or equal to 1024",
         ),
         ("[server]\nmax_headers = 5000\n", "server.max_headers: Input should be less than"),
-        (
-            '[server]\npublic_url = "deploy.example.com/"\n',
-            "server.public_url: expected the base URL CI jobs reach shiphook at, like https://",
-        ),
+        *[
+            (
+                f"[server]\npublic_url = {url!r}\n",
+                "server.public_url: expected the base URL CI jobs reach shiphook at, like https://",
+            )
+            for url in (
+                "deploy.example.com/",
+                "https://x.com?a=1",
+                "https://x.com#f",
+                'https://x.com/a"b',
+            )
+        ],
         ("[server]\nheader_timeout = 0\n", "server.header_timeout: Input should be greater than 0"),
         ("[server]\nmax_connections = 0\n", "server.max_connections: Input should be greater"),
         (

@@ -230,7 +230,8 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
     created = migrated(instance).hooks.create(target=target, name=name)
     data = created.to_json()
     server = instance.config.server
-    url = (server.public_url or f"http://{server.host}:{server.port}").rstrip("/")
+    host = f"[{server.host}]" if ":" in server.host else server.host  # an IPv6 address
+    url = (server.public_url or f"http://{host}:{server.port}").rstrip("/")
     body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
     curl = (
         f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' "

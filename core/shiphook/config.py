@@ -69,7 +69,8 @@ class ServerSettings(BaseModel):
     @field_validator("public_url")
     @classmethod
     def _an_http_url(cls, url: str | None) -> str | None:
-        if url is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        # no query, fragment or quote: the printed curl line appends the path and quotes it
+        if url is not None and not re.fullmatch(r"(?i:https?)://[^/\s?#'\"]+(/[^\s?#'\"]*)?", url):
             raise ValueError(
                 "expected the base URL CI jobs reach shiphook at, like https://deploy.example.com"
             )
