@@ -11,6 +11,8 @@ from datetime import timedelta
 import pytest
 from conftest import ADMIN_TOKEN, replaced_by, run_cli, scripted_config
 from shiphook.deployer.deployer import lease_owner, owner_is_gone
+from shiphook.errors import DatabaseUnavailable
+from shiphook.services import Deployments
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -51,6 +53,25 @@ def test_wait_answers_504_at_the_deadline_and_the_deployment_goes_on(harness):
     deployment_id = result.json["deployment"]["id"]
     assert result.headers["location"] == f"/api/v1/deployments/{deployment_id}"
     assert harness.wait_for(deployment_id)["status"] == "rolled_back"  # after its 5 s timeout
+
+
+def test_wait_answers_504_with_the_deployment_when_its_state_cannot_be_read(harness, monkeypatch):
+    """Committed, then the database went silent: the caller learns it was accepted (a retry
+    without an Idempotency-Key would deploy twice), not a bare 503."""
+
+    def silent(*args, **kwargs):
+        raise DatabaseUnavailable("TimeoutError")
+
+    monkeypatch.setattr(Deployments, "get", silent)
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "hang-1"}, 0.3)
+    assert result.status_code == 504, result.text
+    deployment_id = result.json["deployment"]["id"]
+    assert result.headers["location"] == f"/api/v1/deployments/{deployment_id}"
+    assert result.json["description"] == (
+        f"deployment {deployment_id} was accepted, but its state cannot be read now (the "
+        "database is unavailable (TimeoutError); try again later): "
+        f"GET /api/v1/deployments/{deployment_id}"
+    )
 
 
 def test_wait_answers_409_naming_the_deployment_that_superseded_it(harness):

@@ -201,7 +201,18 @@ class DeployHookResource:
             return
         shutdown = req.scope.get("extensions", {}).get(SHUTDOWN)
         await self.waiters.wait(deployment["id"], wait, until=shutdown)
-        current = await self.deployments.storage.call(self.deployments.get, deployment["id"])
+        try:
+            current = await self.deployments.storage.call(self.deployments.get, deployment["id"])
+        except DatabaseUnavailable as exc:  # it is committed: say so, as at any deadline
+            resp.status = falcon.HTTP_504
+            resp.set_header("Retry-After", RETRY_AFTER)
+            resp.media = _error_body(
+                falcon.HTTP_504,
+                f"deployment {deployment['id']} was accepted, but its state cannot be read now "
+                f"({exc.message}): GET /api/v1/deployments/{deployment['id']}",
+                deployment=deployment,
+            )
+            return
         waited = wait_outcome(
             current, waited=wait, shutting_down=shutdown is not None and shutdown.done()
         )
