@@ -293,7 +293,7 @@ def test_admin_endpoints_are_off_without_an_admin_token(harness_factory, monkeyp
 
 
 # what a request without the admin token may call; every other route and method needs it
-PUBLIC = {("GET", "/healthz"), ("POST", "/api/v1/dh")}
+PUBLIC = {("GET", "/healthz"), ("HEAD", "/healthz"), ("POST", "/api/v1/dh")}
 UNKNOWN_DEPLOYMENT = "01a227f9-c3cc-7bc7-b32b-faf0907280e9"
 
 
@@ -583,6 +583,7 @@ def test_the_access_log_says_what_each_hook_and_admin_request_was_answered(
 
 def test_healthz(quiet):
     assert quiet.client.simulate_get("/healthz").json == {"status": "ok"}
+    assert quiet.client.simulate_head("/healthz").status_code == 200
 
 
 def test_an_unexpected_error_is_500_with_a_request_id_in_body_and_log(quiet, caplog, monkeypatch):

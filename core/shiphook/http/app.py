@@ -364,6 +364,8 @@ class HealthResource:
     async def on_get(self, req: Request, resp: Response) -> None:
         resp.media = {"status": "ok"}
 
+    on_head = on_get  # some load balancers' health checks
+
 
 def _error_body(status: str, description: str, **more: Any) -> dict[str, Any]:
     """Every error's JSON: `{"title": "400 Bad Request", "description": ...}`, then `more`."""
