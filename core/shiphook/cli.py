@@ -12,6 +12,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from shiphook.backends import BackendError
+from shiphook.config import host_port
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
 from shiphook.http.app import TOKEN_HEADER
@@ -230,8 +231,7 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
     created = migrated(instance).hooks.create(target=target, name=name)
     data = created.to_json()
     server = instance.config.server
-    host = f"[{server.host}]" if ":" in server.host else server.host  # an IPv6 address
-    url = (server.public_url or f"http://{host}:{server.port}").rstrip("/")
+    url = (server.public_url or f"http://{host_port(server.host, server.port)}").rstrip("/")
     body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
     curl = (
         f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' "

@@ -65,6 +65,8 @@ class DatabaseUnavailable(ShiphookError):
 
 
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
+URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]*@")  # `user:` then the password to mask
 
 
 def describe_validation_error(
@@ -142,12 +144,6 @@ def _shown_input(value: object) -> str:
         except (TypeError, ValueError):
             shown = repr(value)
     return URL_PASSWORD.sub(r"\1***@", shown)
-
-
-URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]*@")
-
-
-PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 
 
 def shown_key(key: int | str) -> str:

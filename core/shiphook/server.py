@@ -11,6 +11,7 @@ import falcon.asgi
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from shiphook.config import host_port
 from shiphook.deployer.deployer import Deployer
 from shiphook.deployer.process import DeployerSupervisor
 from shiphook.errors import ConfigError
@@ -48,7 +49,7 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     os.environ[DEPLOYER_SOCKET] = address
     log.info(
         "shiphook serving on http://%s (config %s, %s, %s, admin API %s)",
-        _host_port((host or settings.host, listeners[0].getsockname()[1])),
+        host_port(host or settings.host, listeners[0].getsockname()[1]),
         config_path,
         _count(len(instance.config.targets), "target"),
         _count(settings.workers, "HTTP worker"),
@@ -104,15 +105,10 @@ def listen(host: str, port: int) -> list[socket.socket]:
         for listener in listeners:
             listener.close()
         raise ConfigError(
-            f"cannot listen on {_host_port((host, port))} ([server] host and port, or "
+            f"cannot listen on {host_port(host, port)} ([server] host and port, or "
             f"--host and --port): {exc.strerror or exc}"
         ) from None
     return listeners
-
-
-def _host_port(address: tuple) -> str:
-    host, port = address[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _exit(signum: int, frame: object) -> None:

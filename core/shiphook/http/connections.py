@@ -6,9 +6,9 @@ header count, closes a client that does not send its head within `header_timeout
 body within `body_timeout`, and answers each of these in JSON, like the app's own errors. At
 `max_connections`, the connection that has waited longest for its request head makes room for a
 new one, so that slow clients cannot lock others out; the log says when the limit is reached and
-when it is left. When the server begins to shut
-down, every request learns it through its scope (`SHUTDOWN`), so that the app can answer at once
-what it would otherwise hold for long (`?wait`).
+when it is left. When the server begins to shut down, every request learns it through its scope
+(`SHUTDOWN`), so that the app can answer at once what it would otherwise hold for long (`?wait`);
+a request whose body the connection cut short learns that too (`BODY_CUT`).
 """
 
 from __future__ import annotations
