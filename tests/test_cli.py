@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -250,3 +251,25 @@ def test_check_reports_the_schema_version(tmp_path):
     run_cli("db", "upgrade", config=config)
     after = run_cli("check", config=config, check=False).stdout
     assert f"{database}: schema 0002, the latest" in after
+
+
+def test_the_sqlite_database_is_readable_by_its_owner_only(tmp_path):
+    """It holds the hooks' token digests and the job runs' environments: whatever the umask,
+    its files are 0600, and an older database's are narrowed at the next start."""
+    config = scripted_config(tmp_path)
+    umask = os.umask(0o022)
+    try:
+        run_cli("hooks", "create", "web", "--name", "ci", config=config)
+        database = tmp_path / "shiphook.db"
+        assert oct(database.stat().st_mode & 0o777) == "0o600"
+        database.chmod(0o644)  # as a shiphook before this one made it
+        run_cli("hooks", "list", "web", config=config)
+        assert oct(database.stat().st_mode & 0o777) == "0o600"
+        with contextlib.closing(sqlite3.connect(database)) as open_meanwhile:
+            open_meanwhile.execute("UPDATE hook SET name = 'ci'")  # as a server would write
+            open_meanwhile.commit()
+            sidecars = list(tmp_path.glob("shiphook.db-*"))
+            assert {f.name for f in sidecars} == {"shiphook.db-wal", "shiphook.db-shm"}
+            assert {oct(f.stat().st_mode & 0o777) for f in sidecars} == {"0o600"}
+    finally:
+        os.umask(umask)

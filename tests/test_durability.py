@@ -748,6 +748,62 @@ def test_a_silent_database_gets_hooks_a_503_and_healthz_still_answers(
     assert {"1.0", "3.0"} <= tags
 
 
+def test_a_stop_does_not_wait_for_a_call_the_silent_database_never_answers(
+    tmp_path, postgres_proxy, serve
+):
+    """Something between still acknowledges every packet but forwards none: no TCP timeout
+    fires and the server's `statement_timeout` never arrives, yet SIGTERM stops `serve`
+    without waiting for the database to come back (the calls left waiting in database
+    threads end at their deadline)."""
+    proxy, database_url = postgres_proxy
+    server = serve(outage_config(tmp_path, database_url))
+    token = create_hook(server, "app0")
+    assert post_hook(server, token, {"imageTag": "1.0"})[0] == 201
+    eventually(lambda: "rolling out" in server.log(), "the deployer at work", timeout=30)
+
+    proxy.pause()
+    assert post_hook(server, token, {"imageTag": "2.0"})[0] == 503
+    # a call in a database thread: the caller has its 503, the thread waits on
+    assert server.request("GET", "/api/v1/deployments", headers=ADMIN)[0] == 503
+    both = "both processes met the silence"  # the HTTP worker, the deployer
+    eventually(lambda: server.log().count("database unreachable") == 2, both, timeout=30)
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(30)  # raises TimeoutExpired while a call waits for the database
+    assert server.process.returncode == 0, server.log()
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "event loop"])
+def test_a_call_the_silent_database_never_answers_ends_at_its_deadline(postgres_proxy, on_loop):
+    """The same silence, one call: it fails at `database_timeout` plus a margin, saying so,
+    and the connection is given up (the pool, or the accept path, opens a new one)."""
+    proxy, database_url = postgres_proxy
+    engine = create_db_engine(database_url, timeout=1)
+    try:
+        if on_loop:
+
+            async def call() -> None:
+                connection = await connect_on_loop(engine, 1)()
+                await connection.execute("SELECT 1")
+                proxy.pause()
+                try:
+                    await connection.execute("SELECT 1")
+                finally:
+                    assert connection.closed
+                    await connection.close()
+
+            ended = ThreadPoolExecutor(1).submit(asyncio.run, call())
+        else:
+            connection = engine.connect()
+            connection.exec_driver_sql("SELECT 1")
+            proxy.pause()
+            ended = ThreadPoolExecutor(1).submit(connection.exec_driver_sql, "SELECT 1")
+        with pytest.raises(Exception, match=r"no answer from the database within 2 s"):
+            ended.result(timeout=30)  # TimeoutError here: the call still waits
+    finally:
+        proxy.resume()
+        engine.dispose()
+
+
 def test_a_refusing_database_gets_hooks_a_503_and_logs_each_change_once(
     tmp_path, postgres_proxy, serve
 ):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import math
 import os
 import re
+import socket
+import threading
+import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,10 @@ def create_db_engine(
             f"{database_url_source()}: not a database URL "
             "(expected e.g. sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
+    if "@" in (parsed.host or ""):  # SQLAlchemy splits at the first @; not quoted either
+        raise ConfigError(
+            f"{database_url_source()}: the URL's user or password holds an @: write it as %40"
+        )
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):
@@ -74,7 +82,7 @@ def create_db_engine(
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, synchronous))
         return engine
     try:
-        return create_engine(
+        engine = create_engine(
             url,
             pool_pre_ping=True,
             pool_size=10,
@@ -90,6 +98,9 @@ def create_db_engine(
             f"{database_url_source()}: no driver for {parsed.drivername}: {exc} (expected e.g. "
             "sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
+    if engine.dialect.driver == "psycopg":
+        event.listen(engine, "do_connect", functools.partial(_connect_bounded, timeout))
+    return engine
 
 
 def database_url_source() -> str:
@@ -103,13 +114,17 @@ def connect_on_loop(engine: Engine, timeout: float) -> Callable[[], Awaitable[An
     `AsyncConnection` on PostgreSQL, None on other databases and drivers."""
     if engine.dialect.driver != "psycopg":
         return None
-    import psycopg  # here, as SQLAlchemy does: importing it costs every other database 0.1 s
-
     _, given = engine.dialect.create_connect_args(engine.url)
     # without SQLAlchemy's adapters ("context"): the accept path passes plain text
     params = {k: v for k, v in given.items() if k != "context"}
     params |= _libpq_timeouts(engine.url.query, timeout)
-    return functools.partial(psycopg.AsyncConnection.connect, autocommit=True, **params)
+
+    async def connect() -> Any:
+        connection = await _bounded_classes()[1].connect(autocommit=True, **params)
+        connection.deadline = timeout + ANSWER_MARGIN
+        return connection
+
+    return connect
 
 
 def _libpq_timeouts(query: Mapping[str, Any], timeout: float) -> dict[str, Any]:
@@ -129,13 +144,143 @@ def _libpq_timeouts(query: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if k not in query} | {"options": options.strip()}
 
 
+# -- calls that get no answer ------------------------------------------------------------------
+
+ANSWER_MARGIN = 1.0  # seconds past `database_timeout`: the server's statement_timeout comes first
+
+
+class _Watchdog:
+    """Ends the PostgreSQL calls of this process that have waited past their deadline, by
+    shutting their connection's socket down from a thread of its own: the call then fails at
+    once, and the pool replaces the connection. libpq's timeouts end a call when the network
+    loses the server, but not when something between still acknowledges every packet and
+    forwards none (a proxy that stopped relaying): without this, such a call waits until the
+    database answers, and so does the deployer, and a stop of `serve`."""
+
+    def __init__(self) -> None:
+        self._calls: dict[object, tuple[float, int]] = {}  # a call: (expiry, its socket)
+        self._ended: set[object] = set()
+        self._wake = threading.Condition()
+        self._next_check: float | None = None  # None: the thread waits for a call
+        self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self.__init__)
+
+    @contextlib.contextmanager
+    def watching(self, fd: int, seconds: float) -> Iterator[Callable[[], bool]]:
+        """Around one call on socket `fd`; yields whether the deadline ended it. Costs a lock
+        and two dict operations: the thread is woken only when it was idle."""
+        call, expiry = object(), time.monotonic() + seconds
+        with self._wake:
+            self._calls[call] = (expiry, fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="db-deadlines", daemon=True)
+                self._thread.start()
+            if self._next_check is None or expiry < self._next_check:
+                self._wake.notify()
+        try:
+            yield lambda: call in self._ended
+        finally:
+            with self._wake:  # under the lock: the socket is never shut down once it is left
+                del self._calls[call]
+                self._ended.discard(call)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                for call, (expiry, fd) in self._calls.items():
+                    if expiry <= now and call not in self._ended:
+                        self._ended.add(call)
+                        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as s:
+                            s.shutdown(socket.SHUT_RDWR)
+                waiting = [e for call, (e, _) in self._calls.items() if call not in self._ended]
+                self._next_check = min(waiting, default=None)
+                self._wake.wait(None if self._next_check is None else self._next_check - now)
+
+
+_watchdog = _Watchdog()
+
+
+@functools.cache
+def _bounded_classes() -> tuple[type, type]:
+    """psycopg's connection classes whose every call has a `deadline` (seconds, None for
+    none), enforced by `_watchdog`; made on first use."""
+    import psycopg  # here, as SQLAlchemy does: importing it costs every other database 0.1 s
+
+    def no_answer(seconds: float) -> psycopg.OperationalError:
+        return psycopg.OperationalError(f"no answer from the database within {seconds:g} s")
+
+    class Bounded(psycopg.Connection):
+        deadline: float | None = None
+
+        def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.deadline is None:
+                return super().wait(gen, *args, **kwargs)
+            with _watchdog.watching(self.pgconn.socket, self.deadline) as ended:
+                try:
+                    return super().wait(gen, *args, **kwargs)
+                except psycopg.OperationalError:
+                    if ended():
+                        raise no_answer(self.deadline) from None
+                    raise
+
+    class AsyncBounded(psycopg.AsyncConnection):
+        deadline: float | None = None
+
+        async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.deadline is None:
+                return await super().wait(gen, *args, **kwargs)
+            with _watchdog.watching(self.pgconn.socket, self.deadline) as ended:
+                try:
+                    return await super().wait(gen, *args, **kwargs)
+                except psycopg.OperationalError:
+                    if ended():
+                        raise no_answer(self.deadline) from None
+                    raise
+
+    return Bounded, AsyncBounded
+
+
+def _connect_bounded(timeout: float, _dialect, _record, cargs, cparams) -> Any:
+    connection = _bounded_classes()[0].connect(*cargs, **cparams)
+    connection.deadline = timeout + ANSWER_MARGIN
+    return connection
+
+
+@contextlib.contextmanager
+def unbounded(connection: Any) -> Iterator[None]:
+    """No deadline for the calls of this SQLAlchemy connection meanwhile (a migration)."""
+    dbapi = connection.connection.dbapi_connection
+    saved = getattr(dbapi, "deadline", None)
+    if saved is not None:
+        dbapi.deadline = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            dbapi.deadline = saved
+
+
 def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
+    _private(dbapi_connection)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
     # shiphook's writers queue on `fastpath.write_lock`; this waits for a writer outside it
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _private(dbapi_connection) -> None:
+    """The database file readable by its owner only (it holds the hooks' token digests and the
+    job runs' environments); SQLite gives its -wal and -shm files the database file's mode, and
+    an older database's are narrowed too."""
+    database = dbapi_connection.execute("PRAGMA database_list").fetchone()[2]
+    for path in (database, database + "-wal", database + "-shm"):
+        with contextlib.suppress(OSError):  # not there (yet), or not ours to change
+            mode = os.stat(path).st_mode
+            if mode & 0o077:
+                os.chmod(path, mode & 0o700)
 
 
 def safe_url(engine: Engine) -> str:
@@ -190,11 +335,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             if engine.dialect.name == "postgresql":
                 # a migration may take longer than a request; replicas migrate one at a time
                 connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
-                connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
-                )
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            with unbounded(connection):
+                if engine.dialect.name == "postgresql":
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                    )
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
     except (SQLAlchemyError, OSError) as exc:
         raise unusable(engine, exc) from None
 
