@@ -461,6 +461,20 @@ def test_the_processes_of_a_serve_that_was_killed_stop(tmp_path, serve, workers)
         eventually(lambda pid=pid: not alive(pid), f"process {pid} gone", timeout=30)
 
 
+def test_what_a_plugin_starts_can_be_stopped_with_sigterm(tmp_path, serve):
+    """The deployer process keeps SIGTERM and SIGINT from stopping it (serve stops it when
+    done) with handlers, not by ignoring them: an ignored signal stays ignored in every
+    process a plugin starts (kubectl, a helper daemon), which SIGTERM then cannot stop."""
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0))
+    eventually(lambda: "backend ready" in server.log(), "the deployer process started")
+    status = Path(f"/proc/{deployer_process(server)}/status").read_text()
+    masks = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Sig"))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        bit = 1 << (signum - 1)
+        assert not int(masks["SigIgn"], 16) & bit, (signum.name, masks)
+        assert int(masks["SigCgt"], 16) & bit, (signum.name, masks)
+
+
 # -- several replicas on PostgreSQL ------------------------------------------------------------
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
+from shiphook.deployer.process import _relay
 from shiphook.http.notifier import NOTIFY_INTERVAL, DeployerNotifier
+from shiphook.testing import eventually
 from shiphook.wakeup import deployer_address, release_deployer_address, sockaddr
 
 
@@ -98,3 +103,37 @@ def test_a_deployer_process_that_is_not_listening_gets_the_next_message_once_it_
             inbox.close()
 
     asyncio.run(restart())
+
+
+def test_the_deployer_takes_wake_ups_from_its_own_user_only_and_survives_garbage(address):
+    """An abstract socket has no permissions: any local user may send to it. What another user
+    sends is dropped, and bytes that are no target's name neither wake nor stop the relay."""
+    woken: list[str] = []
+    inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox.bind(sockaddr(address))
+    relay = threading.Thread(
+        target=_relay, args=(inbox, SimpleNamespace(notify=woken.append)), daemon=True
+    )
+    relay.start()
+
+    def send(message: bytes, uid: int | None = None) -> None:
+        child = os.fork()
+        if child == 0:  # a process of another user, as root can make one
+            try:
+                if uid is not None:
+                    os.setuid(uid)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
+                    out.sendto(message, sockaddr(address))
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+
+    if os.getuid() == 0:
+        send(b"other", uid=65534)
+    send(b"\xff\xfe")
+    send(b"web")
+    eventually(lambda: woken, "a wake-up")
+    assert woken == ["web"]
+    assert relay.is_alive()
+    inbox.shutdown(socket.SHUT_RDWR)
+    inbox.close()

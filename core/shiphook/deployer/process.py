@@ -10,10 +10,13 @@ database, so a lost message only delays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import struct
 import threading
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
@@ -118,8 +121,10 @@ class DeployerSupervisor:
 
 def run_deployer(config_path: str, address: str, log_level: str, stop: Connection) -> None:
     """The deployer process: run until `serve` closes the other end of `stop` (or is gone)."""
-    for signum in STOP_SIGNALS:  # sent to the whole service; serve stops us once it is done
-        signal.signal(signum, signal.SIG_IGN)
+    # sent to the whole service; serve stops us once it is done. A handler that does nothing,
+    # not SIG_IGN: an ignored signal stays ignored in every process a plugin starts
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _ignore)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -145,13 +150,35 @@ def run_deployer(config_path: str, address: str, log_level: str, stop: Connectio
     instance.close()
 
 
+def _ignore(_signum: int, _frame: object) -> None:
+    pass
+
+
 def _relay(inbox: socket.socket, deployer: Deployer) -> None:
+    """Wake the deployer for each target named on `inbox` by a process of this user; anything
+    else is dropped (any local user may write to an abstract socket, which has no permissions)."""
+    credentials = hasattr(socket, "SO_PASSCRED")  # Linux; elsewhere the socket's directory is 0700
+    if credentials:
+        inbox.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     while True:
         try:
-            message = inbox.recv(256)
+            message, ancillary, _, _ = inbox.recvmsg(256, socket.CMSG_SPACE(UCRED.size))
         except OSError:
             return
-        deployer.notify(message.decode())
+        if credentials and _sender_uid(ancillary) != os.getuid():
+            continue
+        with contextlib.suppress(UnicodeDecodeError):
+            deployer.notify(message.decode())
+
+
+UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            return UCRED.unpack(data[: UCRED.size])[1]
+    return None
 
 
 def _checkpoints(instance: Instance, stop: threading.Event) -> None:
