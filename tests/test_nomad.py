@@ -576,6 +576,9 @@ def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatc
         NomadOptions(token="a", token_file=token_file)
     with pytest.raises(ValueError, match="expected http://host:port or https://host:port"):
         NomadOptions(address="nomad:4646")
+    for address in ("https://s3cret@nomad:4646", "https://u:s3cret@nomad:4646"):
+        with pytest.raises(ValueError, match="holds no credentials"):
+            NomadOptions(address=address)
 
 
 def test_the_example_config_loads(tmp_path, monkeypatch):

@@ -605,6 +605,7 @@ def test_a_job_update_refused_by_the_engine_fails_permanently_with_its_message(e
     [
         ('hots = "unix:///x.sock"', "", "backends.swarm.hots: unknown key"),
         ('host = "http://x"', "", "backends.swarm.host: expected unix:///path/to/docker.sock"),
+        ('host = "tcp://s3cret@d:2376"', "", "backends.swarm.host: a host holds no credentials"),
         ("tls = true", "", "backends.swarm: TLS options apply to tcp:// hosts only"),
         ('host = "tcp://d:2376"\ntls_client_cert = "{cert}"', "", "set both or neither"),
         ('host = "tcp://d:2376"\ntls_ca_cert = "/nope.pem"', "", "backends.swarm.tls_ca_cert"),
@@ -627,6 +628,7 @@ def test_swarm_options_are_validated_when_the_config_loads(
     with pytest.raises(ConfigError) as caught:
         open_instance(write_config(tmp_path, text), plugin_modules=[])
     assert expected in caught.value.message
+    assert "s3cret" not in caught.value.message
 
 
 def test_a_swarm_job_target_cannot_ask_for_concurrent_runs(tmp_path):

@@ -66,7 +66,7 @@ class DatabaseUnavailable(ShiphookError):
 
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
-URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]*@")  # `user:` then the password to mask
+URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)[^/@\s]*@")  # a password, or a lone token
 
 
 def describe_validation_error(
@@ -133,7 +133,7 @@ def _is_model(annotation: Any) -> bool:
 
 def _shown_input(value: object) -> str:
     """A value that was given, as its JSON or TOML reads: text quoted and escaped, the rest as
-    JSON (`null`, not Python's `None`); the password of a URL in it masked."""
+    JSON (`null`, not Python's `None`); the credentials of a URL in it masked."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
@@ -143,7 +143,7 @@ def _shown_input(value: object) -> str:
             shown = json.dumps(value, ensure_ascii=False)
         except (TypeError, ValueError):
             shown = repr(value)
-    return URL_PASSWORD.sub(r"\1***@", shown)
+    return URL_CREDENTIALS.sub(r"\1***@", shown)
 
 
 def shown_key(key: int | str) -> str:

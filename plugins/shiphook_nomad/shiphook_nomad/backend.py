@@ -107,6 +107,8 @@ class NomadOptions(ConnectionOptions):
     @field_validator("address")
     @classmethod
     def _is_an_address(cls, value: str) -> str:
+        if re.match(r"https?://[^/]*@", value):
+            raise ValueError("an address holds no credentials: give the ACL token as token")
         if not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d+)?/?", value):
             raise ValueError("expected http://host:port or https://host:port")
         return value.rstrip("/")

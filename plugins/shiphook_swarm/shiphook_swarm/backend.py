@@ -96,6 +96,8 @@ class SwarmOptions(ConnectionOptions):
     @field_validator("host")
     @classmethod
     def _is_a_docker_host(cls, value: str) -> str:
+        if re.match(r"tcp://[^/]*@", value):
+            raise ValueError("a host holds no credentials: the Docker API takes TLS client keys")
         if not re.fullmatch(r"unix:///\S+|tcp://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+):\d+/?", value):
             raise ValueError("expected unix:///path/to/docker.sock or tcp://host:port")
         return value
