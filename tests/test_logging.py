@@ -46,6 +46,17 @@ def test_each_hook_request_is_one_access_log_line_and_never_shows_the_token(
         assert secret not in caplog.text
 
 
+def test_a_token_sent_in_the_path_is_masked_in_the_answer_and_the_log(harness, caplog, log_lines):
+    token = harness.new_hook("web")
+    for path in (f"/api/v1/dh/{token}", f"/api/v1/deployments/{token[:20]}/rollback"):
+        answer = harness.client.simulate_get(path)
+        assert answer.status_code in (404, 405), answer.text
+        assert token[4:12] not in answer.text
+    lines = log_lines("shiphook.access")
+    assert lines[0].startswith("GET /api/v1/dh/shk_*** 404 no endpoint /api/v1/dh/shk_***: "), lines
+    assert token[4:12] not in caplog.text
+
+
 def test_failed_and_rolled_back_deployments_are_warnings(harness, log_lines):
     rolled_back = harness.deploy(harness.new_hook("web"), {"imageTag": "bad-1"})
     failed = harness.deploy(harness.new_hook("api"), {"imageTag": "bad-2"})

@@ -18,6 +18,13 @@ _BODY_LEN = 43  # ceil(256 / log2(62))
 _CHECK_LEN = 6  # ceil(32 / log2(62))
 TOKEN_PATTERN = rf"{PREFIX}[0-9A-Za-z]{{{_BODY_LEN + _CHECK_LEN}}}"
 _SHAPE = re.compile(TOKEN_PATTERN, re.ASCII)
+_LOOKALIKE = re.compile(rf"{PREFIX}[0-9A-Za-z]{{8,}}", re.ASCII)  # a token, or most of one
+
+
+def redacted(text: str) -> str:
+    """`text` with every token in it (whole or in part) masked: for what shiphook shows of a
+    request, where a client may have put its token by mistake (the path)."""
+    return _LOOKALIKE.sub(f"{PREFIX}***", text)
 
 
 def _base62(number: int, width: int) -> str:

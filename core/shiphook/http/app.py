@@ -49,6 +49,7 @@ from shiphook.services import (
     public_target,
     wait_outcome,
 )
+from shiphook.tokens import redacted
 
 log = logging.getLogger("shiphook.http")
 access_log = logging.getLogger("shiphook.access")
@@ -265,7 +266,8 @@ class AccessLog:
 
 def _one_short_line(text: str, limit: int = 300) -> str:
     """A description as an access line shows it: escaped and cut short, as it may quote what
-    the caller sent."""
+    the caller sent, and any token in it masked."""
+    text = redacted(text)
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else f"{text[:limit]}..."
