@@ -65,6 +65,14 @@ class TestScriptedConformance(BackendConformance):
             return sum(run["name"] == options["name"] for run in s.get("runs", {}).values())
 
 
+class TestForwardOnlyConformance(TestScriptedConformance):
+    """A backend that cannot roll back: a target asking for it is refused, and the scenarios
+    that call for a rollback expect the rollout left as it failed."""
+
+    plugin = "scripted-forward"
+    plugin_modules = ("forward_only",)
+
+
 def test_a_harness_cannot_override_or_mark_a_scenario():
     with pytest.raises(TypeError, match="cannot override or mark scenarios"):
 

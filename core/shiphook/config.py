@@ -201,6 +201,15 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
                 f"{path}: targets.{name}.kind: the {backend.plugin} backend does not run "
                 f"{section.kind} targets (it supports: {', '.join(sorted(backend_class.kinds))})"
             )
+        if (
+            section.kind == "app"
+            and section.on_failure == "rollback"
+            and not (backend_class.can_rollback)
+        ):
+            raise ConfigError(
+                f"{path}: targets.{name}.on_failure: the {backend.plugin} backend cannot roll "
+                'back a failed rollout; set on_failure = "leave" (the default is "rollback")'
+            )
         if section.max_concurrent_runs > 1 and not backend_class.concurrent_runs:
             raise ConfigError(
                 f"{path}: targets.{name}.max_concurrent_runs: the {backend.plugin} backend runs "

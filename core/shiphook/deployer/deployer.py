@@ -446,9 +446,6 @@ class Execution:
         if self.target.on_failure != "rollback":
             self._finish(Status.failed, f"{reason}; left as it is (on_failure = leave)")
             return
-        if not self.backend.can_rollback:
-            self._finish(Status.failed, reason)
-            return
         log.warning(
             "deployment %s of %s: %s%s", self.deployment.id, self.target.name, ROLLING_BACK, reason
         )
