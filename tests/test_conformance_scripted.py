@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 import uuid
 from typing import Any
 
 import pytest
 from scripted_backend import ScriptedBackend, ScriptedOptions
-from shiphook.testing import BackendConformance, JobRun
+from shiphook.testing import BackendConformance, JobRun, toml_table
 
 pytest_plugins = ["shiphook.testing", "pytester"]
 
@@ -97,3 +98,10 @@ def test_the_plugin_refuses_skip_marks_on_scenarios(pytester):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}")
     result.stderr.fnmatch_lines(["*conformance scenarios cannot be skipped*"])
+
+
+def test_the_harness_writes_any_json_options_as_toml():
+    """What `backend_options` and the harness's target methods return: tables too."""
+    keys = {"plugin": "p", "commands": {"1.0": ["/bin/sleep", "9"], "a b": {}}, "on": True}
+    keys |= {"weight": 1.5, "tags": ["x", 'q"uote']}
+    assert tomllib.loads(toml_table("backends.x", keys)) == {"backends": {"x": keys}}

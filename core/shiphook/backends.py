@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Kind = Literal["app", "job"]
+State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progress`
 Seconds = Annotated[float, Field(gt=0)]
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -124,7 +125,7 @@ class Progress:
     back again); `message` is shown to the operator and to a waiting CI job.
     """
 
-    state: Literal["running", "succeeded", "failed", "rolled_back"]
+    state: State
     message: str = ""
 
 

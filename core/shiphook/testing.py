@@ -217,8 +217,18 @@ def assert_tag(image: str, tag: str) -> None:
 def toml_table(header: str, keys: dict[str, Any]) -> str:
     lines = [f"[{header}]"]
     for key, value in keys.items():
-        lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars and arrays are TOML too
+        lines.append(f"{json.dumps(key)} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """JSON's strings, numbers, booleans and arrays are TOML too; an object is an inline table."""
+    if isinstance(value, dict):
+        pairs = (f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    return json.dumps(value)
 
 
 @contextlib.contextmanager

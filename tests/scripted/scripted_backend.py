@@ -22,7 +22,8 @@ rollout. A job run fails when its env has `EXIT` other than `0`; it runs
 address to answer (the conformance suite's orchestrator that never does). With `state_dir`, state
 and the log of calls live in a file, shared by every process (crash and replica tests read it
 after the server is gone). `fail_in` names a method that raises an unexpected exception on every
-call, `garbage_from` one that returns something the Backend contract does not allow.
+call, `garbage_from` one that returns something the Backend contract does not allow (a key of
+`GARBAGE`: the method, or the method and what is wrong with what it returns).
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from shiphook import Backend, BackendError, Progress, Target, TargetState, hooki
 GARBAGE: dict[str, Any] = {
     "describe": "registry.test/app:1",
     "deploy": {"at": {1, 2}},
+    "deploy-without-image": {"service": "web"},
     "run_job": ["a ref"],
     "progress": "succeeded",
+    "progress-in-no-state": Progress("done", "all good"),  # type: ignore[arg-type]
     "rollback": None,
 }
 
@@ -154,10 +157,13 @@ class ScriptedBackend(Backend):
         return "scripted backend ready"
 
     def _misbehave(self, method: str) -> bool:
-        """Raise for `fail_in`; true when `method` is to return `GARBAGE` (`garbage_from`)."""
+        """Raise for `fail_in`; true when `method` is to return `garbage()` (`garbage_from`)."""
         if self.options.fail_in == method:
             raise RuntimeError(f"a bug in the plugin's {method}")
-        return self.options.garbage_from == method
+        return (self.options.garbage_from or "").partition("-")[0] == method
+
+    def garbage(self) -> Any:
+        return GARBAGE[self.options.garbage_from or ""]
 
     def generation(self, name: str) -> int:
         """How many rollouts the workload `name` has had."""
@@ -166,7 +172,7 @@ class ScriptedBackend(Backend):
 
     def describe(self, target: Target) -> TargetState:
         if self._misbehave("describe"):
-            return GARBAGE["describe"]
+            return self.garbage()
         self.check()
         if target.options.name.startswith("missing"):
             raise BackendError(f"service {target.options.name} not found")
@@ -178,7 +184,7 @@ class ScriptedBackend(Backend):
     def deploy(self, target: Target, *, image_tag: str, deployment_id: str) -> dict[str, Any]:
         called = time.time()
         if self._misbehave("deploy"):
-            return GARBAGE["deploy"]
+            return self.garbage()
         self.check()
         if image_tag.startswith("stall"):
             time.sleep(self.options.stall_seconds)
@@ -221,7 +227,7 @@ class ScriptedBackend(Backend):
         self, target: Target, *, env: dict[str, str], image_tag: str | None, deployment_id: str
     ) -> dict[str, Any]:
         if self._misbehave("run_job"):
-            return GARBAGE["run_job"]
+            return self.garbage()
         self.check()
         with self.state() as s:
             runs = s.setdefault("runs", {})
@@ -234,7 +240,7 @@ class ScriptedBackend(Backend):
 
     def progress(self, target: Target, ref: dict[str, Any]) -> Progress:
         if self._misbehave("progress"):
-            return GARBAGE["progress"]
+            return self.garbage()
         self.check()
         with self.state() as s:
             polls = s.setdefault("polls", {})
@@ -270,7 +276,7 @@ class ScriptedBackend(Backend):
 
     def rollback(self, target: Target, ref: dict[str, Any]) -> dict[str, Any]:
         if self._misbehave("rollback"):
-            return GARBAGE["rollback"]
+            return self.garbage()
         self.check()
         with self.state() as s:
             previous = s.get("previous", {}).get(ref["deployment"])

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from sqlalchemy.exc import DBAPIError
 
-from shiphook.backends import Backend, BackendError, Progress, Ref, Target, TargetState
+from shiphook.backends import Backend, BackendError, Progress, Ref, State, Target, TargetState
 from shiphook.config import DeployerSettings
 from shiphook.db import describe_failure
 from shiphook.models import Deployment, Status, utcnow
@@ -40,9 +40,9 @@ T = TypeVar("T")
 # what each Backend method returns, checked before the deployer relies on it
 RETURNS: dict[str, tuple[type, str]] = {
     "describe": (TargetState, "a TargetState"),
-    "progress": (Progress, "a Progress"),
-    "deploy": (dict, "a JSON object (a Ref)"),
-    "run_job": (dict, "a JSON object (a Ref)"),
+    "progress": (Progress, "a Progress in one of the states " + ", ".join(get_args(State))),
+    "deploy": (dict, "a JSON object (a Ref) naming the image as image"),
+    "run_job": (dict, "a JSON object (a Ref) naming the image as image"),
     "rollback": (dict, "a JSON object (a Ref)"),
 }
 BACKOFF_FIRST = 0.5
@@ -563,7 +563,7 @@ class Execution:
         if name not in RETURNS:
             return value
         expected, what = RETURNS[name]
-        if isinstance(value, expected) and (expected is not dict or _is_json(value)):
+        if isinstance(value, expected) and _fits(name, value):
             return value
         raise BackendError(
             f"the {self.backend.name} backend's {name} returned {value!r:.100}, not {what}: "
@@ -623,6 +623,15 @@ class Execution:
     def _finish(self, status: Status, message: str) -> None:
         self.lease.keep()
         self.deployer._finish(self.deployment, status, message)
+
+
+def _fits(name: str, value: Any) -> bool:
+    """Whether what `name` returned, of the right type, holds what the contract asks of it."""
+    if isinstance(value, Progress):
+        return value.state in get_args(State)
+    if isinstance(value, dict):
+        return _is_json(value) and (name == "rollback" or isinstance(value.get("image"), str))
+    return True
 
 
 def _is_json(value: Any) -> bool:
