@@ -110,3 +110,16 @@ def test_retries_and_progress_are_the_deployments_message_history_and_log(
 def test_a_job_runs_start_is_a_line(harness, log_lines):
     run = harness.wait_for(harness.deploy(harness.new_hook("migrate"), {}))
     assert f"deployment {run['id']} of migrate: job run started" in log_lines("shiphook.deployer")
+
+
+def test_what_an_orchestrator_says_is_one_line_that_drives_no_terminal(harness, caplog):
+    """A message with a line break could forge a log line, an escape sequence drive the
+    operator's terminal (the CLI prints messages too): lines are joined, the rest escaped."""
+    forged = "1\n2026-12-01 00:00:00,000 WARNING shiphook.deployer: FORGED\x1b[31m"
+    body = {"instanceEnvironmentVariables": [{"name": "EXIT", "value": forged}]}
+    run = harness.wait_for(harness.deploy(harness.new_hook("migrate"), body))
+    expected = "task exited with code 1; 2026-12-01 00:00:00,000 WARNING shiphook.deployer: "
+    assert run["status"] == "failed" and run["message"] == expected + "FORGED\\x1b[31m", run
+    lines = [r.getMessage() for r in caplog.records if r.name == "shiphook.deployer"]
+    assert any(expected in line for line in lines), lines
+    assert not any("\n" in line or "\x1b" in line for line in lines), lines

@@ -66,6 +66,17 @@ class DatabaseUnavailable(ShiphookError):
 
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """Text from elsewhere (an orchestrator, a plugin) as shiphook stores, logs and shows it: its
+    lines joined with "; ", and any other control character escaped, so that it can neither
+    forge a log line nor drive a terminal that prints it."""
+    joined = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], joined)
+
+
 URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)[^/@\s]*@")  # a password, or a lone token
 
 

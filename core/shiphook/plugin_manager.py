@@ -12,7 +12,7 @@ import pluggy
 
 from shiphook import hookspecs
 from shiphook.backends import BackendRegistry
-from shiphook.errors import ConfigError
+from shiphook.errors import ConfigError, one_line
 
 ENTRY_POINT_GROUP = "shiphook"
 
@@ -90,8 +90,7 @@ def plugin_error(exc: BaseException) -> str:
     """What plugin code raised, in one line; `sys.exit` in a plugin is a failure, not an exit."""
     if isinstance(exc, SystemExit):
         return f"it called sys.exit({exc.code!r})"
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {'; '.join(lines)}"
+    return f"{type(exc).__name__}: {one_line(str(exc))}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from shiphook.backends import Backend, BackendError, Progress, Ref, State, Target, TargetState
 from shiphook.config import DeployerSettings
 from shiphook.db import describe_failure
+from shiphook.errors import one_line
 from shiphook.models import Deployment, Status, utcnow
 from shiphook.plugin_manager import plugin_error
 from shiphook.storage import Storage
@@ -530,10 +531,14 @@ class Execution:
         while True:
             self.lease.keep()
             try:
-                return self._checked(function, self._within_call_timeout(function, *args, **kwargs))
+                value = self._within_call_timeout(function, *args, **kwargs)
+                if isinstance(value, Progress):  # the orchestrator's words, for the log and the API
+                    value = Progress(value.state, one_line(value.message))
+                return self._checked(function, value)
             except (Stopping, LeaseLost):
                 raise
             except BackendError as exc:
+                exc.message = one_line(exc.message)
                 if not exc.transient:
                     raise
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
