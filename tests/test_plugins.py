@@ -391,3 +391,44 @@ def test_plugin_hooks_have_tests(plugin_hook):
     datasette's tests/test_plugins.py asks of its own."""
     prefix = f"test_plugin_hook_{plugin_hook.__name__}"
     assert any(name.startswith(prefix) for name in globals()), f"no {prefix}... test"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "from shiphook import hookimpl\n\n@hookimpl\ndef register_backend(register): ...\n",
+            "plugin typo_plugin: unknown hook 'register_backend'; shiphook's one hook is "
+            "register_backends",
+        ),
+        (
+            "def register_backends(register):\n    raise AssertionError('never called')\n",
+            "plugin unmarked_plugin registers no backend: its register_backends(register) must be "
+            "marked @shiphook.hookimpl",
+        ),
+    ],
+    ids=["misspelt hook", "no hookimpl mark"],
+)
+def test_a_plugin_that_registers_nothing_is_named_with_what_it_lacks(
+    tmp_path, monkeypatch, source, expected
+):
+    module = expected.split()[1].rstrip(":")  # a module of its own: imported modules stay
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        collect_backends(make_plugin_manager(modules=[module]))
+    assert caught.value.message.startswith(expected), caught.value.message
+
+
+def test_shiphook_plugins_lists_what_is_installed_while_a_target_names_an_unknown_plugin(tmp_path):
+    """`check` says "unknown backend plugin ... (see `shiphook plugins`)": that must answer."""
+    config = write_config(
+        tmp_path,
+        f'[server]\ndatabase_url = "sqlite:///{tmp_path}/s.db"\n'
+        '[backends.b]\nplugin = "scriptd"\n'
+        '[targets.web]\nkind = "app"\nbackend = "b"\nname = "web"\n',
+    )
+    checked = run_cli("check", config=config, check=False)
+    assert "unknown backend plugin 'scriptd'" in checked.stderr + checked.stdout
+    listed = run_cli("plugins", config=config)
+    assert "scripted_backend" in listed.stdout and "scripted" in listed.stdout

@@ -12,12 +12,17 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from shiphook.backends import BackendError
-from shiphook.config import host_port
+from shiphook.config import config_path, host_port, read_config_file
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
 from shiphook.http.app import TOKEN_HEADER
 from shiphook.instance import Instance, open_instance
-from shiphook.plugin_manager import describe_plugins, plugin_error
+from shiphook.plugin_manager import (
+    collect_backends,
+    describe_plugins,
+    make_plugin_manager,
+    plugin_error,
+)
 from shiphook.services import (
     LIST_LIMITS,
     check_deployment_filters,
@@ -183,18 +188,20 @@ def targets(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
-    """List loaded plugins and the backends they provide."""
-    instance = instance_of(ctx)
-    infos = describe_plugins(instance.plugins, instance.registry)
+    """List loaded plugins and the backends they provide (only the config's [server] table
+    needs to be valid: this is where a target naming an unknown plugin is sorted out)."""
+    parsed = read_config_file(config_path(ctx.obj["config"]))
+    pm = make_plugin_manager(disabled=parsed.server.disabled_plugins)
+    registry = collect_backends(pm)
     data = [
         {
             "name": i.name,
             "distribution": i.distribution,
             "version": i.version,
             "backends": list(i.backends),
-            "descriptions": {b: instance.registry.classes[b].description for b in i.backends},
+            "descriptions": {b: registry.classes[b].description for b in i.backends},
         }
-        for i in infos
+        for i in describe_plugins(pm, registry)
     ]
     emit(
         data,
@@ -204,7 +211,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
             [
                 (d["name"], d["distribution"], d["version"], b, d["descriptions"].get(b))
                 for d in data
-                for b in d["backends"] or [None]  # a plugin may provide no backend
+                for b in d["backends"]
             ],
         ),
     )

@@ -67,6 +67,14 @@ def make_plugin_manager(
                 f"SHIPHOOK_PLUGINS: plugin module {dotted!r} failed to load: {plugin_error(exc)}"
             ) from None
         pm.register(module, name=dotted)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:  # "unknown hook 'x' in plugin <module ...>"
+        unknown = str(exc).split(" in plugin ")[0]
+        raise ConfigError(
+            f"plugin {pm.get_name(exc.plugin)}: {unknown}; shiphook's one hook is "
+            "register_backends (see `shiphook.hookspecs`)"
+        ) from None
     return pm
 
 
@@ -83,6 +91,14 @@ def collect_backends(pm: pluggy.PluginManager) -> BackendRegistry:
             raise ConfigError(
                 f"plugin {source}: register_backends failed: {plugin_error(exc)}"
             ) from None
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        if name not in registry.sources.values():
+            raise ConfigError(
+                f"plugin {name} registers no backend: its register_backends(register) must be "
+                "marked @shiphook.hookimpl and call register(YourBackend); or block it with "
+                f'[server] disabled_plugins = ["{name}"]'
+            )
     return registry
 
 
