@@ -633,7 +633,8 @@ def test_a_config_error_about_the_token_never_shows_it(tmp_path):
         ('token = "s3cr3t€"', "token: expected an ACL token, one line of printable ASCII"),
         ('token_file = "two-lines"', "two-lines: expected an ACL token, one line"),
         ('token_file = "empty"', "empty is empty"),
-        ('address = "http://admin:s3cr3t@nomad:4646"', "backends.nomad.address: expected"),
+        ('address = "http://admin:s3cr3t@nomad:4646"', "address: an address holds no credentials"),
+        ('address = "http://s3cr3t@nomad:4646"', "address: an address holds no credentials"),
     ],
 )
 def test_a_token_that_cannot_be_sent_is_a_config_error_that_never_shows_it(tmp_path, keys, error):
