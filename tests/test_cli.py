@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import POSTGRES_URL, free_port, plugin_env, run_cli, scripted_config
 from shiphook.cli import main
 from shiphook.db import create_db_engine, safe_url
+from shiphook.testing import silent_orchestrator
 from sqlalchemy.engine import make_url
 
 
@@ -273,3 +274,28 @@ def test_the_sqlite_database_is_readable_by_its_owner_only(tmp_path):
             assert {oct(f.stat().st_mode & 0o777) for f in sidecars} == {"0o600"}
     finally:
         os.umask(umask)
+
+
+def test_check_reports_a_plugin_call_that_hangs_or_returns_what_it_may_not(tmp_path):
+    """Waited for no longer than the deployer would (the target's call_timeout), and checked
+    as the deployer checks: a plugin bug is a line of the report, not a hang or a traceback."""
+    with silent_orchestrator() as address:
+        hanging = f'address = "{address}"\ntimeout = 60'
+        config = scripted_config(tmp_path, backend_extra=hanging, server="")
+        config.write_text(
+            config.read_text().replace('name = "web"', 'name = "web"\ncall_timeout = 1')
+        )
+        checked = run_cli("check", config=config, check=False)
+    assert checked.returncode == 1, checked.stderr
+    assert (
+        "backend fake (scripted): UNREACHABLE: the scripted backend's check did not return "
+        "within 1s" in checked.stdout
+    ), checked.stdout
+
+    config = scripted_config(tmp_path, backend_extra='garbage_from = "describe"')
+    checked = run_cli("check", config=config, check=False)
+    assert checked.returncode == 1, checked.stderr
+    assert (
+        "target web (app): NOT USABLE: the scripted backend's describe returned "
+        "'registry.test/app:1', not a TargetState: a bug in the plugin"
+    ) in checked.stdout, checked.stdout

@@ -10,10 +10,11 @@ could not be asked.
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -240,3 +241,47 @@ class BackendRegistry:
             )
         self.classes[name] = backend_class
         self.sources[name] = source
+
+
+# what each method returns by the contract above, checked on every call by the deployer and
+# by `shiphook check`: what does not fit is a bug in the plugin, which fails that deployment
+RETURNS: dict[str, tuple[type, str]] = {
+    "check": (str, "a line of text"),
+    "describe": (TargetState, "a TargetState"),
+    "progress": (Progress, "a Progress in one of the states " + ", ".join(get_args(State))),
+    "deploy": (dict, "a JSON object (a Ref) naming the image as image"),
+    "run_job": (dict, "a JSON object (a Ref) naming the image as image"),
+    "rollback": (dict, "a JSON object (a Ref)"),
+}
+T = TypeVar("T")
+
+
+def checked_return(backend: Backend, method: str, value: T) -> T:
+    """`value`, which `backend.<method>` returned, if the contract allows it; else a permanent
+    BackendError that says it is a bug in the plugin."""
+    if method not in RETURNS:
+        return value
+    expected, what = RETURNS[method]
+    if isinstance(value, expected) and _fits(method, value):
+        return value
+    raise BackendError(
+        f"the {backend.name} backend's {method} returned {value!r:.100}, not {what}: "
+        "a bug in the plugin"
+    )
+
+
+def _fits(method: str, value: Any) -> bool:
+    """Whether a value of the right type holds what the contract asks of it."""
+    if isinstance(value, Progress):
+        return value.state in get_args(State)
+    if isinstance(value, dict):
+        return _is_json(value) and (method == "rollback" or isinstance(value.get("image"), str))
+    return True
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

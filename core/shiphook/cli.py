@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from shiphook.backends import BackendError
+from shiphook.backends import Backend, BackendError, TargetSettings, checked_return
 from shiphook.config import config_path, host_port, read_config_file
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
@@ -128,8 +130,12 @@ def check(ctx: click.Context) -> None:
         failed = True
     reachable = set()
     for name, backend in instance.backends.items():
+        bound = min(  # as long as any of its targets would wait for a call
+            (t.call_timeout for t in instance.config.targets.values() if t.backend == name),
+            default=TargetSettings.model_fields["call_timeout"].default,
+        )
         try:
-            click.echo(f"backend {name} ({backend.name}): {backend.check()}")
+            click.echo(f"backend {name} ({backend.name}): {_bounded(bound, backend, 'check')}")
             reachable.add(name)
         except BackendError as exc:
             click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {exc.message}")
@@ -142,7 +148,8 @@ def check(ctx: click.Context) -> None:
             click.echo(f"target {name}: not checked, backend {target.backend} is unreachable")
             continue
         try:
-            state = instance.backends[target.backend].describe(target)
+            backend = instance.backends[target.backend]
+            state = _bounded(target.call_timeout, backend, "describe", target)
             detail = f" ({state.detail})" if state.detail else ""
             click.echo(
                 f"target {name} ({target.kind}): found, running {state.image or 'unknown'}{detail}"
@@ -155,6 +162,30 @@ def check(ctx: click.Context) -> None:
             failed = True
     if failed:
         ctx.exit(1)
+
+
+def _bounded(seconds: float, backend: Backend, method: str, *args: Any) -> Any:
+    """`backend.<method>(*args)` on a thread of its own, waited for at most `seconds` (the
+    target's `call_timeout`, as the deployer waits) and checked against the contract: a plugin
+    that hangs or returns what it may not is reported, not waited for or crashed on."""
+    answer: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def call() -> None:
+        try:
+            answer.put((True, getattr(backend, method)(*args)))
+        except BaseException as exc:  # raised below, in the command's thread
+            answer.put((False, exc))
+
+    threading.Thread(target=call, name=f"check-{method}", daemon=True).start()
+    try:
+        returned, value = answer.get(timeout=seconds)
+    except queue.Empty:
+        raise BackendError(
+            f"the {backend.name} backend's {method} did not return within {seconds:g}s"
+        ) from None
+    if not returned:
+        raise value
+    return checked_return(backend, method, value)
 
 
 @main.command()
