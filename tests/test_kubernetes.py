@@ -952,7 +952,7 @@ def test_a_retry_waits_as_long_as_retry_after_asks_or_gives_up_past_the_budget(
     ]
     refused = wait_post(harness, harness.new_hook("api"), {"imageTag": "v2"}).json["deployment"]
     assert refused["status"] == "failed", refused
-    assert refused["message"] == f"gave up after 1 attempt over 0.0s of retries: {initializing}"
+    assert refused["message"] == f"gave up after 1 attempt and 0.0s of backoff: {initializing}"
     assert kube.pod_images("api") == [f"{APP}:v1"] * 2
 
 

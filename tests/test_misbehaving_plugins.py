@@ -69,7 +69,7 @@ def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
     deployment = harness.wait_for(harness.deploy(token, {"imageTag": "stall-1"}))
     assert deployment["status"] == "failed", deployment
     assert deployment["message"] == (
-        "gave up after 1 attempt over 0.0s of retries: the scripted backend's deploy did not "
+        "gave up after 1 attempt and 0.0s of backoff: the scripted backend's deploy did not "
         "return within 0.5s (the target's call_timeout)"
     )
     # the slot is free again while the stalled call still runs

@@ -503,20 +503,35 @@ class BackendConformance:
             f"the app running {self.initial_tag} again",
         )
 
-    def test_a_failing_tag_with_on_failure_leave_is_left_as_the_orchestrator_left_it(self):
+    def test_a_failing_tag_with_on_failure_leave_is_left_and_fails_again_when_sent_again(self):
+        """Left as the orchestrator left it. A CI job retried on that tag then finds the image
+        there: nothing rolls out, and the answer is the workload's health (a 502, not a 201
+        while nothing healthy runs); even a target whose on_failure is "rollback" rolls back
+        nothing it did not roll out."""
         self._requires(kind="app")
         app = self._app(on_failure="leave")
-        shiphook = self._open({"app": app})
-        answer = shiphook.post_hook(
-            shiphook.new_hook("app"),
-            {"imageTag": self.failing_tag},
-            params={"wait": str(self.rollout_timeout + 30)},
-        )
+        retry = {k: v for k, v in app.items() if k != "on_failure"}  # the default
+        shiphook = self._open({"app": app, "retry": retry})
+        wait = {"wait": str(self.rollout_timeout + 30)}
+        body = {"imageTag": self.failing_tag}
+        answer = shiphook.post_hook(shiphook.new_hook("app"), body, params=wait)
         assert answer.status_code == 502, answer.text
         deployment = answer.json["deployment"]
         assert deployment["status"] == "failed", deployment
         assert self.failing_reason in deployment["message"], deployment
-        assert_tag(self.workload_image(self._locator(app)), self.failing_tag)
+        locator = self._locator(app)
+        assert_tag(self.workload_image(locator), self.failing_tag)
+
+        version = self.workload_version(locator)
+        answer = shiphook.post_hook(shiphook.new_hook("retry"), body, params=wait)
+        assert answer.status_code == 502, answer.text
+        again = answer.json["deployment"]
+        assert again["status"] == "failed", again
+        assert any("no rollout" in event["message"] for event in again["history"]), again
+        assert self.failing_reason in again["message"], again
+        assert again["message"].endswith("it ran before this deployment: not rolled back"), again
+        assert self.workload_version(locator) == version, "the same tag started a new rollout"
+        assert_tag(self.workload_image(locator), self.failing_tag)
 
     def test_rollback_on_demand_returns_to_the_image_that_succeeded_before(self):
         self._requires(kind="app")
@@ -654,7 +669,7 @@ class BackendConformance:
             deployment = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("silent"), body))
             # the backend gave up on its own (a transient error, no budget left to retry it)
             assert deployment["status"] == "failed", deployment
-            assert deployment["message"].startswith("gave up after 1 attempt over"), deployment
+            assert deployment["message"].startswith("gave up after 1 attempt and"), deployment
             stopped = threading.Thread(target=shiphook.deployer.stop)
             stopped.start()
             stopped.join(60)

@@ -259,7 +259,9 @@ class ScriptedBackend(Backend):
         if ref["op"] == "rollback":
             return Progress("succeeded", f"restored {ref['image']}")
         tag = ref["tag"]
-        if ref.get("unchanged"):
+        if ref.get("unchanged"):  # no rollout: the workload's health is the answer
+            if tag.startswith("bad"):
+                return Progress("failed", "update paused: task exited with code 1")
             return Progress("succeeded", f"{target.options.name} already runs {tag}")
         if tag.startswith("hang"):
             return Progress("running", "1/2 tasks updated")

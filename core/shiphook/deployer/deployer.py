@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import random
@@ -23,11 +22,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from shiphook.backends import Backend, BackendError, Progress, Ref, State, Target, TargetState
+from shiphook.backends import (
+    Backend,
+    BackendError,
+    Progress,
+    Ref,
+    Target,
+    checked_return,
+)
 from shiphook.config import DeployerSettings
 from shiphook.db import describe_failure
 from shiphook.errors import one_line
@@ -39,13 +45,6 @@ log = logging.getLogger("shiphook.deployer")
 T = TypeVar("T")
 
 # what each Backend method returns, checked before the deployer relies on it
-RETURNS: dict[str, tuple[type, str]] = {
-    "describe": (TargetState, "a TargetState"),
-    "progress": (Progress, "a Progress in one of the states " + ", ".join(get_args(State))),
-    "deploy": (dict, "a JSON object (a Ref) naming the image as image"),
-    "run_job": (dict, "a JSON object (a Ref) naming the image as image"),
-    "rollback": (dict, "a JSON object (a Ref)"),
-}
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
@@ -431,7 +430,7 @@ class Execution:
             ref = self._call(
                 self.backend.deploy, self.target, image_tag=d.image_tag, deployment_id=d.id
             )
-            if ref.get("image") is not None and ref.get("image") == d.previous_image:
+            if self._no_rollout(ref):
                 message = f"already runs {d.previous_image}: no rollout"
             else:
                 message = f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})"
@@ -444,6 +443,9 @@ class Execution:
             self._finish(Status.rolled_back, outcome.message or "rolled back by the orchestrator")
             return
         reason = outcome.message or "rollout failed"
+        if self._no_rollout(ref):  # an earlier rollout of this image failed and was left
+            self._finish(Status.failed, f"{reason}; it ran before this deployment: not rolled back")
+            return
         if self.target.on_failure != "rollback":
             self._finish(Status.failed, f"{reason}; left as it is (on_failure = leave)")
             return
@@ -469,6 +471,11 @@ class Execution:
             if event.message.startswith(ROLLING_BACK):
                 return event.message.removeprefix(ROLLING_BACK)
         return "rollout failed"
+
+    def _no_rollout(self, ref: Ref) -> bool:
+        """Whether `deploy` found the image already there: the workload's health is then the
+        outcome, and a failure is not this deployment's to roll back."""
+        return ref.get("image") is not None and ref.get("image") == self.deployment.previous_image
 
     def _finish_rollback(self, reason: str, rollback_ref: Ref) -> None:
         try:
@@ -545,8 +552,8 @@ class Execution:
                 delay = max(delay, exc.retry_after or 0)
                 if self.retry_spent + delay > self.target.retry_budget:
                     raise BackendError(
-                        f"gave up after {attempt + 1} attempt{'s' if attempt else ''} over "
-                        f"{self.retry_spent:.1f}s of retries: {exc.message}"
+                        f"gave up after {attempt + 1} attempt{'s' if attempt else ''} and "
+                        f"{self.retry_spent:.1f}s of backoff: {exc.message}"
                     ) from exc
                 attempt += 1
                 self.retry_spent += delay
@@ -563,17 +570,7 @@ class Execution:
                 ) from exc
 
     def _checked(self, function: Callable[..., T], value: T) -> T:
-        """What the Backend contract says `function` returns, or a permanent BackendError."""
-        name = getattr(function, "__name__", "")
-        if name not in RETURNS:
-            return value
-        expected, what = RETURNS[name]
-        if isinstance(value, expected) and _fits(name, value):
-            return value
-        raise BackendError(
-            f"the {self.backend.name} backend's {name} returned {value!r:.100}, not {what}: "
-            "a bug in the plugin"
-        )
+        return checked_return(self.backend, getattr(function, "__name__", ""), value)
 
     def _within_call_timeout(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run the call on a thread of its own and wait for it at most the target's
@@ -628,20 +625,3 @@ class Execution:
     def _finish(self, status: Status, message: str) -> None:
         self.lease.keep()
         self.deployer._finish(self.deployment, status, message)
-
-
-def _fits(name: str, value: Any) -> bool:
-    """Whether what `name` returned, of the right type, holds what the contract asks of it."""
-    if isinstance(value, Progress):
-        return value.state in get_args(State)
-    if isinstance(value, dict):
-        return _is_json(value) and (name == "rollback" or isinstance(value.get("image"), str))
-    return True
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True

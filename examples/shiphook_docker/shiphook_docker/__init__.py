@@ -143,8 +143,6 @@ class DockerBackend(Backend):
         return config | {"Image": image, "HostConfig": old["HostConfig"]}
 
     def progress(self, target: DockerTarget, ref: Ref) -> Progress:
-        if ref.get("unchanged"):
-            return Progress("succeeded", f"{target.options.container} already runs {ref['image']}")
         state = self.inspect(ref["container"])["State"]
         if ref.get("op") == "rollback":
             up = state["Running"]
@@ -156,6 +154,8 @@ class DockerBackend(Backend):
         if health == "unhealthy":
             log = (state["Health"].get("Log") or [{}])[-1].get("Output", "").strip()
             return Progress("failed", f"the new container is unhealthy: {log}")
+        if ref.get("unchanged") and state["Running"]:  # no rollout: its health is the answer
+            return Progress("succeeded", f"{target.options.container} already runs {ref['image']}")
         started = time.time() - ref.get("started", time.time())
         if not state["Running"] or health == "starting" or started < self.options.settle:
             return Progress("running", f"container {state['Status']}, health {health or 'none'}")

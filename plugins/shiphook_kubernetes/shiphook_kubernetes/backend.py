@@ -674,11 +674,14 @@ class KubernetesBackend(Backend):
                 f"{what} runs {current}, not {ref['image']}: it was changed outside this "
                 "deployment",
             )
-        if ref["op"] == "deploy" and not ref["updated"]:
+        unchanged = ref["op"] == "deploy" and not ref["updated"]
+        if unchanged and not _rolls_out_by_itself(found):  # OnDelete: no status to go by
             return Progress("succeeded", f"{what} already runs {current}")
+        # unchanged, its status still says whether that image runs healthy: an earlier rollout
+        # of it may have failed and been left, or still be under way
         state, message = ROLLOUT_STATUS[workload.key](found)
         if state == "succeeded":
-            return Progress(state, message)
+            return Progress(state, f"{what} already runs {current}" if unchanged else message)
         problems = self._pod_problems(found, ref["container"], ref["image"])
         return Progress(state, f"{message}; {problems}" if problems else message)
 
@@ -870,6 +873,13 @@ def _daemonset_status(d: dict[str, Any]) -> tuple[str, str]:
     if available < desired:
         return "running", f"{waiting}{available} of {desired} updated pods are available"
     return "succeeded", f"daemonset {name} successfully rolled out"
+
+
+def _rolls_out_by_itself(workload: dict[str, Any]) -> bool:
+    """Whether the controller rolls a new template out (a Deployment, or a StatefulSet or
+    DaemonSet updating RollingUpdate), so that the workload's status follows it."""
+    strategy = workload["spec"].get("updateStrategy") or {}
+    return strategy.get("type", "RollingUpdate") == "RollingUpdate"
 
 
 ROLLOUT_STATUS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {

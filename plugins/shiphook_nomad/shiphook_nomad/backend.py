@@ -457,8 +457,9 @@ class NomadBackend(Backend):
             if progress.state == "running" or not left_open:
                 return progress
             return Progress(progress.state, progress.message + left_open)
-        if not ref["updated"]:
-            return Progress("succeeded", f"job {ref['job']} already runs {ref['image']}")
+        # unchanged (the job already ran this image: its version is the current one), the
+        # version's deployment or allocations still say whether it runs healthy: an earlier
+        # rollout of it may have failed and been left, or still be under way
         if ref["watch"] == "allocations":
             return self._allocations_progress(ref)
         deployments = self._call(
@@ -466,6 +467,8 @@ class NomadBackend(Backend):
         )
         # the deployment list is in UUID order, not by time: pick by version
         mine = [d for d in deployments if d["JobVersion"] == ref["version"]]
+        if not mine and not ref["updated"]:  # Nomad collects old deployments
+            return self._allocations_progress(ref)
         if not mine:
             latest = max(deployments, key=lambda d: d["CreateIndex"], default=None)
             if latest is not None and latest["JobVersion"] > ref["version"]:
@@ -482,6 +485,8 @@ class NomadBackend(Backend):
             )
         deployment = max(mine, key=lambda d: d["CreateIndex"])
         status, description = deployment["Status"], deployment["StatusDescription"]
+        if status == "successful" and not ref["updated"]:
+            return Progress("succeeded", f"job {ref['job']} already runs {ref['image']}")
         if status == "successful":
             return Progress(
                 "succeeded",
