@@ -326,6 +326,44 @@ def test_a_token_lacking_submit_job_fails_the_deploy_at_once_with_permission_den
     assert reader not in json.dumps(result.json)
 
 
+def readme_capabilities() -> list[str]:
+    """The capabilities of the ACL policy in README.md's Nomad section, as a user applies it."""
+    readme = (ROOT / "README.md").read_text()
+    policy = readme[readme.index("The ACL policy the token needs") :]
+    block = policy[policy.index("```hcl") : policy.index("```", policy.index("```hcl") + 3)]
+    return json.loads(re.search(r"capabilities = (\[.*?\])", block).group(1))
+
+
+def test_the_readmes_acl_policy_is_enough_for_everything_shiphook_does(
+    nomad_cluster, harness_factory, tmp_path
+):
+    """A deploy, a failed one rolled back, a run, and a run with its own imageTag, with a token
+    of exactly the README's capabilities (the other tests use a management token)."""
+    fake = nomad_cluster.needs_fake()
+    fake.acl = True
+    nomad_cluster.token = fake.management
+    web, migrate = unique("web"), unique("migrate")
+    nomad_cluster.register(service_job(web, progress_deadline=1))  # a failure fails at once
+    nomad_cluster.settled(web, 0)
+    nomad_cluster.register(batch_job(migrate))
+    token = fake.token(*readme_capabilities())
+    config = nomad_config(
+        tmp_path,
+        nomad_cluster,
+        target("web", "app", web),
+        target("migrate", "job", migrate, parameters=["EXIT", "GREETING"]),
+        token=token,
+    )
+    harness = harness_factory(config)
+    assert deploy(harness, "web", {"imageTag": "v2"}).json["deployment"]["status"] == "succeeded"
+    failed = deploy(harness, "web", {"imageTag": "exit-1"}).json["deployment"]
+    assert failed["status"] == "rolled_back", failed
+    assert nomad_cluster.image(web) == f"{IMAGE}:v2"
+    for tag in (None, "v2"):  # a run with a tag of its own registers the job first
+        ran = run(harness, {"GREETING": "hi"}, tag).json["deployment"]
+        assert ran["status"] == "succeeded", ran
+
+
 # -- job runs -------------------------------------------------------------------------------
 
 
