@@ -256,6 +256,9 @@ def hooks() -> None:
     """Create, list and delete deploy hooks."""
 
 
+TOKEN_VARIABLE = "SHIPHOOK_TOKEN"  # the CI secret the printed curl line reads the token from
+
+
 @hooks.command("create")
 @click.argument("target")
 @click.option("--name", required=True, help="Who uses the hook, e.g. github-actions.")
@@ -271,15 +274,17 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
     server = instance.config.server
     url = (server.public_url or f"http://{host_port(server.host, server.port)}").rstrip("/")
     body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
+    # the token from the CI secret, not in the line: pasted into a shell, it would stay in the
+    # shell's history and show in `ps` to every user of the machine
     curl = (
         f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' "
-        f"-H '{TOKEN_HEADER}: {created.token}' --data '{body}'"
+        f"-H \"{TOKEN_HEADER}: ${TOKEN_VARIABLE}\" --data '{body}'"
     )
 
     def human() -> None:
         click.echo(f"Created hook {created.id} ({created.name}) for target {created.target}.")
         click.echo(f"Token (shown once, store it as a CI secret): {created.token}")
-        click.echo("Call it from CI with:")
+        click.echo(f"Call it from CI with the token in ${TOKEN_VARIABLE}:")
         click.echo(f"  {curl}")
 
     emit({**data, "curl": curl}, as_json, human)
