@@ -1031,6 +1031,47 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
     assert run["status"] == "succeeded", run
 
 
+def test_a_role_narrowed_to_the_targets_workloads_by_name_is_enough(
+    kube, harness_factory, tmp_path
+):
+    """`resourceNames` on the get and patch of the workloads: the reviews name the target's
+    workload, so the least a Role may grant is its own workloads, not the namespace's."""
+    kube.deployment("web")
+    kube.deployment("other")
+    cronjob = kube.cronjob()
+    rules = [dict(rule) for rule in README_RULES]
+    for rule in rules:
+        if "deployments" in rule["resources"]:
+            rule["resources"] = ["deployments"]
+            rule["resourceNames"] = ["web"]
+        if "cronjobs" in rule["resources"]:
+            rule["resources"] = ["cronjobs"]
+            rule["resourceNames"] = [cronjob]
+    kube.service_account("narrow", rules)
+    kubeconfig = as_service_account(kube, tmp_path, "narrow")
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("web", "app", deployment="web"),
+        target("other", "app", deployment="other"),
+        target("migrate", "job", cronjob=cronjob),
+        kubeconfig=kubeconfig,
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    lines = checked.stdout.splitlines()
+    assert any(line.startswith("target web (app): found, running ") for line in lines), lines
+    assert any(line.startswith("target migrate (job): found, running ") for line in lines), lines
+    assert any(
+        line.startswith("target other (app): NOT USABLE: the credentials may not get deployments")
+        for line in lines
+    ), lines
+    harness = harness_factory(config)
+    result = wait_post(harness, harness.new_hook("web"), {"imageTag": "v2"})
+    assert result.json["deployment"]["status"] == "succeeded", result.text
+    run = wait_post(harness, harness.new_hook("migrate"), run_body(MODE="x")).json["deployment"]
+    assert run["status"] == "succeeded", run
+
+
 def test_a_role_without_patch_or_create_fails_at_once_and_check_names_what_is_missing(
     kube, harness_factory, tmp_path
 ):

@@ -378,22 +378,25 @@ class KubernetesBackend(Backend):
         accepted = "the credentials are accepted"
         return f"{server}: {accepted}; targets default to namespace {client.namespace}"
 
-    def _missing(self, namespace: str, needs: list[tuple[str, str, str]]) -> list[str]:
+    def _missing(
+        self, namespace: str, needs: list[tuple[str, str, str]], named: tuple[str, str] = ("", "")
+    ) -> list[str]:
         """Which of `needs` the credentials may not do in `namespace`, as the API server's
-        authorizer answers a SelfSubjectAccessReview of each."""
+        authorizer answers a SelfSubjectAccessReview of each. `named` is the target's workload
+        (its resource and name): a get or patch of it is reviewed for that name, so that a Role
+        narrowed with `resourceNames` is allowed what it allows."""
         authorization = kubernetes.client.AuthorizationV1Api(self.client.api)
         missing = []
         for verb, group, resource in needs:
+            attributes = {"namespace": namespace, "verb": verb, "group": group}
+            attributes["resource"] = resource
+            if resource == named[0] and verb in ("get", "patch"):
+                attributes["name"] = named[1]
             review = {
                 "apiVersion": "authorization.k8s.io/v1",
                 "kind": "SelfSubjectAccessReview",
-                "spec": {
-                    "resourceAttributes": {
-                        "namespace": namespace, "verb": verb, "group": group,
-                        "resource": resource,
-                    }
-                },
-            }  # fmt: skip
+                "spec": {"resourceAttributes": attributes},
+            }
             answer = self._call(authorization.create_self_subject_access_review, review)
             if not (answer.get("status") or {}).get("allowed"):
                 missing.append(f"{verb} {resource}{'.' + group if group else ''}")
@@ -406,7 +409,7 @@ class KubernetesBackend(Backend):
         needs, for_rollback = TARGET_NEEDS[key]
         if target.on_failure == "rollback":
             needs = needs + for_rollback
-        missing = self._missing(namespace, needs)
+        missing = self._missing(namespace, needs, (f"{key}s", getattr(target.options, key)))
         if missing:
             raise BackendError(_may_not(missing, namespace, f"target {target.name}"))
 
