@@ -562,6 +562,27 @@ class BackendConformance:
         names = [str(v) for v in missing.values() if isinstance(v, str)]
         assert any(name in deployment["message"] for name in names), (names, deployment)
 
+    def test_a_rollback_repeated_after_a_crash_rolls_back_once_with_the_rollouts_reason(self):
+        """The process dies right after the orchestrator accepted the rollback, before shiphook
+        stored its reference; the resumed deployer asks for the rollback again, which must find
+        the first, and the deployment ends rolled back for the rollout's own reason (not one the
+        rollback's changes seem to give)."""
+        self._requires(kind="app", rollback=True)
+        app = self._app(on_failure="rollback")
+        shiphook = self._open({"app": app})
+        calls = self._crash_once(shiphook, "rollback")
+        deployment_id = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": self.failing_tag})
+        deployment = self._ended(shiphook, deployment_id)
+        assert calls == ["rollback", "rollback"], calls
+        assert deployment["status"] == "rolled_back", deployment
+        assert self.failing_reason in deployment["message"], deployment
+        locator = self._locator(app)
+        assert_tag(self.workload_image(locator), self.initial_tag)
+        eventually(
+            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
+            f"the app running {self.initial_tag} again",
+        )
+
     def test_a_deploy_repeated_after_a_crash_rolls_out_once(self):
         """The process dies right after the orchestrator accepted `deploy`, before shiphook
         stored its reference; the resumed deployer calls `deploy` again for the same id."""
@@ -703,7 +724,7 @@ class BackendConformance:
         calls: list[str] = []
 
         def crashing(*args: Any, **kwargs: Any) -> Any:
-            calls.append(kwargs["deployment_id"])
+            calls.append(kwargs.get("deployment_id", method))  # rollback(target, ref) has none
             ref = real(*args, **kwargs)
             if len(calls) == 1:
                 raise _Crash

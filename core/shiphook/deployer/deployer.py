@@ -420,9 +420,15 @@ class Execution:
     def _rollout(self) -> None:
         d = self.deployment
         if d.rollback_ref is not None:  # resumed while rolling back
-            self._finish_rollback(self._rollback_reason(), d.rollback_ref)
+            self._finish_rollback(self._rollback_reason() or "rollout failed", d.rollback_ref)
             return
         ref = d.backend_ref
+        if ref is not None and (reason := self._rollback_reason()) is not None:
+            # stopped after asking for the rollback, before its reference was stored: ask again
+            # (rollback is idempotent per rollout) rather than follow the rollout, which the
+            # rollback has changed under it
+            self._roll_back(reason, ref)
+            return
         if ref is None:
             if d.previous_image is None:  # kept from before a crash: describe would see the new
                 current = self._call(self.backend.describe, self.target)
@@ -453,6 +459,9 @@ class Execution:
             "deployment %s of %s: %s%s", self.deployment.id, self.target.name, ROLLING_BACK, reason
         )
         self._record(message=f"{ROLLING_BACK}{reason}")
+        self._roll_back(reason, ref)
+
+    def _roll_back(self, reason: str, ref: Ref) -> None:
         try:
             rollback_ref = self._call(self.backend.rollback, self.target, ref)
         except BackendError as exc:
@@ -461,16 +470,16 @@ class Execution:
         self._record(rollback_ref=rollback_ref)
         self._finish_rollback(reason, rollback_ref)
 
-    def _rollback_reason(self) -> str:
-        """Why a deployment resumed while rolling back is rolled back: its history says (its
-        message may have moved on to the rollback's progress since)."""
+    def _rollback_reason(self) -> str | None:
+        """Why a resumed deployment is rolled back, if it was asked before the stop: its history
+        says (its message may have moved on to retries or the rollback's progress since)."""
         history = self.deployer.storage.histories(deployment_ids=[self.deployment.id])[
             self.deployment.id
         ]
         for event in reversed(history):
             if event.message.startswith(ROLLING_BACK):
                 return event.message.removeprefix(ROLLING_BACK)
-        return "rollout failed"
+        return None
 
     def _no_rollout(self, ref: Ref) -> bool:
         """Whether `deploy` found the image already there: the workload's health is then the

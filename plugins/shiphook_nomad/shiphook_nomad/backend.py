@@ -457,9 +457,11 @@ class NomadBackend(Backend):
             if progress.state == "running" or not left_open:
                 return progress
             return Progress(progress.state, progress.message + left_open)
-        # unchanged (the job already ran this image: its version is the current one), the
-        # version's deployment or allocations still say whether it runs healthy: an earlier
-        # rollout of it may have failed and been left, or still be under way
+        if ref["op"] == "rollback" and not ref["updated"]:  # nothing to undo, or undone before
+            return Progress("succeeded", f"job {ref['job']} runs {ref['image']}")
+        # a deploy that changed nothing (the job already ran this image: its version is the
+        # current one) is followed all the same: the version's deployment or allocations say
+        # whether it runs healthy (an earlier rollout of it may have failed and been left)
         if ref["watch"] == "allocations":
             return self._allocations_progress(ref)
         deployments = self._call(
