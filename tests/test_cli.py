@@ -145,6 +145,13 @@ def test_targets_and_plugins_list_as_tables_and_json(cli):
     scripted = next(p for p in plugins if p["name"] == "scripted_backend")
     assert scripted["backends"] == ["scripted"]
     assert "scripted_backend" in cli("plugins").output
+    # what each built-in backend can do, as its capability flags say
+    capabilities = {b: c for p in plugins for b, c in p["capabilities"].items()}
+    assert capabilities["swarm"] == ["app", "job", "rollback", "run-env-as-given"]
+    assert capabilities["kubernetes"] == [
+        *("app", "job", "rollback", "concurrent-runs", "run-env-as-given")
+    ]
+    assert capabilities["nomad"] == ["app", "job", "rollback", "concurrent-runs"]
 
 
 def test_deployments_list_and_show(cli, tmp_path):

@@ -70,12 +70,15 @@ def test_a_third_party_backend_loads_through_the_entry_point_group(tmp_path):
         "version": "1.0",
         "backends": ["echo"],
         "descriptions": {"echo": "answers every call at once"},
+        "capabilities": {"echo": ["app", "job", "rollback", "concurrent-runs", "run-env-as-given"]},
     }
     table = run_cli("plugins", config=config, env=env).stdout.splitlines()
-    assert table[0].split() == ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKEND", "DESCRIPTION"]
-    assert "echo shiphook-echo 1.0 echo answers every call at once" in [
-        " ".join(r.split()) for r in table
-    ]
+    headers = ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKEND", "CAPABILITIES", "DESCRIPTION"]
+    assert table[0].split() == headers
+    assert (
+        "echo shiphook-echo 1.0 echo app job rollback concurrent-runs run-env-as-given "
+        "answers every call at once"
+    ) in [" ".join(r.split()) for r in table]
     checked = run_cli("check", config=config, env=env).stdout
     assert "backend e (echo): echo ready" in checked
     assert "target t (app): found, running unknown (an echo)" in checked

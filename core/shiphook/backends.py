@@ -160,6 +160,10 @@ class Backend(ABC):
     can_rollback: ClassVar[bool] = True
     concurrent_runs: ClassVar[bool] = True
     """Whether several runs of one job target can go at once (`max_concurrent_runs` > 1)."""
+    run_env_as_given: ClassVar[bool] = True
+    """Whether a job run's variables reach its process under their own names, over the job's
+    own; False: the orchestrator passes them another way, which the backend's documentation
+    says (Nomad's dispatch meta, which the task reads as `NOMAD_META_<name>`)."""
     poll_interval: float = 1.0
     """Seconds between `progress` calls while work runs; a backend may set it per instance
     (from an option, say)."""
@@ -241,6 +245,16 @@ class BackendRegistry:
             )
         self.classes[name] = backend_class
         self.sources[name] = source
+
+
+def capabilities(backend: type[Backend]) -> list[str]:
+    """What the backend's capability flags allow, in words (`shiphook plugins` shows them)."""
+    allowed = sorted(backend.kinds)
+    allowed += ["rollback"] if backend.can_rollback else []
+    if "job" in backend.kinds:
+        allowed += ["concurrent-runs"] if backend.concurrent_runs else []
+        allowed += ["run-env-as-given"] if backend.run_env_as_given else []
+    return allowed
 
 
 # what each method returns by the contract above, checked on every call by the deployer and

@@ -13,7 +13,13 @@ from typing import Any
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from shiphook.backends import Backend, BackendError, TargetSettings, checked_return
+from shiphook.backends import (
+    Backend,
+    BackendError,
+    TargetSettings,
+    capabilities,
+    checked_return,
+)
 from shiphook.config import config_path, host_port, read_config_file
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError
@@ -231,6 +237,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
             "version": i.version,
             "backends": list(i.backends),
             "descriptions": {b: registry.classes[b].description for b in i.backends},
+            "capabilities": {b: capabilities(registry.classes[b]) for b in i.backends},
         }
         for i in describe_plugins(pm, registry)
     ]
@@ -238,9 +245,16 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         data,
         as_json,
         lambda: table(
-            ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKEND", "DESCRIPTION"],
+            ["PLUGIN", "DISTRIBUTION", "VERSION", "BACKEND", "CAPABILITIES", "DESCRIPTION"],
             [
-                (d["name"], d["distribution"], d["version"], b, d["descriptions"].get(b))
+                (
+                    d["name"],
+                    d["distribution"],
+                    d["version"],
+                    b,
+                    " ".join(d["capabilities"][b]),
+                    d["descriptions"][b],
+                )
                 for d in data
                 for b in d["backends"]
             ],

@@ -202,6 +202,7 @@ class NomadBackend(Backend):
     kinds = frozenset({"app", "job"})
     can_rollback = True
     concurrent_runs = True  # each run is a child job of its own
+    run_env_as_given = False  # dispatch meta: the task reads ${NOMAD_META_<name>}
 
     def __init__(self, options: NomadOptions) -> None:
         super().__init__(options)
