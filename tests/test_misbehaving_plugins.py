@@ -80,6 +80,21 @@ def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
     assert not stopping.is_alive(), "the deployer waited for the stalled call"
 
 
+def test_a_call_past_call_timeout_is_waited_for_by_its_retry_not_made_twice(
+    harness_factory, tmp_path
+):
+    """A plugin never has two calls of one deployment at once: the retry of a call that did
+    not return in time waits for that call (and takes its answer) rather than call again."""
+    config = stalling_config(tmp_path, call_timeout=0.5, stall_seconds=2)
+    config.write_text(config.read_text().replace("retry_budget = 0", "retry_budget = 60"))
+    harness = harness_factory(config)
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "stall-1"}))
+    assert deployment["status"] == "succeeded", deployment
+    assert len(harness.backend.calls("deploy")) == 1
+    timed_out = [e for e in deployment["history"] if "did not return within 0.5s" in e["message"]]
+    assert timed_out, deployment["history"]
+
+
 def test_the_slots_lease_stays_renewed_while_a_long_call_runs(harness_factory, tmp_path):
     config = stalling_config(tmp_path, call_timeout=60, lease_seconds=1, stall_seconds=2.5)
     harness = harness_factory(config)

@@ -405,6 +405,9 @@ class Execution:
         self.lease = lease
         self.backend = deployer.backends[target.backend]
         self.retry_spent = 0.0
+        # a call past call_timeout, still running: its retry waits for it rather than make it
+        # again, so that a plugin never has two calls of one deployment at once
+        self._abandoned: dict[str, tuple[tuple[Any, ...], threading.Event, list[Any]]] = {}
 
     def execute(self) -> None:
         try:
@@ -584,28 +587,34 @@ class Execution:
     def _within_call_timeout(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run the call on a thread of its own and wait for it at most the target's
         `call_timeout`, renewing the slot's lease meanwhile; a call that does not return is
-        abandoned to its thread (a daemon) and counts as a transient failure."""
-        outcome: list[Any] = []
-        done = threading.Event()
-
-        def call() -> None:
-            try:
-                outcome.append(("value", function(*args, **kwargs)))
-            except BaseException as exc:  # handed to the worker, which decides
-                outcome.append(("error", exc))
-            finally:
-                done.set()
-
+        left to its thread (a daemon) and counts as a transient failure. The same call made
+        again (a retry) waits for that thread once more instead of calling again."""
         name = getattr(function, "__name__", "call")
-        threading.Thread(
-            target=call, name=f"shiphook-call-{self.target.name}-{name}", daemon=True
-        ).start()
+        call_args = (args, kwargs)
+        earlier = self._abandoned.pop(name, None)
+        if earlier is not None and earlier[0] == call_args:
+            _, done, outcome = earlier
+        else:
+            done, outcome = threading.Event(), []
+
+            def call() -> None:
+                try:
+                    outcome.append(("value", function(*args, **kwargs)))
+                except BaseException as exc:  # handed to the worker, which decides
+                    outcome.append(("error", exc))
+                finally:
+                    done.set()
+
+            threading.Thread(
+                target=call, name=f"shiphook-call-{self.target.name}-{name}", daemon=True
+            ).start()
         deadline = time.monotonic() + self.target.call_timeout
         step = self.deployer.settings.lease_seconds / 6
         while not done.wait(max(0.0, min(step, deadline - time.monotonic()))):
             if self.deployer._stopping.is_set():
                 raise Stopping
             if time.monotonic() >= deadline:
+                self._abandoned[name] = (call_args, done, outcome)
                 raise BackendError(
                     f"the {self.backend.name} backend's {name} did not return within "
                     f"{self.target.call_timeout:g}s (the target's call_timeout)",
