@@ -211,7 +211,11 @@ def target(name: str, kind: str, **keys: Any) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
-def as_service_account(kube: Kube, tmp_path: Path, name: str) -> Path:
+def as_service_account(kube: Kube, tmp_path: Path, name: str, rules: list | None = None) -> Path:
+    """A kubeconfig of the ServiceAccount `name`; with `rules`, one made bound to a Role of
+    those rules first."""
+    if rules is not None:
+        kube.service_account(name, rules)
     token = kube.cluster.token_for(kube.namespace, name)
     return kube.cluster.write_kubeconfig(tmp_path / f"{name}.kubeconfig", token, kube.namespace)
 
@@ -998,8 +1002,7 @@ def test_a_serviceaccount_bound_to_the_readmes_role_deploys_rolls_back_and_runs(
     kube.statefulset("db")
     kube.daemonset("agent")
     cronjob = kube.cronjob()
-    kube.service_account("shiphook", README_RULES)
-    kubeconfig = as_service_account(kube, tmp_path, "shiphook")
+    kubeconfig = as_service_account(kube, tmp_path, "shiphook", README_RULES)
     config = kube_config(
         tmp_path,
         kube,
@@ -1047,8 +1050,7 @@ def test_a_role_narrowed_to_the_targets_workloads_by_name_is_enough(
         if "cronjobs" in rule["resources"]:
             rule["resources"] = ["cronjobs"]
             rule["resourceNames"] = [cronjob]
-    kube.service_account("narrow", rules)
-    kubeconfig = as_service_account(kube, tmp_path, "narrow")
+    kubeconfig = as_service_account(kube, tmp_path, "narrow", rules)
     config = kube_config(
         tmp_path,
         kube,
@@ -1083,8 +1085,7 @@ def test_a_role_without_patch_or_create_fails_at_once_and_check_names_what_is_mi
     for rule in rules:
         if "deployments" in rule["resources"] or "jobs" in rule["resources"]:
             rule["verbs"] = ["get"]  # no patch of the workloads, no create of Jobs
-    kube.service_account("reader", rules)
-    kubeconfig = as_service_account(kube, tmp_path, "reader")
+    kubeconfig = as_service_account(kube, tmp_path, "reader", rules)
     config = kube_config(
         tmp_path,
         kube,
