@@ -15,7 +15,7 @@ import pytest
 from shiphook.deployer.process import _relay
 from shiphook.http.notifier import NOTIFY_INTERVAL, DeployerNotifier
 from shiphook.testing import eventually
-from shiphook.wakeup import deployer_address, release_deployer_address, sockaddr
+from shiphook.wakeup import bind_deployer_address, deployer_address, release_deployer_address
 
 
 class Clock:
@@ -39,7 +39,7 @@ def address() -> Iterator[str]:
 def bind(address: str) -> socket.socket:
     """The deployer process's end of the wake-up socket."""
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    inbox.bind(sockaddr(address))
+    bind_deployer_address(inbox, address)
     inbox.setblocking(False)
     return inbox
 
@@ -105,31 +105,37 @@ def test_a_deployer_process_that_is_not_listening_gets_the_next_message_once_it_
     asyncio.run(restart())
 
 
+def as_another_user(action) -> int:
+    """The exit status of `action()` run in a child process of uid 65534 (0: it returned)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setuid(65534)
+            action()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+
 def test_the_deployer_takes_wake_ups_from_its_own_user_only_and_survives_garbage(address):
-    """An abstract socket has no permissions: any local user may send to it. What another user
-    sends is dropped, and bytes that are no target's name neither wake nor stop the relay."""
+    """No other user may send to the deployer's socket, nor take its address while a deployer
+    restarts (an abstract socket allowed both, and it is no longer used); bytes that are no
+    target's name neither wake nor stop the relay."""
     woken: list[str] = []
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    inbox.bind(sockaddr(address))
+    bind_deployer_address(inbox, address)
     relay = threading.Thread(
         target=_relay, args=(inbox, SimpleNamespace(notify=woken.append)), daemon=True
     )
     relay.start()
 
-    def send(message: bytes, uid: int | None = None) -> None:
-        child = os.fork()
-        if child == 0:  # a process of another user, as root can make one
-            try:
-                if uid is not None:
-                    os.setuid(uid)
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
-                    out.sendto(message, sockaddr(address))
-            finally:
-                os._exit(0)
-        os.waitpid(child, 0)
+    def send(message: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
+            out.sendto(message, address)
 
     if os.getuid() == 0:
-        send(b"other", uid=65534)
+        assert as_another_user(lambda: send(b"other")) == 1
     send(b"\xff\xfe")
     send(b"web")
     eventually(lambda: woken, "a wake-up")
@@ -137,3 +143,14 @@ def test_the_deployer_takes_wake_ups_from_its_own_user_only_and_survives_garbage
     assert relay.is_alive()
     inbox.shutdown(socket.SHUT_RDWR)
     inbox.close()
+
+    os.unlink(address)  # between a deployer's death and the next one's bind
+
+    def squat() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as squatter:
+            squatter.bind(address)
+
+    if os.getuid() == 0:
+        assert as_another_user(squat) == 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as again:
+        bind_deployer_address(again, address)  # the next deployer's

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-import secrets
+import contextlib
+import os
 import shutil
-import sys
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,17 +17,18 @@ DEPLOYER_SOCKET = "SHIPHOOK_DEPLOYER_SOCKET"  # the environment variable that ha
 
 
 def deployer_address() -> str:
-    """Where the deployer listens: an abstract socket on Linux (nothing on disk to clean up, even
-    after a SIGKILL), else a socket file in a private temporary directory."""
-    if sys.platform == "linux":
-        return f"@shiphook-deployer-{secrets.token_hex(8)}"
+    """Where the deployer listens: a socket file in a temporary directory only this user may
+    enter, so that no other user can send to it, nor take the address while a restarted
+    deployer is binding it again (an abstract socket, which has no permissions, allowed both)."""
     return str(Path(tempfile.mkdtemp(prefix="shiphook-")) / "deployer.sock")
 
 
+def bind_deployer_address(inbox: socket.socket, address: str) -> None:
+    """Bind the deployer's socket, replacing the file a deployer before it left."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    inbox.bind(address)
+
+
 def release_deployer_address(address: str) -> None:
-    if not address.startswith("@"):
-        shutil.rmtree(Path(address).parent, ignore_errors=True)
-
-
-def sockaddr(address: str) -> str:
-    return "\0" + address[1:] if address.startswith("@") else address
+    shutil.rmtree(Path(address).parent, ignore_errors=True)

@@ -28,7 +28,7 @@ from shiphook.deployer.deployer import Deployer
 from shiphook.fastpath import checkpoint
 from shiphook.instance import Instance, open_instance
 from shiphook.plugin_manager import plugin_error
-from shiphook.wakeup import sockaddr
+from shiphook.wakeup import bind_deployer_address
 
 log = logging.getLogger("shiphook.deployer")
 
@@ -137,7 +137,7 @@ def run_deployer(config_path: str, address: str, log_level: str, stop: Connectio
         settings=instance.config.deployer,
     )
     inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    inbox.bind(sockaddr(address))
+    bind_deployer_address(inbox, address)
     deployer.start()
     threading.Thread(target=report_backends, args=(instance,), daemon=True).start()
     threading.Thread(target=_relay, args=(inbox, deployer), daemon=True).start()
@@ -156,8 +156,8 @@ def _ignore(_signum: int, _frame: object) -> None:
 
 def _relay(inbox: socket.socket, deployer: Deployer) -> None:
     """Wake the deployer for each target named on `inbox` by a process of this user; anything
-    else is dropped (any local user may write to an abstract socket, which has no permissions)."""
-    credentials = hasattr(socket, "SO_PASSCRED")  # Linux; elsewhere the socket's directory is 0700
+    else is dropped (the socket's directory lets no other user in; root still may)."""
+    credentials = hasattr(socket, "SO_PASSCRED")  # Linux
     if credentials:
         inbox.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     while True:

@@ -8,8 +8,6 @@ import socket
 import time
 from collections.abc import Callable
 
-from shiphook.wakeup import sockaddr
-
 NOTIFY_INTERVAL = 0.05
 
 
@@ -21,7 +19,7 @@ class DeployerNotifier:
     """
 
     def __init__(self, address: str, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._address = sockaddr(address)
+        self._address = address
         self._clock = clock
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
