@@ -175,6 +175,30 @@ def test_deployments_list_and_show(cli, tmp_path):
     assert data["history"][0]["status"] == "queued"
 
 
+def test_deployments_list_and_show_print_what_a_caller_sent_as_one_escaped_line(cli, tmp_path):
+    """A job's environment comes from whoever holds a hook token: a line break in it would
+    forge a line of the listing, an escape or bidi sequence drive the operator's terminal."""
+    from conftest import scripted_backend
+    from shiphook.instance import open_instance
+
+    token = json.loads(cli("hooks", "create", "migrate", "--name", "a", "--json").output)["token"]
+    instance = open_instance(
+        scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
+    )
+    forged = "1\n2026-12-01 00:00:00 FORGED\x1b[31m\x1b]0;title\x07\u202eevil"
+    body = json.dumps({"instanceEnvironmentVariables": [{"name": "GREETING", "value": forged}]})
+    deployment, _ = asyncio.run(
+        instance.deployments.accept(instance.hooks.authenticate(token), body.encode())
+    )
+    instance.close()
+    for args in (("list",), ("show", deployment["id"])):
+        out = cli("deployments", *args).output
+        assert "GREETING=1; 2026-12-01 00:00:00 FORGED\\x1b[31m\\x1b]0;title\\x07\\u202eevil" in out
+        assert not {"\x1b", "\x07", "\u202e"} & set(out), out
+        if args == ("list",):
+            assert len(out.splitlines()) == 2, out  # the header, one row
+
+
 def test_db_upgrade_is_repeatable(cli):
     assert "latest schema" in cli("db", "upgrade").output
     assert "latest schema" in cli("db", "upgrade").output
@@ -306,5 +330,14 @@ def test_check_reports_a_plugin_call_that_hangs_or_returns_what_it_may_not(tmp_p
     assert checked.returncode == 1, checked.stderr
     assert (
         "target web (app): NOT USABLE: the scripted backend's describe returned "
-        "'registry.test/app:1', not a TargetState: a bug in the plugin"
+        "'registry.test/app:1', not a TargetState, its image one line of printable text: a bug "
+        "in the plugin"
     ) in checked.stdout, checked.stdout
+
+    # what the orchestrator says is one line, whatever it holds
+    refused = 'unreachable = "refused\\n2026-12-01 00:00:00 FORGED\\u001b[2J"'
+    checked = run_cli("check", config=scripted_config(tmp_path, backend_extra=refused), check=False)
+    assert (
+        "backend fake (scripted): UNREACHABLE: refused; 2026-12-01 00:00:00 FORGED\\x1b[2J\n"
+        in checked.stdout
+    ), checked.stdout

@@ -172,3 +172,11 @@ def test_a_replacement_that_turns_unhealthy_is_swapped_back_for_the_old_containe
     finally:
         for container in client.containers(all=True, filters={"name": name}):
             client.remove_container(container["Id"], force=True)
+
+
+def test_a_host_with_credentials_is_refused_without_quoting_them():
+    from shiphook_docker import DockerOptions
+
+    for host in ("tcp://s3cret@127.0.0.1:2375", "ssh://user:s3cret@127.0.0.1"):
+        with pytest.raises(ValueError, match="a host holds no credentials"):
+            DockerOptions(host=host)

@@ -8,6 +8,7 @@ import re
 
 import pytest
 from shiphook import tokens
+from shiphook.errors import one_line
 
 
 @pytest.fixture
@@ -123,3 +124,10 @@ def test_what_an_orchestrator_says_is_one_line_that_drives_no_terminal(harness, 
     lines = [r.getMessage() for r in caplog.records if r.name == "shiphook.deployer"]
     assert any(expected in line for line in lines), lines
     assert not any("\n" in line or "\x1b" in line for line in lines), lines
+
+
+def test_text_from_elsewhere_is_one_line_without_credentials_or_format_characters():
+    said = "cannot reach tcp://s3cret@10.0.0.1:2375\nthen \u202eevil\x1b[2J, é kept"
+    assert one_line(said) == (
+        "cannot reach tcp://***@10.0.0.1:2375; then \\u202eevil\\x1b[2J, é kept"
+    )

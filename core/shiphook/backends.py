@@ -261,10 +261,10 @@ def capabilities(backend: type[Backend]) -> list[str]:
 # by `shiphook check`: what does not fit is a bug in the plugin, which fails that deployment
 RETURNS: dict[str, tuple[type, str]] = {
     "check": (str, "a line of text"),
-    "describe": (TargetState, "a TargetState"),
+    "describe": (TargetState, "a TargetState, its image one line of printable text"),
     "progress": (Progress, "a Progress in one of the states " + ", ".join(get_args(State))),
-    "deploy": (dict, "a JSON object (a Ref) naming the image as image"),
-    "run_job": (dict, "a JSON object (a Ref) naming the image as image"),
+    "deploy": (dict, "a JSON object (a Ref) naming the image, one printable line, as image"),
+    "run_job": (dict, "a JSON object (a Ref) naming the image, one printable line, as image"),
     "rollback": (dict, "a JSON object (a Ref)"),
 }
 T = TypeVar("T")
@@ -285,11 +285,17 @@ def checked_return(backend: Backend, method: str, value: T) -> T:
 
 
 def _fits(method: str, value: Any) -> bool:
-    """Whether a value of the right type holds what the contract asks of it."""
+    """Whether a value of the right type holds what the contract asks of it: an image, where
+    one is named, is one line of printable text (it is stored, logged and shown)."""
     if isinstance(value, Progress):
         return value.state in get_args(State)
+    if isinstance(value, TargetState):
+        return value.image is None or value.image.isprintable()
     if isinstance(value, dict):
-        return _is_json(value) and (method == "rollback" or isinstance(value.get("image"), str))
+        image = value.get("image")
+        if image is None and method == "rollback":
+            return _is_json(value)
+        return _is_json(value) and isinstance(image, str) and image.isprintable()
     return True
 
 

@@ -22,7 +22,7 @@ from shiphook.backends import (
 )
 from shiphook.config import config_path, host_port, read_config_file
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
-from shiphook.errors import ShiphookError
+from shiphook.errors import ShiphookError, one_line
 from shiphook.http.app import TOKEN_HEADER
 from shiphook.instance import Instance, open_instance
 from shiphook.plugin_manager import (
@@ -96,7 +96,7 @@ def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    cells = [[("" if v is None else one_line(str(v))) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     for row in [list(headers), *cells]:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -141,10 +141,11 @@ def check(ctx: click.Context) -> None:
             default=TargetSettings.model_fields["call_timeout"].default,
         )
         try:
-            click.echo(f"backend {name} ({backend.name}): {_bounded(bound, backend, 'check')}")
+            said = one_line(_bounded(bound, backend, "check"))
+            click.echo(f"backend {name} ({backend.name}): {said}")
             reachable.add(name)
         except BackendError as exc:
-            click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {exc.message}")
+            click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {one_line(exc.message)}")
             failed = True
         except (Exception, SystemExit) as exc:  # a plugin bug: named, not a traceback or an exit
             click.echo(f"backend {name} ({backend.name}): FAILED: {plugin_error(exc)}")
@@ -157,11 +158,10 @@ def check(ctx: click.Context) -> None:
             backend = instance.backends[target.backend]
             state = _bounded(target.call_timeout, backend, "describe", target)
             detail = f" ({state.detail})" if state.detail else ""
-            click.echo(
-                f"target {name} ({target.kind}): found, running {state.image or 'unknown'}{detail}"
-            )
+            running = one_line(f"{state.image or 'unknown'}{detail}")
+            click.echo(f"target {name} ({target.kind}): found, running {running}")
         except BackendError as exc:
-            click.echo(f"target {name} ({target.kind}): NOT USABLE: {exc.message}")
+            click.echo(f"target {name} ({target.kind}): NOT USABLE: {one_line(exc.message)}")
             failed = True
         except (Exception, SystemExit) as exc:
             click.echo(f"target {name} ({target.kind}): FAILED: {plugin_error(exc)}")
@@ -420,15 +420,15 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
             "supersededBy",
         ):
             if data.get(key) not in (None, ""):
-                click.echo(f"{key + ':':15} {data[key]}")
-        click.echo(f"{'requested:':15} {requested(data)}")
+                click.echo(f"{key + ':':15} {one_line(str(data[key]))}")
+        click.echo(f"{'requested:':15} {one_line(requested(data))}")
         if image_of(data):
-            click.echo(f"{'image:':15} {image_of(data)}")
+            click.echo(f"{'image:':15} {one_line(str(image_of(data)))}")
         if data["backendRef"]:
             click.echo(f"{'backendRef:':15} {json.dumps(data['backendRef'])}")
         click.echo("history:")
         for event in data["history"]:
-            message = f"  {event['message']}" if event["message"] else ""
+            message = f"  {one_line(event['message'])}" if event["message"] else ""
             click.echo(f"  {event['at']}  {event['status']}{message}")
 
     emit(data, as_json, human)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -66,18 +67,23 @@ class DatabaseUnavailable(ShiphookError):
 
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)[^/@\s]*@")  # a password, or a lone token
 
 
 def one_line(text: str) -> str:
-    """Text from elsewhere (an orchestrator, a plugin) as shiphook stores, logs and shows it: its
-    lines joined with "; ", and any other control character escaped, so that it can neither
-    forge a log line nor drive a terminal that prints it."""
+    """Text from elsewhere (an orchestrator, a plugin, a hook's caller) as shiphook stores, logs
+    and shows it: its lines joined with "; ", any other control or format character escaped
+    (so that it can neither forge a log line nor drive or reorder a terminal that prints it),
+    and the credentials of a URL in it masked."""
     joined = "; ".join(line.strip() for line in text.splitlines() if line.strip())
-    return CONTROL.sub(lambda m: repr(m.group())[1:-1], joined)
-
-
-URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)[^/@\s]*@")  # a password, or a lone token
+    if not joined.isprintable():  # the rare case, character by character
+        joined = "".join(
+            c.encode("unicode_escape").decode("ascii")
+            if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs")
+            else c
+            for c in joined
+        )
+    return URL_CREDENTIALS.sub(r"\1***@", joined)
 
 
 def describe_validation_error(

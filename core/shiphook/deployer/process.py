@@ -25,6 +25,7 @@ from pathlib import Path
 from shiphook.backends import BackendError
 from shiphook.db import describe_failure
 from shiphook.deployer.deployer import Deployer
+from shiphook.errors import one_line
 from shiphook.fastpath import checkpoint
 from shiphook.instance import Instance, open_instance
 from shiphook.plugin_manager import plugin_error
@@ -202,14 +203,14 @@ def report_backends(instance: Instance) -> None:
     """Log whether each backend answers; an unreachable one is reported, never fatal."""
     for name, backend in instance.backends.items():
         try:
-            log.info("backend %s (%s): %s", name, backend.name, backend.check())
+            log.info("backend %s (%s): %s", name, backend.name, one_line(backend.check()))
         except BackendError as exc:
             log.warning(
                 "backend %s (%s) is not reachable: %s; hooks are still accepted and their "
                 "deployments retried",
                 name,
                 backend.name,
-                exc.message,
+                one_line(exc.message),
             )
         except Exception as exc:  # a plugin's bug: named, as `check` does, without a traceback
             log.warning("backend %s (%s): check failed: %s", name, backend.name, plugin_error(exc))

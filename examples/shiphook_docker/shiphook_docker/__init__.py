@@ -7,6 +7,7 @@ healthy, when its image has a health check), so a rollback puts it back as it wa
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shiphook import Backend, BackendError, Progress, Ref, Target, TargetState, hookimpl
 
 T = TypeVar("T")
@@ -31,6 +32,13 @@ class DockerOptions(BaseModel):
     timeout: float = Field(30.0, gt=0, description="seconds per Engine API call")
     settle: float = Field(10.0, ge=0, description="seconds a new container runs to count as up")
     poll_interval: float = Field(1.0, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _holds_no_credentials(cls, value: str) -> str:
+        if re.match(r"\w+://[^/]*@", value):  # they would be quoted wherever the host is
+            raise ValueError("a host holds no credentials (the Engine API takes TLS client keys)")
+        return value
 
 
 class DockerTargetOptions(BaseModel):
