@@ -37,8 +37,10 @@ def test_hooks_create_prints_the_token_once_and_a_ready_curl_line(cli):
     out = cli("hooks", "create", "web", "--name", "github-actions").output
     token = next(w for w in out.split() if w.startswith("shk_"))
     assert "shown once" in out
-    # the token is in the line only as the CI secret's variable: not in a shell's history
-    assert '-H "X-Deploy-Hook-Token: $SHIPHOOK_TOKEN"' in out
+    # the token is in the line only as the CI secret's variable (not in a shell's history),
+    # and reaches curl on its standard input (not in its arguments, which `ps` shows)
+    assert "printf 'X-Deploy-Hook-Token: %s\\n' \"$SHIPHOOK_TOKEN\" | curl " in out
+    assert " -H @- " in out
     assert out.count(token) == 1
     assert "http://127.0.0.1:8080/api/v1/dh" in out
     assert """--data '{"imageTag":"1.2.0"}'""" in out
@@ -173,6 +175,26 @@ def test_deployments_list_and_show(cli, tmp_path):
     assert "status:" in shown and "queued" in shown and "imageTag=7.0" in shown
     data = json.loads(cli("deployments", "show", deployment["id"], "--json").output)
     assert data["history"][0]["status"] == "queued"
+
+
+def test_a_new_sqlite_database_is_created_private_not_narrowed_later(tmp_path, monkeypatch):
+    """Created 0600 before SQLite opens it: a file made as the umask allows and narrowed after
+    could be opened by another user in between, and read through that descriptor for ever."""
+    import shiphook.db
+
+    def no_narrowing(*_args):
+        raise AssertionError("chmod")
+
+    monkeypatch.setattr(shiphook.db.os, "chmod", no_narrowing)
+    umask = os.umask(0)
+    try:
+        engine = create_db_engine(f"sqlite:///{tmp_path}/new.db")
+        with engine.connect() as connection:
+            connection.exec_driver_sql("CREATE TABLE t (x)")
+        engine.dispose()
+    finally:
+        os.umask(umask)
+    assert oct((tmp_path / "new.db").stat().st_mode & 0o777) == "0o600"
 
 
 def test_deployments_list_and_show_print_what_a_caller_sent_as_one_escaped_line(cli, tmp_path):

@@ -191,12 +191,17 @@ def test_a_bad_database_url_from_the_environment_is_named_so_and_never_quoted(
             open_instance(write_config(tmp_path, ""))
         assert caught.value.message.startswith("SHIPHOOK_DATABASE_URL: not a database URL")
         assert "hunter2" not in caught.value.message
-    monkeypatch.setenv("SHIPHOOK_DATABASE_URL", "postgresql://u:hun@ter2@127.0.0.1:1/db")
-    with pytest.raises(ConfigError) as caught:
-        open_instance(write_config(tmp_path, ""))
-    assert caught.value.message == (
-        "SHIPHOOK_DATABASE_URL: the URL's user or password holds an @: write it as %40"
-    )
+    for url in (
+        "postgresql://u:hun@ter2@127.0.0.1:1/db",
+        "postgresql://u:hun@ter/2@127.0.0.1:1/db",
+        "postgresql://u:hun@ter?2@127.0.0.1:1/db",
+    ):
+        monkeypatch.setenv("SHIPHOOK_DATABASE_URL", url)
+        with pytest.raises(ConfigError) as caught:
+            open_instance(write_config(tmp_path, ""))
+        assert caught.value.message == (
+            "SHIPHOOK_DATABASE_URL: the URL's user or password holds an @: write it as %40"
+        )
     config = write_config(tmp_path, "")
     for url, expected in [
         ("http://u:hunter2@db/shiphook", "SHIPHOOK_DATABASE_URL: no driver for http: "),

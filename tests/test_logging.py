@@ -49,7 +49,12 @@ def test_each_hook_request_is_one_access_log_line_and_never_shows_the_token(
 
 def test_a_token_sent_in_the_path_is_masked_in_the_answer_and_the_log(harness, caplog, log_lines):
     token = harness.new_hook("web")
-    for path in (f"/api/v1/dh/{token}", f"/api/v1/deployments/{token[:20]}/rollback"):
+    for path in (
+        f"/api/v1/dh/{token}",
+        f"/api/v1/deployments/{token[:20]}/rollback",
+        f"/api/v1/dh/shk%255F{token[4:]}",  # the prefix's underscore encoded twice
+        f"/api/v1/dh/{token[4:]}",  # the body alone
+    ):
         answer = harness.client.simulate_get(path)
         assert answer.status_code in (404, 405), answer.text
         assert token[4:12] not in answer.text

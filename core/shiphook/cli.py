@@ -16,7 +16,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from shiphook.backends import (
     Backend,
     BackendError,
-    TargetSettings,
     capabilities,
     checked_return,
 )
@@ -138,7 +137,7 @@ def check(ctx: click.Context) -> None:
     for name, backend in instance.backends.items():
         bound = min(  # as long as any of its targets would wait for a call
             (t.call_timeout for t in instance.config.targets.values() if t.backend == name),
-            default=TargetSettings.model_fields["call_timeout"].default,
+            default=CHECK_TIMEOUT,
         )
         try:
             said = one_line(_bounded(bound, backend, "check"))
@@ -168,6 +167,9 @@ def check(ctx: click.Context) -> None:
             failed = True
     if failed:
         ctx.exit(1)
+
+
+CHECK_TIMEOUT = 30.0  # seconds `check` waits for a backend that no target uses
 
 
 def _bounded(seconds: float, backend: Backend, method: str, *args: Any) -> Any:
@@ -288,11 +290,12 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
     server = instance.config.server
     url = (server.public_url or f"http://{host_port(server.host, server.port)}").rstrip("/")
     body = '{"imageTag":"1.2.0"}' if kind == "app" else '{"instanceEnvironmentVariables":[]}'
-    # the token from the CI secret, not in the line: pasted into a shell, it would stay in the
-    # shell's history and show in `ps` to every user of the machine
+    # the token from the CI secret, and into curl through its standard input (printf is the
+    # shell's own): in the line it would stay in the shell's history, and in curl's arguments
+    # it would show in `ps` to every user of the machine
     curl = (
-        f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' "
-        f"-H \"{TOKEN_HEADER}: ${TOKEN_VARIABLE}\" --data '{body}'"
+        f"printf '{TOKEN_HEADER}: %s\\n' \"${TOKEN_VARIABLE}\" | "
+        f"curl --fail-with-body -sS -X POST '{url}/api/v1/dh' -H @- --data '{body}'"
     )
 
     def human() -> None:

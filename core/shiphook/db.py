@@ -63,7 +63,7 @@ def create_db_engine(
             f"{database_url_source()}: not a database URL "
             "(expected e.g. sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
-    if "@" in (parsed.host or ""):  # SQLAlchemy splits at the first @; not quoted either
+    if "@" in url.partition("://")[2].rpartition("@")[0]:  # SQLAlchemy would split at the first
         raise ConfigError(
             f"{database_url_source()}: the URL's user or password holds an @: write it as %40"
         )
@@ -79,6 +79,7 @@ def create_db_engine(
             connect_args={"check_same_thread": False, "timeout": 30},
             hide_parameters=True,
         )
+        event.listen(engine, "do_connect", functools.partial(_create_private, Path(database)))
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, synchronous))
         return engine
     try:
@@ -121,7 +122,7 @@ def connect_on_loop(engine: Engine, timeout: float) -> Callable[[], Awaitable[An
 
     async def connect() -> Any:
         connection = await _bounded_classes()[1].connect(autocommit=True, **params)
-        connection.deadline = timeout + ANSWER_MARGIN
+        connection.deadline = _deadline(timeout)
         return connection
 
     return connect
@@ -243,8 +244,14 @@ def _bounded_classes() -> tuple[type, type]:
 
 def _connect_bounded(timeout: float, _dialect, _record, cargs, cparams) -> Any:
     connection = _bounded_classes()[0].connect(*cargs, **cparams)
-    connection.deadline = timeout + ANSWER_MARGIN
+    connection.deadline = _deadline(timeout)
     return connection
+
+
+def _deadline(timeout: float) -> float:
+    """A call's deadline: a margin past the server's statement_timeout, in whole seconds as
+    `_libpq_timeouts` gives it, so that an honest slow statement is cancelled by the server."""
+    return max(1, math.ceil(timeout)) + ANSWER_MARGIN
 
 
 @contextlib.contextmanager
@@ -269,6 +276,13 @@ def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
     # shiphook's writers queue on `fastpath.write_lock`; this waits for a writer outside it
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _create_private(path: Path, *_: Any) -> None:
+    """Create a missing SQLite database file readable by its owner only, before SQLite creates
+    it readable by all (as the umask allows) until `_private` narrows it."""
+    with contextlib.suppress(OSError):  # there already, or its directory missing: SQLite says
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _private(dbapi_connection) -> None:
