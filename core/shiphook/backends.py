@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shiphook.errors import one_line
 
 Kind = Literal["app", "job"]
 State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progress`
@@ -54,8 +58,8 @@ class BackendError(Exception):
     def __init__(
         self, message: str, *, transient: bool = False, retry_after: float | None = None
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        self.message = one_line(message)  # an orchestrator's words: stored, logged and shown
+        super().__init__(self.message)
         self.transient = transient
         self.retry_after = retry_after
 
@@ -128,6 +132,9 @@ class Progress:
 
     state: State
     message: str = ""
+
+    def __post_init__(self) -> None:  # the orchestrator's words: stored, logged and shown
+        object.__setattr__(self, "message", one_line(self.message))
 
 
 Ref = dict[str, Any]
@@ -255,6 +262,32 @@ def capabilities(backend: type[Backend]) -> list[str]:
         allowed += ["concurrent-runs"] if backend.concurrent_runs else []
         allowed += ["run-env-as-given"] if backend.run_env_as_given else []
     return allowed
+
+
+class PluginCall:
+    """A call of plugin code on a daemon thread of its own, which the caller waits for as long
+    as it chooses (`done`); a call that never returns is left to its thread."""
+
+    def __init__(self, name: str, function: Callable[..., Any], /, *args: Any, **kwargs: Any):
+        self.done = threading.Event()
+        self._outcome: list[tuple[bool, Any]] = []
+
+        def call() -> None:
+            try:
+                self._outcome.append((True, function(*args, **kwargs)))
+            except BaseException as exc:  # raised in the caller's thread, by `result`
+                self._outcome.append((False, exc))
+            finally:
+                self.done.set()
+
+        threading.Thread(target=call, name=name, daemon=True).start()
+
+    def result(self) -> Any:
+        """What the call returned, or raise what it raised (once `done`)."""
+        returned, value = self._outcome[0]
+        if not returned:
+            raise value
+        return value
 
 
 # what each method returns by the contract above, checked on every call by the deployer and

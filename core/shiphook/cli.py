@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sys
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from shiphook.backends import (
     Backend,
     BackendError,
+    PluginCall,
     capabilities,
     checked_return,
 )
@@ -144,7 +143,7 @@ def check(ctx: click.Context) -> None:
             click.echo(f"backend {name} ({backend.name}): {said}")
             reachable.add(name)
         except BackendError as exc:
-            click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {one_line(exc.message)}")
+            click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {exc.message}")
             failed = True
         except (Exception, SystemExit) as exc:  # a plugin bug: named, not a traceback or an exit
             click.echo(f"backend {name} ({backend.name}): FAILED: {plugin_error(exc)}")
@@ -160,7 +159,7 @@ def check(ctx: click.Context) -> None:
             running = one_line(f"{state.image or 'unknown'}{detail}")
             click.echo(f"target {name} ({target.kind}): found, running {running}")
         except BackendError as exc:
-            click.echo(f"target {name} ({target.kind}): NOT USABLE: {one_line(exc.message)}")
+            click.echo(f"target {name} ({target.kind}): NOT USABLE: {exc.message}")
             failed = True
         except (Exception, SystemExit) as exc:
             click.echo(f"target {name} ({target.kind}): FAILED: {plugin_error(exc)}")
@@ -176,24 +175,12 @@ def _bounded(seconds: float, backend: Backend, method: str, *args: Any) -> Any:
     """`backend.<method>(*args)` on a thread of its own, waited for at most `seconds` (the
     target's `call_timeout`, as the deployer waits) and checked against the contract: a plugin
     that hangs or returns what it may not is reported, not waited for or crashed on."""
-    answer: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-
-    def call() -> None:
-        try:
-            answer.put((True, getattr(backend, method)(*args)))
-        except BaseException as exc:  # raised below, in the command's thread
-            answer.put((False, exc))
-
-    threading.Thread(target=call, name=f"check-{method}", daemon=True).start()
-    try:
-        returned, value = answer.get(timeout=seconds)
-    except queue.Empty:
+    call = PluginCall(f"check-{method}", getattr(backend, method), *args)
+    if not call.done.wait(seconds):
         raise BackendError(
             f"the {backend.name} backend's {method} did not return within {seconds:g}s"
-        ) from None
-    if not returned:
-        raise value
-    return checked_return(backend, method, value)
+        )
+    return checked_return(backend, method, call.result())
 
 
 @main.command()

@@ -80,7 +80,9 @@ def create_db_engine(
             hide_parameters=True,
         )
         event.listen(engine, "do_connect", functools.partial(_create_private, Path(database)))
-        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, synchronous))
+        event.listen(
+            engine, "connect", functools.partial(_sqlite_pragmas, synchronous, Path(database))
+        )
         return engine
     try:
         engine = create_engine(
@@ -130,7 +132,7 @@ def connect_on_loop(engine: Engine, timeout: float) -> Callable[[], Awaitable[An
 
 def _libpq_timeouts(query: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     """libpq connection parameters that bound every wait on the server; the URL's win."""
-    seconds = max(1, math.ceil(timeout))
+    seconds = _whole_seconds(timeout)
     defaults = {
         "connect_timeout": seconds,
         "keepalives": 1,
@@ -208,36 +210,34 @@ def _bounded_classes() -> tuple[type, type]:
     none), enforced by `_watchdog`; made on first use."""
     import psycopg  # here, as SQLAlchemy does: importing it costs every other database 0.1 s
 
-    def no_answer(seconds: float) -> psycopg.OperationalError:
-        return psycopg.OperationalError(f"no answer from the database within {seconds:g} s")
+    @contextlib.contextmanager
+    def within_deadline(connection: Any) -> Iterator[None]:
+        if connection.deadline is None:
+            yield
+            return
+        with _watchdog.watching(connection.pgconn.socket, connection.deadline) as ended:
+            try:
+                yield
+            except psycopg.OperationalError:
+                if ended():
+                    raise psycopg.OperationalError(
+                        f"no answer from the database within {connection.deadline:g} s"
+                    ) from None
+                raise
 
     class Bounded(psycopg.Connection):
         deadline: float | None = None
 
         def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.deadline is None:
+            with within_deadline(self):
                 return super().wait(gen, *args, **kwargs)
-            with _watchdog.watching(self.pgconn.socket, self.deadline) as ended:
-                try:
-                    return super().wait(gen, *args, **kwargs)
-                except psycopg.OperationalError:
-                    if ended():
-                        raise no_answer(self.deadline) from None
-                    raise
 
     class AsyncBounded(psycopg.AsyncConnection):
         deadline: float | None = None
 
         async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.deadline is None:
+            with within_deadline(self):
                 return await super().wait(gen, *args, **kwargs)
-            with _watchdog.watching(self.pgconn.socket, self.deadline) as ended:
-                try:
-                    return await super().wait(gen, *args, **kwargs)
-                except psycopg.OperationalError:
-                    if ended():
-                        raise no_answer(self.deadline) from None
-                    raise
 
     return Bounded, AsyncBounded
 
@@ -249,9 +249,14 @@ def _connect_bounded(timeout: float, _dialect, _record, cargs, cparams) -> Any:
 
 
 def _deadline(timeout: float) -> float:
-    """A call's deadline: a margin past the server's statement_timeout, in whole seconds as
-    `_libpq_timeouts` gives it, so that an honest slow statement is cancelled by the server."""
-    return max(1, math.ceil(timeout)) + ANSWER_MARGIN
+    """A call's deadline: a margin past the server's statement_timeout, so that an honest slow
+    statement is cancelled by the server."""
+    return _whole_seconds(timeout) + ANSWER_MARGIN
+
+
+def _whole_seconds(timeout: float) -> int:
+    """`database_timeout` as libpq's timeouts and the statement_timeout take it."""
+    return max(1, math.ceil(timeout))
 
 
 @contextlib.contextmanager
@@ -268,8 +273,8 @@ def unbounded(connection: Any) -> Iterator[None]:
             dbapi.deadline = saved
 
 
-def _sqlite_pragmas(synchronous: str, dbapi_connection, _record) -> None:
-    _private(dbapi_connection)
+def _sqlite_pragmas(synchronous: str, path: Path, dbapi_connection, _record) -> None:
+    _private(path)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
@@ -285,14 +290,13 @@ def _create_private(path: Path, *_: Any) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _private(dbapi_connection) -> None:
+def _private(database: Path) -> None:
     """The database file readable by its owner only (it holds the hooks' token digests and the
     job runs' environments); SQLite gives its -wal and -shm files the database file's mode, and
     an older database's are narrowed too."""
-    database = dbapi_connection.execute("PRAGMA database_list").fetchone()[2]
-    for path in (database, database + "-wal", database + "-shm"):
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
         with contextlib.suppress(OSError):  # not there (yet), or not ours to change
-            mode = os.stat(path).st_mode
+            mode = path.stat().st_mode
             if mode & 0o077:
                 os.chmod(path, mode & 0o700)
 

@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from shiphook.backends import (
     Backend,
     BackendError,
+    PluginCall,
     Progress,
     Ref,
     Target,
@@ -36,7 +37,6 @@ from shiphook.backends import (
 )
 from shiphook.config import DeployerSettings
 from shiphook.db import describe_failure
-from shiphook.errors import one_line
 from shiphook.models import Deployment, Status, utcnow
 from shiphook.plugin_manager import plugin_error
 from shiphook.storage import Storage
@@ -44,7 +44,6 @@ from shiphook.storage import Storage
 log = logging.getLogger("shiphook.deployer")
 T = TypeVar("T")
 
-# what each Backend method returns, checked before the deployer relies on it
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
@@ -407,7 +406,7 @@ class Execution:
         self.retry_spent = 0.0
         # a call past call_timeout, still running: its retry waits for it rather than make it
         # again, so that a plugin never has two calls of one deployment at once
-        self._abandoned: dict[str, tuple[tuple[Any, ...], threading.Event, list[Any]]] = {}
+        self._abandoned: dict[str, tuple[tuple[Any, ...], PluginCall]] = {}
 
     def execute(self) -> None:
         try:
@@ -550,14 +549,10 @@ class Execution:
         while True:
             self.lease.keep()
             try:
-                value = self._within_call_timeout(function, *args, **kwargs)
-                if isinstance(value, Progress):  # the orchestrator's words, for the log and the API
-                    value = Progress(value.state, one_line(value.message))
-                return self._checked(function, value)
+                return self._checked(function, self._within_call_timeout(function, *args, **kwargs))
             except (Stopping, LeaseLost):
                 raise
             except BackendError as exc:
-                exc.message = one_line(exc.message)
                 if not exc.transient:
                     raise
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
@@ -593,38 +588,24 @@ class Execution:
         call_args = (args, kwargs)
         earlier = self._abandoned.pop(name, None)
         if earlier is not None and earlier[0] == call_args:
-            _, done, outcome = earlier
+            call = earlier[1]
         else:
-            done, outcome = threading.Event(), []
-
-            def call() -> None:
-                try:
-                    outcome.append(("value", function(*args, **kwargs)))
-                except BaseException as exc:  # handed to the worker, which decides
-                    outcome.append(("error", exc))
-                finally:
-                    done.set()
-
-            threading.Thread(
-                target=call, name=f"shiphook-call-{self.target.name}-{name}", daemon=True
-            ).start()
+            thread = f"shiphook-call-{self.target.name}-{name}"
+            call = PluginCall(thread, function, *args, **kwargs)
         deadline = time.monotonic() + self.target.call_timeout
         step = self.deployer.settings.lease_seconds / 6
-        while not done.wait(max(0.0, min(step, deadline - time.monotonic()))):
+        while not call.done.wait(max(0.0, min(step, deadline - time.monotonic()))):
             if self.deployer._stopping.is_set():
                 raise Stopping
             if time.monotonic() >= deadline:
-                self._abandoned[name] = (call_args, done, outcome)
+                self._abandoned[name] = (call_args, call)
                 raise BackendError(
                     f"the {self.backend.name} backend's {name} did not return within "
                     f"{self.target.call_timeout:g}s (the target's call_timeout)",
                     transient=True,
                 )
             self.lease.keep()
-        kind, result = outcome[0]
-        if kind == "error":
-            raise result
-        return result
+        return call.result()
 
     def _pause(self, seconds: float) -> None:
         if self.deployer._stopping.wait(seconds):

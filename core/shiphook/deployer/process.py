@@ -44,12 +44,13 @@ CHECKPOINT_INTERVAL = 0.2
 class DeployerSupervisor:
     """Owned by `shiphook serve`: starts the deployer process, restarts it if it dies, stops it.
 
-    The deployer ignores SIGTERM and SIGINT: systemd and a terminal send them to every process of
-    the service, and the deployer is to stop when `serve` says so, after its HTTP workers, not
-    before; to its supervisor a deployer that went away on a signal would look like a crash.
-    `serve` says so by closing its end of a pipe of that process's own: a pipe, unlike a
-    `multiprocessing.Event`, cannot be left waiting on a process that was killed while it
-    waited (the Event's `set` then blocks for ever), and it closes by itself when `serve` dies.
+    The deployer lets SIGTERM and SIGINT pass (a handler that does nothing): systemd and a
+    terminal send them to every process of the service, and the deployer is to stop when
+    `serve` says so, after its HTTP workers, not before; to its supervisor a deployer that went
+    away on a signal would look like a crash. `serve` says so by closing its end of a pipe of
+    that process's own: a pipe, unlike a `multiprocessing.Event`, cannot be left waiting on a
+    process that was killed while it waited (the Event's `set` then blocks for ever), and it
+    closes by itself when `serve` dies.
     """
 
     def __init__(self, config_path: Path, address: str, log_level: str) -> None:
@@ -210,7 +211,7 @@ def report_backends(instance: Instance) -> None:
                 "deployments retried",
                 name,
                 backend.name,
-                one_line(exc.message),
+                exc.message,
             )
         except Exception as exc:  # a plugin's bug: named, as `check` does, without a traceback
             log.warning("backend %s (%s): check failed: %s", name, backend.name, plugin_error(exc))

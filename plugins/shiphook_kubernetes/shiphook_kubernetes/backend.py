@@ -388,8 +388,12 @@ class KubernetesBackend(Backend):
         authorization = kubernetes.client.AuthorizationV1Api(self.client.api)
         missing = []
         for verb, group, resource in needs:
-            attributes = {"namespace": namespace, "verb": verb, "group": group}
-            attributes["resource"] = resource
+            attributes = {
+                "namespace": namespace,
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+            }
             if resource == named[0] and verb in ("get", "patch"):
                 attributes["name"] = named[1]
             review = {
