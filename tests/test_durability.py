@@ -24,11 +24,14 @@ from pathlib import Path
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
-from shiphook.db import connect_on_loop, create_db_engine
+from shiphook.db import connect_on_loop, create_db_engine, upgrade
 from shiphook.deployer.process import RESTART_DELAY
 from shiphook.fastpath import checkpoint
+from shiphook.models import DeploymentCreate, Status, utcnow
+from shiphook.storage import Storage
 from shiphook.testing import eventually
 from test_http_limits import connect, read_answer, unread_requests
+from uuid_utils import uuid7
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -569,6 +572,87 @@ def test_two_replicas_share_the_work_and_one_takes_over_a_killed_ones(
             assert calls[1]["server"] == second.process.pid
     runs = Counter(c["deployment"] for c in state.calls("run"))
     assert all(count == 1 for count in runs.values())
+
+
+def test_replicas_superseding_one_target_at_once_do_not_deadlock(postgres_url):
+    """Two replicas' deployers supersede and start one app target's deployments while hook
+    requests keep arriving: each takes the rows the other has not locked, rather than wait
+    for them in another order (PostgreSQL aborted one of the two, "deadlock detected", about
+    once a second)."""
+    engines = [create_db_engine(postgres_url) for _ in range(3)]
+    upgrade(engines[0])
+    replicas, accepting = [Storage(e) for e in engines[:2]], Storage(engines[2])
+    failures: Counter[str] = Counter()
+    started: list[str] = []
+    until = time.monotonic() + 4
+
+    def accept() -> None:
+        while time.monotonic() < until:
+            for _ in range(50):
+                accepting.add_deployment(
+                    new=DeploymentCreate(
+                        id=str(uuid7()),
+                        target="web",
+                        kind="app",
+                        created_at=utcnow(),
+                        image_tag="1.0",
+                    )
+                )
+
+    def work(storage: Storage, slot: int, starts: bool) -> None:
+        while time.monotonic() < until:
+            try:
+                if not starts:
+                    storage.supersede_queued(target="web", now=utcnow())
+                    continue
+                chosen, _, _ = storage.next_deployment(
+                    target="web", slot=slot, kind="app", now=utcnow()
+                )
+                if chosen is not None:
+                    started.append(chosen.id)
+                    storage.update_deployment(
+                        deployment_id=chosen.id, now=utcnow(), status=Status.succeeded
+                    )
+            except Exception as exc:
+                failures[type(getattr(exc, "orig", exc)).__name__] += 1
+
+    try:
+        threads = [threading.Thread(target=accept)] + [
+            threading.Thread(target=work, args=(replica, slot, starts))
+            for slot, replica in enumerate(replicas)
+            for starts in (True, False)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures
+        assert started
+    finally:
+        for storage in (*replicas, accepting):
+            storage.close()
+        for engine in engines:
+            engine.dispose()
+
+
+def test_a_transaction_aborted_for_a_conflict_is_not_the_database_unreachable(postgres_url):
+    """A deadlock or a serialization failure is worth trying again; it is not logged as the
+    database being unreachable, as a refused connection or a statement timeout is."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    storage = Storage(create_db_engine(postgres_url))
+    try:
+
+        def wrapped(cause: Exception) -> OperationalError:
+            return OperationalError("UPDATE deployment ...", {}, cause)
+
+        assert not storage.unavailable(wrapped(psycopg.errors.DeadlockDetected("deadlock")))
+        assert not storage.unavailable(wrapped(psycopg.errors.SerializationFailure("x")))
+        assert storage.unavailable(wrapped(psycopg.errors.QueryCanceled("statement timeout")))
+        assert storage.unavailable(wrapped(psycopg.OperationalError("connection refused")))
+    finally:
+        storage.close()
 
 
 @pytest.mark.parametrize("deferred", [True, False])

@@ -170,7 +170,10 @@ class Storage:
         cause = getattr(error, "orig", None) or error
         # SQLite reports a statement its schema does not fit ("no such table") this way too
         generic = getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR
-        return isinstance(error, self._unavailable) and not generic
+        # a transaction aborted for its conflict with another (a deadlock, a serialization
+        # failure: SQLSTATE class 40) is worth trying again, and says nothing of the database
+        conflict = (getattr(cause, "sqlstate", None) or "").startswith("40")
+        return isinstance(error, self._unavailable) and not generic and not conflict
 
     def in_thread(self, function: Callable[[], T]) -> asyncio.Future[T]:
         """`function()` in one of this process's database threads."""
@@ -502,6 +505,10 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
             DEPLOYMENT.c.id < newest.id,
         )
         .limit(SUPERSEDE_CHUNK)
+        # rows another transaction is superseding are left to it: two processes superseding
+        # one target at once (replicas, or a slot and the dispatcher) would otherwise lock the
+        # same rows in different orders and deadlock (PostgreSQL; SQLite has one writer)
+        .with_for_update(skip_locked=True)
     )
     newest_live = (
         select(DEPLOYMENT.c.id)

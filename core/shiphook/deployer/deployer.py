@@ -333,9 +333,10 @@ class Deployer:
             )
         except DBAPIError as exc:
             log.error(
-                "deployer: slot %s/%d stopped: database unreachable: %s; its work resumes later",
+                "deployer: slot %s/%d stopped: %s: %s; its work resumes later",
                 target.name,
                 slot,
+                "database unreachable" if self.storage.unavailable(exc) else "database error",
                 describe_failure(self.storage.engine, exc),
             )
         except Exception:
