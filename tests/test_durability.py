@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import scripted_backend
-from conftest import ADMIN_TOKEN, Server, replaced_by, run_cli, write_config
+from conftest import ADMIN_TOKEN, Server, plugin_env, replaced_by, run_cli, write_config
 from shiphook.db import connect_on_loop, create_db_engine, upgrade
 from shiphook.deployer.process import RESTART_DELAY
 from shiphook.fastpath import checkpoint
@@ -476,6 +476,43 @@ def test_what_a_plugin_starts_can_be_stopped_with_sigterm(tmp_path, serve):
         bit = 1 << (signum - 1)
         assert not int(masks["SigIgn"], 16) & bit, (signum.name, masks)
         assert int(masks["SigCgt"], 16) & bit, (signum.name, masks)
+
+
+# a plugin module that notes, in each process that loads it, whether the admin token is there
+ENVIRONMENT_SPY = """
+import os
+from pathlib import Path
+
+from scripted_backend import ScriptedBackend
+from shiphook import hookimpl
+
+
+class SpyBackend(ScriptedBackend):
+    name = "environment-spy"
+
+
+@hookimpl
+def register_backends(register):
+    seen = "admin token" if os.environ.get("SHIPHOOK_ADMIN_TOKEN") else "no admin token"
+    Path(os.environ["SPY_DIRECTORY"], str(os.getpid())).write_text(seen)
+    register(SpyBackend)
+"""
+
+
+def test_the_admin_token_does_not_reach_the_deployer_process_nor_what_it_starts(tmp_path, serve):
+    (tmp_path / "environment_spy.py").write_text(ENVIRONMENT_SPY)
+    spied = tmp_path / "spied"
+    spied.mkdir()
+    env = plugin_env(SPY_DIRECTORY=str(spied))
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    env["SHIPHOOK_PLUGINS"] += ",environment_spy"
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0), env=env)
+    eventually(lambda: deployer_process(server), "the deployer process started")
+    deployer = deployer_process(server)
+    eventually(lambda: (spied / str(deployer)).exists(), "the deployer loaded its plugins")
+    assert (spied / str(deployer)).read_text() == "no admin token"
+    assert (spied / str(server.process.pid)).read_text() == "admin token"  # the HTTP worker
+    assert server.request("GET", "/api/v1/targets", headers=ADMIN)[0] == 200
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------
