@@ -136,3 +136,5 @@ def test_text_from_elsewhere_is_one_line_without_credentials_or_format_character
     assert one_line(said) == (
         "cannot reach tcp://***@10.0.0.1:2375; then \\u202eevil\\x1b[2J, é kept"
     )
+    unencoded = "https://ci:pa/ss@word#1@nomad.example:4646/v1/jobs and https://plain/x"
+    assert one_line(unencoded) == "https://ci:***@nomad.example:4646/v1/jobs and https://plain/x"

@@ -67,7 +67,9 @@ class DatabaseUnavailable(ShiphookError):
 
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
-URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)[^/@\s]*@")  # a password, or a lone token
+# a URL's password, or a lone token: up to the last "@" before a space, since a password
+# pasted unencoded may hold "/", "@" or "#" (a path with an "@" in it is masked too)
+URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)\S*@")
 
 
 def one_line(text: str) -> str:
