@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -154,3 +158,30 @@ def test_the_deployer_takes_wake_ups_from_its_own_user_only_and_survives_garbage
         assert as_another_user(squat) == 1
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as again:
         bind_deployer_address(again, address)  # the next deployer's
+
+
+def test_the_directory_a_killed_serve_left_is_removed_at_the_next_start(address):
+    """A `serve` killed with SIGKILL cannot remove its socket's directory; the next one removes
+    it, and leaves alone the directory of a `serve` that still runs (this process's)."""
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal\n"
+            "from shiphook.wakeup import deployer_address\n"
+            "print(deployer_address(), flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = Path(killed.stdout.strip()).parent
+    assert left.is_dir()
+    started = deployer_address()
+    try:
+        assert not left.exists()
+        assert Path(address).parent.is_dir()  # its serve runs
+        assert Path(started).parent.is_dir()
+    finally:
+        release_deployer_address(started)
