@@ -37,6 +37,7 @@ IMAGES = {
     f"{APP}:v1": ["/bin/busybox", "sleep", "86400"],
     f"{APP}:v2": ["/bin/busybox", "sleep", "86401"],
     f"{APP}:broken": ["/bin/busybox", "sh", "-c", "echo cannot start >&2; exit 1"],
+    f"{APP}:also-broken": ["/bin/busybox", "sh", "-c", "echo cannot start >&2; exit 1"],
     f"{JOB}:ok": ["/bin/busybox", "sh", "-c", "echo GREETING=$GREETING NAME=$NAME"],
     f"{JOB}:fail": ["/bin/busybox", "sh", "-c", "echo migration failed >&2; exit 1"],
     # the conformance suite's jobs: print the environment, exit with $EXIT

@@ -25,6 +25,7 @@ class TestDockerConformance(BackendConformance):
     healthy_tag = "v2"
     failing_tag = "broken"
     failing_reason = "exited with code 1"
+    other_failing_tag = "also-broken"
 
     @pytest.fixture(autouse=True)
     def _docker(self, engine: Engine) -> Iterator[None]:

@@ -26,6 +26,7 @@ class TestKubernetesConformance(BackendConformance):
     healthy_tag = "v2"
     failing_tag = "broken"  # kwok: ImagePullBackOff; the Deployment's deadline is 3 s
     failing_reason = f'ImagePullBackOff (Back-off pulling image "{APP}:broken")'
+    other_failing_tag = "also-broken"
     job_tag = "ok"
     other_job_tag = "ok2"
     failing_run_reason = "Error with exit code 3"  # kwok: a Job's pod exits with $EXIT

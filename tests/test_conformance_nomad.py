@@ -25,6 +25,7 @@ class TestNomadConformance(BackendConformance):
     healthy_tag = "v2"
     failing_tag = "exit-1"
     failing_reason = "Exit Code: 1"
+    other_failing_tag = "exit-1-again"
     job_tag = "v1"
     other_job_tag = "v2"
     failing_run_reason = "Exit Code: 3"

@@ -21,6 +21,7 @@ class TestScriptedConformance(BackendConformance):
     healthy_tag = "v2"
     failing_tag = "bad"
     failing_reason = "task exited with code 1"
+    other_failing_tag = "bad-again"
     job_tag = "initial"
     other_job_tag = "other"
     failing_run_reason = "task exited with code 3"

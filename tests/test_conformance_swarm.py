@@ -26,6 +26,7 @@ class TestSwarmConformance(BackendConformance):
     healthy_tag = "v2"
     failing_tag = "broken"
     failing_reason = "(task: non-zero exit (1))"
+    other_failing_tag = "also-broken"
     job_tag = "env"
     other_job_tag = "env2"
     failing_run_reason = "task: non-zero exit (3)"

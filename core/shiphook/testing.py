@@ -281,6 +281,8 @@ class BackendConformance:
     """A tag of the same repository whose workload fails to start or turns unhealthy."""
     failing_reason: ClassVar[str] = ""
     """Part of the orchestrator's message about `failing_tag`, e.g. "exit code 1"."""
+    other_failing_tag: ClassVar[str] = ""
+    """Another tag of the same repository whose workload fails as `failing_tag`'s does."""
 
     job_tag: ClassVar[str] = ""
     """The tag a fresh job runs; its workload prints its environment and exits with $EXIT."""
@@ -533,22 +535,61 @@ class BackendConformance:
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
         assert_tag(self.workload_image(locator), self.failing_tag)
 
+    def test_a_rollback_onto_a_failure_left_in_place_fails_and_one_on_demand_recovers(self):
+        """A rollback restores what ran before the deployment: when that is a failure left in
+        place, the restored workload is no healthier, and the deployment fails saying that its
+        rollback failed (not `rolled_back`, and not another image the backend chose). The way
+        back to health is the rollback on demand of the deployment left in place."""
+        self._requires(kind="app", rollback=True)
+        assert self.other_failing_tag, "set other_failing_tag to a second failing tag"
+        app = self._app(on_failure="leave")
+        rolling_back = {k: v for k, v in app.items() if k != "on_failure"}  # the default
+        shiphook = self._open({"app": app, "rolling-back": rolling_back})
+        wait = {"wait": str(2 * self.rollout_timeout + 30)}
+        answer = shiphook.post_hook(
+            shiphook.new_hook("app"), {"imageTag": self.failing_tag}, params=wait
+        )
+        left = answer.json["deployment"]
+        assert left["status"] == "failed", answer.text
+        locator = self._locator(app)
+        assert_tag(self.workload_image(locator), self.failing_tag)
+
+        answer = shiphook.post_hook(
+            shiphook.new_hook("rolling-back"), {"imageTag": self.other_failing_tag}, params=wait
+        )
+        assert answer.status_code == 502, answer.text
+        deployment = answer.json["deployment"]
+        assert deployment["status"] == "failed", deployment
+        assert "; rollback failed: " in deployment["message"], deployment
+        assert any(e["message"].startswith("rolling back: ") for e in deployment["history"])
+        assert_tag(self.workload_image(locator), self.failing_tag)
+
+        self._roll_back_on_demand(shiphook, left["id"], locator)
+
     def test_rollback_on_demand_returns_to_the_image_that_succeeded_before(self):
         self._requires(kind="app")
         app = self._app()
         shiphook = self._open({"app": app})
         first = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": self.healthy_tag})
         assert self._ended(shiphook, first)["status"] == "succeeded"
+        self._roll_back_on_demand(shiphook, first, self._locator(app))
+
+    def _roll_back_on_demand(
+        self, shiphook: Shiphook, deployment_id: str, locator: dict[str, Any]
+    ) -> None:
+        """The admin rolls `deployment_id` back: the app runs `initial_tag` again."""
         answer = shiphook.client.simulate_post(
-            f"/api/v1/deployments/{first}/rollback", headers=ADMIN
+            f"/api/v1/deployments/{deployment_id}/rollback", headers=ADMIN
         )
         assert answer.status_code == 201, answer.text
         rollback = answer.json["deployment"]
         assert rollback["imageTag"] == self.initial_tag, rollback
         assert self._ended(shiphook, rollback["id"])["status"] == "succeeded"
-        locator = self._locator(app)
         assert_tag(self.workload_image(locator), self.initial_tag)
-        assert {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag}
+        eventually(
+            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
+            f"the app running {self.initial_tag} again",
+        )
 
     def test_a_missing_workload_fails_at_once_with_the_orchestrators_message(self):
         kind = "app" if "app" in self.backend_class.kinds else "job"

@@ -257,6 +257,8 @@ class ScriptedBackend(Backend):
                 return Progress("failed", f"task exited with code {run['env']['EXIT']}")
             return Progress("succeeded", "job completed")
         if ref["op"] == "rollback":
+            if ref["image"].rpartition(":")[2].startswith("bad"):  # a failure left in place
+                return Progress("failed", "rollback paused: task exited with code 1")
             return Progress("succeeded", f"restored {ref['image']}")
         tag = ref["tag"]
         if ref.get("unchanged"):  # no rollout: the workload's health is the answer

@@ -626,10 +626,9 @@ class NomadBackend(Backend):
                 "deployment left it: something else changed it, so shiphook does not roll it "
                 "back; look at the job and deploy again"
             )
-        stable = [v for v in versions if v["Stable"] and v["Version"] < ref["version"]]
-        back = max(stable, key=lambda v: v["Version"], default=None)
-        if back is None:  # versions without a deployment are never stable
-            back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
+        # what ran before this deployment, as the other backends restore it: not the latest
+        # stable version, which skips a failure left in place before it
+        back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
         if back is None:
             raise BackendError(
                 f"job {job_id} keeps no version before {ref['version']} to revert to; roll it "

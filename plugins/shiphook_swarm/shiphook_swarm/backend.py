@@ -18,8 +18,10 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, TypeVar
 
 import docker
@@ -72,6 +74,14 @@ TASK_STATE_RANK = {
 }
 RUNNING_RANK = TASK_STATE_RANK["running"]
 FAILED_TASK_STATES = ("failed", "rejected")
+SECOND = 1_000_000_000  # Swarm's durations are in nanoseconds
+DEFAULT_MONITOR = 5 * SECOND  # a RollbackConfig's Monitor when the service sets none
+
+
+def _engine_time(timestamp: str) -> datetime:
+    """A Docker Engine timestamp (RFC 3339, nanoseconds) as a datetime (to the microsecond)."""
+    return datetime.fromisoformat(timestamp)
+
 
 OUT_OF_SEQUENCE = "update out of sequence"
 # 5xx answers that no retry can fix (besides any 501) on a node that never was a manager; a
@@ -177,6 +187,8 @@ class SwarmBackend(Backend):
         # set once the engine answered as a swarm manager, or a ref says it did: from then on
         # "not a swarm manager" is the engine restarting, not a misconfiguration
         self._was_manager = False
+        # rollback (service id, its start) -> when its tasks were first seen all running
+        self._stable_since: dict[tuple[str, str], float] = {}
 
     # -- the engine connection -------------------------------------------------------------
 
@@ -456,6 +468,10 @@ class SwarmBackend(Backend):
         converged, counts = self._convergence(service)
         if state in ("updating", "rollback_started"):
             return Progress("running", f"{message}: {counts}")
+        if ref["op"] == "rollback" and state == "rollback_completed":
+            unstable = self._verify_rollback(service, ref, status, converged, counts)
+            if unstable is not None:
+                return unstable
         # completed, rollback_completed, or none at all (an update that replaced no task)
         current = _image(service["Spec"])
         if current != ref["image"]:
@@ -469,6 +485,53 @@ class SwarmBackend(Backend):
         if ref["op"] == "deploy" and not ref["updated"]:
             return Progress("succeeded", f"service {ref['name']} already runs {current}")
         return Progress("succeeded", message or f"service converged: {counts}")
+
+    def _verify_rollback(
+        self,
+        service: dict[str, Any],
+        ref: Ref,
+        status: dict[str, Any],
+        converged: bool,
+        counts: str,
+    ) -> Progress | None:
+        """A rollback Swarm completed is not yet a healthy service: with the service's
+        `RollbackConfig` FailureAction "continue" Swarm completes it whatever its tasks do (a
+        failure left in place restores a failing image). Like `docker service rollback`, which
+        waits the Monitor period with every task running before it says "Service converged",
+        shiphook fails the rollback when a task of the restored image fails after its start,
+        and calls it done once every task has run for that period (None)."""
+        started = status.get("StartedAt")
+        if started is None:
+            return None
+        since = _engine_time(started)
+        failed = [
+            t
+            for t in self._call(lambda: self.api.tasks(filters={"service": service["ID"]}))
+            if t["Spec"]["ContainerSpec"]["Image"] == ref["image"]
+            and t["Status"]["State"] in FAILED_TASK_STATES
+            and _engine_time(t["Status"].get("Timestamp") or started) >= since
+        ]
+        key = (service["ID"], started)
+        if failed:
+            self._stable_since.pop(key, None)
+            task = max(failed, key=lambda t: _engine_time(t["Status"]["Timestamp"]))
+            error = task["Status"].get("Err") or task["Status"]["State"]
+            return Progress(
+                "failed",
+                f"the rollback restored {ref['image']}, which fails too (task {task['ID'][:12]} "
+                f"{task['Status']['State']}: {error}); {counts}",
+            )
+        if not converged:
+            self._stable_since.pop(key, None)
+            return Progress("running", f"{status.get('Message') or 'rollback completed'}: {counts}")
+        monitor = (service["Spec"].get("RollbackConfig") or {}).get("Monitor") or DEFAULT_MONITOR
+        first = self._stable_since.setdefault(key, time.monotonic())
+        if time.monotonic() - first < monitor / SECOND:
+            return Progress(
+                "running", f"{counts}; verifying that they stay running for {monitor / SECOND:g} s"
+            )
+        self._stable_since.pop(key, None)
+        return None
 
     def _convergence(self, service: dict[str, Any]) -> tuple[bool, str]:
         """Whether each slot (replicated) or node (global) runs an up-to-date task: the count
