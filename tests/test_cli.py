@@ -61,6 +61,26 @@ def test_the_curl_line_brackets_an_ipv6_host(tmp_path, monkeypatch):
     assert "'http://[::1]:8080/api/v1/dh'" in json.loads(result.stdout)["curl"]
 
 
+@pytest.mark.parametrize(
+    ("server", "warned"),
+    [
+        ('host = "0.0.0.0"', True),
+        ('public_url = "http://deploy.example.com"', True),
+        ('public_url = "https://deploy.example.com"', False),
+        ('host = "::1"', False),
+        ('public_url = "http://localhost:8080"', False),
+        ("", False),  # 127.0.0.1
+    ],
+)
+def test_hooks_create_warns_when_the_token_would_cross_a_network_in_clear(tmp_path, server, warned):
+    config = scripted_config(tmp_path, server=server)
+    result = run_cli("hooks", "create", "web", "--name", "a", config=config)
+    assert ("plain HTTP to another machine" in result.stderr) == warned, result.stderr
+    if warned:
+        assert "[server] public_url" in result.stderr
+        assert "shk_" not in result.stderr
+
+
 def test_hooks_list_filters_by_target_and_never_shows_tokens(cli):
     cli("hooks", "create", "web", "--name", "a")
     cli("hooks", "create", "api", "--name", "b")

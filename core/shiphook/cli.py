@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -290,8 +292,28 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
         click.echo(f"Token (shown once, store it as a CI secret): {created.token}")
         click.echo(f"Call it from CI with the token in ${TOKEN_VARIABLE}:")
         click.echo(f"  {curl}")
+        if in_clear(url):
+            click.echo(
+                f"warning: {url} is plain HTTP to another machine: the token would cross the "
+                "network readable by anyone on the way; put a proxy that terminates TLS in "
+                "front of shiphook and set [server] public_url to its https:// address",
+                err=True,
+            )
 
     emit({**data, "curl": curl}, as_json, human)
+
+
+def in_clear(url: str) -> bool:
+    """Whether a CI job calling `url` sends its token unencrypted over a network: plain HTTP
+    to a host that is not this machine's loopback."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme.lower() != "http":
+        return False
+    host = parsed.hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() != "localhost"
 
 
 @hooks.command("list")
