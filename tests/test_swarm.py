@@ -138,6 +138,29 @@ def test_with_on_failure_leave_a_broken_tag_is_left_as_swarm_left_it(
     assert inspected["UpdateStatus"]["State"] == "paused"
 
 
+def test_a_broken_tag_fails_also_when_the_services_update_failure_action_is_continue(
+    engine, services, harness_factory, tmp_path
+):
+    """Swarm completes such an update whatever its tasks do; shiphook, as `docker service
+    update` does, calls it done only once every task has run for the update's Monitor, and
+    fails it when a task of the new image fails (it could pass for healthy while a
+    crash-looping task happened to run)."""
+    service = services.app(failure_action="continue")
+    config = swarm_config(tmp_path, engine, target("web", "app", service, on_failure="leave"))
+    harness = harness_factory(config)
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
+    )
+    assert deployment["status"] == "failed", deployment
+    assert f"{APP}:broken fails" in deployment["message"], deployment
+    assert "task: non-zero exit (1)" in deployment["message"], deployment
+    healthy = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "v2"}), timeout=90
+    )
+    assert healthy["status"] == "succeeded", healthy
+    assert "stay running" in " ".join(e["message"] for e in healthy["history"]), healthy
+
+
 def test_a_service_that_rolls_itself_back_is_not_swapped_a_second_time(
     engine, services, harness_factory, tmp_path
 ):

@@ -75,7 +75,8 @@ TASK_STATE_RANK = {
 RUNNING_RANK = TASK_STATE_RANK["running"]
 FAILED_TASK_STATES = ("failed", "rejected")
 SECOND = 1_000_000_000  # Swarm's durations are in nanoseconds
-DEFAULT_MONITOR = 5 * SECOND  # a RollbackConfig's Monitor when the service sets none
+MONITORED_BY = {"deploy": "UpdateConfig", "rollback": "RollbackConfig"}
+DEFAULT_MONITOR = 5 * SECOND  # an UpdateConfig's or RollbackConfig's Monitor when unset
 
 
 def _engine_time(timestamp: str) -> datetime:
@@ -468,8 +469,9 @@ class SwarmBackend(Backend):
         converged, counts = self._convergence(service)
         if state in ("updating", "rollback_started"):
             return Progress("running", f"{message}: {counts}")
-        if ref["op"] == "rollback" and state == "rollback_completed":
-            unstable = self._verify_rollback(service, ref, status, converged, counts)
+        finished = {"deploy": "completed", "rollback": "rollback_completed"}
+        if state == finished.get(ref["op"]) and ref.get("updated", True):
+            unstable = self._verify(service, ref, status, converged, counts)
             if unstable is not None:
                 return unstable
         # completed, rollback_completed, or none at all (an update that replaced no task)
@@ -486,7 +488,7 @@ class SwarmBackend(Backend):
             return Progress("succeeded", f"service {ref['name']} already runs {current}")
         return Progress("succeeded", message or f"service converged: {counts}")
 
-    def _verify_rollback(
+    def _verify(
         self,
         service: dict[str, Any],
         ref: Ref,
@@ -494,14 +496,17 @@ class SwarmBackend(Backend):
         converged: bool,
         counts: str,
     ) -> Progress | None:
-        """A rollback Swarm completed is not yet a healthy service: with the service's
-        `RollbackConfig` FailureAction "continue" Swarm completes it whatever its tasks do (a
-        failure left in place restores a failing image). Like `docker service rollback`, which
-        waits the Monitor period with every task running before it says "Service converged",
-        shiphook fails the rollback when a task of the restored image fails after its start,
-        and calls it done once every task has run for that period (None)."""
+        """An update or rollback Swarm completed under the FailureAction "continue" of the
+        service's `UpdateConfig` (`RollbackConfig`) is not yet a healthy service: Swarm
+        completes it whatever its tasks do (a rollback onto a failure left in place restores a
+        failing image). Like `docker service update` and `rollback`, which wait the Monitor
+        period with every task running before they say "Service converged", shiphook then
+        fails it when a task of its image fails after it began, and calls it done once every
+        task has run for that period (None). Under "pause" or "rollback", Swarm's own
+        monitoring judged it (None)."""
+        config = service["Spec"].get(MONITORED_BY[ref["op"]]) or {}
         started = status.get("StartedAt")
-        if started is None:
+        if config.get("FailureAction", "pause") != "continue" or started is None:
             return None
         since = _engine_time(started)
         failed = [
@@ -516,15 +521,19 @@ class SwarmBackend(Backend):
             self._stable_since.pop(key, None)
             task = max(failed, key=lambda t: _engine_time(t["Status"]["Timestamp"]))
             error = task["Status"].get("Err") or task["Status"]["State"]
+            fails = (
+                f"{ref['image']} fails"
+                if ref["op"] == "deploy"
+                else (f"the rollback restored {ref['image']}, which fails too")
+            )
             return Progress(
                 "failed",
-                f"the rollback restored {ref['image']}, which fails too (task {task['ID'][:12]} "
-                f"{task['Status']['State']}: {error}); {counts}",
+                f"{fails} (task {task['ID'][:12]} {task['Status']['State']}: {error}); {counts}",
             )
         if not converged:
             self._stable_since.pop(key, None)
-            return Progress("running", f"{status.get('Message') or 'rollback completed'}: {counts}")
-        monitor = (service["Spec"].get("RollbackConfig") or {}).get("Monitor") or DEFAULT_MONITOR
+            return Progress("running", f"{status.get('Message') or status['State']}: {counts}")
+        monitor = config.get("Monitor") or DEFAULT_MONITOR
         first = self._stable_since.setdefault(key, time.monotonic())
         if time.monotonic() - first < monitor / SECOND:
             return Progress(
