@@ -167,6 +167,20 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             )
         ],
         ("[server]\nheader_timeout = 0\n", "server.header_timeout: Input should be greater than 0"),
+        # a number written as a string is a mistake in TOML, not a number
+        ('[server]\nport = "8080"\n', "server.port: Input should be a valid integer"),
+        ('[server]\nmax_wait = "60"\n', "server.max_wait: Input should be a valid number"),
+        ("[deployer]\nthreads = 2.0\n", "deployer.threads: Input should be a valid integer"),
+        (
+            BACKEND
+            + '[targets.w]\nkind = "app"\nbackend = "fake"\nname = "w"\nrollout_timeout = "10"\n',
+            "targets.w.rollout_timeout: Input should be a valid number",
+        ),
+        (
+            BACKEND
+            + '[targets.w]\nkind = "app"\nbackend = "fake"\nname = "w"\nretry_budget = true\n',
+            "targets.w.retry_budget: Input should be a valid number",
+        ),
         ("[server]\nmax_connections = 0\n", "server.max_connections: Input should be greater"),
         (
             "[server]\nshutdown_timeout = 5\n",

@@ -24,7 +24,8 @@ from shiphook.errors import one_line
 
 Kind = Literal["app", "job"]
 State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progress`
-Seconds = Annotated[float, Field(gt=0)]
+# numbers in a config are TOML numbers: strict, so that "10" (a string) or true is refused
+Seconds = Annotated[float, Field(gt=0, strict=True)]
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -73,10 +74,10 @@ class TargetSettings(BaseModel):
     backend: str
     rollout_timeout: Seconds = 600.0
     on_failure: Literal["rollback", "leave"] = "rollback"
-    retry_budget: Annotated[float, Field(ge=0)] = 300.0
+    retry_budget: Annotated[float, Field(ge=0, strict=True)] = 300.0
     allowed_tags: str | None = None
     parameters: tuple[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], ...] | None = None
-    max_concurrent_runs: int = Field(1, ge=1, le=100)
+    max_concurrent_runs: int = Field(1, ge=1, le=100, strict=True)
     call_timeout: Seconds = 120.0
 
     @field_validator("allowed_tags")

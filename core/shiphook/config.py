@@ -55,20 +55,20 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
+    port: int = Field(8080, ge=1, le=65535, strict=True)
     database_url: str = "sqlite:///shiphook.db"
     public_url: str | None = Field(None, description="base URL CI jobs use, for printed curl lines")
     disabled_plugins: list[str] = []
     max_wait: Seconds = 900
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=64, strict=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     database_timeout: Seconds = DATABASE_TIMEOUT
     sqlite_synchronous: Literal["full", "normal"] = SQLITE_SYNCHRONOUS
-    max_header_bytes: int = Field(65536, ge=1024, le=1048576)
-    max_headers: int = Field(100, ge=10, le=1000)
+    max_header_bytes: int = Field(65536, ge=1024, le=1048576, strict=True)
+    max_headers: int = Field(100, ge=10, le=1000, strict=True)
     header_timeout: Seconds = 10
     body_timeout: Seconds = 10
-    max_connections: int = Field(4096, ge=1, le=1048576)
+    max_connections: int = Field(4096, ge=1, le=1048576, strict=True)
     shutdown_timeout: Seconds = 10
 
     @field_validator("public_url")
@@ -95,7 +95,7 @@ class ServerSettings(BaseModel):
 class DeployerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    threads: int = Field(16, ge=1, le=1024)
+    threads: int = Field(16, ge=1, le=1024, strict=True)
     lease_seconds: Seconds = 30
     scan_interval: Seconds = 1.0
 
