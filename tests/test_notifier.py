@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from shiphook import wakeup
 from shiphook.deployer.process import _relay
 from shiphook.http.notifier import NOTIFY_INTERVAL, DeployerNotifier
 from shiphook.testing import eventually
@@ -185,3 +186,22 @@ def test_the_directory_a_killed_serve_left_is_removed_at_the_next_start(address)
         assert Path(started).parent.is_dir()
     finally:
         release_deployer_address(started)
+
+
+def test_a_serve_starting_beside_another_never_removes_the_others_new_directory(monkeypatch):
+    """Another serve looks for directories to remove at the very moment this one has made its
+    directory and not yet locked it: the directory is not found unlocked under the lock's name."""
+    real_flock = wakeup.fcntl.flock
+
+    def another_serve_starts_first(fd: int, operation: int) -> None:
+        if operation == wakeup.fcntl.LOCK_EX:  # this serve, about to lock its directory
+            wakeup._remove_left_behind()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(wakeup.fcntl, "flock", another_serve_starts_first)
+    address = deployer_address()
+    try:
+        assert Path(address).parent.is_dir()
+        assert (Path(address).parent / wakeup.SERVE_LOCK).exists()
+    finally:
+        release_deployer_address(address)

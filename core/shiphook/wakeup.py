@@ -30,8 +30,11 @@ def deployer_address() -> str:
     directories that a `serve` killed with SIGKILL left behind are removed first."""
     _remove_left_behind()
     directory = Path(tempfile.mkdtemp(prefix="shiphook-"))
-    held = os.open(directory / SERVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # locked before it has the name another serve looks for, which could otherwise find it
+    # unlocked in between and remove the directory
+    held = os.open(directory / "locking", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(held, fcntl.LOCK_EX)
+    os.rename(directory / "locking", directory / SERVE_LOCK)
     address = str(directory / "deployer.sock")
     _held[address] = held
     return address
