@@ -644,32 +644,6 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
     eventually(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, "v2 pods again")
 
 
-@pytest.mark.parametrize("kind", ["statefulset", "daemonset"])
-def test_the_same_failing_tag_again_fails_at_once_on_a_statefulset_or_daemonset(
-    kube, harness_factory, tmp_path, kind
-):
-    """A failure left in place has no progress deadline here to say so (a Deployment's does):
-    the same tag again starts no rollout and fails at once from its pods backing off, rather
-    than at its rollout_timeout."""
-    name = kube.statefulset() if kind == "statefulset" else kube.daemonset()
-    config = kube_config(
-        tmp_path,
-        kube,
-        target("left", "app", **{kind: name}, rollout_timeout=8, on_failure="leave"),
-        target("again", "app", **{kind: name}, rollout_timeout=3600),
-    )
-    harness = harness_factory(config)
-    left = wait_post(harness, harness.new_hook("left"), {"imageTag": "broken"})
-    assert left.json["deployment"]["status"] == "failed", left.text
-    again = wait_post(harness, harness.new_hook("again"), {"imageTag": "broken"})
-    assert again.status_code == 502, again.text
-    deployment = again.json["deployment"]
-    assert deployment["status"] == "failed", deployment
-    assert any("no rollout" in e["message"] for e in deployment["history"]), deployment
-    assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in deployment["message"]
-    assert deployment["message"].endswith("it ran before this deployment: not rolled back")
-
-
 def test_a_partitioned_statefulset_rollout_ends_when_the_pods_above_the_partition_run_it(
     kube, harness_factory, tmp_path
 ):

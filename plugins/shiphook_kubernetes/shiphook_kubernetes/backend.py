@@ -61,7 +61,6 @@ PATCH_ATTEMPTS = 5
 STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 PODS_NAMED = 3  # failing pods whose reasons go into a message
-BACK_OFF_REASONS = ("CrashLoopBackOff", "ImagePullBackOff")  # waiting after repeated failures
 
 # What the backend does with its credentials: (verb, API group, resource). README.md's Role
 # grants exactly these; check() asks the API server about each (SelfSubjectAccessReview) in the
@@ -690,13 +689,12 @@ class KubernetesBackend(Backend):
         state, message = ROLLOUT_STATUS[workload.key](found)
         if state == "succeeded":
             return Progress(state, f"{what} already runs {current}" if unchanged else message)
-        pods = self._pods(found, ref["container"], ref["image"])
-        problems = _problems(pods)
-        if unchanged and workload.key != "deployment" and _backing_off(pods):
-            # no progress deadline says that an earlier rollout of this image failed and was
-            # left: its pods backing off do, and no rollout of this deployment will change them
-            state = "failed"
+        problems = self._pod_problems(found, ref["container"], ref["image"])
         return Progress(state, f"{message}; {problems}" if problems else message)
+
+    def _pod_problems(self, owner: dict[str, Any], container: str, image: str) -> str:
+        """Why the workload's pods of `image` do not run: waiting reasons and exit codes."""
+        return _problems(self._pods(owner, container, image))
 
     def _pods(self, owner: dict[str, Any], container: str, image: str) -> list[dict[str, Any]]:
         """The workload's pods whose `container` runs `image`, but those being deleted."""
@@ -981,17 +979,6 @@ def _problems(pods: Any) -> str:
         if said:
             found.append(f"pod {pod['metadata']['name']}: {', '.join(said)}")
     return "; ".join(found[:PODS_NAMED])
-
-
-def _backing_off(pods: list[dict[str, Any]]) -> bool:
-    """Whether a container of these pods waits in a back-off: Kubernetes failed to pull or
-    start it, again and again."""
-    return any(
-        ((c.get("state") or {}).get("waiting") or {}).get("reason") in BACK_OFF_REASONS
-        for pod in pods
-        for key in ("initContainerStatuses", "containerStatuses")
-        for c in (pod.get("status") or {}).get(key) or ()
-    )
 
 
 def _selector(selector: dict[str, Any]) -> str:
