@@ -26,9 +26,10 @@ import scripted_backend
 from conftest import ADMIN_TOKEN, Server, plugin_env, replaced_by, run_cli, write_config
 from shiphook.db import connect_on_loop, create_db_engine, upgrade
 from shiphook.deployer.process import RESTART_DELAY
+from shiphook.errors import DatabaseUnavailable
 from shiphook.fastpath import checkpoint
-from shiphook.models import DeploymentCreate, Status, utcnow
-from shiphook.storage import Storage
+from shiphook.models import Deployment, DeploymentCreate, Status, utcnow
+from shiphook.storage import Storage, _supersede
 from shiphook.testing import eventually
 from test_http_limits import connect, read_answer, unread_requests
 from uuid_utils import uuid7
@@ -672,6 +673,43 @@ def test_replicas_superseding_one_target_at_once_do_not_deadlock(postgres_url):
             engine.dispose()
 
 
+def test_a_deployment_a_failed_superseder_had_locked_is_still_superseded(postgres_url):
+    """A replica that locked older queued deployments to supersede them, then failed before
+    its commit (a lost connection, a kill), must not leave them queued behind a newer one that
+    another replica started meanwhile: they would be rolled out after it, a downgrade."""
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    storage = Storage(engine)
+    try:
+        a, b, c = [
+            DeploymentCreate(
+                id=str(uuid7()), target="web", kind="app", created_at=utcnow(), image_tag=tag
+            )
+            for tag in ("1.0", "1.1", "1.2")
+        ]
+        for new in (a, b, c):
+            storage.add_deployment(new=new)
+        failing = engine.connect()
+        failing.begin()
+        newest_then = Deployment(id=b.id, target="web", kind="app", image_tag="1.1")
+        assert list(failing.execute(_supersede(newest_then, utcnow())).scalars()) == [a.id]
+        with ThreadPoolExecutor(1) as pool:
+            started = pool.submit(
+                storage.next_deployment, target="web", slot=0, kind="app", now=utcnow()
+            )
+            time.sleep(0.5)  # the other replica supersedes and starts c meanwhile
+            failing.rollback()  # the superseder fails: a is queued again
+            failing.close()
+            chosen, superseded, _ = started.result(timeout=10)
+        assert chosen is not None and chosen.id == c.id
+        assert set(superseded) == {a.id, b.id}
+        statuses = storage.statuses(deployment_ids=[a.id, b.id, c.id])
+        assert statuses == {a.id: "superseded", b.id: "superseded", c.id: "in_progress"}
+    finally:
+        storage.close()
+        engine.dispose()
+
+
 def test_a_transaction_aborted_for_a_conflict_is_not_the_database_unreachable(postgres_url):
     """A deadlock or a serialization failure is worth trying again; it is not logged as the
     database being unreachable, as a refused connection or a statement timeout is."""
@@ -688,6 +726,14 @@ def test_a_transaction_aborted_for_a_conflict_is_not_the_database_unreachable(po
         assert not storage.unavailable(wrapped(psycopg.errors.SerializationFailure("x")))
         assert storage.unavailable(wrapped(psycopg.errors.QueryCanceled("statement timeout")))
         assert storage.unavailable(wrapped(psycopg.OperationalError("connection refused")))
+
+        def deadlocked() -> None:
+            raise wrapped(psycopg.errors.DeadlockDetected("deadlock detected"))
+
+        # an API call gets a 503 to try again, and the database is not taken for unreachable
+        with pytest.raises(DatabaseUnavailable, match="DeadlockDetected"):
+            asyncio.run(storage.call(deadlocked))
+        assert storage.reachability.reachable
     finally:
         storage.close()
 

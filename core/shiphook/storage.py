@@ -85,7 +85,7 @@ class Reachability:
 
     def failed(self, error: BaseException) -> DatabaseUnavailable:
         """Note the failure; return the error callers get, which names only its class."""
-        cause = getattr(error, "orig", None) or error  # the driver's, not SQLAlchemy's wrapper
+        cause = _cause(error)
         with self._lock:
             changed, self.reachable = self.reachable, False
         if changed:
@@ -112,6 +112,18 @@ class PendingTarget:
     target: str
     queued: int
     active_slots: frozenset[int]
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The driver's error, not SQLAlchemy's wrapper."""
+    return getattr(error, "orig", None) or error
+
+
+def _conflict(error: BaseException) -> bool:
+    """Whether the database aborted a transaction for its conflict with another (a deadlock,
+    a serialization failure: SQLSTATE class 40): worth trying again, and nothing to say of the
+    database's health."""
+    return (getattr(_cause(error), "sqlstate", None) or "").startswith("40")
 
 
 def _deployment(row: Row[Any]) -> Deployment:
@@ -160,6 +172,8 @@ class Storage:
         except Exception as error:
             if self.unavailable(error):
                 raise self.reachability.failed(error) from None
+            if _conflict(error):  # worth trying again, as a caller is told (503)
+                raise DatabaseUnavailable(type(_cause(error)).__name__) from None
             raise
         self.reachability.answered()
         return result
@@ -167,13 +181,9 @@ class Storage:
     def unavailable(self, error: BaseException) -> bool:
         """Whether `error` says the database is down, full, unreachable or too slow, rather
         than that a statement failed."""
-        cause = getattr(error, "orig", None) or error
         # SQLite reports a statement its schema does not fit ("no such table") this way too
-        generic = getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR
-        # a transaction aborted for its conflict with another (a deadlock, a serialization
-        # failure: SQLSTATE class 40) is worth trying again, and says nothing of the database
-        conflict = (getattr(cause, "sqlstate", None) or "").startswith("40")
-        return isinstance(error, self._unavailable) and not generic and not conflict
+        generic = getattr(_cause(error), "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR
+        return isinstance(error, self._unavailable) and not generic and not _conflict(error)
 
     def in_thread(self, function: Callable[[], T]) -> asyncio.Future[T]:
         """`function()` in one of this process's database threads."""
@@ -504,11 +514,14 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
             DEPLOYMENT.c.status == Status.queued,
             DEPLOYMENT.c.id < newest.id,
         )
+        # locked oldest first, as every transaction that supersedes or starts a deployment
+        # locks rows: two processes superseding one target at once (replicas, or a slot and
+        # the dispatcher) would otherwise lock the same rows in different orders and deadlock
+        # (PostgreSQL; SQLite has one writer). One waits for the other, then finds the rows
+        # it superseded no longer queued.
+        .order_by(DEPLOYMENT.c.id)
         .limit(SUPERSEDE_CHUNK)
-        # rows another transaction is superseding are left to it: two processes superseding
-        # one target at once (replicas, or a slot and the dispatcher) would otherwise lock the
-        # same rows in different orders and deadlock (PostgreSQL; SQLite has one writer)
-        .with_for_update(skip_locked=True)
+        .with_for_update()
     )
     newest_live = (
         select(DEPLOYMENT.c.id)
