@@ -138,3 +138,5 @@ def test_text_from_elsewhere_is_one_line_without_credentials_or_format_character
     )
     unencoded = "https://ci:pa/ss@word#1@nomad.example:4646/v1/jobs and https://plain/x"
     assert one_line(unencoded) == "https://ci:***@nomad.example:4646/v1/jobs and https://plain/x"
+    # each URL of a word on its own: the user info of the second hides nothing of the first
+    assert one_line("http://a.b/c,http://u:p@d/e") == "http://a.b/c,http://u:***@d/e"

@@ -67,9 +67,25 @@ class DatabaseUnavailable(ShiphookError):
 
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
-# a URL's password, or a lone token: up to the last "@" before a space, since a password
-# pasted unencoded may hold "/", "@" or "#" (a path with an "@" in it is masked too)
-URL_CREDENTIALS = re.compile(r"(://(?:[^/:@\s]*:)?)\S*@")
+WORD = re.compile(r"\S+")
+
+
+def masked_credentials(text: str) -> str:
+    """`text` with the user info of each URL in it masked (`user:***@`, or `***@` for a lone
+    token): up to the URL's last "@" before the next URL or space, since a password pasted
+    unencoded may hold "/", "@" or "#". In time linear in the text, which a caller may send."""
+    return WORD.sub(_masked_word, text) if "://" in text else text
+
+
+def _masked_word(word: re.Match[str]) -> str:
+    parts = word.group().split("://")
+    for i, part in enumerate(parts[1:], 1):
+        userinfo, at, rest = part.rpartition("@")
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            kept = f"{user}:" if colon and not set(user) & set("/@") else ""
+            parts[i] = f"{kept}***@{rest}"
+    return "://".join(parts)
 
 
 def one_line(text: str) -> str:
@@ -85,7 +101,7 @@ def one_line(text: str) -> str:
             else c
             for c in joined
         )
-    return URL_CREDENTIALS.sub(r"\1***@", joined)
+    return masked_credentials(joined)
 
 
 def describe_validation_error(
@@ -162,7 +178,7 @@ def _shown_input(value: object) -> str:
             shown = json.dumps(value, ensure_ascii=False)
         except (TypeError, ValueError):
             shown = repr(value)
-    return URL_CREDENTIALS.sub(r"\1***@", shown)
+    return masked_credentials(shown)
 
 
 def shown_key(key: int | str) -> str:
