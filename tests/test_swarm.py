@@ -142,18 +142,22 @@ def test_a_broken_tag_fails_also_when_the_services_update_failure_action_is_cont
     engine, services, harness_factory, tmp_path
 ):
     """Swarm completes such an update whatever its tasks do; shiphook, as `docker service
-    update` does, calls it done only once every task has run for the update's Monitor, and
-    fails it when a task of the new image fails (it could pass for healthy while a
-    crash-looping task happened to run)."""
+    update` does, calls it done only once every task has run for the update's Monitor, so a
+    crash-looping image never is (it could pass for healthy while its task happened to run),
+    and rollout_timeout ends it with the task's error."""
     service = services.app(failure_action="continue")
-    config = swarm_config(tmp_path, engine, target("web", "app", service, on_failure="leave"))
+    config = swarm_config(
+        tmp_path,
+        engine,
+        target("web", "app", service, on_failure="leave", rollout_timeout=15),
+    )
     harness = harness_factory(config)
     deployment = harness.wait_for(
         harness.deploy(harness.new_hook("web"), {"imageTag": "broken"}), timeout=90
     )
     assert deployment["status"] == "failed", deployment
-    assert f"{APP}:broken fails" in deployment["message"], deployment
-    assert "task: non-zero exit (1)" in deployment["message"], deployment
+    assert deployment["message"].startswith("did not finish within 15s"), deployment
+    assert f"of {APP}:broken failed: task: non-zero exit (1)" in deployment["message"]
     healthy = harness.wait_for(
         harness.deploy(harness.new_hook("web"), {"imageTag": "v2"}), timeout=90
     )

@@ -188,8 +188,9 @@ class SwarmBackend(Backend):
         # set once the engine answered as a swarm manager, or a ref says it did: from then on
         # "not a swarm manager" is the engine restarting, not a misconfiguration
         self._was_manager = False
-        # rollback (service id, its start) -> when its tasks were first seen all running
-        self._stable_since: dict[tuple[str, str], float] = {}
+        # service id -> (its update's start and last failed task, when its tasks were then
+        # first seen all running): the period `_verify` waits
+        self._settling: dict[str, tuple[tuple[str, str | None], float]] = {}
 
     # -- the engine connection -------------------------------------------------------------
 
@@ -496,51 +497,53 @@ class SwarmBackend(Backend):
         converged: bool,
         counts: str,
     ) -> Progress | None:
-        """An update or rollback Swarm completed under the FailureAction "continue" of the
-        service's `UpdateConfig` (`RollbackConfig`) is not yet a healthy service: Swarm
-        completes it whatever its tasks do (a rollback onto a failure left in place restores a
-        failing image). Like `docker service update` and `rollback`, which wait the Monitor
-        period with every task running before they say "Service converged", shiphook then
-        fails it when a task of its image fails after it began, and calls it done once every
-        task has run for that period (None). Under "pause" or "rollback", Swarm's own
-        monitoring judged it (None)."""
+        """Under the FailureAction "continue" of the service's `UpdateConfig` (for a rollback,
+        `RollbackConfig`), Swarm completes an update whatever its tasks do: a crash-looping
+        image (a rollback onto a failure left in place restores one) is no healthy service.
+        Like `docker service update` and `rollback`, shiphook then calls it done (None) only
+        once every task has run for that config's Monitor period, starting the period again
+        after each task of its image that fails; a service that never settles is ended by
+        `rollout_timeout`, its last failed task in the message. Under "pause" or "rollback",
+        Swarm's own monitoring judged it (None)."""
         config = service["Spec"].get(MONITORED_BY[ref["op"]]) or {}
         started = status.get("StartedAt")
         if config.get("FailureAction", "pause") != "continue" or started is None:
             return None
-        since = _engine_time(started)
+        failed = self._last_failed_task(service, ref["image"], since=started)
+        said = ""
+        if failed is not None:
+            error = failed["Status"].get("Err") or failed["Status"]["State"]
+            said = f"; task {failed['ID'][:12]} of {ref['image']} failed: {error}"
+        if not converged:
+            self._settling.pop(service["ID"], None)
+            return Progress(
+                "running", f"{status.get('Message') or status['State']}: {counts}{said}"
+            )
+        period = (config.get("Monitor") or DEFAULT_MONITOR) / SECOND
+        settling = (started, failed and failed["ID"])
+        since = self._settling.get(service["ID"])
+        if since is None or since[0] != settling:
+            since = self._settling[service["ID"]] = (settling, time.monotonic())
+        if time.monotonic() - since[1] < period:
+            return Progress(
+                "running", f"{counts}; verifying that they stay running for {period:g} s{said}"
+            )
+        del self._settling[service["ID"]]
+        return None
+
+    def _last_failed_task(
+        self, service: dict[str, Any], image: str, *, since: str
+    ) -> dict[str, Any] | None:
+        """The last task of `image` that failed among those created since `since` (times of
+        the manager's clock both, so that a node's clock cannot shift them)."""
         failed = [
             t
             for t in self._call(lambda: self.api.tasks(filters={"service": service["ID"]}))
-            if t["Spec"]["ContainerSpec"]["Image"] == ref["image"]
+            if t["Spec"]["ContainerSpec"]["Image"] == image
             and t["Status"]["State"] in FAILED_TASK_STATES
-            and _engine_time(t["Status"].get("Timestamp") or started) >= since
+            and _engine_time(t["CreatedAt"]) >= _engine_time(since)
         ]
-        key = (service["ID"], started)
-        if failed:
-            self._stable_since.pop(key, None)
-            task = max(failed, key=lambda t: _engine_time(t["Status"]["Timestamp"]))
-            error = task["Status"].get("Err") or task["Status"]["State"]
-            fails = (
-                f"{ref['image']} fails"
-                if ref["op"] == "deploy"
-                else (f"the rollback restored {ref['image']}, which fails too")
-            )
-            return Progress(
-                "failed",
-                f"{fails} (task {task['ID'][:12]} {task['Status']['State']}: {error}); {counts}",
-            )
-        if not converged:
-            self._stable_since.pop(key, None)
-            return Progress("running", f"{status.get('Message') or status['State']}: {counts}")
-        monitor = config.get("Monitor") or DEFAULT_MONITOR
-        first = self._stable_since.setdefault(key, time.monotonic())
-        if time.monotonic() - first < monitor / SECOND:
-            return Progress(
-                "running", f"{counts}; verifying that they stay running for {monitor / SECOND:g} s"
-            )
-        self._stable_since.pop(key, None)
-        return None
+        return max(failed, key=lambda t: _engine_time(t["CreatedAt"]), default=None)
 
     def _convergence(self, service: dict[str, Any]) -> tuple[bool, str]:
         """Whether each slot (replicated) or node (global) runs an up-to-date task: the count
