@@ -79,6 +79,9 @@ def test_hooks_create_warns_when_the_token_would_cross_a_network_in_clear(tmp_pa
     if warned:
         assert "[server] public_url" in result.stderr
         assert "shk_" not in result.stderr
+    as_json = run_cli("hooks", "create", "web", "--name", "b", "--json", config=config)
+    assert json.loads(as_json.stdout)["token"].startswith("shk_")  # stdout stays JSON
+    assert ("plain HTTP to another machine" in as_json.stderr) == warned, as_json.stderr
 
 
 def test_hooks_list_filters_by_target_and_never_shows_tokens(cli):

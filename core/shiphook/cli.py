@@ -292,15 +292,15 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
         click.echo(f"Token (shown once, store it as a CI secret): {created.token}")
         click.echo(f"Call it from CI with the token in ${TOKEN_VARIABLE}:")
         click.echo(f"  {curl}")
-        if in_clear(url):
-            click.echo(
-                f"warning: {url} is plain HTTP to another machine: the token would cross the "
-                "network readable by anyone on the way; put a proxy that terminates TLS in "
-                "front of shiphook and set [server] public_url to its https:// address",
-                err=True,
-            )
 
     emit({**data, "curl": curl}, as_json, human)
+    if in_clear(url):
+        click.echo(
+            f"warning: {url} is plain HTTP to another machine: the token would cross the "
+            "network readable by anyone on the way; put a proxy that terminates TLS in "
+            "front of shiphook and set [server] public_url to its https:// address",
+            err=True,
+        )
 
 
 def in_clear(url: str) -> bool:

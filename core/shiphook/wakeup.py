@@ -62,7 +62,7 @@ def _remove_left_behind() -> None:
             if directory.lstat().st_uid != os.getuid():
                 continue
             lock = os.open(directory / SERVE_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:  # another user's, not a directory, or made before serve held a lock
+        except OSError:  # another user's, not a directory, or without a lock file
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -626,8 +626,8 @@ class NomadBackend(Backend):
                 "deployment left it: something else changed it, so shiphook does not roll it "
                 "back; look at the job and deploy again"
             )
-        # what ran before this deployment, as the other backends restore it: not the latest
-        # stable version, which skips a failure left in place before it
+        # what ran before this deployment, as every backend restores it (the latest stable
+        # version would skip a failure left in place before it)
         back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
         if back is None:
             raise BackendError(
