@@ -367,6 +367,29 @@ def test_a_stopped_server_answers_its_waiting_callers_at_once_and_loses_nothing(
     assert sorted(deploys.values()) == [1] * 4  # each resumed, none deployed twice
 
 
+def test_a_waiting_ci_job_that_went_away_holds_up_neither_the_server_nor_its_stop(tmp_path, serve):
+    """A `?wait` caller whose connection closed (a CI job cancelled, curl -m) is waited for no
+    longer: the stop does not wait its shutdown_timeout for it and logs no error."""
+    config = fleet_config(
+        tmp_path, apps=1, jobs=0, rollout_seconds=60, server="shutdown_timeout = 10"
+    )
+    server = serve(config)
+    token = create_hook(server, "app0")
+    state = backend_state(tmp_path)
+    body = b'{"imageTag": "2.0"}'
+    gone = connect(server)
+    gone.sendall(
+        b"POST /api/v1/dh?wait=900 HTTP/1.1\r\nHost: x\r\nX-Deploy-Hook-Token: %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (token.encode(), len(body), body)
+    )
+    eventually(lambda: state.calls("deploy"), "the rollout under way", timeout=30)
+    gone.close()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    log = server.log()
+    assert " ERROR " not in log and "Traceback" not in log, log
+
+
 def test_a_stop_does_not_wait_for_a_backend_call_that_hangs_and_the_next_start_resumes(
     tmp_path, serve
 ):

@@ -69,7 +69,8 @@ ERROR_STATUS: dict[type[ShiphookError], str] = {
     DatabaseUnavailable: falcon.HTTP_503,
 }
 # scope["extensions"][SHUTDOWN], set by `shiphook serve`: a future of the event loop, done once
-# the server begins to shut down (it then accepts no connection and waits for the requests)
+# the server begins to shut down (it then accepts no connection and waits for the requests), or
+# the client has gone (nothing then waits for the answer)
 SHUTDOWN = "shiphook.shutdown"
 # scope["extensions"][BODY_CUT], set by `shiphook serve` when the connection closed before the
 # request's body had all arrived (the client went, or body_timeout passed): the ASGI server then

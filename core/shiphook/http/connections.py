@@ -6,9 +6,9 @@ header count, closes a client that does not send its head within `header_timeout
 body within `body_timeout`, and answers each of these in JSON, like the app's own errors. At
 `max_connections`, the connection that has waited longest for its request head makes room for a
 new one, so that slow clients cannot lock others out; the log says when the limit is reached and
-when it is left. When the server begins to shut down, every request learns it through its scope
-(`SHUTDOWN`), so that the app can answer at once what it would otherwise hold for long (`?wait`);
-a request whose body the connection cut short learns that too (`BODY_CUT`).
+when it is left. When the server begins to shut down, or the client goes, the request learns it
+through its scope (`SHUTDOWN`), so that the app ends at once what it would otherwise hold for long
+(`?wait`); a request whose body the connection cut short learns that too (`BODY_CUT`).
 """
 
 from __future__ import annotations
@@ -92,10 +92,8 @@ class ConnectionGuard:
         self.closed_early = 0  # since the limit was reached
         self.refused = 0
         self.sweep: asyncio.TimerHandle | None = None
-        self.shutdown: asyncio.Future[None] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.shutdown = loop.create_future()
         self._sweep(loop)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -165,6 +163,8 @@ class HttpProtocol(HttpToolsProtocol):
     head_started: float | None = None  # loop time the current head began; None if none
     head_bytes = 0
     url = b""
+    # done when the server begins to shut down or the client goes: its requests' `SHUTDOWN`
+    ended: asyncio.Future[None] | None = None
 
     def __init__(
         self,
@@ -190,6 +190,7 @@ class HttpProtocol(HttpToolsProtocol):
             self._reject(503, "too many connections; try again later", b"retry-after: 1\r\n")
             return
         super().connection_made(transport)
+        self.ended = self.loop.create_future()
         self._start_head()
         if self.guard.sweep is None:
             self.guard.start(self.loop)
@@ -197,6 +198,7 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.bodies:
             self._cut_body()
+        self._end()
         super().connection_lost(exc)
         self._end_head()
         if self.guard.full:
@@ -249,7 +251,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {SHUTDOWN: self.guard.shutdown}
+        self.scope["extensions"] = {SHUTDOWN: self.ended}
         if self.head_started is None:  # pipelined behind a request being answered
             self._start_head()
         self.head_bytes = 0
@@ -269,12 +271,15 @@ class HttpProtocol(HttpToolsProtocol):
         """The server begins to shut down (uvicorn calls this on every open connection): tell
         the requests being answered, answer a head that has begun with 503, close an idle
         connection, and close the others once their request is answered."""
-        if not self.guard.shutdown.done():
-            self.guard.shutdown.set_result(None)
+        self._end()
         if self.idle() and self.head_started is not None and self.head_bytes:
             self._reject(503, "the server is shutting down; try again", b"retry-after: 1\r\n")
         else:
             super().shutdown()
+
+    def _end(self) -> None:
+        if self.ended is not None and not self.ended.done():
+            self.ended.set_result(None)
 
     def close_body(self, description: str) -> None:
         """Close a connection whose request body is late: a 408, unless its answer has begun."""
