@@ -167,6 +167,22 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             )
         ],
         ("[server]\nheader_timeout = 0\n", "server.header_timeout: Input should be greater than 0"),
+        # finite, and within a year: clocks and timers are computed from them
+        ("[deployer]\nscan_interval = inf\n", "deployer.scan_interval: Input should be a finite"),
+        ("[deployer]\nlease_seconds = 1e15\n", "deployer.lease_seconds: Input should be less"),
+        ("[server]\nshutdown_timeout = nan\n", "server.shutdown_timeout: Input should be a finite"),
+        (
+            BACKEND
+            + '[targets.w]\nkind = "app"\nbackend = "fake"\nname = "w"\nretry_budget = inf\n',
+            "targets.w.retry_budget: Input should be a finite number",
+        ),
+        *[
+            (
+                f"[server]\npublic_url = {url!r}\n",
+                "server.public_url: expected the base URL CI jobs reach shiphook at",
+            )
+            for url in ("http://[::1", "http://[zz]:80", "https://deploy.example.com:port")
+        ],
         # a number written as a string is a mistake in TOML, not a number
         ('[server]\nport = "8080"\n', "server.port: Input should be a valid integer"),
         ('[server]\nmax_wait = "60"\n', "server.max_wait: Input should be a valid number"),

@@ -24,8 +24,10 @@ from shiphook.errors import one_line
 
 Kind = Literal["app", "job"]
 State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progress`
-# numbers in a config are TOML numbers: strict, so that "10" (a string) or true is refused
-Seconds = Annotated[float, Field(gt=0, strict=True)]
+# numbers in a config are TOML numbers: strict, so that "10" (a string) or true is refused;
+# finite and within a year, so that every clock and timer computed from them holds them
+YEAR = 365 * 24 * 3600
+Seconds = Annotated[float, Field(gt=0, le=YEAR, strict=True, allow_inf_nan=False)]
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -74,7 +76,7 @@ class TargetSettings(BaseModel):
     backend: str
     rollout_timeout: Seconds = 600.0
     on_failure: Literal["rollback", "leave"] = "rollback"
-    retry_budget: Annotated[float, Field(ge=0, strict=True)] = 300.0
+    retry_budget: Annotated[float, Field(ge=0, le=YEAR, strict=True, allow_inf_nan=False)] = 300.0
     allowed_tags: str | None = None
     parameters: tuple[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], ...] | None = None
     max_concurrent_runs: int = Field(1, ge=1, le=100, strict=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,11 +75,18 @@ class ServerSettings(BaseModel):
     @field_validator("public_url")
     @classmethod
     def _an_http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        expected = (
+            "expected the base URL CI jobs reach shiphook at, like https://deploy.example.com"
+        )
         # no query, fragment or quote: the printed curl line appends the path and quotes it
-        if url is not None and not re.fullmatch(r"(?i:https?)://[^/\s?#'\"]+(/[^\s?#'\"]*)?", url):
-            raise ValueError(
-                "expected the base URL CI jobs reach shiphook at, like https://deploy.example.com"
-            )
+        if not re.fullmatch(r"(?i:https?)://[^/\s?#'\"]+(/[^\s?#'\"]*)?", url):
+            raise ValueError(expected)
+        try:
+            urllib.parse.urlsplit(url).port  # noqa: B018 - parsed for its errors
+        except ValueError as exc:  # "http://[::1", a port that is no number
+            raise ValueError(f"{expected} ({exc})") from None
         return url
 
     @model_validator(mode="after")
