@@ -27,7 +27,8 @@ State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progre
 # numbers in a config are TOML numbers: strict, so that "10" (a string) or true is refused;
 # finite and within a year, so that every clock and timer computed from them holds them
 YEAR = 365 * 24 * 3600
-Seconds = Annotated[float, Field(gt=0, le=YEAR, strict=True, allow_inf_nan=False)]
+Duration = Annotated[float, Field(le=YEAR, strict=True, allow_inf_nan=False)]
+Seconds = Annotated[Duration, Field(gt=0)]
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -76,7 +77,7 @@ class TargetSettings(BaseModel):
     backend: str
     rollout_timeout: Seconds = 600.0
     on_failure: Literal["rollback", "leave"] = "rollback"
-    retry_budget: Annotated[float, Field(ge=0, le=YEAR, strict=True, allow_inf_nan=False)] = 300.0
+    retry_budget: Annotated[Duration, Field(ge=0)] = 300.0
     allowed_tags: str | None = None
     parameters: tuple[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], ...] | None = None
     max_concurrent_runs: int = Field(1, ge=1, le=100, strict=True)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import docker
@@ -76,6 +76,7 @@ RUNNING_RANK = TASK_STATE_RANK["running"]
 FAILED_TASK_STATES = ("failed", "rejected")
 SECOND = 1_000_000_000  # Swarm's durations are in nanoseconds
 MONITORED_BY = {"deploy": "UpdateConfig", "rollback": "RollbackConfig"}
+COMPLETED = {"deploy": "completed", "rollback": "rollback_completed"}  # UpdateStatus.State
 DEFAULT_MONITOR = 5 * SECOND  # an UpdateConfig's or RollbackConfig's Monitor when unset
 
 
@@ -470,8 +471,7 @@ class SwarmBackend(Backend):
         converged, counts = self._convergence(service)
         if state in ("updating", "rollback_started"):
             return Progress("running", f"{message}: {counts}")
-        finished = {"deploy": "completed", "rollback": "rollback_completed"}
-        if state == finished.get(ref["op"]) and ref.get("updated", True):
+        if state == COMPLETED.get(ref["op"]) and ref.get("updated", True):
             unstable = self._verify(service, ref, status, converged, counts)
             if unstable is not None:
                 return unstable
@@ -532,16 +532,17 @@ class SwarmBackend(Backend):
         return None
 
     def _last_failed_task(
-        self, service: dict[str, Any], image: str, *, since: str
+        self, service: dict[str, Any], image: str, *, since: str | None = None
     ) -> dict[str, Any] | None:
-        """The last task of `image` that failed among those created since `since` (times of
-        the manager's clock both, so that a node's clock cannot shift them)."""
+        """The last created task of `image` that failed, of those created since `since` if
+        given (times of the manager's clock both, so that a node's clock cannot shift them)."""
+        earliest = datetime.min.replace(tzinfo=UTC) if since is None else _engine_time(since)
         failed = [
             t
             for t in self._call(lambda: self.api.tasks(filters={"service": service["ID"]}))
             if t["Spec"]["ContainerSpec"]["Image"] == image
             and t["Status"]["State"] in FAILED_TASK_STATES
-            and _engine_time(t["CreatedAt"]) >= _engine_time(since)
+            and _engine_time(t["CreatedAt"]) >= earliest
         ]
         return max(failed, key=lambda t: _engine_time(t["CreatedAt"]), default=None)
 
@@ -600,16 +601,9 @@ class SwarmBackend(Backend):
     def _why_rolled_back(self, service: dict[str, Any], ref: Ref) -> str:
         """What Swarm's own rollback undid, and the last failed task of the deployed image,
         which made it roll back."""
-        tasks = self._call(lambda: self.api.tasks(filters={"service": service["ID"]}))
-        failed = [
-            t
-            for t in tasks
-            if t["Spec"]["ContainerSpec"]["Image"] == ref["image"]
-            and t["Status"]["State"] in FAILED_TASK_STATES
-        ]
         why = f"the update to {ref['image']} failed"
-        if failed:
-            task = max(failed, key=lambda t: t["Status"].get("Timestamp") or "")
+        task = self._last_failed_task(service, ref["image"])
+        if task is not None:
             error = task["Status"].get("Err") or task["Status"]["State"]
             why += f" (task {task['ID'][:12]} {task['Status']['State']}: {error})"
         back = _image(service["Spec"])
