@@ -1438,6 +1438,7 @@ def test_an_api_server_that_never_answers_is_given_up_after_the_timeout(tmp_path
              "in_cluster = true; the KUBECONFIG variable is not read"),
         ('in_cluster = true\ncontext = "x"', "context applies to a kubeconfig only"),
         ('kubeconfig = "/nonexistent/kubeconfig"', "backends.k8s.kubeconfig: "),
+        ('in_cluster = "yes"', "backends.k8s.in_cluster: Input should be a valid boolean"),
     ],
 )  # fmt: skip
 def test_the_backend_is_told_how_to_reach_the_cluster_by_the_file_alone(tmp_path, keys, error):

@@ -617,6 +617,8 @@ def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatc
     for address in ("https://s3cret@nomad:4646", "https://u:s3cret@nomad:4646"):
         with pytest.raises(ValueError, match="holds no credentials"):
             NomadOptions(address=address)
+    with pytest.raises(ValueError, match="tls_verify\n  Input should be a valid boolean"):
+        NomadOptions(tls_verify="false")  # a string, not TOML's false: refused, not read as false
 
 
 def test_the_example_config_loads(tmp_path, monkeypatch):

@@ -638,6 +638,11 @@ def test_a_job_update_refused_by_the_engine_fails_permanently_with_its_message(e
         ('host = "tcp://d:2376"\ntls_ca_cert = "/nope.pem"', "", "backends.swarm.tls_ca_cert"),
         ('api_version = "latest"', "", 'backends.swarm.api_version: expected "auto"'),
         ("timeout = 0", "", "backends.swarm.timeout: Input should be greater than 0"),
+        # a switch is TOML's true or false: "no" (a string) or 0 is refused, not read as false
+        ('host = "tcp://d:2376"\ntls_verify = "no"', "", "backends.swarm.tls_verify: Input should"),
+        ("tls = 0", "", "backends.swarm.tls: Input should be a valid boolean"),
+        ("", 'resolve_image = "false"', "targets.web.resolve_image: Input should be a valid"),
+        ("poll_interval = 0.001", "", "backends.swarm.poll_interval: Input should be greater"),
         ("", 'image = "web:1.0"', "targets.web.image: expected a repository without tag"),
         ("", 'servise = "web"', "targets.web.servise: unknown key"),
     ],

@@ -24,11 +24,13 @@ from shiphook.errors import one_line
 
 Kind = Literal["app", "job"]
 State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progress`
-# numbers in a config are TOML numbers: strict, so that "10" (a string) or true is refused;
-# finite and within a year, so that every clock and timer computed from them holds them
+# numbers and switches in a config are TOML's: strict, so that "10" or "no" (strings), or true
+# for a number and 1 for a switch, are refused; durations finite and within a year, so that
+# every clock and timer computed from them holds them
 YEAR = 365 * 24 * 3600
 Duration = Annotated[float, Field(le=YEAR, strict=True, allow_inf_nan=False)]
 Seconds = Annotated[Duration, Field(gt=0)]
+Flag = Annotated[bool, Field(strict=True)]
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -43,7 +45,7 @@ class ConnectionOptions(NoOptions):
 
     timeout: Seconds = Field(30.0, description="seconds per API call")
     poll_interval: Seconds = Field(
-        1.0, description="seconds between progress reads of a rollout or job run"
+        1.0, ge=0.01, description="seconds between progress reads of a rollout or job run"
     )
 
 

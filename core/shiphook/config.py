@@ -63,12 +63,12 @@ class ServerSettings(BaseModel):
     max_wait: Seconds = 900
     workers: int = Field(1, ge=1, le=64, strict=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    database_timeout: Seconds = DATABASE_TIMEOUT
+    database_timeout: Seconds = Field(DATABASE_TIMEOUT, ge=1)
     sqlite_synchronous: Literal["full", "normal"] = SQLITE_SYNCHRONOUS
     max_header_bytes: int = Field(65536, ge=1024, le=1048576, strict=True)
     max_headers: int = Field(100, ge=10, le=1000, strict=True)
-    header_timeout: Seconds = 10
-    body_timeout: Seconds = 10
+    header_timeout: Seconds = Field(10, ge=1)
+    body_timeout: Seconds = Field(10, ge=1)
     max_connections: int = Field(4096, ge=1, le=1048576, strict=True)
     shutdown_timeout: Seconds = 10
 
@@ -104,8 +104,8 @@ class DeployerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threads: int = Field(16, ge=1, le=1024, strict=True)
-    lease_seconds: Seconds = 30
-    scan_interval: Seconds = 1.0
+    lease_seconds: Seconds = Field(30, ge=1)
+    scan_interval: Seconds = Field(1.0, ge=0.05)
 
 
 class BackendSection(BaseModel):

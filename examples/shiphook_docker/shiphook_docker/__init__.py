@@ -17,7 +17,17 @@ import docker
 import docker.errors
 import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from shiphook import Backend, BackendError, Progress, Ref, Target, TargetState, hookimpl
+from shiphook import (
+    Backend,
+    BackendError,
+    ConnectionOptions,
+    Duration,
+    Progress,
+    Ref,
+    Target,
+    TargetState,
+    hookimpl,
+)
 
 T = TypeVar("T")
 LABEL = "io.shiphook.deployment"
@@ -25,13 +35,9 @@ LABEL = "io.shiphook.deployment"
 FROM_IMAGE = ("Cmd", "Entrypoint", "WorkingDir", "User", "Healthcheck", "StopSignal")
 
 
-class DockerOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DockerOptions(ConnectionOptions):
     host: str = Field("unix:///var/run/docker.sock", description="the Docker Engine to manage")
-    timeout: float = Field(30.0, gt=0, description="seconds per Engine API call")
-    settle: float = Field(10.0, ge=0, description="seconds a new container runs to count as up")
-    poll_interval: float = Field(1.0, gt=0)
+    settle: Duration = Field(10.0, ge=0, description="seconds a new container runs to count as up")
 
     @field_validator("host")
     @classmethod

@@ -36,6 +36,7 @@ from shiphook import (
     Backend,
     BackendError,
     ConnectionOptions,
+    Flag,
     ImageRepository,
     Progress,
     Ref,
@@ -162,7 +163,7 @@ class KubernetesOptions(ConnectionOptions):
 
     kubeconfig: FilePath | None = Field(None, description="the kubeconfig file to use")
     context: str | None = Field(None, description="its context; default: its current-context")
-    in_cluster: bool = Field(
+    in_cluster: Flag = Field(
         False, description="use the ServiceAccount of the pod shiphook runs in"
     )
     namespace: Namespace = Field(

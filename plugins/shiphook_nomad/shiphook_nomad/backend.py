@@ -41,6 +41,7 @@ from shiphook import (
     Backend,
     BackendError,
     ConnectionOptions,
+    Flag,
     ImageRepository,
     Progress,
     Ref,
@@ -102,7 +103,7 @@ class NomadOptions(ConnectionOptions):
     tls_ca_cert: FilePath | None = Field(None, description="CA that signed Nomad's certificate")
     tls_client_cert: FilePath | None = Field(None, description="client certificate (PEM)")
     tls_client_key: FilePath | None = Field(None, description="client certificate's key (PEM)")
-    tls_verify: bool = Field(True, description="verify Nomad's certificate")
+    tls_verify: Flag = Field(True, description="verify Nomad's certificate")
 
     @field_validator("address")
     @classmethod

@@ -33,6 +33,7 @@ from shiphook import (
     Backend,
     BackendError,
     ConnectionOptions,
+    Flag,
     ImageRepository,
     Progress,
     Ref,
@@ -98,8 +99,8 @@ class SwarmOptions(ConnectionOptions):
     are never read: the config file alone says how the engine is reached."""
 
     host: str = Field(DEFAULT_HOST, description="unix:///path/to/docker.sock or tcp://host:port")
-    tls: bool = Field(False, description="use TLS; implied by any tls_* file")
-    tls_verify: bool = Field(True, description="verify the engine's certificate")
+    tls: Flag = Field(False, description="use TLS; implied by any tls_* file")
+    tls_verify: Flag = Field(True, description="verify the engine's certificate")
     tls_ca_cert: FilePath | None = Field(None, description="CA that signed the engine's cert")
     tls_client_cert: FilePath | None = Field(None, description="client certificate (PEM)")
     tls_client_key: FilePath | None = Field(None, description="client certificate's key (PEM)")
@@ -147,7 +148,7 @@ class SwarmTargetOptions(BaseModel):
     image: ImageRepository | None = Field(
         None, description="repository to deploy from; default: the one the service runs now"
     )
-    resolve_image: bool = Field(
+    resolve_image: Flag = Field(
         True, description="pin the tag's digest from the registry, as `docker service update` does"
     )
 
