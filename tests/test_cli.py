@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import POSTGRES_URL, free_port, plugin_env, run_cli, scripted_config
-from shiphook.cli import main
+from shiphook.cli import in_clear, main
 from shiphook.db import create_db_engine, safe_url
 from shiphook.testing import silent_orchestrator
 from sqlalchemy.engine import make_url
@@ -59,6 +59,26 @@ def test_the_curl_line_brackets_an_ipv6_host(tmp_path, monkeypatch):
     config = scripted_config(tmp_path, server='host = "::1"')
     result = run_cli("hooks", "create", "web", "--name", "a", "--json", config=config)
     assert "'http://[::1]:8080/api/v1/dh'" in json.loads(result.stdout)["curl"]
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("http://localhost.:8080", False),
+        ("http://ci.localhost:8080", False),
+        ("http://127.1:8080", False),
+        ("http://2130706433:8080", False),
+        ("http://[::ffff:127.0.0.1]:8080", False),
+        ("http://127.0.0.2", False),
+        ("http://localhost.example.com", True),
+        ("http://127.0.0.1.example.com", True),
+        ("http://[::ffff:10.0.0.1]:8080", True),
+        ("http://10.1", True),
+        ("HTTPS://deploy.example.com", False),
+    ],
+)
+def test_loopback_is_recognised_in_the_forms_curl_reads(url, warned):
+    assert in_clear(url) == warned
 
 
 @pytest.mark.parametrize(

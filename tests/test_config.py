@@ -183,6 +183,13 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             )
             for url in ("http://[::1", "http://[zz]:80", "https://deploy.example.com:port")
         ],
+        *[
+            (
+                f"[server]\npublic_url = {url!r}\n",
+                "server.public_url: expected no user or password in it: the printed curl line",
+            )
+            for url in ("https://ci:s3cret@deploy.example.com", "https://s3cret@deploy.example.com")
+        ],
         # a number written as a string is a mistake in TOML, not a number
         ('[server]\nport = "8080"\n', "server.port: Input should be a valid integer"),
         ('[server]\nmax_wait = "60"\n', "server.max_wait: Input should be a valid number"),
@@ -222,6 +229,7 @@ def test_a_bad_config_names_the_file_the_key_and_what_is_expected(tmp_path, text
         load(path)
     assert expected in caught.value.message
     assert str(path) in caught.value.message or "database_url" in caught.value.message
+    assert "s3cret" not in caught.value.message
 
 
 def test_a_bad_database_url_from_the_environment_is_named_so_and_never_quoted(

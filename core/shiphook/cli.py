@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
 import sys
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -309,11 +310,19 @@ def in_clear(url: str) -> bool:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme.lower() != "http":
         return False
-    host = parsed.hostname or ""
+    host = (parsed.hostname or "").rstrip(".")  # a name may end with the root's dot
+    if host == "localhost" or host.endswith(".localhost"):  # loopback names (RFC 6761)
+        return False
     try:
-        return not ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return host.lower() != "localhost"
+        try:  # 127.1 or 2130706433, as curl reads them too
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return True  # any other name is taken as another machine's (not resolved here)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_loopback
 
 
 @hooks.command("list")

@@ -84,9 +84,15 @@ class ServerSettings(BaseModel):
         if not re.fullmatch(r"(?i:https?)://[^/\s?#'\"]+(/[^\s?#'\"]*)?", url):
             raise ValueError(expected)
         try:
-            urllib.parse.urlsplit(url).port  # noqa: B018 - parsed for its errors
+            parsed = urllib.parse.urlsplit(url)
+            parsed.port  # noqa: B018 - parsed for its errors
         except ValueError as exc:  # "http://[::1", a port that is no number
             raise ValueError(f"{expected} ({exc})") from None
+        if "@" in parsed.netloc:
+            raise ValueError(
+                "expected no user or password in it: the printed curl line, which goes into CI "
+                "files, would show them; CI jobs authenticate with the hook's token"
+            )
         return url
 
     @model_validator(mode="after")
