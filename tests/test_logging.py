@@ -140,3 +140,33 @@ def test_text_from_elsewhere_is_one_line_without_credentials_or_format_character
     assert one_line(unencoded) == "https://ci:***@nomad.example:4646/v1/jobs and https://plain/x"
     # each URL of a word on its own: the user info of the second hides nothing of the first
     assert one_line("http://a.b/c,http://u:p@d/e") == "http://a.b/c,http://u:***@d/e"
+
+
+@pytest.mark.parametrize(
+    ("said", "shown"),
+    [
+        # a proxy or an orchestrator that quotes the request's headers
+        (
+            "400 Bad Request\r\nX-Nomad-Token: 9f3c2a1e-6b7d-4c1a-8e2f-0a1b2c3d4e5f\r\nHost: n",
+            "400 Bad Request; X-Nomad-Token: ***; Host: n",
+        ),
+        (
+            "sent {'Authorization': 'Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln', 'Accept': '*/*'}",
+            "sent {'Authorization': '***', 'Accept': '*/*'}",
+        ),
+        ('{"authorization":"Basic Y2k6aHVudGVyMmh1bnRlcjI="}', '{"authorization":"***"}'),
+        ("proxy: bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln rejected", "proxy: bearer *** rejected"),
+        # a hook token, wherever it is
+        (
+            "invalid value shk_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGhIjKlM for X",
+            "invalid value shk_*** for X",
+        ),
+        # words that only look like them are kept
+        (
+            "authorization failed: bearer token required; Basic authentication is off",
+            "authorization failed: bearer token required; Basic authentication is off",
+        ),
+    ],
+)
+def test_text_from_elsewhere_never_shows_a_credential_it_quotes(said, shown):
+    assert one_line(said) == shown

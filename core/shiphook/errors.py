@@ -68,6 +68,15 @@ class DatabaseUnavailable(ShiphookError):
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
 WORD = re.compile(r"\S+")
+# what an orchestrator's or a proxy's message may quote of a request: a credential header (in
+# "Name: value", JSON or a dict's repr; its value up to a quote, comma or semicolon, where a line
+# break became "; "), an Authorization scheme's credentials, a hook token
+SECRET = re.compile(
+    r"(?i)\b(?P<header>(?:proxy-)?authorization|x-nomad-token|x-vault-token|x-deploy-hook-token)"
+    r"(?P<sep>['\"]?\s*[:=]\s*['\"]?)[^'\",;]+"
+    r"|\b(?P<scheme>bearer|basic)\s+[A-Za-z0-9._~+/-]{16,}=*"
+    r"|\bshk_[0-9A-Za-z]+"
+)
 
 
 def masked_credentials(text: str) -> str:
@@ -75,6 +84,21 @@ def masked_credentials(text: str) -> str:
     token): up to the URL's last "@" before the next URL or space, since a password pasted
     unencoded may hold "/", "@" or "#". In time linear in the text, which a caller may send."""
     return WORD.sub(_masked_word, text) if "://" in text else text
+
+
+def masked_secrets(text: str) -> str:
+    """`text` with the credentials a message may quote masked: a URL's user info
+    (`masked_credentials`), a credential header's value, an Authorization scheme's credentials
+    and hook tokens. In time linear in the text."""
+    return SECRET.sub(_masked_secret, masked_credentials(text))
+
+
+def _masked_secret(found: re.Match[str]) -> str:
+    if found["header"]:
+        return f"{found['header']}{found['sep']}***"
+    if found["scheme"]:
+        return f"{found['scheme']} ***"
+    return "shk_***"
 
 
 def _masked_word(word: re.Match[str]) -> str:
@@ -92,7 +116,7 @@ def one_line(text: str) -> str:
     """Text from elsewhere (an orchestrator, a plugin, a hook's caller) as shiphook stores, logs
     and shows it: its lines joined with "; ", any other control or format character escaped
     (so that it can neither forge a log line nor drive or reorder a terminal that prints it),
-    and the credentials of a URL in it masked."""
+    and the credentials in it masked (`masked_secrets`)."""
     joined = "; ".join(line.strip() for line in text.splitlines() if line.strip())
     if not joined.isprintable():  # the rare case, character by character
         joined = "".join(
@@ -101,7 +125,7 @@ def one_line(text: str) -> str:
             else c
             for c in joined
         )
-    return masked_credentials(joined)
+    return masked_secrets(joined)
 
 
 def describe_validation_error(
@@ -168,7 +192,7 @@ def _is_model(annotation: Any) -> bool:
 
 def _shown_input(value: object) -> str:
     """A value that was given, as its JSON or TOML reads: text quoted and escaped, the rest as
-    JSON (`null`, not Python's `None`); the credentials of a URL in it masked."""
+    JSON (`null`, not Python's `None`); the credentials in it masked (`masked_secrets`)."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
@@ -178,7 +202,7 @@ def _shown_input(value: object) -> str:
             shown = json.dumps(value, ensure_ascii=False)
         except (TypeError, ValueError):
             shown = repr(value)
-    return masked_credentials(shown)
+    return masked_secrets(shown)
 
 
 def shown_key(key: int | str) -> str:
