@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -70,7 +71,8 @@ def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
     assert deployment["status"] == "failed", deployment
     assert deployment["message"] == (
         "gave up after 1 attempt and 0.0s of backoff: the scripted backend's deploy did not "
-        "return within 0.5s (the target's call_timeout)"
+        "return within 0.5s (the target's call_timeout); that call still runs and may yet "
+        "change the workload (logged when it ends)"
     )
     # the slot is free again while the stalled call still runs
     assert harness.wait_for(harness.deploy(token, {"imageTag": "2.0"}))["status"] == "succeeded"
@@ -78,6 +80,28 @@ def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
     stopping.start()
     stopping.join(30)
     assert not stopping.is_alive(), "the deployer waited for the stalled call"
+
+
+def test_a_call_given_up_that_ends_later_is_logged_as_it_may_have_changed_the_workload(
+    harness_factory, tmp_path, caplog
+):
+    harness = harness_factory(stalling_config(tmp_path, call_timeout=0.5, stall_seconds=2))
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "stall-1"}))
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].endswith(
+        "; that call still runs and may yet change the workload (logged when it ends)"
+    )
+    ended = f"deployment {deployment['id']} of web: the scripted backend's deploy ended "
+    deadline = time.monotonic() + 30
+    while not any(r.getMessage().startswith(ended) for r in caplog.records):
+        assert time.monotonic() < deadline, "the stalled call's end was not logged"
+        time.sleep(0.1)
+    (line,) = [r for r in caplog.records if r.getMessage().startswith(ended)]
+    assert line.levelname == "WARNING"
+    assert line.getMessage().endswith(
+        "s after it was made, after the deployment had been given up: it may have changed the "
+        "workload"
+    )
 
 
 def test_a_call_past_call_timeout_is_waited_for_by_its_retry_not_made_twice(

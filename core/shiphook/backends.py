@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -276,7 +277,10 @@ class PluginCall:
 
     def __init__(self, name: str, function: Callable[..., Any], /, *args: Any, **kwargs: Any):
         self.done = threading.Event()
+        self.started = time.monotonic()
         self._outcome: list[tuple[bool, Any]] = []
+        self._lock = threading.Lock()
+        self._then: Callable[[], None] | None = None
 
         def call() -> None:
             try:
@@ -284,9 +288,22 @@ class PluginCall:
             except BaseException as exc:  # raised in the caller's thread, by `result`
                 self._outcome.append((False, exc))
             finally:
-                self.done.set()
+                with self._lock:
+                    self.done.set()
+                    then = self._then
+                if then is not None:
+                    then()
 
         threading.Thread(target=call, name=name, daemon=True).start()
+
+    def then(self, callback: Callable[[], None]) -> bool:
+        """Have `callback` called on the call's thread when the call ends; False, and never
+        called, if it has ended already."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._then = callback
+            return True
 
     def result(self) -> Any:
         """What the call returned, or raise what it raised (once `done`)."""

@@ -48,6 +48,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
 ROLLING_BACK = "rolling back: "
+CHANGES_WORKLOAD = frozenset({"deploy", "rollback", "run_job"})  # the backend calls that do
 # seconds between the supersede passes notifications ask for, per target: a pass's own cost is
 # spread over a burst's rows, not paid per request (bench/README.md); a scan catches the rest
 SUPERSEDE_EVERY = 0.25
@@ -559,9 +560,10 @@ class Execution:
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
                 delay = max(delay, exc.retry_after or 0)
                 if self.retry_spent + delay > self.target.retry_budget:
+                    still = self._left_running(function)
                     raise BackendError(
                         f"gave up after {attempt + 1} attempt{'s' if attempt else ''} and "
-                        f"{self.retry_spent:.1f}s of backoff: {exc.message}"
+                        f"{self.retry_spent:.1f}s of backoff: {exc.message}{still}"
                     ) from exc
                 attempt += 1
                 self.retry_spent += delay
@@ -607,6 +609,31 @@ class Execution:
                 )
             self.lease.keep()
         return call.result()
+
+    def _left_running(self, function: Callable[..., Any]) -> str:
+        """What to add to the message of a deployment given up while a call that changes the
+        workload still runs past its call_timeout: that it may yet change it. Its end will be
+        logged."""
+        name = getattr(function, "__name__", "call")
+        left = self._abandoned.get(name)
+        if name not in CHANGES_WORKLOAD or left is None:
+            return ""
+        call = left[1]
+
+        def ended() -> None:
+            log.warning(
+                "deployment %s of %s: the %s backend's %s ended %.0f s after it was made, after "
+                "the deployment had been given up: it may have changed the workload",
+                self.deployment.id,
+                self.target.name,
+                self.backend.name,
+                name,
+                time.monotonic() - call.started,
+            )
+
+        if not call.then(ended):
+            return ""
+        return "; that call still runs and may yet change the workload (logged when it ends)"
 
     def _pause(self, seconds: float) -> None:
         if self.deployer._stopping.wait(seconds):
