@@ -65,7 +65,9 @@ def test_the_curl_line_brackets_an_ipv6_host(tmp_path, monkeypatch):
     ("url", "warned"),
     [
         ("http://localhost.:8080", False),
-        ("http://ci.localhost:8080", False),
+        ("http://0x7f.1:8080", False),
+        ("http://ci.localhost:8080", True),  # curl before 7.85 asks DNS
+        ("http://127.0.0.1 evil.example:8080", True),
         ("http://127.1:8080", False),
         ("http://2130706433:8080", False),
         ("http://[::ffff:127.0.0.1]:8080", False),

@@ -160,6 +160,7 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
                 "server.public_url: expected the base URL CI jobs reach shiphook at, like https://",
             )
             for url in (
+                "ci:s3cret@deploy.example.com",  # not shown: no scheme tells it is a URL
                 "deploy.example.com/",
                 "https://x.com?a=1",
                 "https://x.com#f",
@@ -170,6 +171,7 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
         # finite, and within a year: clocks and timers are computed from them
         ("[deployer]\nscan_interval = inf\n", "deployer.scan_interval: Input should be a finite"),
         ("[deployer]\nlease_seconds = 1e15\n", "deployer.lease_seconds: Input should be less"),
+        ("[server]\ndatabase_timeout = 3e6\n", "server.database_timeout: Input should be less"),
         ("[server]\nshutdown_timeout = nan\n", "server.shutdown_timeout: Input should be a finite"),
         (
             BACKEND
@@ -186,9 +188,13 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
         *[
             (
                 f"[server]\npublic_url = {url!r}\n",
-                "server.public_url: expected no user or password in it: the printed curl line",
+                "server.public_url: expected no user or password in it (no @): the printed curl",
             )
-            for url in ("https://ci:s3cret@deploy.example.com", "https://s3cret@deploy.example.com")
+            for url in (
+                "https://ci:s3cret@deploy.example.com",
+                "https://s3cret@deploy.example.com",
+                "https://ci:s3cret/x@deploy.example.com",
+            )
         ],
         # a number written as a string is a mistake in TOML, not a number
         ('[server]\nport = "8080"\n', "server.port: Input should be a valid integer"),

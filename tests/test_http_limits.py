@@ -340,3 +340,22 @@ def test_slow_clients_cannot_exhaust_the_open_files_of_the_server(tmp_path, serv
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_the_spaces_around_a_token_or_key_are_no_part_of_it(tmp_path, serve):
+    """Spaces and tabs around a field's value are no part of it (RFC 9110): a proxy that drops
+    them must not turn a retry with the same Idempotency-Key into a second deployment."""
+    config = limited_config(tmp_path)
+    token = create_hook(config)
+    server = serve(config)
+    answered = []
+    for sent_token, key in [(token, "k2"), (token + " ", "k2 "), ("\t" + token, "\tk2\t")]:
+        head = (
+            f"POST /api/v1/dh HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"X-Deploy-Hook-Token: {sent_token}\r\nIdempotency-Key: {key}\r\n"
+            f"Content-Length: {len(HOOK_BODY)}\r\n\r\n"
+        )
+        status, _, body = exchange(server, head.encode() + HOOK_BODY)
+        assert status == 201, body
+        answered.append(body["deployment"]["id"])
+    assert len(set(answered)) == 1, answered

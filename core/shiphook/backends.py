@@ -29,7 +29,7 @@ State = Literal["running", "succeeded", "failed", "rolled_back"]  # of a `Progre
 # for a number and 1 for a switch, are refused; durations finite and within a year, so that
 # every clock and timer computed from them holds them
 YEAR = 365 * 24 * 3600
-Duration = Annotated[float, Field(le=YEAR, strict=True, allow_inf_nan=False)]
+Duration = Annotated[float, Field(ge=0, le=YEAR, strict=True, allow_inf_nan=False)]
 Seconds = Annotated[Duration, Field(gt=0)]
 Flag = Annotated[bool, Field(strict=True)]
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -45,8 +45,8 @@ class ConnectionOptions(NoOptions):
     """Backend keys every orchestrator connection has; a backend's `Options` may extend it."""
 
     timeout: Seconds = Field(30.0, description="seconds per API call")
-    poll_interval: Seconds = Field(
-        1.0, ge=0.01, description="seconds between progress reads of a rollout or job run"
+    poll_interval: Annotated[Seconds, Field(ge=0.01)] = Field(
+        1.0, description="seconds between progress reads of a rollout or job run"
     )
 
 
@@ -80,7 +80,7 @@ class TargetSettings(BaseModel):
     backend: str
     rollout_timeout: Seconds = 600.0
     on_failure: Literal["rollback", "leave"] = "rollback"
-    retry_budget: Annotated[Duration, Field(ge=0)] = 300.0
+    retry_budget: Duration = 300.0
     allowed_tags: str | None = None
     parameters: tuple[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], ...] | None = None
     max_concurrent_runs: int = Field(1, ge=1, le=100, strict=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import socket
 import sys
 import urllib.parse
@@ -304,6 +305,9 @@ def hooks_create(ctx: click.Context, target: str, name: str, as_json: bool) -> N
         )
 
 
+NUMERIC_IPV4 = re.compile(r"(?i)(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}")
+
+
 def in_clear(url: str) -> bool:
     """Whether a CI job calling `url` sends its token unencrypted over a network: plain HTTP
     to a host that is not this machine's loopback."""
@@ -311,15 +315,17 @@ def in_clear(url: str) -> bool:
     if parsed.scheme.lower() != "http":
         return False
     host = (parsed.hostname or "").rstrip(".")  # a name may end with the root's dot
-    if host == "localhost" or host.endswith(".localhost"):  # loopback names (RFC 6761)
+    if host == "localhost":  # not *.localhost: curl before 7.85 asks DNS for those
         return False
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        try:  # 127.1 or 2130706433, as curl reads them too
+        if not NUMERIC_IPV4.fullmatch(host):
+            return True  # any other name is taken as another machine's (not resolved here)
+        try:  # 127.1, 2130706433 or 0x7f.1, as curl reads them too
             address = ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
-            return True  # any other name is taken as another machine's (not resolved here)
+            return True
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return not address.is_loopback

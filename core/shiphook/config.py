@@ -63,12 +63,13 @@ class ServerSettings(BaseModel):
     max_wait: Seconds = 900
     workers: int = Field(1, ge=1, le=64, strict=True)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    database_timeout: Seconds = Field(DATABASE_TIMEOUT, ge=1)
+    # at most an hour: PostgreSQL's statement_timeout, which takes it, ends at 24.8 days
+    database_timeout: Annotated[Seconds, Field(ge=1, le=3600)] = DATABASE_TIMEOUT
     sqlite_synchronous: Literal["full", "normal"] = SQLITE_SYNCHRONOUS
     max_header_bytes: int = Field(65536, ge=1024, le=1048576, strict=True)
     max_headers: int = Field(100, ge=10, le=1000, strict=True)
-    header_timeout: Seconds = Field(10, ge=1)
-    body_timeout: Seconds = Field(10, ge=1)
+    header_timeout: Annotated[Seconds, Field(ge=1)] = 10
+    body_timeout: Annotated[Seconds, Field(ge=1)] = 10
     max_connections: int = Field(4096, ge=1, le=1048576, strict=True)
     shutdown_timeout: Seconds = 10
 
@@ -83,16 +84,15 @@ class ServerSettings(BaseModel):
         # no query, fragment or quote: the printed curl line appends the path and quotes it
         if not re.fullmatch(r"(?i:https?)://[^/\s?#'\"]+(/[^\s?#'\"]*)?", url):
             raise ValueError(expected)
-        try:
-            parsed = urllib.parse.urlsplit(url)
-            parsed.port  # noqa: B018 - parsed for its errors
-        except ValueError as exc:  # "http://[::1", a port that is no number
-            raise ValueError(f"{expected} ({exc})") from None
-        if "@" in parsed.netloc:
+        if "@" in url:  # anywhere: a password may hold a "/" that ends the host to a parser
             raise ValueError(
-                "expected no user or password in it: the printed curl line, which goes into CI "
-                "files, would show them; CI jobs authenticate with the hook's token"
+                "expected no user or password in it (no @): the printed curl line, which goes "
+                "into CI files, would show them; CI jobs authenticate with the hook's token"
             )
+        try:
+            urllib.parse.urlsplit(url).port  # noqa: B018 - parsed for its errors
+        except ValueError:  # "http://[::1", a port that is no number
+            raise ValueError(f"{expected} (its host or port does not parse)") from None
         return url
 
     @model_validator(mode="after")
@@ -110,8 +110,8 @@ class DeployerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threads: int = Field(16, ge=1, le=1024, strict=True)
-    lease_seconds: Seconds = Field(30, ge=1)
-    scan_interval: Seconds = Field(1.0, ge=0.05)
+    lease_seconds: Annotated[Seconds, Field(ge=1)] = 30
+    scan_interval: Annotated[Seconds, Field(ge=0.05)] = 1.0
 
 
 class BackendSection(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import unicodedata
@@ -10,6 +11,8 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
+
+from shiphook.tokens import PREFIX, PREFIXED
 
 
 class ShiphookError(Exception):
@@ -68,14 +71,18 @@ class DatabaseUnavailable(ShiphookError):
 MAX_ERRORS = 10  # lines of `describe_validation_error`; the rest are counted
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it is
 WORD = re.compile(r"\S+")
-# what an orchestrator's or a proxy's message may quote of a request: a credential header (in
-# "Name: value", JSON or a dict's repr; its value up to a quote, comma or semicolon, where a line
-# break became "; "), an Authorization scheme's credentials, a hook token
+AT_AHEAD = re.compile(r"\S*@")
+USER_INFO = re.compile(r"[^\s/@:]*:[^\s@]*@")
+# what an orchestrator's or a proxy's message may quote of a request: a token header's value
+# (as "Name: value", or in JSON, a dict's repr or Go's http.Header, within quotes, brackets or
+# braces), an Authorization header's credentials (Basic only when they decode to
+# "user:password", Bearer only with a digit: "authorization: denied" is a message), a hook token
 SECRET = re.compile(
-    r"(?i)\b(?P<header>(?:proxy-)?authorization|x-nomad-token|x-vault-token|x-deploy-hook-token)"
-    r"(?P<sep>['\"]?\s*[:=]\s*['\"]?)[^'\",;]+"
-    r"|\b(?P<scheme>bearer|basic)\s+[A-Za-z0-9._~+/-]{16,}=*"
-    r"|\bshk_[0-9A-Za-z]+"
+    r"(?i)\b(?P<header>x-nomad-token|x-vault-token|x-deploy-hook-token)"
+    r"(?P<sep>\\?['\"]?\s*[:=]\s*(?:\[\]string\{|[\[{(]|b?\\?['\"])*)(?P<value>[^'\",;\\\]})\r\n]+)"
+    r"|\b(?P<basic>basic)\s+(?P<encoded>[A-Za-z0-9+/]{4,}={0,2})"
+    r"|\b(?P<bearer>bearer)\s+(?=[A-Za-z0-9._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*"
+    rf"|\b{PREFIXED}"
 )
 
 
@@ -95,10 +102,22 @@ def masked_secrets(text: str) -> str:
 
 def _masked_secret(found: re.Match[str]) -> str:
     if found["header"]:
-        return f"{found['header']}{found['sep']}***"
-    if found["scheme"]:
-        return f"{found['scheme']} ***"
-    return "shk_***"
+        # a space masked with the value stays when an "@" follows in the word it would join: a
+        # URL before it would take that "@" for the end of its user info when shown again
+        spaced = any(c.isspace() for c in found["value"]) and AT_AHEAD.match(
+            found.string, found.end()
+        )
+        kept = " " if spaced else ""
+        return f"{found['header']}{found['sep']}***{kept}"
+    if found["basic"]:
+        try:
+            decoded = base64.b64decode(found["encoded"], validate=True)
+        except ValueError:
+            return found.group()
+        return f"{found['basic']} ***" if b":" in decoded else found.group()
+    if found["bearer"]:
+        return f"{found['bearer']} ***"
+    return f"{PREFIX}***"
 
 
 def _masked_word(word: re.Match[str]) -> str:
@@ -114,18 +133,20 @@ def _masked_word(word: re.Match[str]) -> str:
 
 def one_line(text: str) -> str:
     """Text from elsewhere (an orchestrator, a plugin, a hook's caller) as shiphook stores, logs
-    and shows it: its lines joined with "; ", any other control or format character escaped
-    (so that it can neither forge a log line nor drive or reorder a terminal that prints it),
-    and the credentials in it masked (`masked_secrets`)."""
-    joined = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    and shows it: the credentials in it masked (`masked_secrets`; first, as a tab or a line
+    break may separate a credential from its scheme), its lines joined with "; ", a tab made a
+    space and any other control or format character escaped (so that it can neither forge a
+    log line nor drive or reorder a terminal that prints it)."""
+    masked = masked_secrets(text)
+    joined = "; ".join(line.strip() for line in masked.splitlines() if line.strip())
     if not joined.isprintable():  # the rare case, character by character
         joined = "".join(
-            c.encode("unicode_escape").decode("ascii")
+            (" " if c.isspace() else c.encode("unicode_escape").decode("ascii"))
             if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs")
             else c
             for c in joined
         )
-    return masked_secrets(joined)
+    return joined
 
 
 def describe_validation_error(
@@ -150,6 +171,7 @@ def describe_validation_error(
             error["type"] not in {"missing", "extra_forbidden", "json_invalid"}  # json: the body
             and "input" in error
             and not _may_be_secret(error["loc"])
+            and not _may_hold_a_password(error["input"])
             and not (
                 isinstance(error["input"], dict)
                 and any(_may_be_secret((k,)) for k in error["input"])
@@ -211,6 +233,12 @@ def shown_key(key: int | str) -> str:
     if isinstance(key, int) or PLAIN_KEY.fullmatch(key):
         return str(key)
     return repr(key[:40]) + ("..." if len(key) > 40 else "")
+
+
+def _may_hold_a_password(value: Any) -> bool:
+    """Text like `user:password@host` without a scheme, which `masked_credentials` cannot tell
+    from other text: not echoed."""
+    return isinstance(value, str) and USER_INFO.match(value) is not None
 
 
 def _may_be_secret(loc: tuple[int | str, ...]) -> bool:

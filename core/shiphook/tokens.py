@@ -18,9 +18,10 @@ _BODY_LEN = 43  # ceil(256 / log2(62))
 _CHECK_LEN = 6  # ceil(32 / log2(62))
 TOKEN_PATTERN = rf"{PREFIX}[0-9A-Za-z]{{{_BODY_LEN + _CHECK_LEN}}}"
 _SHAPE = re.compile(TOKEN_PATTERN, re.ASCII)
-# a token or most of one, with its prefix (or the prefix's underscore percent-encoded), or a
-# run as long as most of a token's body without it
-_LOOKALIKE = re.compile(rf"{PREFIX[:-1]}(_|%5F|%255F)[0-9A-Za-z]{{8,}}|[0-9A-Za-z]{{32,}}", re.I)
+# a token or most of one, with its prefix (or the prefix's underscore percent-encoded)
+PREFIXED = rf"{PREFIX[:-1]}(?:_|%5F|%255F)[0-9A-Za-z]{{8,}}"
+# that, or a run as long as most of a token's body without it
+_LOOKALIKE = re.compile(rf"{PREFIXED}|[0-9A-Za-z]{{32,}}", re.I)
 
 
 def redacted(text: str) -> str:

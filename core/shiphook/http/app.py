@@ -134,12 +134,15 @@ async def hook_token_or_admin(req: Request, resp: Response, resource: Any, param
 
 
 def single_header(req: Request, name: str) -> str | None:
-    """A header that holds one value (a token, a key). Falcon joins a field sent more than once
-    with commas, so a comma is refused."""
+    """A header that holds one value (a token, a key), without the spaces and tabs around it,
+    which are no part of a field's value (RFC 9110, 5.5): a proxy may drop them. Falcon joins a
+    field sent more than once with commas, so a comma is refused."""
     value = req.get_header(name)
-    if value is not None and "," in value:
+    if value is None:
+        return None
+    if "," in value:
         raise InvalidRequest(f"{name}: expected one value, without a comma (sent twice?)")
-    return value
+    return value.strip(" \t")
 
 
 async def read_body(req: Request) -> bytes:

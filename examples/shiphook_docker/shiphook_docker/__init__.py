@@ -37,7 +37,7 @@ FROM_IMAGE = ("Cmd", "Entrypoint", "WorkingDir", "User", "Healthcheck", "StopSig
 
 class DockerOptions(ConnectionOptions):
     host: str = Field("unix:///var/run/docker.sock", description="the Docker Engine to manage")
-    settle: Duration = Field(10.0, ge=0, description="seconds a new container runs to count as up")
+    settle: Duration = Field(10.0, description="seconds a new container runs to count as up")
 
     @field_validator("host")
     @classmethod
