@@ -225,7 +225,13 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
         ],
         (
             "[server]\nshutdown_timeout = 5\n",
-            "server: shutdown_timeout: 5 s must be more than database_timeout (5 s)",
+            "server.shutdown_timeout: 5 s must be more than database_timeout (5 s)",
+        ),
+        (  # the default shutdown_timeout: the error says how to fix it
+            "[server]\ndatabase_timeout = 10\n",
+            "server.shutdown_timeout: 10 s must be more than database_timeout (10 s), so that a "
+            "stop answers the requests whose deployment is being committed: raise "
+            "shutdown_timeout (default 10) or lower database_timeout",
         ),
     ],
 )

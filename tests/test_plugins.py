@@ -173,12 +173,13 @@ def test_disabled_plugins_blocks_a_module_plugin_too(tmp_path):
 def test_disabling_a_plugin_that_is_not_there_is_an_error_naming_those_that_are(tmp_path):
     """A misspelt name would otherwise leave the plugin it meant loaded, without a word."""
     config = write_config(tmp_path, '[server]\ndisabled_plugins = ["swarn"]\n')
-    result = run_cli("check", config=config, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "shiphook: server.disabled_plugins: no plugin named 'swarn' is installed or in "
-        "SHIPHOOK_PLUGINS (there are: docker, kubernetes, nomad, scripted_backend, swarm)"
-    )
+    for command in ("check", "plugins"):
+        result = run_cli(command, config=config, check=False)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"shiphook: {config}: server.disabled_plugins: no plugin named 'swarn' is installed "
+            "or in SHIPHOOK_PLUGINS (there are: docker, kubernetes, nomad, scripted_backend, swarm)"
+        )
 
 
 BROKEN_BACKEND = """

@@ -220,8 +220,9 @@ def targets(ctx: click.Context, as_json: bool) -> None:
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List loaded plugins and the backends they provide (only the config's [server] table
     needs to be valid: this is where a target naming an unknown plugin is sorted out)."""
-    parsed = read_config_file(config_path(ctx.obj["config"]))
-    pm = make_plugin_manager(disabled=parsed.server.disabled_plugins)
+    file = config_path(ctx.obj["config"])
+    parsed = read_config_file(file)
+    pm = make_plugin_manager(disabled=parsed.server.disabled_plugins, config=file)
     registry = collect_backends(pm)
     data = [
         {

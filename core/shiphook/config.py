@@ -22,8 +22,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from shiphook.backends import BackendRegistry, Seconds, Target, TargetSettings
@@ -35,6 +35,7 @@ log = logging.getLogger("shiphook.config")
 DEFAULT_CONFIG_PATH = Path("configs/shiphook.toml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
+SHUTDOWN_TIMEOUT = 10.0  # seconds; `[server] shutdown_timeout`
 NAME_RULE = "1 to 63 characters of A-Z a-z 0-9 _ . -, the first a letter or digit"
 
 
@@ -71,7 +72,7 @@ class ServerSettings(BaseModel):
     header_timeout: Annotated[Seconds, Field(ge=1)] = 10
     body_timeout: Annotated[Seconds, Field(ge=1)] = 10
     max_connections: int = Field(4096, ge=1, le=1048576, strict=True)
-    shutdown_timeout: Seconds = 10
+    shutdown_timeout: Seconds = Field(SHUTDOWN_TIMEOUT, validate_default=True)
 
     @field_validator("public_url")
     @classmethod
@@ -95,15 +96,17 @@ class ServerSettings(BaseModel):
             raise ValueError(f"{expected} (its host or port does not parse)") from None
         return url
 
-    @model_validator(mode="after")
-    def _shutdown_outlasts_a_commit(self) -> ServerSettings:
-        if self.shutdown_timeout <= self.database_timeout:
+    @field_validator("shutdown_timeout")
+    @classmethod
+    def _outlasts_a_commit(cls, seconds: float, info: ValidationInfo) -> float:
+        database = info.data.get("database_timeout")  # validated before it, when valid
+        if database is not None and seconds <= database:
             raise ValueError(
-                f"shutdown_timeout: {self.shutdown_timeout:g} s must be more than "
-                f"database_timeout ({self.database_timeout:g} s), so that a stop answers "
-                "the requests whose deployment is being committed"
+                f"{seconds:g} s must be more than database_timeout ({database:g} s), so that "
+                "a stop answers the requests whose deployment is being committed: raise "
+                f"shutdown_timeout (default {SHUTDOWN_TIMEOUT:g}) or lower database_timeout"
             )
-        return self
+        return seconds
 
 
 class DeployerSettings(BaseModel):

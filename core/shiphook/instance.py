@@ -75,7 +75,9 @@ def open_instance(
             "and no spaces or line breaks, which a client could not send (make one with "
             "`openssl rand -hex 32`)"
         )
-    pm = make_plugin_manager(disabled=parsed.server.disabled_plugins, modules=plugin_modules)
+    pm = make_plugin_manager(
+        disabled=parsed.server.disabled_plugins, modules=plugin_modules, config=file
+    )
     for plugin in plugin_objects:
         pm.register(plugin)
     registry = collect_backends(pm)

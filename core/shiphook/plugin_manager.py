@@ -21,11 +21,13 @@ def make_plugin_manager(
     *,
     disabled: Iterable[str] = (),
     modules: Iterable[str] | None = None,
+    config: os.PathLike[str] | str = "",
 ) -> pluggy.PluginManager:
     """Load the plugins of the `shiphook` entry-point group, minus `disabled`.
 
     `modules` are extra plugin modules imported by dotted name; by default they come from the
-    comma-separated `SHIPHOOK_PLUGINS` environment variable (like `PYTEST_PLUGINS`).
+    comma-separated `SHIPHOOK_PLUGINS` environment variable (like `PYTEST_PLUGINS`). `config`
+    is the file `disabled` comes from, for its errors.
     """
     pm = pluggy.PluginManager("shiphook")
     pm.add_hookspecs(hookspecs)
@@ -34,10 +36,11 @@ def make_plugin_manager(
     modules = [m.strip() for m in modules]
     entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     known = sorted({e.name for e in entry_points} | set(modules))
+    where = f"{config}: " if config else ""
     for name in disabled:
         if name not in known:
             raise ConfigError(
-                f"server.disabled_plugins: no plugin named {name!r} is installed or in "
+                f"{where}server.disabled_plugins: no plugin named {name!r} is installed or in "
                 f"SHIPHOOK_PLUGINS (there are: {', '.join(known) or 'none'})"
             )
         pm.set_blocked(name)
