@@ -95,7 +95,7 @@ def masked_credentials(text: str) -> str:
 
 def masked_secrets(text: str) -> str:
     """`text` with the credentials a message may quote masked: a URL's user info
-    (`masked_credentials`), a credential header's value, an Authorization scheme's credentials
+    (`masked_credentials`), a token header's value, an Authorization header's credentials
     and hook tokens. In time linear in the text."""
     return SECRET.sub(_masked_secret, masked_credentials(text))
 
@@ -238,7 +238,7 @@ def shown_key(key: int | str) -> str:
 def _may_hold_a_password(value: Any) -> bool:
     """Text like `user:password@host` without a scheme, which `masked_credentials` cannot tell
     from other text: not echoed."""
-    return isinstance(value, str) and USER_INFO.match(value) is not None
+    return isinstance(value, str) and "://" not in value and USER_INFO.match(value) is not None
 
 
 def _may_be_secret(loc: tuple[int | str, ...]) -> bool:
