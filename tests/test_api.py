@@ -195,6 +195,24 @@ def test_malformed_app_bodies_are_400_naming_the_field(quiet, body, names):
     assert stored_deployments(quiet) == []
 
 
+def test_a_hook_token_sent_as_the_tag_is_400_and_goes_nowhere(quiet, caplog):
+    """A CI job that swapped its variables: stored, logged and handed to the orchestrator as a
+    tag is, the token would leak to all three."""
+    token, job_token = quiet.new_hook("web"), quiet.new_hook("migrate")
+    for sent in (token, tokens.new_token()):
+        for caller in (token, job_token):  # an app's tag, a job's optional one
+            result = quiet.post_hook(caller, {"imageTag": sent})
+            assert result.status_code == 400, result.text
+            assert result.json["description"].startswith(
+                "imageTag: a hook token, not an image tag: send it in X-Deploy-Hook-Token only "
+                "(got 'shk_***')"
+            )
+    assert stored_deployments(quiet) == []
+    assert token not in caplog.text
+    # a tag that only starts like one is a tag
+    assert quiet.post_hook(token, {"imageTag": "shk_build-7"}).status_code == 201
+
+
 def test_a_tag_outside_allowed_tags_is_400(quiet):
     token = quiet.new_hook("strict")
     result = quiet.post_hook(token, {"imageTag": "latest"})

@@ -25,7 +25,6 @@ from shiphook.backends import (
 from shiphook.config import config_path, host_port, read_config_file
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError, one_line
-from shiphook.http.app import TOKEN_HEADER
 from shiphook.instance import Instance, open_instance
 from shiphook.plugin_manager import (
     collect_backends,
@@ -42,6 +41,7 @@ from shiphook.services import (
     hook_name,
     public_target,
 )
+from shiphook.tokens import TOKEN_HEADER
 
 
 class ShiphookGroup(click.Group):

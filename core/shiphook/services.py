@@ -65,6 +65,9 @@ def _oci_tag(value: str) -> str:
         raise ValueError(
             "not a valid image tag (1 to 128 of A-Z a-z 0-9 _ . -, not starting with . or -)"
         )
+    if value.startswith(tokens.PREFIX) and tokens.is_well_formed(value):
+        # stored, logged and sent to the orchestrator as a tag is, a token would leak there
+        raise ValueError(f"a hook token, not an image tag: send it in {tokens.TOKEN_HEADER} only")
     return value
 
 

@@ -13,6 +13,7 @@ import secrets
 import zlib
 
 PREFIX = "shk_"
+TOKEN_HEADER = "X-Deploy-Hook-Token"  # the header a hook request carries its token in
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BODY_LEN = 43  # ceil(256 / log2(62))
 _CHECK_LEN = 6  # ceil(32 / log2(62))

@@ -49,12 +49,11 @@ from shiphook.services import (
     public_target,
     wait_outcome,
 )
-from shiphook.tokens import redacted
+from shiphook.tokens import TOKEN_HEADER, redacted
 
 log = logging.getLogger("shiphook.http")
 access_log = logging.getLogger("shiphook.access")
 
-TOKEN_HEADER = "X-Deploy-Hook-Token"
 MAX_BODY = 64 * 1024
 
 ERROR_STATUS: dict[type[ShiphookError], str] = {
