@@ -455,7 +455,7 @@ def test_the_limit_bounds_the_list_and_its_last_value_counts(quiet):
     assert len(listed.json["deployments"]) == 3  # 50 without one
 
 
-@pytest.mark.parametrize("value", ["soon", "-1", "-inf", "nan", "inf", "1e400", "", "0x10"])
+@pytest.mark.parametrize("value", ["soon", "-1", "-inf", "nan", "inf", "1e400", "", "0x10", "1_0"])
 def test_a_bad_wait_is_400_naming_what_it_takes_and_the_value(quiet, value):
     result = quiet.post_hook(quiet.new_hook("web"), {"imageTag": "1.0"}, params={"wait": value})
     assert result.status_code == 400
@@ -464,6 +464,14 @@ def test_a_bad_wait_is_400_naming_what_it_takes_and_the_value(quiet, value):
         "description": "wait: expected a number of seconds, 0 or more (it waits 900 at the most), "
         f"got {value!r}",
     }
+    assert stored_deployments(quiet) == []
+
+
+def test_wait_given_twice_is_400(quiet):
+    token = quiet.new_hook("web")
+    result = quiet.post_hook(token, {"imageTag": "1.0"}, params={"wait": ["5", "6"]})
+    assert result.status_code == 400
+    assert result.json["description"] == "wait: expected one value, given once"
     assert stored_deployments(quiet) == []
 
 

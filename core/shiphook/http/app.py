@@ -229,9 +229,12 @@ class DeployHookResource:
             )
 
     def _wait_seconds(self, req: Request) -> float:
-        """`?wait`, capped by `max_wait`; 0 (answer at once) without it."""
+        """`?wait`, capped by `max_wait`; 0 (answer at once) without it. Given twice, it is
+        refused (which one a proxy reads is anyone's guess), and Python's "1_0" is no number."""
+        if len(req.get_param_as_list("wait") or ()) > 1:
+            raise InvalidRequest("wait: expected one value, given once")
         seconds = req.get_param_as_float("wait", min_value=0, default=0.0)
-        if not math.isfinite(seconds):
+        if not math.isfinite(seconds) or "_" in req.get_param("wait", default=""):
             raise falcon.HTTPInvalidParam("The value must be finite.", "wait")
         return min(seconds, self.max_wait)
 
