@@ -32,6 +32,7 @@ from shiphook_kubernetes.backend import (
     ANNOTATION_DEPLOYMENT,
     INSTANTIATE,
     NEEDED,
+    RUN_TTL,
     TARGET_NEEDS,
     WORKLOADS,
     ApiError,
@@ -86,10 +87,15 @@ class Kube:
         return name
 
     def cronjob(
-        self, name: str = "migrate", image: str = f"{APP}:ok", *, suspended_jobs: bool = False
+        self,
+        name: str = "migrate",
+        image: str = f"{APP}:ok",
+        *,
+        suspended_jobs: bool = False,
+        **spec: Any,
     ) -> str:
-        """A CronJob that never fires on its own; with `suspended_jobs` its Jobs start suspended
-        (no pod until the test resumes them)."""
+        """A CronJob that never fires on its own, with `spec` added to its spec; with
+        `suspended_jobs` its Jobs start suspended (no pod until the test resumes them)."""
         job_template = template(name, image, restartPolicy="Never")
         job_template["spec"]["containers"][0]["env"] = [
             {"name": "GREETING", "value": "hello"},
@@ -108,7 +114,8 @@ class Kube:
                         "template": job_template,
                     },
                 },
-            },
+            }
+            | spec,
         }
         self.batch.create_namespaced_cron_job(self.namespace, body)
         return name
@@ -685,12 +692,14 @@ def test_a_run_creates_a_job_from_the_cronjob_with_its_overrides(kube, harness_f
     assert job.metadata.labels["team"] == "db"
     [owner] = job.metadata.owner_references
     cron = kube.batch.read_namespaced_cron_job(cronjob, kube.namespace)
+    # owned, deleted with it, but not controlled: the CronJob controller prunes what it controls
     assert (owner.kind, owner.name, owner.uid, owner.controller) == (
         "CronJob",
         cronjob,
         cron.metadata.uid,
-        True,
+        False,
     )
+    assert job.spec.ttl_seconds_after_finished == RUN_TTL
     env = {e.name: e.value for e in job.spec.template.spec.containers[0].env}
     assert env == {"GREETING": "hello", "MODE": "dry-run", "TARGET": "v42"}
     assert any(c.type == "Complete" and c.status == "True" for c in job.status.conditions)
@@ -706,6 +715,43 @@ def test_a_run_creates_a_job_from_the_cronjob_with_its_overrides(kube, harness_f
     assert images[job_name(cronjob, ids[0])] == f"{APP}:ok2"
     assert images[job_name(cronjob, ids[1])] == f"{APP}:ok"
     assert len(images) == 3
+
+
+def test_runs_are_read_to_their_end_whatever_the_cronjobs_history_limits(
+    kube, harness_factory, tmp_path
+):
+    """The CronJob controller deletes the finished Jobs it controls beyond its history limits:
+    a run it controlled would be gone before its outcome was read ("not found")."""
+    cronjob = kube.cronjob(successfulJobsHistoryLimit=0, failedJobsHistoryLimit=0)
+    config = kube_config(
+        tmp_path, kube, target("migrate", "job", cronjob=cronjob, max_concurrent_runs=3)
+    )
+    harness = harness_factory(config)
+    token = harness.new_hook("migrate")
+    ids = [harness.deploy(token, run_body(MODE=str(n))) for n in range(2)]
+    ids.append(harness.deploy(token, run_body(EXIT="5")))
+    ended = [harness.wait_for(i, timeout=90) for i in ids]
+    assert [d["status"] for d in ended] == ["succeeded", "succeeded", "failed"], ended
+    assert ended[2]["message"].endswith(": container app Error with exit code 5"), ended[2]
+    kept = {j.metadata.name: j.spec.ttl_seconds_after_finished for j in kube.jobs()}
+    assert kept == {job_name(cronjob, i): RUN_TTL for i in ids}
+
+
+def test_a_run_whose_job_is_deleted_fails_saying_it_is_gone(kube, harness_factory, tmp_path):
+    cronjob = kube.cronjob(suspended_jobs=True)  # it runs until the test deletes it
+    harness = harness_factory(
+        kube_config(tmp_path, kube, target("migrate", "job", cronjob=cronjob))
+    )
+    deployment_id = harness.deploy(harness.new_hook("migrate"), run_body())
+    name = job_name(cronjob, deployment_id)
+    harness.wait_started(deployment_id, timeout=60)  # its Job is made
+    kube.batch.delete_namespaced_job(name, kube.namespace, propagation_policy="Background")
+    run = harness.wait_for(deployment_id, timeout=90)
+    assert run["status"] == "failed", run
+    assert run["message"] == (
+        f"job {name} in namespace {kube.namespace} is gone before its outcome was read: deleted "
+        "by hand, or its ttlSecondsAfterFinished passed while shiphook was stopped"
+    )
 
 
 def test_a_failing_run_fails_with_the_reason_and_the_exit_code(kube, harness_factory, tmp_path):

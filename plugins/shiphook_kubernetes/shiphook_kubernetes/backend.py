@@ -54,6 +54,7 @@ ANNOTATION_PREVIOUS_IMAGE = "shiphook.io/previous-image"
 ANNOTATION_PREVIOUS_REVISION = "shiphook.io/previous-revision"
 REVISION = "deployment.kubernetes.io/revision"  # the Deployment controller's own
 INSTANTIATE = "cronjob.kubernetes.io/instantiate"  # what `kubectl create job --from` writes
+RUN_TTL = 24 * 3600  # seconds a finished run's Job is kept, unless its jobTemplate says
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 FIELD_MANAGER = "shiphook"  # whose patches managedFields time-stamps (server time)
@@ -742,17 +743,21 @@ class KubernetesBackend(Backend):
                 "annotations": {INSTANTIATE: "manual"}
                 | (meta.get("annotations") or {})
                 | {ANNOTATION_DEPLOYMENT: deployment_id},
+                # owned, so that it goes with the CronJob, but not controlled: the CronJob
+                # controller deletes the finished Jobs it controls beyond its history limits,
+                # and would delete a run before its outcome is read
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",
                         "kind": "CronJob",
                         "name": cronjob["metadata"]["name"],
                         "uid": cronjob["metadata"]["uid"],
-                        "controller": True,
+                        "controller": False,
                     }
                 ],
             },
-            "spec": job_template["spec"],
+            # deleted by the TTL controller instead, a while after it ends
+            "spec": {"ttlSecondsAfterFinished": RUN_TTL} | job_template["spec"],
         }
         ref = {"op": "run", "namespace": namespace, "job": name, "container": container["name"]}
         ref |= {"deployment": deployment_id}
@@ -774,7 +779,16 @@ class KubernetesBackend(Backend):
 
     def _job_progress(self, ref: Ref) -> Progress:
         """Done when the Job's Complete or Failed condition is True, as the controller says."""
-        job = self._call(self.client.batch.read_namespaced_job, ref["job"], ref["namespace"])
+        try:
+            job = self._call(self.client.batch.read_namespaced_job, ref["job"], ref["namespace"])
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise BackendError(
+                f"job {ref['job']} in namespace {ref['namespace']} is gone before its outcome "
+                "was read: deleted by hand, or its ttlSecondsAfterFinished passed while shiphook "
+                "was stopped"
+            ) from None
         status = job.get("status") or {}
         for condition in status.get("conditions") or ():
             if condition.get("status") != "True":
