@@ -39,7 +39,7 @@ from shiphook_kubernetes.backend import (
     job_name,
 )
 from test_durability import all_deployments
-from test_k8s_cluster import template, workload
+from test_k8s_cluster import images, template, workload
 
 APP = "shiphook-test/app"  # never pulled: kwok plays the kubelet
 WAIT = "90"
@@ -477,6 +477,34 @@ def test_a_deploy_to_a_paused_deployment_fails_at_once_and_changes_nothing(
     found = kube.read("deployment", "web")
     assert found["metadata"]["generation"] == generation
     assert kube.images("deployment", "web") == {"app": f"{APP}:v1"}
+
+
+@pytest.mark.parametrize("kind", ["statefulset", "daemonset"])
+def test_a_new_tag_for_a_workload_updating_on_delete_fails_at_once_and_changes_nothing(
+    kube, harness_factory, tmp_path, kind
+):
+    """Its pods would take the new template only when deleted: no rollout to follow, so
+    nothing is patched (before, it was patched, then "rolled back")."""
+    spec = {"updateStrategy": {"type": "OnDelete"}}
+    body = workload(
+        kind, f"{APP}:v1", **spec | ({"serviceName": kind} if kind == "statefulset" else {})
+    )
+    getattr(kube.apps, f"create_namespaced_{kind.replace('set', '_set')}")(kube.namespace, body)
+    eventually(lambda: images(kube, kind) == {f"{APP}:v1"}, f"{kind}'s pods")
+    generation = kube.read(kind, kind)["metadata"]["generation"]
+    harness = harness_factory(kube_config(tmp_path, kube, target("t", "app", **{kind: kind})))
+    token = harness.new_hook("t")
+    result = wait_post(harness, token, {"imageTag": "v2"})
+    assert result.status_code == 502, result.text
+    assert result.json["deployment"]["message"] == (
+        f"{kind} {kind} updates OnDelete: its pods take a new template only when they are "
+        "deleted, so there would be no rollout to follow; shiphook changed nothing: set "
+        "updateStrategy RollingUpdate, or update it by hand"
+    )
+    assert kube.read(kind, kind)["metadata"]["generation"] == generation
+    assert kube.images(kind, kind) == {"app": f"{APP}:v1"}
+    # the tag it runs: nothing to roll out, it succeeds at once
+    assert wait_post(harness, token, {"imageTag": "v1"}).status_code == 201
 
 
 def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(

@@ -507,6 +507,14 @@ class KubernetesBackend(Backend):
                 raise BackendError(
                     f"{_paused(name)}; shiphook changed nothing: resume it and deploy again"
                 )
+            if not _rolls_out_by_itself(found):
+                strategy = found["spec"]["updateStrategy"]["type"]
+                raise BackendError(
+                    f"{workload.key} {name} updates {strategy}: its pods take a new template "
+                    "only when they are deleted, so there would be no rollout to follow; "
+                    "shiphook changed nothing: set updateStrategy RollingUpdate, or update it "
+                    "by hand"
+                )
             previous = self._current_revision(workload, found)
             patch = {
                 "metadata": {
