@@ -679,6 +679,32 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
     eventually(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, "v2 pods again")
 
 
+def test_a_statefulset_left_failing_rolls_forward_to_a_good_tag(kube, harness_factory, tmp_path):
+    """Its pods stuck on the failed template hold any new rollout (the StatefulSet's "forced
+    rollback"): a deploy over the failure left in place deletes them once it has patched."""
+    name = kube.statefulset()
+    left = target("db", "app", statefulset=name, rollout_timeout=8, on_failure="leave")
+    harness = harness_factory(kube_config(tmp_path, kube, left))
+    token = harness.new_hook("db")
+    failed = wait_post(harness, token, {"imageTag": "broken"})
+    assert failed.status_code == 502, failed.text
+    assert failed.json["deployment"]["message"].endswith("; left as it is (on_failure = leave)")
+    assert f"{APP}:broken" in images(kube, name)
+    fixed = wait_post(harness, token, {"imageTag": "v3"})
+    assert fixed.status_code == 201, fixed.text
+    eventually(lambda: kube.pod_images(name) == [f"{APP}:v3"] * 2, "v3 pods")
+    # and back to the failure left in place, then on demand to what ran before it
+    assert wait_post(harness, token, {"imageTag": "broken"}).status_code == 502
+    back = harness.client.simulate_post(
+        f"/api/v1/deployments/{failed.json['deployment']['id']}/rollback",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    assert back.status_code == 201, back.text
+    ended = harness.wait_for(back.json["deployment"]["id"], timeout=90)
+    assert ended["status"] == "succeeded", ended
+    eventually(lambda: kube.pod_images(name) == [f"{APP}:v1"] * 2, "v1 pods")
+
+
 def test_a_partitioned_statefulset_rollout_ends_when_the_pods_above_the_partition_run_it(
     kube, harness_factory, tmp_path
 ):

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import ADMIN_TOKEN, replaced_by, run_cli, scripted_config
-from shiphook.deployer.deployer import lease_owner, owner_is_gone
+from shiphook.deployer.deployer import RUN_LEFT, lease_owner, owner_is_gone
 from shiphook.errors import DatabaseUnavailable
 from shiphook.services import Deployments
 
@@ -242,6 +242,25 @@ def test_job_runs_queue_per_target_up_to_max_concurrent_runs(harness_factory):
     assert harness.backend.max_in_flight("migrate") == 1
 
 
+def test_a_run_past_rollout_timeout_fails_saying_it_goes_on_beside_the_next(
+    harness_factory, tmp_path
+):
+    """No backend call stops a run: the one past its deadline is left to the orchestrator and
+    no longer counted, so the next starts beside it; the message must not hide that."""
+    config = scripted_config(tmp_path, backend_extra="polls = 1000000")
+    config.write_text(
+        config.read_text().replace('name = "migrate"\n', 'name = "migrate"\nrollout_timeout = 1\n')
+    )
+    harness = harness_factory(config)
+    token = harness.new_hook("migrate")
+    runs = [harness.wait_for(harness.deploy(token, {}), timeout=30) for _ in range(2)]
+    for run in runs:
+        assert run["status"] == "failed", run
+        assert run["message"].startswith("did not finish within 1s (last state: job running)")
+        assert run["message"].endswith(RUN_LEFT)
+    assert harness.backend.max_in_flight("migrate") == 2
+
+
 # -- resume ----------------------------------------------------------------------------------
 
 
@@ -297,6 +316,36 @@ def test_rollback_refuses_what_it_cannot_do(harness_factory):
     assert "nothing to roll back to" in nothing.json["description"]
     assert post("/api/v1/deployments/nope/rollback", headers=ADMIN).status_code == 404
     assert post(f"/api/v1/deployments/{queued}/rollback").status_code == 401
+
+
+def test_rollback_refuses_a_tag_the_target_does_not_allow_or_one_of_another_repository(harness):
+    """The image a first deployment replaced may be anything: a tag outside allowed_tags, or
+    one of another repository (a target with an `image` override), whose tag the target's
+    repository may not even have."""
+    first = harness.deploy(harness.new_hook("strict"), {"imageTag": "v1.0.0"})
+    harness.wait_for(first)
+    refused = harness.client.simulate_post(f"/api/v1/deployments/{first}/rollback", headers=ADMIN)
+    assert refused.status_code == 409
+    assert refused.json["description"] == (
+        "the tag to roll back to, 'initial', is not allowed for target 'strict' (allowed_tags "
+        "v\\d+\\.\\d+\\.\\d+): deploy an allowed tag instead"
+    )
+    web = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
+    harness.wait_for(web)
+    storage = harness.instance.storage
+    storage.update_deployment(
+        deployment_id=web,
+        now=harness.instance.deployments.clock(),
+        previous_image="other.test/x:v14",
+    )
+    refused = harness.client.simulate_post(f"/api/v1/deployments/{web}/rollback", headers=ADMIN)
+    assert refused.status_code == 409
+    assert refused.json["description"] == (
+        f"deployment {web} replaced other.test/x:v14, from another repository than it deployed "
+        "(registry.test/app), and a rollback deploys a tag from the target's repository: roll "
+        "back by hand"
+    )
+    assert len(harness.instance.deployments.list()) == 2
 
 
 def test_cli_rollback_queues_the_previous_image(harness, tmp_path):

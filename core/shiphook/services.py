@@ -35,7 +35,7 @@ from shiphook.errors import (
     shown_key,
 )
 from shiphook.fastpath import Accepted, GroupCommit, HookGone, KeyTaken
-from shiphook.images import tag_of
+from shiphook.images import repository_of, tag_of
 from shiphook.models import (
     Deployment,
     DeploymentBase,
@@ -426,12 +426,18 @@ class Deployments:
             raise InvalidRequest(f"deployment {deployment_id} is a job run; only apps roll back")
         if source.target not in self.targets:
             raise NotFound(f"target {source.target!r} is no longer configured")
+        target = self.targets[source.target]
         earlier = self.storage.last_success(target=source.target, before=source.id)
-        tag = earlier.image_tag if earlier is not None else tag_of(source.previous_image)
+        tag = earlier.image_tag if earlier is not None else self._replaced_tag(source)
         if tag is None:
             raise Conflict(
                 f"nothing to roll back to: no deployment of {source.target} succeeded before "
                 f"{deployment_id}, and the image it replaced is unknown"
+            )
+        if target.allowed_tags and not re.fullmatch(target.allowed_tags, tag):
+            raise Conflict(
+                f"the tag to roll back to, {tag!r}, is not allowed for target {target.name!r} "
+                f"(allowed_tags {target.allowed_tags}): deploy an allowed tag instead"
             )
         new = DeploymentCreate(
             id=self.new_id(),
@@ -443,6 +449,21 @@ class Deployments:
         )
         self.storage.add_deployment(new=new)
         return public_deployment(new)
+
+    @staticmethod
+    def _replaced_tag(source: Deployment) -> str | None:
+        """The tag of the image `source` replaced, if that came from the repository `source`
+        deployed from: a rollback deploys a tag, from the target's repository."""
+        deployed = (source.backend_ref or {}).get("image")
+        if deployed is None or source.previous_image is None:
+            return tag_of(source.previous_image)
+        if repository_of(source.previous_image) != repository_of(deployed):
+            raise Conflict(
+                f"deployment {source.id} replaced {source.previous_image}, from another "
+                f"repository than it deployed ({repository_of(deployed)}), and a rollback "
+                "deploys a tag from the target's repository: roll back by hand"
+            )
+        return tag_of(source.previous_image)
 
     def get(self, deployment_id: str, *, hook: HookIdentity | None = None) -> DeploymentPublic:
         """The deployment with its history; with `hook`, only if that hook created it."""

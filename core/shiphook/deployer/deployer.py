@@ -49,6 +49,11 @@ BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
 ROLLING_BACK = "rolling back: "
 CHANGES_WORKLOAD = frozenset({"deploy", "rollback", "run_job"})  # the backend calls that do
+# a job run past rollout_timeout: the contract has no call that stops a run, so it is said
+RUN_LEFT = (
+    "; the run is not stopped: it goes on in the orchestrator, no longer counted against "
+    "max_concurrent_runs (stop it there if it must not)"
+)
 # seconds between the supersede passes notifications ask for, per target: a pass's own cost is
 # spread over a burst's rows, not paid per request (bench/README.md); a scan catches the rest
 SUPERSEDE_EVERY = 0.25
@@ -515,7 +520,7 @@ class Execution:
                 deployment_id=d.id,
             )
             self._progress("job run started", backend_ref=ref)
-        outcome = self._track(ref)
+        outcome = self._track(ref, past_deadline=RUN_LEFT)
         status = Status.succeeded if outcome.state == "succeeded" else Status.failed
         fallback = "run completed" if status == Status.succeeded else "run failed"
         self._finish(status, outcome.message or fallback)
@@ -527,8 +532,11 @@ class Execution:
         log.info("deployment %s of %s: %s", self.deployment.id, self.target.name, message)
         self._record(message=message, **values)
 
-    def _track(self, ref: Ref, *, deadline_from: datetime | None = None) -> Progress:
-        """Poll progress until the work ends or the target's rollout timeout passes."""
+    def _track(
+        self, ref: Ref, *, deadline_from: datetime | None = None, past_deadline: str = ""
+    ) -> Progress:
+        """Poll progress until the work ends or the target's rollout timeout passes (then a
+        failure, `past_deadline` added to its message)."""
         start = deadline_from or self.deployment.started_at or self.deployer.clock()
         deadline = start + timedelta(seconds=self.target.rollout_timeout)
         while True:
@@ -541,7 +549,8 @@ class Execution:
             if self.deployer.clock() >= deadline:
                 last = f" (last state: {progress.message})" if progress.message else ""
                 return Progress(
-                    "failed", f"did not finish within {self.target.rollout_timeout:g}s{last}"
+                    "failed",
+                    f"did not finish within {self.target.rollout_timeout:g}s{last}{past_deadline}",
                 )
             self._pause(self.backend.poll_interval)
 

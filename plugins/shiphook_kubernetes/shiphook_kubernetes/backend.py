@@ -77,7 +77,7 @@ NEEDED = [
     ("list", "apps", "replicasets"),
     ("list", "apps", "controllerrevisions"),
     ("list", "", "pods"),
-    ("delete", "", "pods"),  # a StatefulSet's rollback: its pods stuck on the failed template
+    ("delete", "", "pods"),  # a StatefulSet's: its pods stuck on a failed template
     ("get", "batch", "cronjobs"),
     ("get", "batch", "jobs"),
     ("create", "batch", "jobs"),
@@ -92,8 +92,8 @@ TARGET_NEEDS = {
     ),
     "statefulset": (
         [("get", "apps", "statefulsets"), ("patch", "apps", "statefulsets"),
-         ("list", "apps", "controllerrevisions"), ("list", "", "pods")],
-        [("delete", "", "pods")],
+         ("list", "apps", "controllerrevisions"), ("list", "", "pods"), ("delete", "", "pods")],
+        [],
     ),
     "daemonset": (
         [("get", "apps", "daemonsets"), ("patch", "apps", "daemonsets"),
@@ -541,6 +541,8 @@ class KubernetesBackend(Backend):
                     )
                     continue
                 raise
+            # over a failure left in place, its pods that never became ready hold the rollout
+            self._delete_stuck_pods(workload, found, ref | {"image": current})
             return ref | {"updated": True, "previous_image": current, "previous_revision": previous}
         raise BackendError(
             f"{workload.key} {name}: 409 Conflict {PATCH_ATTEMPTS} times in a row (something "
@@ -614,9 +616,10 @@ class KubernetesBackend(Backend):
 
     def _delete_stuck_pods(self, workload: Workload, found: dict[str, Any], ref: Ref) -> None:
         """A StatefulSet's "forced rollback" (Kubernetes' StatefulSet docs): the controller
-        waits for a pod of the failed template to become ready before it replaces anything,
-        so the pods of that template that are not ready are deleted; it recreates them from the
-        template patched back."""
+        waits for a pod of a failed template to become ready before it replaces anything, so
+        the pods of `ref`'s image that are not ready are deleted, once the template is patched
+        away from it (back, or forward over a failure left in place); the controller recreates
+        them from the template as patched."""
         if workload.key != "statefulset":
             return
         namespace = found["metadata"]["namespace"]
@@ -631,8 +634,13 @@ class KubernetesBackend(Backend):
             except ApiError as exc:
                 if exc.status != 404:  # gone already
                     raise
-            log.info("statefulset %s: deleted pod %s of the failed template", ref["name"],
-                     pod["metadata"]["name"])  # fmt: skip
+            log.info(
+                "deployment %s: statefulset %s: deleted pod %s, not ready on %s",
+                ref.get("deployment"),
+                ref["name"],
+                pod["metadata"]["name"],
+                ref["image"],
+            )
 
     def _undo_patch(
         self, workload: Workload, found: dict[str, Any], revision: str | None
