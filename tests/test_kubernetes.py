@@ -33,6 +33,7 @@ from shiphook_kubernetes.backend import (
     INSTANTIATE,
     NEEDED,
     RUN_TTL,
+    RUN_TTL_MIN,
     TARGET_NEEDS,
     WORKLOADS,
     ApiError,
@@ -804,8 +805,30 @@ def test_a_run_whose_job_is_deleted_fails_saying_it_is_gone(kube, harness_factor
     assert run["status"] == "failed", run
     assert run["message"] == (
         f"job {name} in namespace {kube.namespace} is gone before its outcome was read: deleted "
-        "by hand, or its ttlSecondsAfterFinished passed while shiphook was stopped"
+        "by hand or with its CronJob, or its ttlSecondsAfterFinished passed while shiphook was "
+        "stopped"
     )
+
+
+def test_a_runs_job_is_kept_an_hour_at_least_whatever_its_template_says(
+    kube, harness_factory, tmp_path
+):
+    """A jobTemplate's ttlSecondsAfterFinished of 0 would delete a run before its outcome was
+    read; a longer one is kept."""
+    cronjob = kube.cronjob()
+    harness = harness_factory(
+        kube_config(tmp_path, kube, target("migrate", "job", cronjob=cronjob))
+    )
+    token = harness.new_hook("migrate")
+    kept = {}
+    for ttl in (0, 7 * 24 * 3600):
+        patch = {"spec": {"jobTemplate": {"spec": {"ttlSecondsAfterFinished": ttl}}}}
+        kube.batch.patch_namespaced_cron_job(cronjob, kube.namespace, patch)
+        run = wait_post(harness, token, run_body()).json["deployment"]
+        assert run["status"] == "succeeded", run
+        job = kube.batch.read_namespaced_job(job_name(cronjob, run["id"]), kube.namespace)
+        kept[ttl] = job.spec.ttl_seconds_after_finished
+    assert kept == {0: RUN_TTL_MIN, 7 * 24 * 3600: 7 * 24 * 3600}
 
 
 def test_a_failing_run_fails_with_the_reason_and_the_exit_code(kube, harness_factory, tmp_path):

@@ -54,7 +54,11 @@ ANNOTATION_PREVIOUS_IMAGE = "shiphook.io/previous-image"
 ANNOTATION_PREVIOUS_REVISION = "shiphook.io/previous-revision"
 REVISION = "deployment.kubernetes.io/revision"  # the Deployment controller's own
 INSTANTIATE = "cronjob.kubernetes.io/instantiate"  # what `kubectl create job --from` writes
-RUN_TTL = 24 * 3600  # seconds a finished run's Job is kept, unless its jobTemplate says
+REVISION_HASH = "controller-revision-hash"  # a StatefulSet's pod: the revision it runs
+# seconds a finished run's Job is kept: a day, or the jobTemplate's ttlSecondsAfterFinished, but
+# at least an hour, so that the run's outcome is read before the TTL controller deletes it
+RUN_TTL = 24 * 3600
+RUN_TTL_MIN = 3600
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 FIELD_MANAGER = "shiphook"  # whose patches managedFields time-stamps (server time)
@@ -541,8 +545,6 @@ class KubernetesBackend(Backend):
                     )
                     continue
                 raise
-            # over a failure left in place, its pods that never became ready hold the rollout
-            self._delete_stuck_pods(workload, found, ref | {"image": current})
             return ref | {"updated": True, "previous_image": current, "previous_revision": previous}
         raise BackendError(
             f"{workload.key} {name}: 409 Conflict {PATCH_ATTEMPTS} times in a row (something "
@@ -591,7 +593,6 @@ class KubernetesBackend(Backend):
                 raise BackendError(PAUSED_UNDO)
             current = _named_image(found, ref["container"])
             if current == restore:  # an earlier call rolled it back already
-                self._delete_stuck_pods(workload, found, ref)
                 return answer
             if current != ref["image"]:
                 raise BackendError(
@@ -606,7 +607,6 @@ class KubernetesBackend(Backend):
                 if exc.status == 409:
                     continue
                 raise
-            self._delete_stuck_pods(workload, found, ref)
             return answer
         raise BackendError(
             f"{what}: 409 Conflict {PATCH_ATTEMPTS} times in a row (something else keeps "
@@ -614,32 +614,40 @@ class KubernetesBackend(Backend):
             transient=True,
         )
 
-    def _delete_stuck_pods(self, workload: Workload, found: dict[str, Any], ref: Ref) -> None:
+    def _unblock(self, found: dict[str, Any], ref: Ref) -> None:
         """A StatefulSet's "forced rollback" (Kubernetes' StatefulSet docs): the controller
-        waits for a pod of a failed template to become ready before it replaces anything, so
-        the pods of `ref`'s image that are not ready are deleted, once the template is patched
-        away from it (back, or forward over a failure left in place); the controller recreates
-        them from the template as patched."""
-        if workload.key != "statefulset":
+        waits for a pod of a failed template to become ready before it replaces anything, also
+        once the template is patched away from it (back by a rollback, or forward by a deploy
+        over a failure left in place). So once the controller has seen the patch, the pods that
+        are not ready and of neither the revision rolling out nor the current one are deleted;
+        it recreates them from the template as patched. Pods of the current revision (a healthy
+        pod failing a probe, those below a partition) are never touched."""
+        status = found.get("status") or {}
+        if status.get("observedGeneration", 0) < found["metadata"].get("generation", 0):
             return
+        kept = {status.get("updateRevision"), status.get("currentRevision")}
         namespace = found["metadata"]["namespace"]
-        for pod in self._pods(found, ref["container"], ref["image"]):
-            conditions = (pod.get("status") or {}).get("conditions") or ()
-            if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+        listed = self._call(
+            self.client.core.list_namespaced_pod,
+            namespace,
+            label_selector=_selector(found["spec"]["selector"]),
+        )
+        for pod in listed.get("items") or ():
+            meta = pod["metadata"]
+            revision = (meta.get("labels") or {}).get(REVISION_HASH)
+            if meta.get("deletionTimestamp") or revision in kept or _ready(pod):
                 continue
             try:
-                self._call(
-                    self.client.core.delete_namespaced_pod, pod["metadata"]["name"], namespace
-                )
+                self._call(self.client.core.delete_namespaced_pod, meta["name"], namespace)
             except ApiError as exc:
                 if exc.status != 404:  # gone already
                     raise
             log.info(
-                "deployment %s: statefulset %s: deleted pod %s, not ready on %s",
+                "deployment %s: statefulset %s: deleted pod %s, not ready at revision %s",
                 ref.get("deployment"),
                 ref["name"],
-                pod["metadata"]["name"],
-                ref["image"],
+                meta["name"],
+                revision,
             )
 
     def _undo_patch(
@@ -707,6 +715,8 @@ class KubernetesBackend(Backend):
         state, message = ROLLOUT_STATUS[workload.key](found)
         if state == "succeeded":
             return Progress(state, f"{what} already runs {current}" if unchanged else message)
+        if workload.key == "statefulset" and state == "running" and not unchanged:
+            self._unblock(found, ref)
         problems = self._pod_problems(found, ref["container"], ref["image"])
         return Progress(state, f"{message}; {problems}" if problems else message)
 
@@ -749,6 +759,7 @@ class KubernetesBackend(Backend):
             repository = target.options.image or repository_of(container["image"])
             container["image"] = f"{repository}:{image_tag}"
         meta = job_template.get("metadata") or {}
+        ttl = job_template["spec"].get("ttlSecondsAfterFinished")
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -773,7 +784,8 @@ class KubernetesBackend(Backend):
                 ],
             },
             # deleted by the TTL controller instead, a while after it ends
-            "spec": {"ttlSecondsAfterFinished": RUN_TTL} | job_template["spec"],
+            "spec": job_template["spec"]
+            | {"ttlSecondsAfterFinished": max(ttl if ttl is not None else RUN_TTL, RUN_TTL_MIN)},
         }
         ref = {"op": "run", "namespace": namespace, "job": name, "container": container["name"]}
         ref |= {"deployment": deployment_id}
@@ -802,8 +814,8 @@ class KubernetesBackend(Backend):
                 raise
             raise BackendError(
                 f"job {ref['job']} in namespace {ref['namespace']} is gone before its outcome "
-                "was read: deleted by hand, or its ttlSecondsAfterFinished passed while shiphook "
-                "was stopped"
+                "was read: deleted by hand or with its CronJob, or its ttlSecondsAfterFinished "
+                "passed while shiphook was stopped"
             ) from None
         status = job.get("status") or {}
         for condition in status.get("conditions") or ():
@@ -977,6 +989,11 @@ def _named_image(found: dict[str, Any], container: str) -> str | None:
     """The image of the named container of a workload (its template) or of a pod."""
     spec = found["spec"]["template"]["spec"] if "template" in found["spec"] else found["spec"]
     return next((c["image"] for c in spec["containers"] if c["name"] == container), None)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or ()
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def _problems(pods: Any) -> str:
