@@ -72,7 +72,7 @@ def test_a_call_past_call_timeout_is_given_up_as_transient_and_frees_its_slot(
     assert deployment["message"] == (
         "gave up after 1 attempt and 0.0s of backoff: the scripted backend's deploy did not "
         "return within 0.5s (the target's call_timeout); that call still runs and may yet "
-        "change the workload (logged when it ends)"
+        "change the workload (logged if it ends)"
     )
     # the slot is free again while the stalled call still runs
     assert harness.wait_for(harness.deploy(token, {"imageTag": "2.0"}))["status"] == "succeeded"
@@ -89,7 +89,7 @@ def test_a_call_given_up_that_ends_later_is_logged_as_it_may_have_changed_the_wo
     deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "stall-1"}))
     assert deployment["status"] == "failed", deployment
     assert deployment["message"].endswith(
-        "; that call still runs and may yet change the workload (logged when it ends)"
+        "; that call still runs and may yet change the workload (logged if it ends)"
     )
     ended = f"deployment {deployment['id']} of web: the scripted backend's deploy ended "
     deadline = time.monotonic() + 30

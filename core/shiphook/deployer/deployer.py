@@ -49,11 +49,14 @@ BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
 ROLLING_BACK = "rolling back: "
 CHANGES_WORKLOAD = frozenset({"deploy", "rollback", "run_job"})  # the backend calls that do
-# a job run past rollout_timeout: the contract has no call that stops a run, so it is said
-RUN_LEFT = (
-    "; the run is not stopped: it goes on in the orchestrator, no longer counted against "
-    "max_concurrent_runs (stop it there if it must not)"
-)
+# a job run past rollout_timeout: the contract has no call that stops a run, so it is said;
+# where runs go one at a time (concurrent_runs False), the next one replaces it
+RUN_LEFT = {
+    True: "; the run is not stopped: it goes on in the orchestrator, no longer counted against "
+    "max_concurrent_runs (stop it there if it must not)",
+    False: "; the run is not stopped: it goes on in the orchestrator until the next run of this "
+    "target replaces it",
+}
 # seconds between the supersede passes notifications ask for, per target: a pass's own cost is
 # spread over a burst's rows, not paid per request (bench/README.md); a scan catches the rest
 SUPERSEDE_EVERY = 0.25
@@ -520,7 +523,7 @@ class Execution:
                 deployment_id=d.id,
             )
             self._progress("job run started", backend_ref=ref)
-        outcome = self._track(ref, past_deadline=RUN_LEFT)
+        outcome = self._track(ref, past_deadline=RUN_LEFT[self.backend.concurrent_runs])
         status = Status.succeeded if outcome.state == "succeeded" else Status.failed
         fallback = "run completed" if status == Status.succeeded else "run failed"
         self._finish(status, outcome.message or fallback)
@@ -641,8 +644,8 @@ class Execution:
             )
 
         if not call.then(ended):
-            return ""
-        return "; that call still runs and may yet change the workload (logged when it ends)"
+            return "; that call has ended since, and may have changed the workload"
+        return "; that call still runs and may yet change the workload (logged if it ends)"
 
     def _pause(self, seconds: float) -> None:
         if self.deployer._stopping.wait(seconds):
