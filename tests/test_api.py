@@ -455,7 +455,10 @@ def test_the_limit_bounds_the_list_and_its_last_value_counts(quiet):
     assert len(listed.json["deployments"]) == 3  # 50 without one
 
 
-@pytest.mark.parametrize("value", ["soon", "-1", "-inf", "nan", "inf", "1e400", "", "0x10", "1_0"])
+@pytest.mark.parametrize(
+    "value",
+    ["soon", "-1", "-inf", "nan", "inf", "1e400", "", "0x10", "1_0", "1e3", "\u0661\u0660", " 10"],
+)
 def test_a_bad_wait_is_400_naming_what_it_takes_and_the_value(quiet, value):
     result = quiet.post_hook(quiet.new_hook("web"), {"imageTag": "1.0"}, params={"wait": value})
     assert result.status_code == 400

@@ -161,6 +161,7 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             )
             for url in (
                 "ci:s3cret@deploy.example.com",  # not shown: no scheme tells it is a URL
+                "ci:s3cret@deploy.example.com/x?y=a://b",
                 "deploy.example.com/",
                 "https://x.com?a=1",
                 "https://x.com#f",

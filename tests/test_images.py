@@ -1,6 +1,7 @@
 import pytest
 from pydantic import BaseModel, ValidationError
 from shiphook import ImageRepository, repository_of, tag_of
+from shiphook.images import normalised
 
 
 @pytest.mark.parametrize(
@@ -26,3 +27,19 @@ def test_an_image_repository_option_refuses_a_tag_or_digest(value):
     assert Options(image="registry:5000/team/web").image == "registry:5000/team/web"
     with pytest.raises(ValidationError, match="expected a repository without tag or digest"):
         Options(image=value)
+
+
+@pytest.mark.parametrize(
+    ("repository", "as_the_engine_reads_it"),
+    [
+        ("nginx", "docker.io/library/nginx"),
+        ("docker.io/nginx", "docker.io/library/nginx"),
+        ("index.docker.io/library/nginx", "docker.io/library/nginx"),
+        ("team/web", "docker.io/team/web"),
+        ("localhost/web", "localhost/web"),
+        ("registry:5000/web", "registry:5000/web"),
+        ("registry.test/team/web", "registry.test/team/web"),
+    ],
+)
+def test_a_repository_is_compared_as_the_engine_reads_it(repository, as_the_engine_reads_it):
+    assert normalised(repository) == as_the_engine_reads_it

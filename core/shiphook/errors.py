@@ -73,6 +73,7 @@ PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")  # a key shown as it
 WORD = re.compile(r"\S+")
 AT_AHEAD = re.compile(r"\S*@")
 USER_INFO = re.compile(r"[^\s/@:]*:[^\s@]*@")
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # what an orchestrator's or a proxy's message may quote of a request: a token header's value
 # (as "Name: value", or in JSON, a dict's repr or Go's http.Header, within quotes, brackets or
 # braces), an Authorization header's credentials (Basic only when they decode to
@@ -238,7 +239,11 @@ def shown_key(key: int | str) -> str:
 def _may_hold_a_password(value: Any) -> bool:
     """Text like `user:password@host` without a scheme, which `masked_credentials` cannot tell
     from other text: not echoed."""
-    return isinstance(value, str) and "://" not in value and USER_INFO.match(value) is not None
+    return (
+        isinstance(value, str)
+        and SCHEME.match(value) is None
+        and USER_INFO.match(value) is not None
+    )
 
 
 def _may_be_secret(loc: tuple[int | str, ...]) -> bool:

@@ -16,6 +16,19 @@ def repository_of(image: str) -> str:
     return name
 
 
+def normalised(repository: str) -> str:
+    """A repository as the Docker Engine reads it (distribution/reference's normalised name):
+    `nginx` and `index.docker.io/library/nginx` are `docker.io/library/nginx`."""
+    domain, slash, rest = repository.partition("/")
+    if not slash or ("." not in domain and ":" not in domain and domain != "localhost"):
+        domain, rest = "docker.io", repository
+    if domain == "index.docker.io":
+        domain = "docker.io"
+    if domain == "docker.io" and "/" not in rest:
+        rest = f"library/{rest}"
+    return f"{domain}/{rest}"
+
+
 def tag_of(image: str | None) -> str | None:
     """`registry:5000/team/web:1.2@sha256:...` -> `1.2`; None when the reference has no tag."""
     if not image:

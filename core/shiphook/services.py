@@ -35,7 +35,7 @@ from shiphook.errors import (
     shown_key,
 )
 from shiphook.fastpath import Accepted, GroupCommit, HookGone, KeyTaken
-from shiphook.images import repository_of, tag_of
+from shiphook.images import normalised, repository_of, tag_of
 from shiphook.models import (
     Deployment,
     DeploymentBase,
@@ -457,7 +457,7 @@ class Deployments:
         deployed = (source.backend_ref or {}).get("image")
         if deployed is None or source.previous_image is None:
             return tag_of(source.previous_image)
-        if repository_of(source.previous_image) != repository_of(deployed):
+        if normalised(repository_of(source.previous_image)) != normalised(repository_of(deployed)):
             raise Conflict(
                 f"deployment {source.id} replaced {source.previous_image}, from another "
                 f"repository than it deployed ({repository_of(deployed)}), and a rollback "

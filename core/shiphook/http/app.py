@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import re
 import time
 import uuid
@@ -55,6 +54,7 @@ log = logging.getLogger("shiphook.http")
 access_log = logging.getLogger("shiphook.access")
 
 MAX_BODY = 64 * 1024
+SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)  # `?wait`
 
 ERROR_STATUS: dict[type[ShiphookError], str] = {
     InvalidRequest: falcon.HTTP_400,
@@ -230,13 +230,14 @@ class DeployHookResource:
 
     def _wait_seconds(self, req: Request) -> float:
         """`?wait`, capped by `max_wait`; 0 (answer at once) without it. Given twice, it is
-        refused (which one a proxy reads is anyone's guess), and Python's "1_0" is no number."""
-        if len(req.get_param_as_list("wait") or ()) > 1:
+        refused (which one a proxy reads is anyone's guess); what Python's float() takes beyond
+        ASCII decimals ("1_0", "1e3", other scripts' digits, spaces) is no number of seconds."""
+        given = req.get_param_as_list("wait") or ()
+        if len(given) > 1:
             raise InvalidRequest("wait: expected one value, given once")
-        seconds = req.get_param_as_float("wait", min_value=0, default=0.0)
-        if not math.isfinite(seconds) or "_" in req.get_param("wait", default=""):
-            raise falcon.HTTPInvalidParam("The value must be finite.", "wait")
-        return min(seconds, self.max_wait)
+        if given and not SECONDS.fullmatch(given[0]):
+            raise falcon.HTTPInvalidParam("Not a number of seconds.", "wait")
+        return min(float(given[0]) if given else 0.0, self.max_wait)
 
 
 class AccessLog:
