@@ -102,6 +102,10 @@ class TargetSettings(BaseModel):
             raise ValueError("parameters applies to job targets only")
         return self
 
+    def allows(self, tag: str) -> bool:
+        """Whether `allowed_tags`, if set (and not empty), matches the whole of `tag`."""
+        return not self.allowed_tags or re.fullmatch(self.allowed_tags, tag) is not None
+
 
 TargetOptionsT = TypeVar("TargetOptionsT", bound=BaseModel)
 

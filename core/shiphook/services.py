@@ -138,7 +138,7 @@ def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
     model = AppHookBody if target.kind == "app" else JobHookBody
     parsed = parse_json_body(model, body, EXPECTED[target.kind])
     tag = parsed.imageTag
-    if tag is not None and target.allowed_tags and not re.fullmatch(target.allowed_tags, tag):
+    if tag is not None and not target.allows(tag):
         raise InvalidRequest(
             f"imageTag: {parsed.imageTag!r} is not allowed for target {target.name!r} "
             f"(it must fully match the pattern {target.allowed_tags})"
@@ -424,9 +424,9 @@ class Deployments:
         source = self._stored(deployment_id)
         if source.kind != "app":
             raise InvalidRequest(f"deployment {deployment_id} is a job run; only apps roll back")
-        if source.target not in self.targets:
+        target = self.targets.get(source.target)
+        if target is None:
             raise NotFound(f"target {source.target!r} is no longer configured")
-        target = self.targets[source.target]
         earlier = self.storage.last_success(target=source.target, before=source.id)
         tag = earlier.image_tag if earlier is not None else self._replaced_tag(source)
         if tag is None:
@@ -434,7 +434,7 @@ class Deployments:
                 f"nothing to roll back to: no deployment of {source.target} succeeded before "
                 f"{deployment_id}, and the image it replaced is unknown"
             )
-        if target.allowed_tags and not re.fullmatch(target.allowed_tags, tag):
+        if not target.allows(tag):
             raise Conflict(
                 f"the tag to roll back to, {tag!r}, is not allowed for target {target.name!r} "
                 f"(allowed_tags {target.allowed_tags}): deploy an allowed tag instead"
@@ -455,15 +455,18 @@ class Deployments:
         """The tag of the image `source` replaced, if that came from the repository `source`
         deployed from: a rollback deploys a tag, from the target's repository."""
         deployed = (source.backend_ref or {}).get("image")
-        if deployed is None or source.previous_image is None:
-            return tag_of(source.previous_image)
-        if normalised(repository_of(source.previous_image)) != normalised(repository_of(deployed)):
+        replaced = source.previous_image
+        if (
+            deployed is not None
+            and replaced is not None
+            and normalised(repository_of(replaced)) != normalised(repository_of(deployed))
+        ):
             raise Conflict(
-                f"deployment {source.id} replaced {source.previous_image}, from another "
+                f"deployment {source.id} replaced {replaced}, from another "
                 f"repository than it deployed ({repository_of(deployed)}), and a rollback "
                 "deploys a tag from the target's repository: roll back by hand"
             )
-        return tag_of(source.previous_image)
+        return tag_of(replaced)
 
     def get(self, deployment_id: str, *, hook: HookIdentity | None = None) -> DeploymentPublic:
         """The deployment with its history; with `hook`, only if that hook created it."""

@@ -559,11 +559,13 @@ class Execution:
 
     def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the backend; retry transient errors with backoff and jitter within the budget."""
+        name = getattr(function, "__name__", "call")
         attempt = 0
         while True:
             self.lease.keep()
             try:
-                return self._checked(function, self._within_call_timeout(function, *args, **kwargs))
+                called = self._within_call_timeout(name, function, *args, **kwargs)
+                return self._checked(function, called)
             except (Stopping, LeaseLost):
                 raise
             except BackendError as exc:
@@ -572,7 +574,7 @@ class Execution:
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
                 delay = max(delay, exc.retry_after or 0)
                 if self.retry_spent + delay > self.target.retry_budget:
-                    still = self._left_running(function)
+                    still = self._left_running(name)
                     raise BackendError(
                         f"gave up after {attempt + 1} attempt{'s' if attempt else ''} and "
                         f"{self.retry_spent:.1f}s of backoff: {exc.message}{still}"
@@ -594,12 +596,14 @@ class Execution:
     def _checked(self, function: Callable[..., T], value: T) -> T:
         return checked_return(self.backend, getattr(function, "__name__", ""), value)
 
-    def _within_call_timeout(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _within_call_timeout(
+        self, name: str, function: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
         """Run the call on a thread of its own and wait for it at most the target's
         `call_timeout`, renewing the slot's lease meanwhile; a call that does not return is
         left to its thread (a daemon) and counts as a transient failure. The same call made
-        again (a retry) waits for that thread once more instead of calling again."""
-        name = getattr(function, "__name__", "call")
+        again (a retry) waits for that thread once more instead of calling again. `name` is
+        the backend method's."""
         call_args = (args, kwargs)
         earlier = self._abandoned.pop(name, None)
         if earlier is not None and earlier[0] == call_args:
@@ -622,11 +626,10 @@ class Execution:
             self.lease.keep()
         return call.result()
 
-    def _left_running(self, function: Callable[..., Any]) -> str:
+    def _left_running(self, name: str) -> str:
         """What to add to the message of a deployment given up while a call that changes the
         workload still runs past its call_timeout: that it may yet change it. Its end will be
         logged."""
-        name = getattr(function, "__name__", "call")
         left = self._abandoned.get(name)
         if name not in CHANGES_WORKLOAD or left is None:
             return ""

@@ -614,7 +614,7 @@ class KubernetesBackend(Backend):
             transient=True,
         )
 
-    def _unblock(self, found: dict[str, Any], ref: Ref) -> None:
+    def _unblock(self, found: dict[str, Any], ref: Ref, pods: list[dict[str, Any]]) -> None:
         """A StatefulSet's "forced rollback" (Kubernetes' StatefulSet docs): the controller
         waits for a pod of a failed template to become ready before it replaces anything, also
         once the template is patched away from it (back by a rollback, or forward by a deploy
@@ -627,15 +627,10 @@ class KubernetesBackend(Backend):
             return
         kept = {status.get("updateRevision"), status.get("currentRevision")}
         namespace = found["metadata"]["namespace"]
-        listed = self._call(
-            self.client.core.list_namespaced_pod,
-            namespace,
-            label_selector=_selector(found["spec"]["selector"]),
-        )
-        for pod in listed.get("items") or ():
+        for pod in pods:
             meta = pod["metadata"]
             revision = (meta.get("labels") or {}).get(REVISION_HASH)
-            if meta.get("deletionTimestamp") or revision in kept or _ready(pod):
+            if revision in kept or _ready(pod):
                 continue
             try:
                 self._call(self.client.core.delete_namespaced_pod, meta["name"], namespace)
@@ -715,27 +710,21 @@ class KubernetesBackend(Backend):
         state, message = ROLLOUT_STATUS[workload.key](found)
         if state == "succeeded":
             return Progress(state, f"{what} already runs {current}" if unchanged else message)
+        pods = self._pods(found)
         if workload.key == "statefulset" and state == "running" and not unchanged:
-            self._unblock(found, ref)
-        problems = self._pod_problems(found, ref["container"], ref["image"])
+            self._unblock(found, ref, pods)
+        # why the pods of the image do not run: waiting reasons and exit codes
+        problems = _problems(p for p in pods if _named_image(p, ref["container"]) == ref["image"])
         return Progress(state, f"{message}; {problems}" if problems else message)
 
-    def _pod_problems(self, owner: dict[str, Any], container: str, image: str) -> str:
-        """Why the workload's pods of `image` do not run: waiting reasons and exit codes."""
-        return _problems(self._pods(owner, container, image))
-
-    def _pods(self, owner: dict[str, Any], container: str, image: str) -> list[dict[str, Any]]:
-        """The workload's pods whose `container` runs `image`, but those being deleted."""
+    def _pods(self, owner: dict[str, Any]) -> list[dict[str, Any]]:
+        """The workload's pods, but those being deleted."""
         listed = self._call(
             self.client.core.list_namespaced_pod,
             owner["metadata"]["namespace"],
             label_selector=_selector(owner["spec"]["selector"]),
         )
-        return [
-            p
-            for p in listed.get("items") or ()
-            if _named_image(p, container) == image and not p["metadata"].get("deletionTimestamp")
-        ]
+        return [p for p in listed.get("items") or () if not p["metadata"].get("deletionTimestamp")]
 
     # -- job runs --------------------------------------------------------------------------------
 

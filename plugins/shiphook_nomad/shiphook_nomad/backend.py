@@ -617,19 +617,18 @@ class NomadBackend(Backend):
             )
             or []
         )
+        # what ran before this deployment, as every backend restores it (the latest stable
+        # version would skip a failure left in place before it)
+        back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
         if job["Version"] != ref["version"]:
-            previous = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
             _, task = _locate(job, target)
-            if previous is not None and task["Config"]["image"] == _image(previous, ref["group"]):
+            if back is not None and task["Config"]["image"] == _image(back, ref["group"]):
                 return answer | {"image": task["Config"]["image"]}  # an earlier call reverted
             raise BackendError(
                 f"job {job_id} is at version {job['Version']}, not {ref['version']} as this "
                 "deployment left it: something else changed it, so shiphook does not roll it "
                 "back; look at the job and deploy again"
             )
-        # what ran before this deployment, as every backend restores it (the latest stable
-        # version would skip a failure left in place before it)
-        back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
         if back is None:
             raise BackendError(
                 f"job {job_id} keeps no version before {ref['version']} to revert to; roll it "

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import docker
@@ -537,15 +537,16 @@ class SwarmBackend(Backend):
     ) -> dict[str, Any] | None:
         """The last created task of `image` that failed, of those created since `since` if
         given (times of the manager's clock both, so that a node's clock cannot shift them)."""
-        earliest = datetime.min.replace(tzinfo=UTC) if since is None else _engine_time(since)
         failed = [
-            t
+            (_engine_time(t["CreatedAt"]), t)
             for t in self._call(lambda: self.api.tasks(filters={"service": service["ID"]}))
             if t["Spec"]["ContainerSpec"]["Image"] == image
             and t["Status"]["State"] in FAILED_TASK_STATES
-            and _engine_time(t["CreatedAt"]) >= earliest
         ]
-        return max(failed, key=lambda t: _engine_time(t["CreatedAt"]), default=None)
+        if since is not None:
+            earliest = _engine_time(since)
+            failed = [(created, t) for created, t in failed if created >= earliest]
+        return max(failed, key=lambda pair: pair[0], default=(None, None))[1]
 
     def _convergence(self, service: dict[str, Any]) -> tuple[bool, str]:
         """Whether each slot (replicated) or node (global) runs an up-to-date task: the count
