@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import signal
 import socket
@@ -645,8 +646,9 @@ def test_in_cluster_the_pods_serviceaccount_and_namespace_are_used(
 
 @pytest.mark.parametrize("kind", ["statefulset", "daemonset"])
 def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
-    kube, harness_factory, tmp_path, kind
+    kube, harness_factory, tmp_path, kind, caplog
 ):
+    caplog.set_level(logging.INFO, logger="shiphook.kubernetes")
     name = kube.statefulset() if kind == "statefulset" else kube.daemonset()
     pods = 2 if kind == "statefulset" else 1
     config = kube_config(
@@ -675,6 +677,9 @@ def test_a_statefulset_or_daemonset_rolls_out_and_a_failing_tag_is_rolled_back(
     assert deployment["status"] == "rolled_back", deployment["message"]
     assert deployment["message"].startswith("did not finish within 8s (last state: waiting for")
     assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in deployment["message"]
+    if kind == "statefulset":  # its pod stuck on the broken template, deleted by the rollback
+        deleted = f"deployment {deployment['id']}: statefulset {name}: deleted pod {name}-"
+        assert deleted in caplog.text
     # the ControllerRevision of v2 patched back
     assert kube.read(kind, name)["spec"]["template"] == before
     eventually(lambda: kube.pod_images(name) == [f"{APP}:v2"] * pods, "v2 pods again")

@@ -584,6 +584,7 @@ class KubernetesBackend(Backend):
         namespace, name, restore = ref["namespace"], ref["name"], ref["previous_image"]
         answer = {"op": "rollback", "workload": workload.key, "namespace": namespace}
         answer |= {"name": name, "container": ref["container"], "image": restore}
+        answer |= {"deployment": ref.get("deployment")}
         if not ref["updated"]:
             return answer  # this deployment changed nothing, so there is nothing to undo
         what = f"{workload.key} {name}"
