@@ -443,13 +443,11 @@ def test_a_bad_limit_is_400_naming_what_it_takes_and_the_value(quiet, value):
     }
 
 
-def test_the_limit_bounds_the_list_and_its_last_value_counts(quiet):
+def test_the_limit_bounds_the_list(quiet):
     token = quiet.new_hook("web")
     for tag in ("1.0", "1.1", "1.2"):
         quiet.deploy(token, {"imageTag": tag})
-    listed = quiet.client.simulate_get(
-        "/api/v1/deployments", query_string="limit=x&limit=2", headers=ADMIN
-    )
+    listed = quiet.client.simulate_get("/api/v1/deployments", query_string="limit=2", headers=ADMIN)
     assert [d["imageTag"] for d in listed.json["deployments"]] == ["1.2", "1.1"]
     listed = quiet.client.simulate_get("/api/v1/deployments", headers=ADMIN)
     assert len(listed.json["deployments"]) == 3  # 50 without one
@@ -476,6 +474,18 @@ def test_wait_given_twice_is_400(quiet):
     assert result.status_code == 400
     assert result.json["description"] == "wait: expected one value, given once"
     assert stored_deployments(quiet) == []
+
+
+@pytest.mark.parametrize("name", ["target", "status", "limit"])
+def test_a_list_filter_given_twice_is_400(quiet, name):
+    """Not the last one silently: `?status=queued&status=failed` might be read as either."""
+    quiet.deploy(quiet.new_hook("web"), {"imageTag": "1.0"})
+    values = {"target": ["web", "api"], "status": ["queued", "failed"], "limit": ["x", "2"]}
+    result = quiet.client.simulate_get(
+        "/api/v1/deployments", params={name: values[name]}, headers=ADMIN
+    )
+    assert result.status_code == 400
+    assert result.json["description"] == f"{name}: expected one value, given once"
 
 
 def test_an_unknown_path_or_method_is_answered_with_what_is_wrong(quiet):

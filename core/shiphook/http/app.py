@@ -144,6 +144,15 @@ def single_header(req: Request, name: str) -> str | None:
     return value.strip(" \t")
 
 
+def one_param(req: Request, name: str) -> str | None:
+    """A query parameter, given once at the most: which of two values a proxy, a log reader or
+    the server would take is anyone's guess, so a second one is refused."""
+    given = req.get_param_as_list(name) or ()
+    if len(given) > 1:
+        raise InvalidRequest(f"{name}: expected one value, given once")
+    return given[0] if given else None
+
+
 async def read_body(req: Request) -> bytes:
     """The request's body (the connection answers one that is late: [server] body_timeout)."""
     if req.content_length is not None and req.content_length > MAX_BODY:
@@ -229,15 +238,12 @@ class DeployHookResource:
             )
 
     def _wait_seconds(self, req: Request) -> float:
-        """`?wait`, capped by `max_wait`; 0 (answer at once) without it. Given twice, it is
-        refused (which one a proxy reads is anyone's guess); what Python's float() takes beyond
-        ASCII decimals ("1_0", "1e3", other scripts' digits, spaces) is no number of seconds."""
-        given = req.get_param_as_list("wait") or ()
-        if len(given) > 1:
-            raise InvalidRequest("wait: expected one value, given once")
-        if given and not SECONDS.fullmatch(given[0]):
+        """`?wait`, capped by `max_wait`; 0 (answer at once) without it. What Python's float()
+        takes beyond ASCII decimals ("1_0", "1e3", other scripts' digits, spaces) is no number of seconds."""
+        given = one_param(req, "wait")
+        if given is not None and not SECONDS.fullmatch(given):
             raise falcon.HTTPInvalidParam("Not a number of seconds.", "wait")
-        return min(float(given[0]) if given else 0.0, self.max_wait)
+        return min(float(given) if given is not None else 0.0, self.max_wait)
 
 
 class AccessLog:
@@ -293,10 +299,11 @@ class DeploymentsResource:
         self.db = deployments.storage.call
 
     async def on_get(self, req: Request, resp: Response) -> None:
+        one_param(req, "limit")  # refused when given twice; read as a number below
         found = await self.db(
             self.deployments.list,
-            target=req.get_param("target"),
-            status=req.get_param("status"),
+            target=one_param(req, "target"),
+            status=one_param(req, "status"),
             limit=req.get_param_as_int(
                 "limit", min_value=LIST_LIMITS.start, max_value=LIST_LIMITS[-1], default=50
             ),
