@@ -257,8 +257,23 @@ def test_a_run_past_rollout_timeout_fails_saying_it_goes_on_beside_the_next(
     for run in runs:
         assert run["status"] == "failed", run
         assert run["message"].startswith("did not finish within 1s (last state: job running)")
-        assert run["message"].endswith(RUN_LEFT[True])  # the scripted backend: concurrent runs
+        # the scripted backend: concurrent runs
+        assert run["message"].endswith(RUN_LEFT[True].format(it="it"))
     assert harness.backend.max_in_flight("migrate") == 2
+
+
+def test_a_run_whose_progress_cannot_be_read_fails_saying_it_is_not_stopped(
+    harness_factory, tmp_path
+):
+    config = scripted_config(tmp_path)
+    config.write_text(
+        config.read_text().replace('name = "report"\n', 'name = "report"\nretry_budget = 1\n')
+    )
+    harness = harness_factory(config)
+    run = harness.wait_for(harness.deploy(harness.new_hook("report"), {"imageTag": "down"}))
+    assert run["status"] == "failed", run
+    assert run["message"].startswith("gave up after "), run
+    assert run["message"].endswith(RUN_LEFT[True].format(it="if it still runs, it")), run
 
 
 # -- resume ----------------------------------------------------------------------------------

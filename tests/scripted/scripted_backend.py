@@ -17,7 +17,8 @@ engine through the real HTTP API:
 A rollout in progress reports "updating: 0 of 2 tasks" for its first half of `polls`, then
 "updating: 1 of 2 tasks". Deploying the tag a target runs already succeeds at once, without a
 rollout. A job run fails when its env has `EXIT` other than `0`; it runs
-`<repository>:<imageTag>`, by default `<repository>:initial`. A target whose `name` starts with
+`<repository>:<imageTag>`, by default `<repository>:initial`; one of a `down` tag starts, then
+its progress raises a transient error on every call. A target whose `name` starts with
 `missing` does not exist. With `address`, every call first waits `timeout` seconds for that
 address to answer (the conformance suite's orchestrator that never does). With `state_dir`, state
 and the log of calls live in a file, shared by every process (crash and replica tests read it
@@ -249,6 +250,8 @@ class ScriptedBackend(Backend):
             count = polls[key]
             run = s.get("runs", {}).get(ref["deployment"])
         if ref["op"] == "run":
+            if ref["image"].rpartition(":")[2].startswith("down"):
+                raise BackendError("connection refused", transient=True)
             if count < self.options.polls:
                 return Progress("running", "job running")
             with self.state() as s:

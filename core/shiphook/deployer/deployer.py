@@ -49,17 +49,23 @@ BACKOFF_MAX = 30.0
 SCAN_BACKOFF_MAX = 30.0  # seconds between scans while the database fails
 ROLLING_BACK = "rolling back: "
 CHANGES_WORKLOAD = frozenset({"deploy", "rollback", "run_job"})  # the backend calls that do
-# a job run past rollout_timeout: the contract has no call that stops a run, so it is said;
-# where runs go one at a time (concurrent_runs False), the next one replaces it
+# a job run given up (past rollout_timeout, or its progress unreadable): the contract has no
+# call that stops a run, so it is said; where runs go one at a time (concurrent_runs False), the
+# next one replaces it
 RUN_LEFT = {
-    True: "; the run is not stopped: it goes on in the orchestrator, no longer counted against "
+    True: "; the run is not stopped: {it} goes on in the orchestrator, no longer counted against "
     "max_concurrent_runs (stop it there if it must not)",
-    False: "; the run is not stopped: it goes on in the orchestrator until the next run of this "
-    "target replaces it",
+    False: "; the run is not stopped: {it} goes on in the orchestrator until the next run of "
+    "this target replaces it",
 }
 # seconds between the supersede passes notifications ask for, per target: a pass's own cost is
 # spread over a burst's rows, not paid per request (bench/README.md); a scan catches the rest
 SUPERSEDE_EVERY = 0.25
+
+
+class GaveUp(BackendError):
+    """A transient failure that outlasted the target's retry_budget: what the call would have
+    done or read is unknown."""
 
 
 def _slots(target: Target) -> range:
@@ -523,7 +529,11 @@ class Execution:
                 deployment_id=d.id,
             )
             self._progress("job run started", backend_ref=ref)
-        outcome = self._track(ref, past_deadline=RUN_LEFT[self.backend.concurrent_runs])
+        left = RUN_LEFT[self.backend.concurrent_runs]
+        try:
+            outcome = self._track(ref, past_deadline=left.format(it="it"))
+        except GaveUp as exc:
+            raise BackendError(exc.message + left.format(it="if it still runs, it")) from exc
         status = Status.succeeded if outcome.state == "succeeded" else Status.failed
         fallback = "run completed" if status == Status.succeeded else "run failed"
         self._finish(status, outcome.message or fallback)
@@ -575,7 +585,7 @@ class Execution:
                 delay = max(delay, exc.retry_after or 0)
                 if self.retry_spent + delay > self.target.retry_budget:
                     still = self._left_running(name)
-                    raise BackendError(
+                    raise GaveUp(
                         f"gave up after {attempt + 1} attempt{'s' if attempt else ''} and "
                         f"{self.retry_spent:.1f}s of backoff: {exc.message}{still}"
                     ) from exc

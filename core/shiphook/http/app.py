@@ -239,7 +239,8 @@ class DeployHookResource:
 
     def _wait_seconds(self, req: Request) -> float:
         """`?wait`, capped by `max_wait`; 0 (answer at once) without it. What Python's float()
-        takes beyond ASCII decimals ("1_0", "1e3", other scripts' digits, spaces) is no number of seconds."""
+        takes beyond ASCII decimals ("1_0", "1e3", other scripts' digits, spaces) is no number
+        of seconds."""
         given = one_param(req, "wait")
         if given is not None and not SECONDS.fullmatch(given):
             raise falcon.HTTPInvalidParam("Not a number of seconds.", "wait")
