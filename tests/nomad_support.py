@@ -103,12 +103,15 @@ def service_job(
     auto_revert: bool = False,
     progress_deadline: float = 60,
     meta: dict[str, str] | None = None,
+    canary: int = 0,
+    auto_promote: bool = False,
+    job_type: str = "service",
 ) -> dict[str, Any]:
-    """An api.Job of a service with one group and one docker task, as `nomad job run` sends it
-    (progress_deadline 0: a failed allocation fails the deployment at once)."""
+    """An api.Job of a service (or `job_type`) with one group and one docker task, as `nomad
+    job run` sends it (progress_deadline 0: a failed allocation fails the deployment at once)."""
     return {
         "ID": job_id,
-        "Type": "service",
+        "Type": job_type,
         "Datacenters": ["*"],
         "Meta": meta,
         "TaskGroups": [
@@ -123,6 +126,8 @@ def service_job(
                     "HealthyDeadline": int((progress_deadline or 60) * 0.8 * SECOND),
                     "ProgressDeadline": int(progress_deadline * SECOND),
                     "AutoRevert": auto_revert,
+                    "Canary": canary,
+                    "AutoPromote": auto_promote,
                 },
                 "Tasks": [
                     {

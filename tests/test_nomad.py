@@ -301,6 +301,120 @@ def test_a_job_without_an_update_block_is_tracked_through_its_allocations(
     assert nomad_cluster.image(job_id) == f"{IMAGE}:v2"
 
 
+def test_a_system_job_is_followed_through_its_allocations_running_the_new_version(
+    nomad_cluster, harness_factory, tmp_path
+):
+    """Nomad's system scheduler (before 1.11) makes no deployment, update block or not, and its
+    allocations get no health: they are followed until every one runs the new version."""
+    nomad_cluster.needs_fake()
+    job_id = unique("agent")
+    nomad_cluster.register(service_job(job_id, job_type="system"))
+    eventually(lambda: nomad_cluster.api().get_allocations(job_id), "the first allocation")
+    harness = harness_factory(nomad_config(tmp_path, nomad_cluster, target("web", "app", job_id)))
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    deployment = result.json["deployment"]
+    assert deployment["backendRef"]["watch"] == "allocations"
+    assert deployment["message"] == f"1 of 1 allocations running version 1 ({IMAGE}:v2)"
+    assert nomad_cluster.deployments(job_id) == []
+
+
+def test_a_group_whose_canaries_wait_for_a_manual_promotion_is_refused_up_front(
+    nomad_cluster, harness_factory, tmp_path
+):
+    job_id = unique("web")
+    harness = app_harness(
+        harness_factory, tmp_path, nomad_cluster, service_job(job_id, canary=1, count=2)
+    )
+    before = nomad_cluster.job(job_id)["Version"]
+    refused = (
+        f"group web of job {job_id} has canary = 1 without auto_promote: each of its "
+        "deployments waits for a person to promote it (nomad deployment promote), which "
+        "shiphook does not do; set auto_promote = true in its update block, or canary = 0"
+    )
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 502, result.text
+    assert result.json["deployment"]["message"] == refused
+    assert nomad_cluster.job(job_id)["Version"] == before  # nothing registered
+    backend: NomadBackend = harness.instance.backends["nomad"]
+    with pytest.raises(BackendError) as said:  # what `shiphook check` shows
+        backend.describe(harness.instance.config.targets["web"])
+    assert said.value.message == refused
+    nomad_cluster.register(service_job(job_id, canary=1, count=2, auto_promote=True))
+    nomad_cluster.settled(job_id, before + 1)
+    assert deploy(harness, "web", {"imageTag": "v2"}).status_code == 201
+
+
+def test_a_stopped_job_is_neither_deployed_nor_run(nomad_cluster, harness_factory, tmp_path):
+    web, migrate = unique("web"), unique("migrate")
+    nomad_cluster.register(service_job(web))
+    nomad_cluster.register(batch_job(migrate))
+    nomad_cluster.settled(web, 0)
+    config = nomad_config(
+        tmp_path,
+        nomad_cluster,
+        target("web", "app", web),
+        target("migrate", "job", migrate, parameters=["GREETING"]),
+    )
+    harness = harness_factory(config)
+    for job_id in (web, migrate):
+        nomad_cluster.api().deregister_job(job_id)  # nomad job stop
+    versions = {job_id: nomad_cluster.job(job_id)["Version"] for job_id in (web, migrate)}
+    deployed = deploy(harness, "web", {"imageTag": "v2"}).json["deployment"]
+    assert (deployed["status"], deployed["message"]) == (
+        "failed",
+        f"job {web} is stopped: shiphook does not start a stopped job; start it (nomad job "
+        f"start {web}, or nomad job run) and deploy again",
+    )
+    ran = run(harness, {"GREETING": "hi"}, "v2").json["deployment"]
+    assert ran["status"] == "failed", ran
+    assert ran["message"].startswith(f"job {migrate} is stopped: "), ran
+    assert ran["message"].endswith(" and run again"), ran
+    # nothing registered: neither the new image nor a run's window
+    assert {job_id: nomad_cluster.job(job_id)["Version"] for job_id in versions} == versions
+    backend: NomadBackend = harness.instance.backends["nomad"]
+    with pytest.raises(BackendError, match=f"^job {web} is stopped: "):
+        backend.describe(harness.instance.config.targets["web"])
+
+
+def test_a_job_purged_during_a_rollout_ends_it_and_one_registered_anew_is_not_followed(
+    nomad_cluster, harness_factory, tmp_path
+):
+    nomad_cluster.needs_fake()  # a rollout that stays under way: the fake's stall tag
+    job_id = unique("web")
+    harness = app_harness(harness_factory, tmp_path, nomad_cluster, service_job(job_id))
+    backend = harness.instance.backends["nomad"]
+    real = backend.deploy
+    again: list[dict] = []
+
+    def deploy_then_purge(target: Any, **kwargs: Any) -> Any:
+        ref = real(target, **kwargs)
+        nomad_cluster.settled(job_id, 0)  # (the first version's, already)
+        eventually(lambda: nomad_cluster.deployments(job_id)[-1]["JobVersion"] == 1, "v1's")
+        nomad_cluster.api().deregister_job(job_id, purge=True)
+        for job in again:
+            nomad_cluster.register(job)
+        return ref
+
+    backend.deploy = deploy_then_purge
+    gone = deploy(harness, "web", {"imageTag": "stall-1"}).json["deployment"]
+    assert gone["status"] == "failed", gone
+    assert gone["message"] == (
+        f"Cancelled because job is stopped; rollback failed: read job {job_id}: job not found"
+    )
+
+    nomad_cluster.register(service_job(job_id))
+    nomad_cluster.settled(job_id, 0)
+    again.append(service_job(job_id, "v3"))  # a new job of the same ID, at version 0
+    anew = deploy(harness, "web", {"imageTag": "stall-2"}).json["deployment"]
+    assert anew["status"] == "failed", anew
+    assert anew["message"] == (
+        f"job {job_id} was purged and registered again during this deployment: shiphook "
+        "neither follows nor rolls back the new job; look at it and deploy again"
+    )
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v3"
+
+
 def test_a_token_lacking_submit_job_fails_the_deploy_at_once_with_permission_denied(
     nomad_cluster, harness_factory, tmp_path
 ):
@@ -406,7 +520,8 @@ def test_a_run_dispatches_with_meta_and_the_token_in_the_query_and_follows_the_c
 def test_a_failing_run_ends_after_nomads_reschedule_with_the_tasks_exit_code(
     nomad_cluster, harness_factory, tmp_path
 ):
-    nomad_cluster.needs_fake()
+    # the reschedule is written a while after the failure: the run is not over meanwhile
+    nomad_cluster.needs_fake().reschedule_delay = 1.0
     job_id = unique("migrate")
     harness = job_harness(harness_factory, tmp_path, nomad_cluster, batch_job(job_id))
     result = run(harness, {"EXIT": "3"})
@@ -593,6 +708,19 @@ def test_serve_and_curl_with_wait_fail_the_ci_step_when_the_rollout_fails(
 
 
 # -- options --------------------------------------------------------------------------------
+
+
+def test_check_says_when_the_cluster_has_no_leader(nomad_cluster):
+    fake = nomad_cluster.needs_fake()
+    fake.leader = ""  # what /v1/status/leader answers then
+    backend = NomadBackend(NomadOptions(address=nomad_cluster.address))
+    with pytest.raises(BackendError) as said:
+        backend.check()
+    assert said.value.message == (
+        f"Nomad at {nomad_cluster.address} has no cluster leader: it takes no register or "
+        "dispatch until its servers elect one"
+    )
+    assert said.value.transient
 
 
 def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatch, tmp_path):

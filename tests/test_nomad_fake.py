@@ -207,6 +207,56 @@ def test_progress_deadline_and_no_stable_version_descriptions(fake):  # 3.4
     )
 
 
+def test_a_stop_is_a_new_version_and_a_purge_leaves_every_incarnations_records(fake):
+    jobs = api(fake)  # 1.1 (DELETE), 2.4, 2.6, 3.4 (cancelled because stopped)
+    jobs.register_job("web", {"Job": service_job("web", tag="stall")})
+    eventually(lambda: jobs.get_deployment("web"), "the deployment")
+    jobs.deregister_job("web")
+    stopped = jobs.get_job("web")
+    assert (stopped["Stop"], stopped["Version"]) == (True, 1)
+    eventually(lambda: jobs.get_job("web")["Status"] == "dead", "a dead job")
+    (cancelled,) = jobs.get_deployments("web")
+    assert (cancelled["Status"], cancelled["StatusDescription"]) == (
+        "cancelled",
+        "Cancelled because job is stopped",
+    )
+    assert [a["DesiredStatus"] for a in jobs.get_allocations("web")] == ["stop"]
+    jobs.deregister_job("web", purge=True)
+    assert refused(jobs.get_job, "web").status_code == 404
+    jobs.register_job("web", {"Job": service_job("web")})
+    settled(fake, "web", 0)
+    # the new job's own, unless it is gone too or ?all is asked for
+    assert [d["Status"] for d in jobs.get_deployments("web")] == ["successful"]
+    assert len(jobs.get_allocations("web")) == 1
+    assert len(jobs.request("web", "deployments", method="get", params={"all": "true"}).json()) == 2
+    jobs.deregister_job("web", purge=True)
+    assert len(jobs.get_deployments("web")) == 2
+    assert len(jobs.get_allocations("web")) == 2
+
+
+def test_the_newest_stable_version_is_kept_among_the_six(fake):  # 2.3
+    jobs = api(fake)
+    jobs.register_job("web", {"Job": service_job("web")})
+    settled(fake, "web", 0)  # stable
+    for n in range(1, 8):  # never stable: stalled
+        fake.put_job(service_job("web", tag=f"stall-{n}"))
+    versions = [v["Version"] for v in jobs.get_versions("web")["Versions"]]
+    assert versions == [7, 6, 5, 4, 3, 0]
+
+
+def test_a_system_job_keeps_its_update_block_but_gets_no_deployment_nor_health(fake):  # 3.5
+    jobs = api(fake)
+    jobs.register_job("agent", {"Job": service_job("agent", job_type="system")})
+    assert jobs.get_job("agent")["TaskGroups"][0]["Update"]["MaxParallel"] == 1
+    eventually(
+        lambda: [a["ClientStatus"] for a in jobs.get_allocations("agent")] == ["running"],
+        "a running allocation",
+    )
+    fake.wait_idle()
+    assert jobs.get_deployments("agent") == []
+    assert jobs.get_allocations("agent")[0]["DeploymentStatus"] is None
+
+
 def test_revert_errors_and_enforce_prior_version(fake):  # 2.7
     jobs = api(fake)
     jobs.register_job("web", {"Job": service_job("web")})
@@ -308,10 +358,18 @@ def test_a_dispatch_is_checked_against_the_job_it_copies_before_its_token(fake):
     assert jobs.get_job(second)["Meta"] == {"WINDOW": "1"}
 
 
-def test_a_failed_batch_allocation_is_rescheduled_once(fake):  # 3.5, 3.6
+def test_a_failed_batch_allocation_is_rescheduled_once(fake):  # 3.3, 3.5, 3.6
     jobs = api(fake)
     jobs.register_job("migrate", {"Job": batch_job("migrate")})
+    fake.reschedule_delay = 2.0
     child = jobs.dispatch_job("migrate", meta={"EXIT": "2"})["DispatchedJobID"]
+    # failed, and not yet rescheduled: the evaluation its failure queued keeps the job pending
+    (first,) = eventually(
+        lambda: [a for a in jobs.get_allocations(child) if a["ClientStatus"] == "failed"],
+        "the first failure",
+    )
+    assert (first["NextAllocation"], first["FollowupEvalID"]) == ("", "")
+    assert jobs.get_job(child)["Status"] == "pending"
 
     def both_failed() -> list[dict[str, Any]] | None:
         allocs = jobs.get_allocations(child)
@@ -331,6 +389,12 @@ def test_a_failed_batch_allocation_is_rescheduled_once(fake):  # 3.5, 3.6
     eventually(
         lambda: jobs.get_job(child)["Status"] == "dead",
         "jobs.get_job(child)['Status'] == 'dead'",
+        timeout=10,
+    )
+    words = jobs.dispatch_job("migrate", meta={"EXIT": "abc"})["DispatchedJobID"]
+    eventually(  # not a number: the fake's task exits 1
+        lambda: [a["ClientStatus"] for a in jobs.get_allocations(words)] == ["failed"] * 2,
+        "both attempts failed",
         timeout=10,
     )
     fine = jobs.dispatch_job("migrate", meta={"EXIT": "0"})["DispatchedJobID"]

@@ -19,9 +19,20 @@ What each allocation does is driven by its task's image tag, or by the job's met
 | `driver-error...`  | Docker's pull error: failed           | the same                          |
 | `stall...`         | stays pending (progress deadline)     | stays pending                     |
 
+A dispatch's meta `EXIT` that is not a number exits 1. Only service allocations get a health
+(`DeploymentStatus`; client/allocrunner/health_hook.go watches no other job type), and only
+service jobs get deployments (the system scheduler of Nomad 1.9 and 1.10 creates none). A failed
+batch allocation is rescheduled by the scheduler's plan of the evaluation its failure queued, a
+moment (`reschedule_delay`) after the failure. A stop (`DELETE /v1/job/:id`) makes a new
+version with `Stop` set; a purge (`?purge=true`) deletes the job, after which its deployments
+and allocations are listed whatever incarnation they belong to (state_store.go
+DeploymentsByJobID and AllocsByJob).
+
 Simplifications (the backend does not depend on them): one node, no blocking queries, no
 restarts between a task's exit and its allocation failing, job status changes do not move
-ModifyIndex, no garbage collection.
+ModifyIndex, no garbage collection, a failed service allocation is not rescheduled, canaries
+are counted (`DesiredCanaries`) but placed like the other allocations and never wait for a
+promotion, and deregistering a job that does not exist answers 404 `job not found`.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import json
 import re
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,6 +182,10 @@ class NomadFake:
         """Seconds the "scheduler" and "client" take per step (eval, alloc start, health)."""
         self.region = region
         self.batch_reschedules = 1  # Nomad's default batch reschedule policy: 1 attempt
+        self.reschedule_delay = delay
+        """Seconds from a batch allocation's failure to the plan that reschedules it (or not)."""
+        self.leader = "127.0.0.1:4647"  # what /v1/status/leader answers; "" when there is none
+        self.broken: list[str] = []  # the fake's own failures in its scheduler, raised at stop()
         self.lock = threading.RLock()
         self._index = 1
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
@@ -223,6 +239,7 @@ class NomadFake:
             self._server.server_close()
         for thread in self._threads:
             thread.join(5)
+        assert not self.broken, "the fake Nomad's scheduler failed:\n" + "\n".join(self.broken)
 
     @property
     def address(self) -> str:
@@ -302,7 +319,10 @@ class NomadFake:
                     self._wake.wait(due - now)
                     continue
                 heapq.heappop(self._timers)
-                action()
+                try:
+                    action()
+                except Exception:  # a bug of the fake's: the others still run, stop() says it
+                    self.broken.append(traceback.format_exc())
 
     def _next_index(self) -> int:
         self._index += 1
@@ -384,7 +404,7 @@ class NomadFake:
         if "wait" in query and not GO_DURATION.fullmatch(query["wait"]):
             raise NomadError(400, "Invalid wait time")
         if path == "/v1/status/leader":
-            return "127.0.0.1:4647", None
+            return self.leader, None
         if path == "/v1/jobs":
             if method not in ("PUT", "POST"):
                 raise NomadError(405, "Invalid method")
@@ -443,6 +463,8 @@ class NomadFake:
         if suffix == "":
             if method in ("PUT", "POST"):
                 return self._register_request(job_id, namespace, body, raw, secret, query)
+            if method == "DELETE":
+                return self._deregister(key, secret, purge=query.get("purge") in ("true", "True"))
             self._reads(method, secret)
             if job is None:
                 raise NomadError(404, "job not found", index=self._jobs_index())
@@ -474,6 +496,8 @@ class NomadFake:
         if method != "GET":
             raise NomadError(405, "Invalid method")
         self._authorize(secret, "read-job")
+        # those of the job's current incarnation; every one when it is gone or with ?all=true
+        every = job is None or query.get("all") in ("true", "True", "1")
         create_index = job["CreateIndex"] if job else None
         if suffix in ("/deployments", "/deployment"):
             mine = [
@@ -481,7 +505,7 @@ class NomadFake:
                 for d in self.deployments.values()
                 if d["Namespace"] == namespace
                 and d["JobID"] == job_id
-                and d["JobCreateIndex"] == create_index
+                and (every or d["JobCreateIndex"] == create_index)
             ]
             if suffix == "/deployment":
                 latest = max(mine, key=lambda d: d["CreateIndex"], default=None)
@@ -494,7 +518,7 @@ class NomadFake:
                 for a in self.allocs.values()
                 if a["Namespace"] == namespace
                 and a["JobID"] == job_id
-                and (job is None or a["_JobCreateIndex"] == create_index)
+                and (every or a["_JobCreateIndex"] == create_index)
             ]
             return [self._alloc_out(a) for a in allocs], self._index
         if suffix == "/evaluations":
@@ -600,10 +624,10 @@ class NomadFake:
             group["Tasks"] = [
                 {k: copy.deepcopy(t.get(k)) for k in TASK_KEYS} for t in given["Tasks"]
             ]
-            if job["Type"] == "service":
-                update = group["Update"] or (job_update or None)
-                if update is None:  # DefaultUpdateStrategy, as api.Job.Canonicalize() gives it
-                    update = dict(DEFAULT_UPDATE)
+            update = group["Update"] or (job_update or None)
+            if job["Type"] == "service" and update is None:
+                update = dict(DEFAULT_UPDATE)  # DefaultUpdateStrategy, as api.Job.Canonicalize()
+            if job["Type"] in ("service", "system") and update is not None:
                 group["Update"] = {**DEFAULT_UPDATE, **job_update, **update}
             else:
                 group["Update"] = None
@@ -685,13 +709,44 @@ class NomadFake:
             job["SubmitTime"] = _now_ns()
         job["Status"], job["StatusDescription"] = "pending", ""
         self.jobs[key] = job
-        versions = self.versions.setdefault(key, [])
-        versions.insert(0, copy.deepcopy(job))
-        del versions[6:]  # JobTrackedVersions
+        self._keep_version(key, job)
         if no_eval:
             return self._register_answer("", 0, index, index)
         evaluation = self._new_eval(job, "job-register", index=index)
         return self._register_answer(evaluation["ID"], index, index, index)
+
+    def _keep_version(self, key: tuple[str, str], job: dict[str, Any]) -> None:
+        """The newest JobTrackedVersions (6) versions, the newest stable one among them (it
+        takes the oldest's place when it would go: state_store.go upsertJobVersion)."""
+        versions = self.versions.setdefault(key, [])
+        versions.insert(0, copy.deepcopy(job))
+        stable = next((i for i, v in enumerate(versions) if v["Stable"]), None)
+        if stable is not None and stable > 5:
+            versions[5], versions[stable] = versions[stable], versions[5]
+        del versions[6:]
+
+    def _deregister(self, key: tuple[str, str], secret: str, *, purge: bool) -> tuple[Any, int]:
+        """Job.Deregister: a stop upserts the job with Stop set (a new version), a purge deletes
+        it; then an evaluation stops its allocations and cancels its deployment."""
+        self._authorize(secret, "submit-job")
+        job = self.jobs.get(key)
+        if job is None:
+            raise NomadError(404, "job not found")
+        index = self._next_index()
+        if purge:
+            del self.jobs[key]
+            del self.versions[key]
+        else:
+            job = copy.deepcopy(job)
+            job.update(Stop=True, Version=job["Version"] + 1, Stable=False)
+            job.update(ModifyIndex=index, JobModifyIndex=index, SubmitTime=_now_ns())
+            self.jobs[key] = job
+            self._keep_version(key, job)
+        if (job["ParameterizedJob"] and not job["Dispatched"]) or job["Periodic"]:
+            return self._register_answer("", 0, index, index), index
+        evaluation = self._new_eval(job, "job-deregister")
+        eval_index = evaluation["CreateIndex"]
+        return self._register_answer(evaluation["ID"], eval_index, index, eval_index), eval_index
 
     def _register_answer(self, eval_id: str, eval_index: int, jmi: int, index: int) -> dict:
         return {
@@ -917,6 +972,7 @@ class NomadFake:
         *,
         index: int | None = None,
         deployment_id: str = "",
+        processed: bool = True,
     ) -> dict[str, Any]:
         index = index or self._next_index()
         evaluation = {
@@ -938,7 +994,8 @@ class NomadFake:
             "ModifyTime": _now_ns(),
         }
         self.evals[evaluation["ID"]] = evaluation
-        self._after(self.delay, lambda: self._process_eval(evaluation))
+        if processed:
+            self._after(self.delay, lambda: self._process_eval(evaluation))
         return evaluation
 
     def _process_eval(self, evaluation: dict[str, Any]) -> None:
@@ -946,13 +1003,22 @@ class NomadFake:
         job = self.jobs.get(key)
         index = self._next_index()
         evaluation.update(Status="complete", ModifyIndex=index, ModifyTime=_now_ns())
-        if job is None or job["Stop"]:
-            return
         live = [
             a
             for a in self.allocs.values()
             if (a["Namespace"], a["JobID"]) == key and a["DesiredStatus"] == "run"
         ]
+        if job is None or job["Stop"]:  # stopped or purged: nothing runs any more
+            for active in self.deployments.values():
+                if (active["Namespace"], active["JobID"]) == key and active["Status"] == "running":
+                    self._end_deployment(active, "cancelled", "Cancelled because job is stopped")
+            for alloc in live:
+                alloc.update(DesiredStatus="stop", ModifyIndex=index)
+                if alloc["ClientStatus"] in ("pending", "running"):
+                    alloc.update(
+                        ClientStatus="complete", ClientDescription="All tasks have completed"
+                    )
+            return
         current = [a for a in live if a["JobVersion"] == job["Version"]]
         if job["Type"] == "batch" and any(a["ClientStatus"] for a in current):
             return  # a batch job's allocations run once
@@ -1000,7 +1066,7 @@ class NomadFake:
                 "RequireProgressBy": _rfc3339(now + deadline) if deadline else ZERO_TIME,
                 "Promoted": False,
                 "PlacedCanaries": None,
-                "DesiredCanaries": 0,
+                "DesiredCanaries": update["Canary"],
                 "DesiredTotal": group["Count"],
                 "PlacedAllocs": 0,
                 "HealthyAllocs": 0,
@@ -1247,7 +1313,8 @@ class NomadFake:
             if found:
                 exits[name] = int(found.group(1))
             elif job["Type"] == "batch" and (job["Meta"] or {}).get("EXIT"):
-                exits[name] = int(job["Meta"]["EXIT"])
+                code = job["Meta"]["EXIT"]
+                exits[name] = int(code) if code.isdigit() else 1
         if job["Type"] == "batch" or any(exits.values()):
             policy = "3 in interval 24h0m0s" if job["Type"] == "batch" else "2 in interval 30m0s"
             for name in events:
@@ -1269,8 +1336,8 @@ class NomadFake:
             self._task_states(alloc, events, "dead", failed)
             self._alloc_ended(alloc, job, group, failed=failed)
             return
-        healthy = not any(o.startswith("unhealthy") for o in outcomes.values())
-        self._set_health(alloc, healthy)
+        if job["Type"] == "service":
+            self._set_health(alloc, not any(o.startswith("unhealthy") for o in outcomes.values()))
 
     def _alloc_ended(self, alloc, job, group, *, failed: bool) -> None:
         if failed:
@@ -1280,18 +1347,24 @@ class NomadFake:
         alloc["ModifyIndex"] = self._next_index()
         if job["Type"] == "service" and failed:
             self._set_health(alloc, False)
-        if job["Type"] == "batch" and failed and alloc["_attempt"] < self.batch_reschedules:
-            # Nomad's default batch reschedule policy: one more allocation
-            evaluation = self._new_eval(job, "alloc-failure")
-            follow = self._place(
-                job,
-                group,
-                int(alloc["Name"].rsplit("[", 1)[1][:-1]),
-                evaluation["ID"],
-                None,
-                previous=alloc,
+        if job["Type"] == "batch" and failed:
+            # the client's update queues an evaluation (nomad/node_endpoint.go); the scheduler's
+            # plan of it sets the reschedule on the allocation (scheduler/reconcile.go): until
+            # then the failed allocation has neither NextAllocation nor FollowupEvalID, and the
+            # job is pending (document 3.3)
+            evaluation = self._new_eval(job, "alloc-failure", processed=False)
+            self._after(
+                self.reschedule_delay, lambda: self._reschedule(alloc, job, group, evaluation)
             )
-            alloc.update(NextAllocation=follow["ID"], FollowupEvalID=evaluation["ID"])
+
+    def _reschedule(self, alloc, job, group, evaluation) -> None:
+        """Nomad's default batch reschedule policy: one more allocation."""
+        evaluation.update(Status="complete", ModifyIndex=self._next_index(), ModifyTime=_now_ns())
+        if alloc["_attempt"] >= self.batch_reschedules:
+            return
+        n = int(alloc["Name"].rsplit("[", 1)[1][:-1])
+        follow = self._place(job, group, n, evaluation["ID"], None, previous=alloc)
+        alloc.update(NextAllocation=follow["ID"], FollowupEvalID=evaluation["ID"])
 
     def _set_health(self, alloc: dict[str, Any], healthy: bool) -> None:
         index = self._next_index()

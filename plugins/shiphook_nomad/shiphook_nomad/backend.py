@@ -322,6 +322,12 @@ class NomadBackend(Backend):
 
     def check(self) -> str:
         leader = self._call("read the cluster leader", self.api.leader.get_leader)
+        if not leader:
+            raise BackendError(
+                f"Nomad at {self.options.address} has no cluster leader: it takes no register "
+                "or dispatch until its servers elect one",
+                transient=True,
+            )
         where = f"namespace {self._ns}" + (
             f", region {self.options.region}" if self.options.region else ""
         )
@@ -366,10 +372,12 @@ class NomadBackend(Backend):
 
     def _job_of_kind(self, target: NomadTarget) -> dict[str, Any]:
         job = self._job(target.options.job)
-        self._check_kind(job, target)
+        self._check_job(job, target)
         return job
 
-    def _check_kind(self, job: dict[str, Any], target: NomadTarget) -> None:
+    def _check_job(self, job: dict[str, Any], target: NomadTarget) -> None:
+        """A job shiphook can deploy to or run for `target`: of its kind, not stopped, and for an
+        app, one whose deployments end without a person's promotion."""
         parameterized = bool(job.get("ParameterizedJob")) and not job.get("Dispatched")
         if target.kind == "app" and (job["Type"] not in ("service", "system") or parameterized):
             raise BackendError(
@@ -383,6 +391,22 @@ class NomadBackend(Backend):
                 f"{target.name} is of kind 'job', which needs one (a batch job with a "
                 "parameterized block): point the target at such a job or change its kind"
             )
+        verb = "deploy" if target.kind == "app" else "run"
+        if job.get("Stop"):
+            raise BackendError(
+                f"job {job['ID']} is stopped: shiphook does not start a stopped job; start it "
+                f"(nomad job start {job['ID']}, or nomad job run) and {verb} again"
+            )
+        if target.kind == "app" and job["Type"] == "service":
+            group, _ = _locate(job, target)
+            update = group.get("Update") or {}
+            if update.get("Canary") and not update.get("AutoPromote"):
+                raise BackendError(
+                    f"group {group['Name']} of job {job['ID']} has canary = {update['Canary']} "
+                    "without auto_promote: each of its deployments waits for a person to "
+                    "promote it (nomad deployment promote), which shiphook does not do; set "
+                    "auto_promote = true in its update block, or canary = 0"
+                )
 
     # -- app deploys --------------------------------------------------------------------
 
@@ -395,7 +419,7 @@ class NomadBackend(Backend):
             return self._app_ref(ours, target, image, ours["Version"], ours["Version"] - 1)
 
         def change(job: dict[str, Any]) -> None:
-            self._check_kind(job, target)
+            self._check_job(job, target)
             _, task = _locate(job, target)
             current = task["Config"]["image"]
             wanted = f"{target.options.image or repository_of(current)}:{image_tag}"
@@ -446,9 +470,11 @@ class NomadBackend(Backend):
             "image": image,
             "previous_version": previous,
             "updated": previous is not None,
-            # Nomad creates deployments only for groups with an update block (max_parallel > 0)
+            "created": job["CreateIndex"],  # the job's incarnation: a purge and register start anew
+            # Nomad creates deployments only for service groups with an update block
+            # (max_parallel > 0); its system scheduler (before 1.11) creates none
             "watch": "deployment"
-            if update.get("MaxParallel") and group["Count"]
+            if job["Type"] == "service" and update.get("MaxParallel") and group["Count"]
             else "allocations",
         }
 
@@ -469,11 +495,19 @@ class NomadBackend(Backend):
         deployments = self._call(
             f"read deployments of job {ref['job']}", self.api.job.get_deployments, ref["job"]
         )
-        # the deployment list is in UUID order, not by time: pick by version
-        mine = [d for d in deployments if d["JobVersion"] == ref["version"]]
+        # the deployment list is in UUID order, not by time: pick by version (and incarnation:
+        # once the job is purged, the list holds the deployments of every one)
+        created = ref.get("created")
+        mine = [
+            d
+            for d in deployments
+            if d["JobVersion"] == ref["version"] and created in (None, d["JobCreateIndex"])
+        ]
         if not mine and not ref["updated"]:  # Nomad collects old deployments
             return self._allocations_progress(ref)
         if not mine:
+            # a job purged meanwhile: Nomad's "job not found"; registered again: another job
+            _check_incarnation(ref, self._job(ref["job"]))
             latest = max(deployments, key=lambda d: d["CreateIndex"], default=None)
             if latest is not None and latest["JobVersion"] > ref["version"]:
                 return Progress(
@@ -548,6 +582,7 @@ class NomadBackend(Backend):
         """A group without an update block gets no deployment: its version's allocations are
         placed at once, and turn healthy or fail."""
         job = self._job(ref["job"])
+        _check_incarnation(ref, job)
         if job["Version"] != ref["version"]:
             return Progress(
                 "failed",
@@ -555,14 +590,21 @@ class NomadBackend(Backend):
                 "deployment registered it: it was changed outside this deployment",
             )
         allocs = self._allocations(ref["job"])
-        mine = [
-            a for a in allocs if a["JobVersion"] == ref["version"] and a["DesiredStatus"] == "run"
-        ]
+        live = [a for a in allocs if a["DesiredStatus"] == "run"]
+        mine = [a for a in live if a["JobVersion"] == ref["version"]]
         failed = self._failing_allocation(
             ref["job"], lambda a: a["JobVersion"] == ref["version"], allocs
         )
         if failed:
             return Progress("failed", f"job {ref['job']} version {ref['version']}{failed}")
+        if job["Type"] == "system":
+            # one allocation per eligible node, and no health: Nomad's client watches the
+            # health of service allocations only (client/allocrunner/health_hook.go)
+            running = [a for a in mine if a["ClientStatus"] == "running"]
+            counts = f"{len(running)} of {len(live)} allocations running version {ref['version']}"
+            if running and len(running) == len(live):
+                return Progress("succeeded", f"{counts} ({ref['image']})")
+            return Progress("running", counts)
         wanted = sum(g["Count"] for g in job["TaskGroups"])
         healthy = [
             a
@@ -620,6 +662,7 @@ class NomadBackend(Backend):
         # what ran before this deployment, as every backend restores it (the latest stable
         # version would skip a failure left in place before it)
         back = next((v for v in versions if v["Version"] == ref["previous_version"]), None)
+        _check_incarnation(ref, job)
         if job["Version"] != ref["version"]:
             _, task = _locate(job, target)
             if back is not None and task["Config"]["image"] == _image(back, ref["group"]):
@@ -729,7 +772,7 @@ class NomadBackend(Backend):
 
         def change(job: dict[str, Any]) -> bool | None:
             """None: register the job as edited here; True: dispatch with the job as it is."""
-            self._check_kind(job, target)
+            self._check_job(job, target)
             _, task = _locate(job, target)
             current = task["Config"]["image"]
             window = Window.on(job)
@@ -846,6 +889,14 @@ class NomadBackend(Backend):
         for alloc in failed:
             if alloc.get("FollowupEvalID"):
                 continue  # Nomad reschedules it
+            if self._job(child)["Status"] != "dead":
+                # the evaluation its failure queued is still open (Nomad writes the reschedule
+                # when the scheduler plans it): the child is pending, not over
+                return Progress(
+                    "running",
+                    f"job {child}: allocation {alloc['ID'][:8]} {alloc['ClientStatus']}; Nomad "
+                    "is deciding whether to reschedule it",
+                )
             attempts = f" (attempt {len(allocs)})" if len(allocs) > 1 else ""
             return Progress(
                 "failed",
@@ -926,6 +977,16 @@ def _clear_window(job: dict[str, Any], task: dict[str, Any], base: str | None) -
     job["Meta"] = meta or None
     spec = job["ParameterizedJob"]
     spec["MetaRequired"] = _user_keys(spec.get("MetaRequired")) or None
+
+
+def _check_incarnation(ref: Ref, job: dict[str, Any]) -> None:
+    """Raise when the job is not the one this deployment registered: it was purged and
+    registered again (its versions started anew)."""
+    if ref.get("created") not in (None, job["CreateIndex"]):
+        raise BackendError(
+            f"job {ref['job']} was purged and registered again during this deployment: "
+            "shiphook neither follows nor rolls back the new job; look at it and deploy again"
+        )
 
 
 def _locate(
