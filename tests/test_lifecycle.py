@@ -313,6 +313,38 @@ def test_rollback_deploys_the_previous_successful_image_as_a_new_deployment(harn
     assert started in caplog.messages
 
 
+def test_rollback_skips_successes_of_the_tag_it_undoes(harness):
+    """A CI job retried deploys the same tag twice: undoing the second goes back to the tag
+    before both, not to the first (which would change nothing)."""
+    token = harness.new_hook("web")
+    for tag in ("1.0", "2.0"):
+        harness.wait_for(harness.deploy(token, {"imageTag": tag}))
+    again = harness.deploy(token, {"imageTag": "2.0"})
+    assert "already runs" in harness.wait_for(again)["message"]
+    assert harness.instance.deployments.rollback(again).image_tag == "1.0"
+
+
+def test_rollback_of_a_superseded_deployment_or_to_the_same_tag_is_refused(harness_factory):
+    harness = harness_factory(backend_extra="rollout_seconds = 1")
+    token = harness.new_hook("web")
+    running = harness.deploy(token, {"imageTag": "1.0"})
+    harness.wait_started(running)
+    skipped, newest = (harness.deploy(token, {"imageTag": tag}) for tag in ("1.1", "1.2"))
+    assert harness.wait_for(skipped)["status"] == "superseded"
+    refused = harness.client.simulate_post(f"/api/v1/deployments/{skipped}/rollback", headers=ADMIN)
+    assert refused.status_code == 409
+    assert refused.json["description"] == (
+        f"deployment {skipped} was superseded: it never ran, so there is nothing to roll back; "
+        f"roll back the one that ran instead ({newest} or its successor)"
+    )
+    # the image a first deployment replaced, when it is of the tag deployed: no way back
+    first = harness.deploy(harness.new_hook("api"), {"imageTag": "initial"})
+    harness.wait_for(first)
+    same = harness.client.simulate_post(f"/api/v1/deployments/{first}/rollback", headers=ADMIN)
+    assert same.status_code == 409
+    assert same.json["description"].startswith("nothing to roll back to: ")
+
+
 def test_rollback_of_a_first_deployment_returns_to_the_image_it_replaced(harness):
     first = harness.deploy(harness.new_hook("web"), {"imageTag": "1.0"})
     harness.wait_for(first)

@@ -424,15 +424,25 @@ class Deployments:
         source = self._stored(deployment_id)
         if source.kind != "app":
             raise InvalidRequest(f"deployment {deployment_id} is a job run; only apps roll back")
+        if source.status == Status.superseded:
+            raise Conflict(
+                f"deployment {deployment_id} was superseded: it never ran, so there is nothing "
+                f"to roll back; roll back the one that ran instead ({source.superseded_by} or "
+                "its successor)"
+            )
         target = self.targets.get(source.target)
         if target is None:
             raise NotFound(f"target {source.target!r} is no longer configured")
-        earlier = self.storage.last_success(target=source.target, before=source.id)
+        # a success of the same tag (the tag deployed again) is no way back
+        earlier = self.storage.last_success(
+            target=source.target, before=source.id, other_than=source.image_tag
+        )
         tag = earlier.image_tag if earlier is not None else self._replaced_tag(source)
-        if tag is None:
+        if tag is None or tag == source.image_tag:
             raise Conflict(
-                f"nothing to roll back to: no deployment of {source.target} succeeded before "
-                f"{deployment_id}, and the image it replaced is unknown"
+                f"nothing to roll back to: no deployment of {source.target} with another tag "
+                f"than {source.image_tag} succeeded before {deployment_id}, and the image it "
+                "replaced is unknown or of that tag"
             )
         if not target.allows(tag):
             raise Conflict(

@@ -262,8 +262,9 @@ class Storage:
                 .values(idempotency_key=None)
             )
 
-    def last_success(self, *, target: str, before: str) -> Deployment | None:
-        """The newest deployment of `target` older than `before` that succeeded."""
+    def last_success(self, *, target: str, before: str, other_than: str) -> Deployment | None:
+        """The newest deployment of `target` older than `before` that succeeded with another
+        tag than `other_than`."""
         query = (
             select(DEPLOYMENT)
             .where(
@@ -271,6 +272,7 @@ class Storage:
                 DEPLOYMENT.c.status == Status.succeeded,
                 DEPLOYMENT.c.id < before,
                 DEPLOYMENT.c.image_tag.is_not(None),
+                DEPLOYMENT.c.image_tag != other_than,
             )
             .order_by(DEPLOYMENT.c.id.desc())
             .limit(1)
