@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import ADMIN_TOKEN, replaced_by, run_cli, scripted_config
-from shiphook.deployer.deployer import RUN_LEFT, lease_owner, owner_is_gone
+from shiphook.deployer.deployer import ROLLOUT_LEFT, RUN_LEFT, lease_owner, owner_is_gone
 from shiphook.errors import DatabaseUnavailable
 from shiphook.services import Deployments
 
@@ -262,6 +262,16 @@ def test_a_run_past_rollout_timeout_fails_saying_it_goes_on_beside_the_next(
     assert harness.backend.max_in_flight("migrate") == 2
 
 
+def test_a_rollout_whose_progress_cannot_be_read_fails_saying_it_may_yet_complete(harness):
+    deployment = harness.wait_for(
+        harness.deploy(harness.new_hook("web"), {"imageTag": "unreadable"}), timeout=30
+    )
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].startswith("gave up after "), deployment
+    assert deployment["message"].endswith(ROLLOUT_LEFT), deployment
+    assert harness.backend.calls("rollback") == []  # its state unknown: not rolled back
+
+
 def test_a_run_whose_progress_cannot_be_read_fails_saying_it_is_not_stopped(
     harness_factory, tmp_path
 ):
@@ -270,7 +280,7 @@ def test_a_run_whose_progress_cannot_be_read_fails_saying_it_is_not_stopped(
         config.read_text().replace('name = "report"\n', 'name = "report"\nretry_budget = 1\n')
     )
     harness = harness_factory(config)
-    run = harness.wait_for(harness.deploy(harness.new_hook("report"), {"imageTag": "down"}))
+    run = harness.wait_for(harness.deploy(harness.new_hook("report"), {"imageTag": "unreadable"}))
     assert run["status"] == "failed", run
     assert run["message"].startswith("gave up after "), run
     assert run["message"].endswith(RUN_LEFT[True].format(it="if it still runs, it")), run

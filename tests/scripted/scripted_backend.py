@@ -10,6 +10,7 @@ engine through the real HTTP API:
 | `hang`          | the rollout never ends (timeout)                            |
 | `transientN`    | deploy raises a transient error N times, then works         |
 | `down`          | every call raises a transient error (retry budget runs out) |
+| `unreadable`    | deploy works, progress raises a transient error every time  |
 | `perm`          | deploy raises a permanent error                             |
 | `crash`         | deploy raises an unexpected exception (a plugin bug)        |
 | `stall`         | deploy takes `stall_seconds` to return                       |
@@ -17,8 +18,8 @@ engine through the real HTTP API:
 A rollout in progress reports "updating: 0 of 2 tasks" for its first half of `polls`, then
 "updating: 1 of 2 tasks". Deploying the tag a target runs already succeeds at once, without a
 rollout. A job run fails when its env has `EXIT` other than `0`; it runs
-`<repository>:<imageTag>`, by default `<repository>:initial`; one of a `down` tag starts, then
-its progress raises a transient error on every call. A target whose `name` starts with
+`<repository>:<imageTag>`, by default `<repository>:initial`; one of an `unreadable` tag starts,
+then its progress raises a transient error on every call. A target whose `name` starts with
 `missing` does not exist. With `address`, every call first waits `timeout` seconds for that
 address to answer (the conformance suite's orchestrator that never does). With `state_dir`, state
 and the log of calls live in a file, shared by every process (crash and replica tests read it
@@ -249,9 +250,9 @@ class ScriptedBackend(Backend):
             polls[key] = polls.get(key, 0) + 1
             count = polls[key]
             run = s.get("runs", {}).get(ref["deployment"])
+        if ref["image"].rpartition(":")[2].startswith("unreadable"):
+            raise BackendError("connection refused", transient=True)
         if ref["op"] == "run":
-            if ref["image"].rpartition(":")[2].startswith("down"):
-                raise BackendError("connection refused", transient=True)
             if count < self.options.polls:
                 return Progress("running", "job running")
             with self.state() as s:

@@ -58,6 +58,11 @@ RUN_LEFT = {
     False: "; the run is not stopped: {it} goes on in the orchestrator until the next run of "
     "this target replaces it",
 }
+# an app rollout whose progress could not be read within retry_budget: its end is unknown
+ROLLOUT_LEFT = (
+    "; the rollout is neither stopped nor rolled back: the orchestrator may yet complete it "
+    "(look at the workload)"
+)
 # seconds between the supersede passes notifications ask for, per target: a pass's own cost is
 # spread over a burst's rows, not paid per request (bench/README.md); a scan catches the rest
 SUPERSEDE_EVERY = 0.25
@@ -459,7 +464,10 @@ class Execution:
             else:
                 message = f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})"
             self._progress(message, backend_ref=ref)
-        outcome = self._track(ref)
+        try:
+            outcome = self._track(ref)
+        except GaveUp as exc:
+            raise BackendError(exc.message + ROLLOUT_LEFT) from exc
         if outcome.state == "succeeded":
             self._finish(Status.succeeded, outcome.message or "rollout completed")
             return
