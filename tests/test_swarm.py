@@ -202,6 +202,28 @@ def test_a_service_that_rolls_itself_back_is_not_swapped_a_second_time(
     assert backend.progress(t, ref).state == "rolled_back"
 
 
+def test_a_rollback_by_hand_during_a_rollout_is_not_reported_as_the_tag_failing(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.app(monitor=30)  # the update stays under way long enough
+    harness = harness_factory(swarm_config(tmp_path, engine, target("web", "app", service)))
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
+    harness.wait_started(deployment_id, timeout=30)
+    eventually(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout's start")
+    subprocess.run(
+        ["docker", "-H", engine.host, "service", "rollback", "-d", service],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    deployment = harness.wait_for(deployment_id, timeout=90)
+    assert deployment["status"] == "rolled_back", deployment
+    assert deployment["message"] == (
+        f"service {service} was rolled back to {APP}:v1 while {APP}:v2 rolled out, with no task "
+        "of it failed: by hand (docker service rollback), not by Swarm"
+    )
+
+
 def test_a_missing_service_fails_at_once_with_the_engines_message(
     engine, harness_factory, tmp_path
 ):

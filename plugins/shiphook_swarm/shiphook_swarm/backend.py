@@ -601,15 +601,22 @@ class SwarmBackend(Backend):
         return f"{message} ({error})" if error else message
 
     def _why_rolled_back(self, service: dict[str, Any], ref: Ref) -> str:
-        """What Swarm's own rollback undid, and the last failed task of the deployed image,
-        which made it roll back."""
-        why = f"the update to {ref['image']} failed"
-        task = self._last_failed_task(service, ref["image"])
-        if task is not None:
-            error = task["Status"].get("Err") or task["Status"]["State"]
-            why += f" (task {task['ID'][:12]} {task['Status']['State']}: {error})"
+        """What the rollback undid, and why: the last failed task of the deployed image, which
+        made Swarm roll back; with none, Swarm did not (its failure action needs failed tasks),
+        someone did (`docker service rollback`)."""
         back = _image(service["Spec"])
-        return f"{why}; Swarm rolled service {ref['name']} back to {back} on its own"
+        task = self._last_failed_task(service, ref["image"])
+        if task is None:
+            return (
+                f"service {ref['name']} was rolled back to {back} while {ref['image']} rolled "
+                "out, with no task of it failed: by hand (docker service rollback), not by Swarm"
+            )
+        error = task["Status"].get("Err") or task["Status"]["State"]
+        return (
+            f"the update to {ref['image']} failed (task {task['ID'][:12]} "
+            f"{task['Status']['State']}: {error}); Swarm rolled service {ref['name']} back to "
+            f"{back} on its own"
+        )
 
     # -- job runs ------------------------------------------------------------------------------
 
