@@ -60,6 +60,13 @@ def target_of(kind: str, service: str, **options: Any) -> Target:
     )
 
 
+def docker(engine: Any, *args: str) -> None:
+    """The docker CLI against the test engine, as an operator uses it."""
+    subprocess.run(
+        ["docker", "-H", engine.host, *args], check=True, capture_output=True, timeout=30
+    )
+
+
 def progress_until_done(backend: SwarmBackend, t: Target, ref: dict) -> Any:
     return eventually(
         lambda: (p := backend.progress(t, ref)).state != "running" and p, what="progress"
@@ -210,12 +217,7 @@ def test_a_rollback_by_hand_during_a_rollout_is_not_reported_as_the_tag_failing(
     deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "v2"})
     harness.wait_started(deployment_id, timeout=30)
     eventually(lambda: stored(harness, deployment_id)["backendRef"], what="the rollout's start")
-    subprocess.run(
-        ["docker", "-H", engine.host, "service", "rollback", "-d", service],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    docker(engine, "service", "rollback", "-d", service)
     deployment = harness.wait_for(deployment_id, timeout=90)
     assert deployment["status"] == "rolled_back", deployment
     assert deployment["message"] == (
@@ -268,6 +270,21 @@ def test_a_job_run_gets_its_overrides_and_its_task_log_shows_them(
     assert deployment["message"] == "job completed: 1 of 1 tasks complete"
     iteration = deployment["backendRef"]["iteration"]
     assert services.job_output(service, iteration) == "GREETING=hi from ci NAME=service\n"
+
+
+def test_an_env_edited_by_hand_after_a_run_keeps_the_edit_and_drops_the_runs_override(
+    engine, services, harness_factory, tmp_path
+):
+    service = services.job(env=["GREETING=hello", "NAME=service"])
+    harness = harness_factory(swarm_config(tmp_path, engine, target("migrate", "job", service)))
+    token = harness.new_hook("migrate")
+    first = harness.wait_for(harness.deploy(token, job_body(NAME="ci")), timeout=60)
+    assert first["status"] == "succeeded", first
+    docker(engine, "service", "update", "-d", "--env-add", "GREETING=edited", service)
+    second = harness.wait_for(harness.deploy(token, {}), timeout=60)
+    assert second["status"] == "succeeded", second
+    output = services.job_output(service, second["backendRef"]["iteration"])
+    assert output == "GREETING=edited NAME=service\n"
 
 
 def test_a_failing_job_run_fails_with_the_tasks_error(engine, services, harness_factory, tmp_path):

@@ -642,11 +642,15 @@ class SwarmBackend(Backend):
                 # an earlier call started this run
                 return {"iteration": int(labels[LABEL_JOB_ITERATION]), "image": container["Image"]}
             # an earlier run's overrides (env and image) stay in the spec: start from what the
-            # service had before them, unless someone has changed it since shiphook wrote it
+            # service had before them, with what someone has changed since shiphook wrote it
             current_env = list(container.get("Env") or [])
             base_env = current_env
-            if labels.get(LABEL_ENV_APPLIED) == json.dumps(current_env):
-                base_env = json.loads(labels.get(LABEL_ENV_BASE) or "[]")
+            if LABEL_ENV_APPLIED in labels:
+                base_env = _rebased_env(
+                    json.loads(labels.get(LABEL_ENV_BASE) or "[]"),
+                    json.loads(labels[LABEL_ENV_APPLIED]),
+                    current_env,
+                )
             base_image = _own_image(spec)
             container["Env"] = _merge_env(base_env, env)
             container["Image"] = tagged or base_image
@@ -740,6 +744,23 @@ def _job_iteration(service: dict[str, Any]) -> int:
 
 def _job_iteration_of(task: dict[str, Any]) -> int:
     return int((task.get("JobIteration") or {}).get("Index") or 0)
+
+
+def _rebased_env(base: list[str], applied: list[str], current: list[str]) -> list[str]:
+    """The service's own `K=V` entries: `base` (before the last run's overrides) with the edits
+    made to the env since shiphook `applied` it (entries added or changed, names removed), so
+    that neither the overrides stay nor the edits are lost."""
+
+    def by_name(entries: list[str]) -> dict[str, str]:
+        return {entry.split("=", 1)[0]: entry for entry in entries}
+
+    was, now, rebased = by_name(applied), by_name(current), by_name(base)
+    for name, entry in now.items():
+        if was.get(name) != entry:
+            rebased[name] = entry
+    for name in was.keys() - now.keys():
+        rebased.pop(name, None)
+    return list(rebased.values())
 
 
 def _merge_env(base: list[str], overrides: dict[str, str]) -> list[str]:
