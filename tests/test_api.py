@@ -70,6 +70,13 @@ def test_job_hook_accepts_env_overrides_and_an_empty_body(quiet):
     ]
     assert quiet.post_hook(token, b"").status_code == 201
     assert quiet.post_hook(token, {"imageTag": "2.0", **body}).status_code == 201
+    # what a job's body takes, named after what was wrong with it
+    bad = quiet.post_hook(token, {"imageTag": "bad tag"})
+    assert bad.status_code == 400
+    assert bad.json["description"].endswith(
+        'expected a JSON object like {"instanceEnvironmentVariables": [{"name": "X", "value": '
+        '"y"}], "imageTag": "1.2.0"} (all keys optional)'
+    )
 
 
 @pytest.mark.parametrize(

@@ -415,6 +415,8 @@ def test_cli_rollback_queues_the_previous_image(harness, tmp_path):
     newest = harness.instance.deployments.list(limit=1)[0].to_json()
     assert newest["rollbackOf"] == current
     assert harness.wait_for(newest["id"], timeout=15)["status"] == "succeeded"
+    shown = run_cli("deployments", "show", newest["id"], config=scripted_config(tmp_path)).stdout
+    assert f"rollbackOf:     {current}\n" in shown
 
 
 # -- history ------------------------------------------------------------------------------

@@ -609,6 +609,7 @@ def test_the_backend_starts_without_an_engine_and_reports_it_unreachable(tmp_pat
 def test_a_service_of_the_wrong_mode_for_the_target_kind_is_refused(engine, services):
     app, job = services.app(), services.job(env=[])
     backend = backend_on(engine.host)
+    assert backend.describe(target_of("app", app)).detail == f"replicated service {app}, 1 replica"
     with pytest.raises(BackendError) as as_app:
         backend.describe(target_of("app", job))
     assert as_app.value.message == (

@@ -445,6 +445,7 @@ def deployments_show(ctx: click.Context, deployment_id: str, as_json: bool) -> N
             "startedAt",
             "finishedAt",
             "previousImage",
+            "rollbackOf",
             "supersededBy",
         ):
             if data.get(key) not in (None, ""):

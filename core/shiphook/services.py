@@ -103,7 +103,7 @@ class JobHookBody(BaseModel):
 EXPECTED = {
     "app": 'expected a JSON object like {"imageTag": "1.2.0"}',
     "job": 'expected a JSON object like {"instanceEnvironmentVariables": '
-    '[{"name": "X", "value": "y"}]} (all keys optional)',
+    '[{"name": "X", "value": "y"}], "imageTag": "1.2.0"} (all keys optional)',
 }
 
 

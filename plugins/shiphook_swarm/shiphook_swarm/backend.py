@@ -324,7 +324,7 @@ class SwarmBackend(Backend):
         replicas = (spec["Mode"].get("Replicated") or {}).get("Replicas")
         detail = f"{_mode(spec)} service {spec['Name']}"
         if replicas is not None:
-            detail += f", {replicas} replicas"
+            detail += f", {replicas} replica{'' if replicas == 1 else 's'}"
         image = _image(spec) if target.kind == "app" else _own_image(spec)
         return TargetState(image=image, detail=detail)
 
