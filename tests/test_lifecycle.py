@@ -335,7 +335,7 @@ def test_rollback_skips_successes_of_the_tag_it_undoes(harness):
 
 
 def test_rollback_of_a_superseded_deployment_or_to_the_same_tag_is_refused(harness_factory):
-    harness = harness_factory(backend_extra="rollout_seconds = 1")
+    harness = harness_factory(backend_extra="rollout_seconds = 3")
     token = harness.new_hook("web")
     running = harness.deploy(token, {"imageTag": "1.0"})
     harness.wait_started(running)

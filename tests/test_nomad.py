@@ -710,19 +710,6 @@ def test_serve_and_curl_with_wait_fail_the_ci_step_when_the_rollout_fails(
 # -- options --------------------------------------------------------------------------------
 
 
-def test_check_says_when_the_cluster_has_no_leader(nomad_cluster):
-    fake = nomad_cluster.needs_fake()
-    fake.leader = ""  # what /v1/status/leader answers then
-    backend = NomadBackend(NomadOptions(address=nomad_cluster.address))
-    with pytest.raises(BackendError) as said:
-        backend.check()
-    assert said.value.message == (
-        f"Nomad at {nomad_cluster.address} has no cluster leader: it takes no register or "
-        "dispatch until its servers elect one"
-    )
-    assert said.value.transient
-
-
 def test_options_verify_tls_by_default_and_never_read_nomad_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("NOMAD_TOKEN", "from-the-environment")
     monkeypatch.setenv("NOMAD_ADDR", "http://127.0.0.1:9")

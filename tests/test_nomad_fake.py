@@ -234,6 +234,18 @@ def test_a_stop_is_a_new_version_and_a_purge_leaves_every_incarnations_records(f
     assert len(jobs.get_allocations("web")) == 2
 
 
+def test_a_job_registered_again_at_once_after_a_purge_is_placed_anew(fake):  # 2.6, 3.1
+    jobs = api(fake)
+    jobs.register_job("web", {"Job": service_job("web", tag="stall")})
+    eventually(lambda: jobs.get_allocations("web"), "the first allocation")
+    jobs.deregister_job("web", purge=True)
+    jobs.register_job("web", {"Job": service_job("web", tag="v3")})  # version 0 again
+    assert settled(fake, "web", 0)["Status"] == "successful"
+    (running,) = jobs.get_allocations("web")
+    assert running["ClientStatus"] == "running" and running["JobVersion"] == 0
+    assert jobs.get_job("web")["Status"] == "running"
+
+
 def test_the_newest_stable_version_is_kept_among_the_six(fake):  # 2.3
     jobs = api(fake)
     jobs.register_job("web", {"Job": service_job("web")})
@@ -361,7 +373,7 @@ def test_a_dispatch_is_checked_against_the_job_it_copies_before_its_token(fake):
 def test_a_failed_batch_allocation_is_rescheduled_once(fake):  # 3.3, 3.5, 3.6
     jobs = api(fake)
     jobs.register_job("migrate", {"Job": batch_job("migrate")})
-    fake.reschedule_delay = 2.0
+    fake.reschedule_delay = 5.0
     child = jobs.dispatch_job("migrate", meta={"EXIT": "2"})["DispatchedJobID"]
     # failed, and not yet rescheduled: the evaluation its failure queued keeps the job pending
     (first,) = eventually(

@@ -262,7 +262,9 @@ class Storage:
                 .values(idempotency_key=None)
             )
 
-    def last_success(self, *, target: str, before: str, other_than: str) -> Deployment | None:
+    def last_success(
+        self, *, target: str, before: str, other_than: str | None
+    ) -> Deployment | None:
         """The newest deployment of `target` older than `before` that succeeded with another
         tag than `other_than`."""
         query = (

@@ -104,6 +104,7 @@ DEFAULT_UPDATE = {
 ENFORCE = "Enforcing job modify index"
 GO_DURATION = re.compile(r"(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+|0")  # what time.ParseDuration takes
 TERMINAL_DEPLOYMENT = ("successful", "failed", "cancelled")
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")  # what strconv.ParseBool reads as true
 TERMINAL_ALLOC = ("complete", "failed", "lost")
 CAPABILITIES = ("read-job", "submit-job", "dispatch-job")
 
@@ -184,7 +185,6 @@ class NomadFake:
         self.batch_reschedules = 1  # Nomad's default batch reschedule policy: 1 attempt
         self.reschedule_delay = delay
         """Seconds from a batch allocation's failure to the plan that reschedules it (or not)."""
-        self.leader = "127.0.0.1:4647"  # what /v1/status/leader answers; "" when there is none
         self.broken: list[str] = []  # the fake's own failures in its scheduler, raised at stop()
         self.lock = threading.RLock()
         self._index = 1
@@ -404,7 +404,7 @@ class NomadFake:
         if "wait" in query and not GO_DURATION.fullmatch(query["wait"]):
             raise NomadError(400, "Invalid wait time")
         if path == "/v1/status/leader":
-            return self.leader, None
+            return "127.0.0.1:4647", None
         if path == "/v1/jobs":
             if method not in ("PUT", "POST"):
                 raise NomadError(405, "Invalid method")
@@ -464,7 +464,7 @@ class NomadFake:
             if method in ("PUT", "POST"):
                 return self._register_request(job_id, namespace, body, raw, secret, query)
             if method == "DELETE":
-                return self._deregister(key, secret, purge=query.get("purge") in ("true", "True"))
+                return self._deregister(key, secret, purge=query.get("purge") in GO_TRUE)
             self._reads(method, secret)
             if job is None:
                 raise NomadError(404, "job not found", index=self._jobs_index())
@@ -497,7 +497,7 @@ class NomadFake:
             raise NomadError(405, "Invalid method")
         self._authorize(secret, "read-job")
         # those of the job's current incarnation; every one when it is gone or with ?all=true
-        every = job is None or query.get("all") in ("true", "True", "1")
+        every = job is None or query.get("all") in GO_TRUE
         create_index = job["CreateIndex"] if job else None
         if suffix in ("/deployments", "/deployment"):
             mine = [
@@ -738,7 +738,7 @@ class NomadFake:
             del self.versions[key]
         else:
             job = copy.deepcopy(job)
-            job.update(Stop=True, Version=job["Version"] + 1, Stable=False)
+            job.update(Stop=True, Version=job["Version"] + 1)
             job.update(ModifyIndex=index, JobModifyIndex=index, SubmitTime=_now_ns())
             self.jobs[key] = job
             self._keep_version(key, job)
@@ -771,10 +771,15 @@ class NomadFake:
     def _job_status(self, job: dict[str, Any]) -> str:
         if job["Stop"]:
             return "dead"
-        if (job["ParameterizedJob"] and not job["Dispatched"]) or job["Periodic"]:
-            return "running"
+        parameterized = job["ParameterizedJob"] and not job["Dispatched"]
+        if parameterized or job["Periodic"] or job["Type"] == "system":
+            return "running"  # until stopped
         key = (job["Namespace"], job["ID"])
-        allocs = [a for a in self.allocs.values() if (a["Namespace"], a["JobID"]) == key]
+        allocs = [
+            a
+            for a in self.allocs.values()
+            if (a["Namespace"], a["JobID"]) == key and a["_JobCreateIndex"] == job["CreateIndex"]
+        ]
         if any(a["ClientStatus"] not in TERMINAL_ALLOC for a in allocs):
             return "running"
         evals = [e for e in self.evals.values() if (e["Namespace"], e["JobID"]) == key]
@@ -1019,7 +1024,11 @@ class NomadFake:
                         ClientStatus="complete", ClientDescription="All tasks have completed"
                     )
             return
-        current = [a for a in live if a["JobVersion"] == job["Version"]]
+        current = [
+            a
+            for a in live
+            if a["JobVersion"] == job["Version"] and a["_JobCreateIndex"] == job["CreateIndex"]
+        ]
         if job["Type"] == "batch" and any(a["ClientStatus"] for a in current):
             return  # a batch job's allocations run once
         if current and job["Type"] != "batch":
@@ -1314,7 +1323,7 @@ class NomadFake:
                 exits[name] = int(found.group(1))
             elif job["Type"] == "batch" and (job["Meta"] or {}).get("EXIT"):
                 code = job["Meta"]["EXIT"]
-                exits[name] = int(code) if code.isdigit() else 1
+                exits[name] = int(code) if code.isascii() and code.isdigit() else 1
         if job["Type"] == "batch" or any(exits.values()):
             policy = "3 in interval 24h0m0s" if job["Type"] == "batch" else "2 in interval 30m0s"
             for name in events:
@@ -1347,24 +1356,44 @@ class NomadFake:
         alloc["ModifyIndex"] = self._next_index()
         if job["Type"] == "service" and failed:
             self._set_health(alloc, False)
-        if job["Type"] == "batch" and failed:
-            # the client's update queues an evaluation (nomad/node_endpoint.go); the scheduler's
-            # plan of it sets the reschedule on the allocation (scheduler/reconcile.go): until
-            # then the failed allocation has neither NextAllocation nor FollowupEvalID, and the
+        if job["Type"] == "batch" and failed and alloc["_attempt"] < self.batch_reschedules:
+            # eligible for a reschedule (Nomad's default batch policy: one more allocation): the
+            # client's update queues an evaluation (Node.UpdateAlloc, nomad/node_endpoint.go);
+            # the scheduler's plan of it gives the allocation a follow-up evaluation, delayed by
+            # the policy, which places the next allocation (scheduler/reconcile.go). Until the
+            # plan the failed allocation has neither FollowupEvalID nor NextAllocation, and the
             # job is pending (document 3.3)
             evaluation = self._new_eval(job, "alloc-failure", processed=False)
             self._after(
-                self.reschedule_delay, lambda: self._reschedule(alloc, job, group, evaluation)
+                self.reschedule_delay, lambda: self._plan_reschedule(alloc, job, group, evaluation)
             )
 
-    def _reschedule(self, alloc, job, group, evaluation) -> None:
-        """Nomad's default batch reschedule policy: one more allocation."""
+    def _plan_reschedule(self, alloc, job, group, evaluation) -> None:
+        self._complete(evaluation)
+        if self._current(job):
+            followup = self._new_eval(job, "alloc-failure", processed=False)
+            alloc.update(FollowupEvalID=followup["ID"], ModifyIndex=self._next_index())
+            self._after(self.delay, lambda: self._reschedule(alloc, job, group, followup))
+
+    def _reschedule(self, alloc, job, group, followup) -> None:
+        self._complete(followup)
+        if self._current(job):
+            n = int(alloc["Name"].rsplit("[", 1)[1][:-1])
+            follow = self._place(job, group, n, followup["ID"], None, previous=alloc)
+            alloc.update(NextAllocation=follow["ID"], ModifyIndex=self._next_index())
+
+    def _complete(self, evaluation: dict[str, Any]) -> None:
         evaluation.update(Status="complete", ModifyIndex=self._next_index(), ModifyTime=_now_ns())
-        if alloc["_attempt"] >= self.batch_reschedules:
-            return
-        n = int(alloc["Name"].rsplit("[", 1)[1][:-1])
-        follow = self._place(job, group, n, evaluation["ID"], None, previous=alloc)
-        alloc.update(NextAllocation=follow["ID"], FollowupEvalID=evaluation["ID"])
+
+    def _current(self, job: dict[str, Any]) -> bool:
+        """Whether `job` is still the job of its ID (not purged and registered anew), not
+        stopped."""
+        stored = self.jobs.get((job["Namespace"], job["ID"]))
+        return (
+            stored is not None
+            and stored["CreateIndex"] == job["CreateIndex"]
+            and not stored["Stop"]
+        )
 
     def _set_health(self, alloc: dict[str, Any], healthy: bool) -> None:
         index = self._next_index()

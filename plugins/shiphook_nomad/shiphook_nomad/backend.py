@@ -322,12 +322,6 @@ class NomadBackend(Backend):
 
     def check(self) -> str:
         leader = self._call("read the cluster leader", self.api.leader.get_leader)
-        if not leader:
-            raise BackendError(
-                f"Nomad at {self.options.address} has no cluster leader: it takes no register "
-                "or dispatch until its servers elect one",
-                transient=True,
-            )
         where = f"namespace {self._ns}" + (
             f", region {self.options.region}" if self.options.region else ""
         )
@@ -876,6 +870,15 @@ class NomadBackend(Backend):
         self._windows_closed.add(ref["deployment"])
         return ""
 
+    def _child_status(self, child: str) -> str:
+        """A dispatched job's status; `dead` once Nomad has collected it (every allocation of
+        it had ended)."""
+        with self._errors(f"read job {child}"):
+            try:
+                return self.api.job.get_job(child)["Status"]
+            except nomad.api.exceptions.URLNotFoundNomadException:
+                return "dead"
+
     def _run_progress(self, ref: Ref) -> Progress:
         """The child's allocations: the one without a NextAllocation is the last attempt (a
         failed batch allocation is rescheduled once by default)."""
@@ -889,13 +892,14 @@ class NomadBackend(Backend):
         for alloc in failed:
             if alloc.get("FollowupEvalID"):
                 continue  # Nomad reschedules it
-            if self._job(child)["Status"] != "dead":
-                # the evaluation its failure queued is still open (Nomad writes the reschedule
-                # when the scheduler plans it): the child is pending, not over
+            status = self._child_status(child)
+            if status != "dead":
+                # an evaluation is still open (the one its failure queued: Nomad writes the
+                # reschedule when the scheduler plans it), or other allocations still run
                 return Progress(
                     "running",
-                    f"job {child}: allocation {alloc['ID'][:8]} {alloc['ClientStatus']}; Nomad "
-                    "is deciding whether to reschedule it",
+                    f"job {child} {status}: allocation {alloc['ID'][:8]} "
+                    f"{alloc['ClientStatus']}; waiting for the job to end",
                 )
             attempts = f" (attempt {len(allocs)})" if len(allocs) > 1 else ""
             return Progress(

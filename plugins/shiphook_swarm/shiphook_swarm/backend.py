@@ -602,14 +602,15 @@ class SwarmBackend(Backend):
 
     def _why_rolled_back(self, service: dict[str, Any], ref: Ref) -> str:
         """What the rollback undid, and why: the last failed task of the deployed image, which
-        made Swarm roll back; with none, Swarm did not (its failure action needs failed tasks),
-        someone did (`docker service rollback`)."""
+        made Swarm roll back; with none listed, most likely someone did (`docker service
+        rollback`; Swarm also rolls back on a task that exits 0, and prunes old tasks)."""
         back = _image(service["Spec"])
         task = self._last_failed_task(service, ref["image"])
         if task is None:
             return (
                 f"service {ref['name']} was rolled back to {back} while {ref['image']} rolled "
-                "out, with no task of it failed: by hand (docker service rollback), not by Swarm"
+                "out, with no failed task of it listed: most likely by hand (docker service "
+                "rollback)"
             )
         error = task["Status"].get("Err") or task["Status"]["State"]
         return (
