@@ -435,6 +435,24 @@ def test_admin_lists_targets_and_deployments(quiet):
     assert bad.status_code == 400
 
 
+def test_a_target_no_longer_configured_lists_its_deployments_and_a_name_never_seen_is_404(quiet):
+    retired = DeploymentCreate(
+        id=str(uuid7()), target="retired", kind="app", created_at=datetime.now(UTC), image_tag="1.0"
+    )
+    quiet.instance.storage.add_deployment(new=retired)
+
+    def listed(target: str) -> falcon.testing.Result:
+        return quiet.client.simulate_get(
+            "/api/v1/deployments", params={"target": target}, headers=ADMIN
+        )
+
+    assert [d["imageTag"] for d in listed("retired").json["deployments"]] == ["1.0"]
+    assert listed("strict").json == {"deployments": []}  # configured, nothing deployed yet
+    typo = listed("wbe")
+    assert typo.status_code == 404
+    assert typo.json["description"].startswith("no target named 'wbe' (configured: api, ")
+
+
 # -- query parameters -------------------------------------------------------------------------
 
 

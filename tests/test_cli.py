@@ -132,6 +132,7 @@ def test_hooks_delete_removes_the_hook(cli):
             ["deployments", "list", "--status", "bogus"],
             "status: 'bogus' is not a deployment status",
         ),
+        (["deployments", "list", "--target", "nope"], "no target named 'nope' (configured: "),
     ],
 )
 def test_bad_cli_calls_say_what_is_wrong_and_exit_2(cli, args, message):

@@ -500,6 +500,10 @@ class Deployments:
         """Recent deployments, newest first, each with its history."""
         check_deployment_filters(target=target, status=status, limit=limit)
         found = self.storage.list_deployments(target=target, status=status, limit=limit)
+        # a target no longer configured lists its deployments; a name never seen is a typo
+        unknown = not found and target is not None and target not in self.targets
+        if unknown and not self.storage.list_deployments(target=target, status=None, limit=1):
+            configured_target(self.targets, target)
         histories = self.storage.histories(deployment_ids=[d.id for d in found])
         return [public_deployment(d, histories[d.id]) for d in found]
 
