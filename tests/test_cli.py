@@ -254,14 +254,16 @@ def test_deployments_list_and_show_print_what_a_caller_sent_as_one_escaped_line(
         scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
     )
     forged = "1\n2026-12-01 00:00:00 FORGED\x1b[31m\x1b]0;title\x07\u202eevil"
-    body = json.dumps({"instanceEnvironmentVariables": [{"name": "GREETING", "value": forged}]})
+    env = [{"name": "GREETING", "value": forged}, {"name": "EXIT", "value": "a b"}]
+    body = json.dumps({"instanceEnvironmentVariables": env})
     deployment, _ = asyncio.run(
         instance.deployments.accept(instance.hooks.authenticate(token), body.encode())
     )
     instance.close()
     for args in (("list",), ("show", deployment["id"])):
         out = cli("deployments", *args).output
-        assert "GREETING=1; 2026-12-01 00:00:00 FORGED\\x1b[31m\\x1b]0;title\\x07\\u202eevil" in out
+        escaped = '"1\\n2026-12-01 00:00:00 FORGED\\u001b[31m\\u001b]0;title\\u0007\\u202eevil"'
+        assert f'GREETING={escaped} EXIT="a b"' in out
         assert not {"\x1b", "\x07", "\u202e"} & set(out), out
         if args == ("list",):
             assert len(out.splitlines()) == 2, out  # the header, one row

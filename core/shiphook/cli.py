@@ -487,8 +487,18 @@ def requested(deployment: dict[str, Any]) -> str:
     parts = []
     if deployment["imageTag"]:
         parts.append(f"imageTag={deployment['imageTag']}")
-    parts += [f"{v['name']}={v['value']}" for v in deployment["instanceEnvironmentVariables"] or ()]
+    parts += [
+        f"{v['name']}={shown_value(v['value'])}"
+        for v in deployment["instanceEnvironmentVariables"] or ()
+    ]
     return " ".join(parts) or "-"
+
+
+def shown_value(value: str) -> str:
+    """An environment value as a listing shows it: bare when it is plain, else quoted as JSON
+    (`"a b"`, `"1\\n2"`), so that a space or a line break in it reads as part of it."""
+    plain = value != "" and value.isprintable() and not set(value) & set(' "\\')
+    return value if plain else json.dumps(value, ensure_ascii=False)
 
 
 def image_of(deployment: dict[str, Any]) -> str | None:
