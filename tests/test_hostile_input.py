@@ -124,11 +124,11 @@ def test_a_target_filter_that_is_no_target_name_is_400(quiet, target):
     assert_json_error(result, 400, "target: expected a target's name")
 
 
-def test_a_well_formed_unknown_target_filter_still_lists_nothing(quiet):
-    """A target removed from the config keeps its deployments listable by name."""
+def test_a_well_formed_target_filter_never_configured_nor_recorded_is_404(quiet):
+    """A name no deployment was ever recorded under is a typo (a target removed from the config
+    keeps its deployments listable by name: test_api)."""
     result = quiet.client.simulate_get("/api/v1/deployments?target=removed", headers=ADMIN)
-    assert result.status_code == 200
-    assert result.json == {"deployments": []}
+    assert_json_error(result, 404, "no target named 'removed' (configured: ")
 
 
 @pytest.mark.parametrize("name", ["a\u0000b", "a\u0007b", "two\nlines", "\u202eevil", "tab\tbed"])
