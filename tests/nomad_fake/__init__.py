@@ -1006,23 +1006,14 @@ class NomadFake:
     def _process_eval(self, evaluation: dict[str, Any]) -> None:
         key = (evaluation["Namespace"], evaluation["JobID"])
         job = self.jobs.get(key)
-        index = self._next_index()
-        evaluation.update(Status="complete", ModifyIndex=index, ModifyTime=_now_ns())
+        index = self._complete(evaluation)
         live = [
             a
             for a in self.allocs.values()
             if (a["Namespace"], a["JobID"]) == key and a["DesiredStatus"] == "run"
         ]
         if job is None or job["Stop"]:  # stopped or purged: nothing runs any more
-            for active in self.deployments.values():
-                if (active["Namespace"], active["JobID"]) == key and active["Status"] == "running":
-                    self._end_deployment(active, "cancelled", "Cancelled because job is stopped")
-            for alloc in live:
-                alloc.update(DesiredStatus="stop", ModifyIndex=index)
-                if alloc["ClientStatus"] in ("pending", "running"):
-                    alloc.update(
-                        ClientStatus="complete", ClientDescription="All tasks have completed"
-                    )
+            self._stop(key, live, index, "Cancelled because job is stopped")
             return
         current = [
             a
@@ -1037,21 +1028,26 @@ class NomadFake:
             if latest is not None and latest["JobVersion"] == job["Version"]:
                 evaluation["DeploymentID"] = latest["ID"]
             return
+        # the old version's allocations are replaced
+        self._stop(key, live, index, "Cancelled due to newer version of job")
         deployment = None
         groups = [g for g in job["TaskGroups"] if (g["Update"] or {}).get("MaxParallel", 0) > 0]
-        for active in self.deployments.values():
-            if (active["Namespace"], active["JobID"]) == key and active["Status"] == "running":
-                self._end_deployment(active, "cancelled", "Cancelled due to newer version of job")
         if job["Type"] == "service" and groups and any(g["Count"] > 0 for g in groups):
             deployment = self._new_deployment(job, groups)
             evaluation["DeploymentID"] = deployment["ID"]
-        for alloc in live:  # the old version's allocations are replaced
-            alloc.update(DesiredStatus="stop", ModifyIndex=index)
-            if alloc["ClientStatus"] in ("pending", "running"):
-                alloc.update(ClientStatus="complete", ClientDescription="All tasks have completed")
         for group in job["TaskGroups"]:
             for n in range(group["Count"]):
                 self._place(job, group, n, evaluation["ID"], deployment)
+
+    def _stop(self, key: tuple[str, str], live: list[dict], index: int, cancelled: str) -> None:
+        """Cancel the job's running deployment (`cancelled`: why) and stop `live` allocations."""
+        for active in self.deployments.values():
+            if (active["Namespace"], active["JobID"]) == key and active["Status"] == "running":
+                self._end_deployment(active, "cancelled", cancelled)
+        for alloc in live:
+            alloc.update(DesiredStatus="stop", ModifyIndex=index)
+            if alloc["ClientStatus"] in ("pending", "running"):
+                alloc.update(ClientStatus="complete", ClientDescription="All tasks have completed")
 
     def _latest_deployment(self, key: tuple[str, str], create_index: int) -> dict | None:
         mine = [
@@ -1382,8 +1378,10 @@ class NomadFake:
             follow = self._place(job, group, n, followup["ID"], None, previous=alloc)
             alloc.update(NextAllocation=follow["ID"], ModifyIndex=self._next_index())
 
-    def _complete(self, evaluation: dict[str, Any]) -> None:
-        evaluation.update(Status="complete", ModifyIndex=self._next_index(), ModifyTime=_now_ns())
+    def _complete(self, evaluation: dict[str, Any]) -> int:
+        index = self._next_index()
+        evaluation.update(Status="complete", ModifyIndex=index, ModifyTime=_now_ns())
+        return index
 
     def _current(self, job: dict[str, Any]) -> bool:
         """Whether `job` is still the job of its ID (not purged and registered anew), not

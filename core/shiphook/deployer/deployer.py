@@ -464,10 +464,7 @@ class Execution:
             else:
                 message = f"rolling out {d.image_tag} (was {d.previous_image or 'unknown'})"
             self._progress(message, backend_ref=ref)
-        try:
-            outcome = self._track(ref)
-        except GaveUp as exc:
-            raise BackendError(exc.message + ROLLOUT_LEFT) from exc
+        outcome = self._track(ref, given_up=ROLLOUT_LEFT)
         if outcome.state == "succeeded":
             self._finish(Status.succeeded, outcome.message or "rollout completed")
             return
@@ -538,10 +535,11 @@ class Execution:
             )
             self._progress("job run started", backend_ref=ref)
         left = RUN_LEFT[self.backend.concurrent_runs]
-        try:
-            outcome = self._track(ref, past_deadline=left.format(it="it"))
-        except GaveUp as exc:
-            raise BackendError(exc.message + left.format(it="if it still runs, it")) from exc
+        outcome = self._track(
+            ref,
+            past_deadline=left.format(it="it"),
+            given_up=left.format(it="if it still runs, it"),
+        )
         status = Status.succeeded if outcome.state == "succeeded" else Status.failed
         fallback = "run completed" if status == Status.succeeded else "run failed"
         self._finish(status, outcome.message or fallback)
@@ -554,15 +552,25 @@ class Execution:
         self._record(message=message, **values)
 
     def _track(
-        self, ref: Ref, *, deadline_from: datetime | None = None, past_deadline: str = ""
+        self,
+        ref: Ref,
+        *,
+        deadline_from: datetime | None = None,
+        past_deadline: str = "",
+        given_up: str = "",
     ) -> Progress:
         """Poll progress until the work ends or the target's rollout timeout passes (then a
-        failure, `past_deadline` added to its message)."""
+        failure, `past_deadline` added to its message). Progress that cannot be read within
+        the retry budget raises, `given_up` added to the message: where the work stands is
+        unknown."""
         start = deadline_from or self.deployment.started_at or self.deployer.clock()
         deadline = start + timedelta(seconds=self.target.rollout_timeout)
         while True:
             self.lease.keep()
-            progress = self._call(self.backend.progress, self.target, ref)
+            try:
+                progress = self._call(self.backend.progress, self.target, ref)
+            except GaveUp as exc:
+                raise BackendError(exc.message + given_up) from exc
             if progress.state != "running":
                 return progress
             if progress.message and progress.message != self.deployment.message:
@@ -583,7 +591,7 @@ class Execution:
             self.lease.keep()
             try:
                 called = self._within_call_timeout(name, function, *args, **kwargs)
-                return self._checked(function, called)
+                return checked_return(self.backend, name, called)
             except (Stopping, LeaseLost):
                 raise
             except BackendError as exc:
@@ -610,9 +618,6 @@ class Execution:
                 raise BackendError(
                     f"the {self.backend.name} backend failed unexpectedly: {plugin_error(exc)}"
                 ) from exc
-
-    def _checked(self, function: Callable[..., T], value: T) -> T:
-        return checked_return(self.backend, getattr(function, "__name__", ""), value)
 
     def _within_call_timeout(
         self, name: str, function: Callable[..., T], *args: Any, **kwargs: Any
