@@ -308,6 +308,28 @@ def test_an_admin_token_no_client_could_send_is_refused_at_start(tmp_path, monke
     )
 
 
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        (
+            {"SHIPHOOK_ADMIN_TOKEN_SHA256": "ABCD" * 16},
+            "SHIPHOOK_ADMIN_TOKEN_SHA256: expected the admin token's SHA-256 as 64 lowercase hex "
+            'digits (`printf %s "$TOKEN" | sha256sum`)',
+        ),
+        (
+            {"SHIPHOOK_ADMIN_TOKEN_SHA256": "ab" * 32, "SHIPHOOK_ADMIN_TOKEN": "a" * 32},
+            "set SHIPHOOK_ADMIN_TOKEN or SHIPHOOK_ADMIN_TOKEN_SHA256, not both",
+        ),
+    ],
+)
+def test_an_admin_token_digest_is_checked_at_start(tmp_path, monkeypatch, variables, says):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        open_instance(write_config(tmp_path, ""))
+    assert caught.value.message == says
+
+
 def test_a_missing_config_file_says_how_to_choose_one(tmp_path):
     with pytest.raises(ConfigError, match=r"config file not found .*--config or SHIPHOOK_CONFIG"):
         load(tmp_path / "absent.toml")

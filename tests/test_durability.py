@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import scripted_backend
 from conftest import ADMIN_TOKEN, Server, plugin_env, replaced_by, run_cli, write_config
+from shiphook import tokens
 from shiphook.db import connect_on_loop, create_db_engine, upgrade
 from shiphook.deployer.process import RESTART_DELAY
 from shiphook.errors import DatabaseUnavailable
@@ -523,20 +524,37 @@ def register_backends(register):
 """
 
 
-def test_the_admin_token_does_not_reach_the_deployer_process_nor_what_it_starts(tmp_path, serve):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_admin_token_reaches_no_plugin_in_any_process_of_serve(tmp_path, serve, workers):
+    """`serve` keeps the token's SHA-256 in its place: the HTTP workers still check it."""
     (tmp_path / "environment_spy.py").write_text(ENVIRONMENT_SPY)
     spied = tmp_path / "spied"
     spied.mkdir()
     env = plugin_env(SPY_DIRECTORY=str(spied))
     env["PYTHONPATH"] += os.pathsep + str(tmp_path)
     env["SHIPHOOK_PLUGINS"] += ",environment_spy"
+    config = fleet_config(tmp_path, apps=1, jobs=0, server=f"workers = {workers}")
+    server = serve(config, env=env)
+    # serve, its deployer process, and each HTTP worker of several
+    eventually(lambda: len(list(spied.iterdir())) == 2 + (workers > 1) * workers, "all loaded")
+    assert {path.read_text() for path in spied.iterdir()} == {"no admin token"}
+    for _ in range(4):  # whichever worker answers
+        assert server.request("GET", "/api/v1/targets", headers=ADMIN)[0] == 200
+        assert (
+            server.request("GET", "/api/v1/targets", headers={"Authorization": "Bearer x"})[0]
+            == 401
+        )
+
+
+def test_the_admin_api_opens_with_the_token_s_digest_alone(tmp_path, serve):
+    """`SHIPHOOK_ADMIN_TOKEN_SHA256` instead of the token: the server never holds the token."""
+    env = plugin_env(SHIPHOOK_ADMIN_TOKEN_SHA256=tokens.digest(ADMIN_TOKEN))
+    del env["SHIPHOOK_ADMIN_TOKEN"]
     server = serve(fleet_config(tmp_path, apps=1, jobs=0), env=env)
-    eventually(lambda: deployer_process(server), "the deployer process started")
-    deployer = deployer_process(server)
-    eventually(lambda: (spied / str(deployer)).exists(), "the deployer loaded its plugins")
-    assert (spied / str(deployer)).read_text() == "no admin token"
-    assert (spied / str(server.process.pid)).read_text() == "admin token"  # the HTTP worker
+    assert "admin API on" in server.log()
     assert server.request("GET", "/api/v1/targets", headers=ADMIN)[0] == 200
+    wrong = {"Authorization": f"Bearer {tokens.digest(ADMIN_TOKEN)}"}  # the digest is no token
+    assert server.request("GET", "/api/v1/targets", headers=wrong)[0] == 401
 
 
 # -- several replicas on PostgreSQL ------------------------------------------------------------

@@ -346,7 +346,7 @@ def test_a_failed_hook_insert_logs_no_token_digest(on_each_database, caplog, fai
         targets=instance.config.targets,
         notify=lambda target: None,
         waiters=Waiters(instance.storage),
-        admin_token=ADMIN_TOKEN,
+        admin_digest=tokens.digest(ADMIN_TOKEN),
     )
     client = Harness(instance, on_each_database.deployer, app).client
     if failure == "token-drawn-twice":  # a broken random source: the digest's index refuses it

@@ -25,7 +25,7 @@ from shiphook.backends import (
 from shiphook.config import config_path, host_port, read_config_file
 from shiphook.db import describe_failure, safe_url, schema_state, unusable
 from shiphook.errors import ShiphookError, one_line
-from shiphook.instance import Instance, open_instance
+from shiphook.instance import Instance, hide_admin_token, open_instance
 from shiphook.plugin_manager import (
     collect_backends,
     describe_plugins,
@@ -115,6 +115,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Apply migrations, start the deployer and serve the API."""
     from shiphook.server import serve as run_server
 
+    hide_admin_token()
     instance = instance_of(ctx)
     logging.basicConfig(
         level=instance.config.server.log_level.upper(),

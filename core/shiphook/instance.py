@@ -21,8 +21,10 @@ from shiphook.errors import ConfigError
 from shiphook.plugin_manager import collect_backends, make_plugin_manager, plugin_error
 from shiphook.services import Deployments, Hooks
 from shiphook.storage import Storage
+from shiphook.tokens import digest
 
 ADMIN_TOKEN_ENV = "SHIPHOOK_ADMIN_TOKEN"  # the admin API's token; unset, the admin API is off
+ADMIN_DIGEST_ENV = "SHIPHOOK_ADMIN_TOKEN_SHA256"  # or its SHA-256, hex: what `serve` keeps of it
 MIN_ADMIN_TOKEN = 16  # characters
 
 
@@ -33,6 +35,7 @@ class Instance:
     registry: BackendRegistry
     storage: Storage
     backends: dict[str, Backend] = field(default_factory=dict)
+    admin_digest: str | None = None  # the admin token's SHA-256; None, the admin API is off
 
     @property
     def hooks(self) -> Hooks:
@@ -41,10 +44,6 @@ class Instance:
     @property
     def deployments(self) -> Deployments:
         return Deployments(self.storage, self.config.targets)
-
-    @property
-    def admin_token(self) -> str | None:
-        return os.environ.get(ADMIN_TOKEN_ENV) or None
 
     def migrate(self) -> None:
         upgrade(self.storage.engine)
@@ -68,13 +67,7 @@ def open_instance(
     """
     file = config_path(path)
     parsed = read_config_file(file)
-    token = os.environ.get(ADMIN_TOKEN_ENV) or ""
-    if token and not re.fullmatch(rf"[!-~]{{{MIN_ADMIN_TOKEN},}}", token):
-        raise ConfigError(
-            f"{ADMIN_TOKEN_ENV}: expected at least {MIN_ADMIN_TOKEN} printable ASCII characters "
-            "and no spaces or line breaks, which a client could not send (make one with "
-            "`openssl rand -hex 32`)"
-        )
+    admin = admin_digest()
     pm = make_plugin_manager(
         disabled=parsed.server.disabled_plugins, modules=plugin_modules, config=file
     )
@@ -102,5 +95,40 @@ def open_instance(
     )
     storage = Storage(engine, timeout=settings.database_timeout)
     return Instance(
-        config=config, plugins=pm, registry=registry, storage=storage, backends=backends
+        config=config,
+        plugins=pm,
+        registry=registry,
+        storage=storage,
+        backends=backends,
+        admin_digest=admin,
     )
+
+
+def admin_digest() -> str | None:
+    """The admin token's SHA-256 (hex), from `SHIPHOOK_ADMIN_TOKEN` or from
+    `SHIPHOOK_ADMIN_TOKEN_SHA256`; None when neither is set (the admin API is off)."""
+    token = os.environ.get(ADMIN_TOKEN_ENV) or ""
+    given = os.environ.get(ADMIN_DIGEST_ENV) or ""
+    if token and given:
+        raise ConfigError(f"set {ADMIN_TOKEN_ENV} or {ADMIN_DIGEST_ENV}, not both")
+    if token and not re.fullmatch(rf"[!-~]{{{MIN_ADMIN_TOKEN},}}", token):
+        raise ConfigError(
+            f"{ADMIN_TOKEN_ENV}: expected at least {MIN_ADMIN_TOKEN} printable ASCII characters "
+            "and no spaces or line breaks, which a client could not send (make one with "
+            "`openssl rand -hex 32`)"
+        )
+    if given and not re.fullmatch(r"[0-9a-f]{64}", given):
+        raise ConfigError(
+            f"{ADMIN_DIGEST_ENV}: expected the admin token's SHA-256 as 64 lowercase hex digits "
+            '(`printf %s "$TOKEN" | sha256sum`)'
+        )
+    return digest(token) if token else given or None
+
+
+def hide_admin_token() -> None:
+    """Replace `SHIPHOOK_ADMIN_TOKEN` in this process's environment by its SHA-256 before a
+    plugin is loaded: `serve`'s HTTP workers compare digests, so no plugin, in any of its
+    processes, nor any program one starts, sees the token."""
+    admin = admin_digest()
+    if os.environ.pop(ADMIN_TOKEN_ENV, None) and admin:
+        os.environ[ADMIN_DIGEST_ENV] = admin

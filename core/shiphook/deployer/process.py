@@ -27,7 +27,7 @@ from shiphook.db import describe_failure
 from shiphook.deployer.deployer import Deployer
 from shiphook.errors import one_line
 from shiphook.fastpath import checkpoint
-from shiphook.instance import ADMIN_TOKEN_ENV, Instance, open_instance
+from shiphook.instance import ADMIN_DIGEST_ENV, Instance, open_instance
 from shiphook.plugin_manager import plugin_error
 from shiphook.wakeup import bind_deployer_address
 
@@ -123,9 +123,8 @@ class DeployerSupervisor:
 
 def run_deployer(config_path: str, address: str, log_level: str, stop: Connection) -> None:
     """The deployer process: run until `serve` closes the other end of `stop` (or is gone)."""
-    # only the HTTP workers check the admin token: neither the plugins nor what they start
-    # (kubectl, docker, a helper) get it
-    os.environ.pop(ADMIN_TOKEN_ENV, None)
+    # only the HTTP workers check the admin token (`serve` hid it: hide_admin_token)
+    os.environ.pop(ADMIN_DIGEST_ENV, None)
     # sent to the whole service; serve stops us once it is done. A handler that does nothing,
     # not SIG_IGN: an ignored signal stays ignored in every process a plugin starts
     for signum in STOP_SIGNALS:

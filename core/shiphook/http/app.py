@@ -48,7 +48,7 @@ from shiphook.services import (
     public_target,
     wait_outcome,
 )
-from shiphook.tokens import TOKEN_HEADER, redacted
+from shiphook.tokens import TOKEN_HEADER, digest, redacted
 
 log = logging.getLogger("shiphook.http")
 access_log = logging.getLogger("shiphook.access")
@@ -87,13 +87,14 @@ WAIT_STATUS = {
 
 
 class AdminGuard:
-    """Checks `Authorization: Bearer <admin token>`; without a configured token, admin is off."""
+    """Checks `Authorization: Bearer <admin token>` against the token's SHA-256; without one,
+    admin is off."""
 
-    def __init__(self, token: str | None) -> None:
-        self._token = token.encode() if token else None
+    def __init__(self, admin_digest: str | None) -> None:
+        self._digest = admin_digest
 
     def check(self, req: Request) -> None:
-        if self._token is None:
+        if self._digest is None:
             raise AdminDisabled(
                 "the admin API is disabled: start shiphook with SHIPHOOK_ADMIN_TOKEN set"
             )
@@ -102,7 +103,8 @@ class AdminGuard:
             raise Unauthenticated(
                 "admin token required: send 'Authorization: Bearer <admin token>'"
             )
-        if not hmac.compare_digest(given.strip().encode(), self._token):
+        given = given.strip()
+        if not given.isascii() or not hmac.compare_digest(digest(given), self._digest):
             raise Unauthenticated("the admin token is not valid")
 
 
@@ -465,7 +467,7 @@ def create_app(
     targets: dict[str, Target],
     notify: Callable[[str], None],
     waiters: Waiters,
-    admin_token: str | None,
+    admin_digest: str | None,
     max_wait: float = 900,
 ) -> falcon.asgi.App:
     """Build the API. `notify` is called after each committed deployment (the deployer's wake-up);
@@ -474,7 +476,7 @@ def create_app(
     json_handler = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
     app.req_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
-    admin = AdminGuard(admin_token)
+    admin = AdminGuard(admin_digest)
     deployments_resource = DeploymentsResource(deployments, notify, admin)
     hooks_resource = HooksResource(hooks, admin)
 

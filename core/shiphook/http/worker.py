@@ -66,7 +66,7 @@ def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.Ap
         notify=notify,
         waiters=Waiters(instance.storage),
         max_wait=instance.config.server.max_wait,
-        admin_token=instance.admin_token,
+        admin_digest=instance.admin_digest,
     )
 
 
