@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
+import socket
+import ssl
 import textwrap
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import scripted_backend
+import urllib3
 from conftest import plugin_env, run_cli, write_config
+from dockerd import make_tls_files
 from mypy import api as mypy_api
-from shiphook import Backend, Target, hookimpl, hookspecs
+from shiphook import Backend, Target, connection_failure, hookimpl, hookspecs
 from shiphook.errors import ConfigError
 from shiphook.plugin_manager import collect_backends, make_plugin_manager
 
@@ -436,3 +444,65 @@ def test_shiphook_plugins_lists_what_is_installed_while_a_target_names_an_unknow
     assert "unknown backend plugin 'scriptd'" in checked.stderr + checked.stdout
     listed = run_cli("plugins", config=config)
     assert "scripted_backend" in listed.stdout and "scripted" in listed.stdout
+
+
+@pytest.fixture
+def loopback(tmp_path) -> Iterator[dict[str, str]]:
+    """Addresses that fail each way: refused, silent, closing at once, TLS of an unknown CA."""
+    listeners = []
+
+    def listener(answer: Callable[[socket.socket], None] | None = None) -> int:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        listeners.append(server)
+        if answer is not None:
+            threading.Thread(target=lambda: answer(server), daemon=True).start()
+        return server.getsockname()[1]
+
+    def close_each(server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = server.accept()
+                connection.recv(65536)
+                connection.close()
+
+    tls = make_tls_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.server_cert, tls.server_key)
+
+    def handshake_each(server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = server.accept()
+                with contextlib.suppress(OSError), context.wrap_socket(connection, True):
+                    pass
+
+    refused = socket.socket()  # bound, never listening: the port refuses
+    refused.bind(("127.0.0.1", 0))
+    listeners.append(refused)
+    yield {
+        "Connection refused": f"http://127.0.0.1:{refused.getsockname()[1]}/",
+        "timed out": f"http://127.0.0.1:{listener()}/",
+        "The handshake operation timed out": f"https://127.0.0.1:{listener()}/",
+        "Remote end closed connection without response": f"http://127.0.0.1:{listener(close_each)}/",
+        "certificate verify failed: unable to get local issuer certificate": (
+            f"https://127.0.0.1:{listener(handshake_each)}/"
+        ),
+    }
+    for server in listeners:
+        server.close()
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_connection_failure_names_the_cause_under_the_http_client_s_wrappers(loopback, client):
+    """What the plugins put after "cannot reach ...": no pool, retry count or repr of an
+    object (`HTTPConnectionPool(host=...): Max retries exceeded ... (Caused by ...)`)."""
+    pool = urllib3.PoolManager(retries=False)
+    for says, url in loopback.items():
+        with pytest.raises(Exception) as caught:
+            if client == "requests":
+                requests.get(url, timeout=0.5)
+            else:
+                pool.request("GET", url, timeout=0.5)
+        assert connection_failure(caught.value) == says, (url, caught.value)

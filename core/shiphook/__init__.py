@@ -12,6 +12,7 @@ from shiphook.backends import (
     Seconds,
     Target,
     TargetState,
+    connection_failure,
 )
 from shiphook.hookspecs import hookimpl
 from shiphook.images import ImageRepository, repository_of, tag_of
@@ -29,6 +30,7 @@ __all__ = [
     "Seconds",
     "Target",
     "TargetState",
+    "connection_failure",
     "hookimpl",
     "repository_of",
     "tag_of",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -69,6 +70,32 @@ class BackendError(Exception):
         super().__init__(self.message)
         self.transient = transient
         self.retry_after = retry_after
+
+
+def connection_failure(exc: BaseException) -> str:
+    """Why a connection failed, in the words of the system call or TLS handshake under the HTTP
+    client's wrappers (requests and urllib3 put their pool, their retries and reprs of their
+    connection objects around it): "Connection refused", "timed out", "Name or service not
+    known", "certificate verify failed: self-signed certificate"."""
+    cause, seen = exc, {id(exc)}
+    while (inner := _inner(cause)) is not None and id(inner) not in seen:
+        cause = inner
+        seen.add(id(inner))
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, OSError) and cause.strerror and not isinstance(cause, ssl.SSLError):
+        return cause.strerror
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)|_ssl\.c:\d+: ", "", str(cause))
+    return one_line(text) or type(cause).__name__
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    """What `exc` wraps: urllib3's `reason`, an exception among its arguments (requests',
+    urllib3's `ProtocolError`), or the one it was raised from."""
+    for inner in (getattr(exc, "reason", None), *exc.args):
+        if isinstance(inner, BaseException):
+            return inner
+    return exc.__cause__ or exc.__context__
 
 
 class TargetSettings(BaseModel):

@@ -26,6 +26,7 @@ from shiphook import (
     Ref,
     Target,
     TargetState,
+    connection_failure,
     hookimpl,
 )
 
@@ -83,7 +84,9 @@ class DockerBackend(Backend):
             message = (exc.explanation or str(exc)).strip()
             raise BackendError(message, transient=(exc.status_code or 0) >= 500) from None
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise BackendError(f"{self.options.host}: {exc}", transient=True) from None
+            raise BackendError(
+                f"{self.options.host}: {connection_failure(exc)}", transient=True
+            ) from None
 
     def close(self) -> None:
         if self._api is not None:

@@ -42,6 +42,7 @@ from shiphook import (
     Ref,
     Target,
     TargetState,
+    connection_failure,
     repository_of,
 )
 
@@ -352,8 +353,9 @@ class KubernetesBackend(Backend):
                 retry_after=_retry_after(exc) if transient else None,
             ) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            cause = " ".join(str(exc).split())  # one line
-            raise BackendError(f"cannot reach {self._where}: {cause}", transient=True) from None
+            raise BackendError(
+                f"cannot reach {self._where}: {connection_failure(exc)}", transient=True
+            ) from None
         except ConfigException as exc:  # the kubeconfig or the pod's files do not serve
             source = "in-cluster config" if self.options.in_cluster else self.options.kubeconfig
             raise BackendError(f"{source}: {exc}") from None

@@ -47,6 +47,7 @@ from shiphook import (
     Ref,
     Target,
     TargetState,
+    connection_failure,
     repository_of,
 )
 
@@ -259,7 +260,8 @@ class NomadBackend(Backend):
             answer = exc.nomad_resp
             if not isinstance(answer, requests.Response):  # refused, reset, timed out
                 raise BackendError(
-                    f"cannot reach Nomad at {self.options.address}: {answer}", transient=True
+                    f"cannot reach Nomad at {self.options.address}: {connection_failure(answer)}",
+                    transient=True,
                 ) from None
             text = answer.text.strip() or answer.reason
             status = answer.status_code

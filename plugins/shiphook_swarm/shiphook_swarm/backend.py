@@ -39,6 +39,7 @@ from shiphook import (
     Ref,
     Target,
     TargetState,
+    connection_failure,
     repository_of,
 )
 
@@ -243,7 +244,8 @@ class SwarmBackend(Backend):
             # refused, socket gone, timed out, "Error while fetching server API version": the
             # engine may be restarting, so the target's retry budget decides
             raise BackendError(
-                f"cannot reach the Docker engine at {self.options.host}: {exc}", transient=True
+                f"cannot reach the Docker engine at {self.options.host}: {connection_failure(exc)}",
+                transient=True,
             ) from None
 
     def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
