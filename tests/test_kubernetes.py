@@ -535,6 +535,37 @@ def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(
     assert kube.images("deployment", "web") == {"app": f"{APP}:broken"}
 
 
+@pytest.mark.parametrize("kind", ["deployment", "statefulset"])
+def test_a_pod_template_edited_by_hand_during_the_rollout_is_not_rolled_back(
+    kube, harness_factory, tmp_path, kind
+):
+    """An env set by hand mid-rollout (`kubectl set env`) is kept: a rollback would undo it."""
+    getattr(kube, kind)("web")
+    web = target("web", "app", **{kind: "web"}, rollout_timeout=20)
+    harness = harness_factory(kube_config(tmp_path, kube, web))
+    deployment_id = harness.deploy(harness.new_hook("web"), {"imageTag": "broken"})
+    eventually(
+        lambda: "ImagePullBackOff" in harness.instance.deployments.get(deployment_id).message,
+        "the rollout's failing pod",
+    )
+    hotfix = {"containers": [{"name": "app", "env": [{"name": "HOTFIX", "value": "1"}]}]}
+    patch = getattr(kube.apps, f"patch_namespaced_{kind.replace('set', '_set')}")
+    patch("web", kube.namespace, {"spec": {"template": {"spec": hotfix}}})
+    deployment = harness.wait_for(deployment_id, timeout=90)
+    assert deployment["status"] == "failed", deployment
+    assert deployment["message"].endswith(
+        f"; rollback failed: {kind} web's pod template changed since this deployment set "
+        f"{APP}:broken (kubectl edit, set env, rollout restart): something else changed it, so "
+        "shiphook does not roll it back, which would undo that change too; look at it and "
+        "deploy again"
+    ), deployment["message"]
+    [container] = kube.read(kind, "web")["spec"]["template"]["spec"]["containers"]
+    assert (container["image"], container["env"]) == (
+        f"{APP}:broken",
+        [{"name": "HOTFIX", "value": "1"}],
+    )
+
+
 def test_a_rollback_brings_back_the_replicasets_annotations_as_kubectl_rollout_undo_does(
     kube, harness_factory, tmp_path
 ):

@@ -506,6 +506,7 @@ class KubernetesBackend(Backend):
                     "updated": True,
                     "previous_image": annotations.get(ANNOTATION_PREVIOUS_IMAGE),
                     "previous_revision": annotations.get(ANNOTATION_PREVIOUS_REVISION) or None,
+                    "template": _template_digest(found),
                 }
             if current == wanted:
                 return ref | {"updated": False, "previous_image": current}
@@ -539,7 +540,7 @@ class KubernetesBackend(Backend):
                 },
             }
             try:
-                self._patch(workload, namespace, name, patch)
+                patched = self._patch(workload, namespace, name, patch)
             except ApiError as exc:
                 if exc.status == 409:
                     log.info(
@@ -547,7 +548,12 @@ class KubernetesBackend(Backend):
                     )
                     continue
                 raise
-            return ref | {"updated": True, "previous_image": current, "previous_revision": previous}
+            return ref | {
+                "updated": True,
+                "previous_image": current,
+                "previous_revision": previous,
+                "template": _template_digest(patched),
+            }
         raise BackendError(
             f"{workload.key} {name}: 409 Conflict {PATCH_ATTEMPTS} times in a row (something "
             "else keeps changing it)",
@@ -602,6 +608,14 @@ class KubernetesBackend(Backend):
                     f"{what} now runs {current}, not {ref['image']} as this deployment left it: "
                     "something else changed it, so shiphook does not roll it back; look at it "
                     "and deploy again"
+                )
+            template = ref.get("template")  # a ref stored before it was kept has none
+            if template is not None and template != _template_digest(found):
+                raise BackendError(
+                    f"{what}'s pod template changed since this deployment set {ref['image']} "
+                    "(kubectl edit, set env, rollout restart): something else changed it, so "
+                    "shiphook does not roll it back, which would undo that change too; look at "
+                    "it and deploy again"
                 )
             patch, content_type = self._undo_patch(workload, found, ref["previous_revision"])
             try:
@@ -957,6 +971,13 @@ def job_name(cronjob: str, deployment_id: str) -> str:
     repeated run finds it; 63 characters at most (the job-name label's limit)."""
     digest = hashlib.sha256(deployment_id.encode()).hexdigest()[:10]
     return f"{cronjob[:52].rstrip('-.')}-{digest}"
+
+
+def _template_digest(workload: dict[str, Any]) -> str:
+    """The pod template as the API server keeps it (defaults and admission applied), hashed: a
+    rollback finds out whether anything but shiphook changed it since the deploy."""
+    template = json.dumps(workload["spec"]["template"], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(template.encode()).hexdigest()
 
 
 def _container(target: KubernetesTarget, template: dict[str, Any], what: str) -> dict[str, Any]:
