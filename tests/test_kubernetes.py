@@ -1533,6 +1533,29 @@ def test_the_context_named_is_used_with_its_namespace(kube, tmp_path):
     assert f"target web (app): found, running {APP}:v1" in checked.stdout
 
 
+def test_a_kubeconfig_rewritten_while_shiphook_runs_is_read_again(kube, harness_factory, tmp_path):
+    """A token rotated in the file is used from the next call on, without a restart; so is a
+    wrong one written over a good one."""
+    kube.deployment("web")
+    kubeconfig = kube.cluster.write_kubeconfig(tmp_path / "rotated.kubeconfig", "expired")
+    web = target("web", "app", deployment="web")
+    harness = harness_factory(kube_config(tmp_path, kube, web, kubeconfig=kubeconfig))
+    hook = harness.new_hook("web")
+    refused = wait_post(harness, hook, {"imageTag": "v2"}).json["deployment"]
+    assert refused["status"] == "failed", refused
+    assert refused["message"] == (
+        f"Unauthorized: the API server of {kubeconfig} does not accept the credentials"
+    )
+    kube.cluster.write_kubeconfig(kubeconfig, kube.cluster.admin_token)
+    result = wait_post(harness, hook, {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+    kube.cluster.write_kubeconfig(kubeconfig, "revoked")
+    refused = wait_post(harness, hook, {"imageTag": "v3"}).json["deployment"]
+    assert refused["status"] == "failed", refused
+    assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+
+
 def test_an_api_server_whose_certificate_is_not_trusted_fails_at_once_in_one_line(
     kube, harness_factory, tmp_path
 ):
