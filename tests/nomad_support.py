@@ -185,6 +185,7 @@ def nomad_config(
     cluster: Cluster,
     *targets: str,
     token: str | None = None,
+    token_file: Path | None = None,
     extra: str = "",
     database_url: str | None = None,
     timeout: float = 10,
@@ -197,7 +198,9 @@ def nomad_config(
     text = f'[server]\ndatabase_url = "{database_url}"\n{extra}\n'
     text += f'[backends.nomad]\nplugin = "nomad"\naddress = "{cluster.address}"\n'
     text += f"poll_interval = 0.05\ntimeout = {timeout}\n"
-    if secret:
+    if token_file is not None:
+        text += f'token_file = "{token_file}"\n'
+    elif secret:
         text += f'token = "{secret}"\n'
     path.write_text(text + "".join(targets))
     return path

@@ -440,6 +440,29 @@ def test_a_token_lacking_submit_job_fails_the_deploy_at_once_with_permission_den
     assert reader not in json.dumps(result.json)
 
 
+def test_a_token_file_rewritten_while_shiphook_runs_is_read_again(
+    nomad_cluster, harness_factory, tmp_path
+):
+    """A token rotated in `token_file` is sent from the next call on, without a restart."""
+    fake = nomad_cluster.needs_fake()
+    fake.acl = True
+    job_id = unique("web")
+    nomad_cluster.token = fake.management
+    nomad_cluster.register(service_job(job_id))
+    nomad_cluster.settled(job_id, 0)
+    token_file = tmp_path / "nomad-token"
+    token_file.write_text(fake.token("read-job") + "\n")
+    web = target("web", "app", job_id, retry_budget=60)
+    harness = harness_factory(nomad_config(tmp_path, nomad_cluster, web, token_file=token_file))
+    refused = deploy(harness, "web", {"imageTag": "v2"}).json["deployment"]
+    assert refused["status"] == "failed", refused
+    assert "Permission denied" in refused["message"]
+    token_file.write_text(fake.token("read-job", "submit-job") + "\n")
+    result = deploy(harness, "web", {"imageTag": "v2"})
+    assert result.status_code == 201, result.text
+    assert nomad_cluster.image(job_id) == f"{IMAGE}:v2"
+
+
 def readme_capabilities() -> list[str]:
     """The capabilities of the ACL policy in README.md's Nomad section, as a user applies it."""
     readme = (ROOT / "README.md").read_text()

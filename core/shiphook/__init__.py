@@ -13,6 +13,7 @@ from shiphook.backends import (
     Target,
     TargetState,
     connection_failure,
+    file_stamp,
 )
 from shiphook.hookspecs import hookimpl
 from shiphook.images import ImageRepository, repository_of, tag_of
@@ -31,6 +32,7 @@ __all__ = [
     "Target",
     "TargetState",
     "connection_failure",
+    "file_stamp",
     "hookimpl",
     "repository_of",
     "tag_of",

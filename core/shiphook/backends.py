@@ -11,6 +11,7 @@ could not be asked.
 from __future__ import annotations
 
 import json
+import os
 import re
 import ssl
 import threading
@@ -87,6 +88,19 @@ def connection_failure(exc: BaseException) -> str:
         return cause.strerror
     text = re.sub(r"\s*\(_ssl\.c:\d+\)|_ssl\.c:\d+: ", "", str(cause))
     return one_line(text) or type(cause).__name__
+
+
+def file_stamp(path: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
+    """Inode, modification time and size of a file a backend's client is made from (a
+    kubeconfig, a token file): once the file is rewritten or replaced, one of them differs, and
+    the backend makes its client again. None for no file, or one that cannot be read now."""
+    if path is None:
+        return None
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns, found.st_size
 
 
 def _inner(exc: BaseException) -> BaseException | None:

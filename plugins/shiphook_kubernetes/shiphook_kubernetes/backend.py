@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from shiphook import (
     Target,
     TargetState,
     connection_failure,
+    file_stamp,
     repository_of,
 )
 
@@ -268,7 +268,7 @@ class KubernetesBackend(Backend):
         self.poll_interval = options.poll_interval
         self._client: Client | None = None
         self._client_lock = threading.Lock()
-        self._made_from: tuple[int, int, int] | None = None  # the kubeconfig file's identity
+        self._made_from: tuple[int, int, int] | None = None  # the kubeconfig's file_stamp
 
     # -- the API connection ------------------------------------------------------------------
 
@@ -279,7 +279,8 @@ class KubernetesBackend(Backend):
         is made again once the kubeconfig file changes: a token rotated in it (`kubectl create
         token` again) is used from the next call on, without a restart."""
         with self._client_lock:
-            seen = self._kubeconfig_identity()
+            # in the cluster the client reads the pod's rotated token again on its own
+            seen = None if self.options.in_cluster else file_stamp(self.options.kubeconfig)
             if self._client is not None and seen != self._made_from:
                 log.info("%s changed: reading it again", self.options.kubeconfig)
                 self._client.api.close()
@@ -289,17 +290,6 @@ class KubernetesBackend(Backend):
                     self._client = self._connect()
                 self._made_from = seen
             return self._client
-
-    def _kubeconfig_identity(self) -> tuple[int, int, int] | None:
-        """Inode, modification time and size of the kubeconfig file: replaced or rewritten,
-        one of them differs."""
-        if self.options.in_cluster:
-            return None  # the client reads the pod's rotated token again on its own
-        try:
-            found = os.stat(self.options.kubeconfig)
-        except OSError:
-            return None  # gone for now: _connect says so, or the client made keeps working
-        return found.st_ino, found.st_mtime_ns, found.st_size
 
     def _connect(self) -> Client:
         o = self.options

@@ -48,6 +48,7 @@ from shiphook import (
     Target,
     TargetState,
     connection_failure,
+    file_stamp,
     repository_of,
 )
 
@@ -212,6 +213,7 @@ class NomadBackend(Backend):
         self.poll_interval = options.poll_interval
         self._client: Client | None = None
         self._client_lock = threading.Lock()
+        self._made_from: tuple[int, int, int] | None = None  # the token_file's file_stamp
         # run_job calls under way, by deployment: a lock each, and how many calls hold or wait
         self._run_calls: dict[str, tuple[threading.Lock, int]] = {}
         self._runs = threading.Condition()
@@ -220,12 +222,20 @@ class NomadBackend(Backend):
 
     @property
     def api(self) -> Client:
+        """The client, made again once `token_file` changes: a token rotated in it is sent
+        from the next call on, without a restart."""
         with self._client_lock:
+            seen = file_stamp(self.options.token_file)
+            if self._client is not None and seen != self._made_from:
+                log.info("%s changed: reading it again", self.options.token_file)
+                self._client.session.close()
+                self._client = None
             if self._client is None:
                 try:
                     self._client = Client(self.options)
-                except ValueError as exc:  # the token file changed since the config was read
-                    raise BackendError(str(exc)) from None
+                except ValueError as exc:  # unreadable or empty now: perhaps being rewritten
+                    raise BackendError(str(exc), transient=True) from None
+                self._made_from = seen
             return self._client
 
     @property
