@@ -867,6 +867,27 @@ def test_a_runs_job_is_kept_an_hour_at_least_whatever_its_template_says(
     assert kept == {0: RUN_TTL_MIN, 7 * 24 * 3600: 7 * 24 * 3600}
 
 
+def test_a_run_whose_image_cannot_be_pulled_says_so_when_its_time_is_up(
+    kube, harness_factory, tmp_path
+):
+    """ImagePullBackOff never fails a Job: rollout_timeout ends the wait, naming the reason."""
+    cronjob = kube.cronjob()
+    job = target("migrate", "job", cronjob=cronjob, rollout_timeout=8)
+    harness = harness_factory(kube_config(tmp_path, kube, job))
+    run = wait_post(harness, harness.new_hook("migrate"), {**run_body(), "imageTag": "broken"})
+    run = run.json["deployment"]
+    assert run["status"] == "failed", run
+    name = job_name(cronjob, run["id"])
+    assert run["message"].startswith(
+        f"did not finish within 8s (last state: job {name}: 1 active, 0 succeeded, 0 failed; "
+        f"pod {name}-"
+    ), run["message"]
+    assert (
+        f': container app ImagePullBackOff (Back-off pulling image "{APP}:broken"))'
+        in (run["message"])
+    )
+
+
 def test_a_failing_run_fails_with_the_reason_and_the_exit_code(kube, harness_factory, tmp_path):
     cronjob = kube.cronjob()
     harness = harness_factory(

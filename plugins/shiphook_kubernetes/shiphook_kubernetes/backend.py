@@ -844,16 +844,23 @@ class KubernetesBackend(Backend):
             if condition["type"] == "Complete":
                 return Progress("succeeded", f"job {ref['job']} completed ({why})")
             if condition["type"] == "Failed":
-                listed = self._call(
-                    self.client.core.list_namespaced_pod,
-                    ref["namespace"],
-                    label_selector=_selector(job["spec"]["selector"]),
-                )
-                problems = _problems(listed.get("items") or ())
+                problems = self._job_problems(job)
                 message = f"job {ref['job']} failed: {why}"
                 return Progress("failed", f"{message}; {problems}" if problems else message)
         counts = ", ".join(f"{status.get(k) or 0} {k}" for k in ("active", "succeeded", "failed"))
-        return Progress("running", f"job {ref['job']}: {counts}")
+        message = f"job {ref['job']}: {counts}"
+        # why an active pod does not run (ImagePullBackOff, CrashLoopBackOff): neither ends
+        # the Job, so rollout_timeout does, and its message says why
+        problems = self._job_problems(job) if status.get("active") else ""
+        return Progress("running", f"{message}; {problems}" if problems else message)
+
+    def _job_problems(self, job: dict[str, Any]) -> str:
+        listed = self._call(
+            self.client.core.list_namespaced_pod,
+            job["metadata"]["namespace"],
+            label_selector=_selector(job["spec"]["selector"]),
+        )
+        return _problems(listed.get("items") or ())
 
 
 # -- what `kubectl rollout status` decides, per workload ----------------------------------------
