@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from shiphook import BackendError
 
 
 def statuses(deployment: dict) -> list[str]:
@@ -31,6 +32,27 @@ def test_a_failed_rollout_is_rolled_back_with_the_orchestrators_message(harness)
     assert "rolled back" in deployment["message"]
     assert harness.backend.image("web") == "registry.test/app:1.0"
     assert [c["op"] for c in harness.backend.calls()] == ["deploy", "deploy", "rollback"]
+
+
+@pytest.mark.parametrize("transient", [False, True], ids=["refused", "unanswered"])
+def test_a_rollback_refused_is_not_rolled_back_and_one_unanswered_may_be(
+    harness, monkeypatch, transient
+):
+    """Refused, the rollback changed nothing; given up on, it may have been made."""
+
+    def rollback(target, ref):
+        raise BackendError("service web was changed since", transient=transient)
+
+    monkeypatch.setattr(harness.backend, "rollback", rollback)
+    deployment = harness.wait_for(harness.deploy(harness.new_hook("web"), {"imageTag": "bad-1"}))
+    assert deployment["status"] == "failed", deployment
+    reason = "update paused: task exited with code 1"
+    if transient:
+        assert deployment["message"].startswith(f"{reason}; rollback failed: gave up after ")
+    else:
+        assert deployment["message"] == (
+            f"{reason}; not rolled back: service web was changed since"
+        )
 
 
 def test_with_on_failure_leave_a_failed_rollout_is_left_as_it_is(harness):

@@ -529,7 +529,7 @@ def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(
     assert message.startswith(f"{PAUSED}; pod web-"), message  # and why its pods do not run:
     assert f'ImagePullBackOff (Back-off pulling image "{APP}:broken")' in message
     assert message.endswith(
-        "; rollback failed: you cannot rollback a paused deployment; resume it first with "
+        "; not rolled back: you cannot rollback a paused deployment; resume it first with "
         "'kubectl rollout resume' and try again"
     )
     assert kube.images("deployment", "web") == {"app": f"{APP}:broken"}
@@ -554,7 +554,7 @@ def test_a_pod_template_edited_by_hand_during_the_rollout_is_not_rolled_back(
     deployment = harness.wait_for(deployment_id, timeout=90)
     assert deployment["status"] == "failed", deployment
     assert deployment["message"].endswith(
-        f"; rollback failed: {kind} web's pod template changed since this deployment set "
+        f"; not rolled back: {kind} web's pod template changed since this deployment set "
         f"{APP}:broken (kubectl edit, set env, rollout restart): something else changed it, so "
         "shiphook does not roll it back, which would undo that change too; look at it and "
         "deploy again"

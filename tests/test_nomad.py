@@ -400,7 +400,7 @@ def test_a_job_purged_during_a_rollout_ends_it_and_one_registered_anew_is_not_fo
     gone = deploy(harness, "web", {"imageTag": "stall-1"}).json["deployment"]
     assert gone["status"] == "failed", gone
     assert gone["message"] == (
-        f"Cancelled because job is stopped; rollback failed: read job {job_id}: job not found"
+        f"Cancelled because job is stopped; not rolled back: read job {job_id}: job not found"
     )
 
     nomad_cluster.register(service_job(job_id))

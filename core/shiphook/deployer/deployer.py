@@ -487,8 +487,11 @@ class Execution:
     def _roll_back(self, reason: str, ref: Ref) -> None:
         try:
             rollback_ref = self._call(self.backend.rollback, self.target, ref)
-        except BackendError as exc:
+        except GaveUp as exc:  # whether a lost answer's rollback was made is unknown
             self._finish(Status.failed, f"{reason}; rollback failed: {exc.message}")
+            return
+        except BackendError as exc:  # refused: changed since, paused, nothing to return to
+            self._finish(Status.failed, f"{reason}; not rolled back: {exc.message}")
             return
         self._record(rollback_ref=rollback_ref)
         self._finish_rollback(reason, rollback_ref)
