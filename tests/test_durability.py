@@ -23,7 +23,16 @@ from pathlib import Path
 
 import pytest
 import scripted_backend
-from conftest import ADMIN_TOKEN, Server, plugin_env, replaced_by, run_cli, write_config
+from conftest import (
+    ADMIN_TOKEN,
+    SHIPHOOK,
+    Server,
+    free_port,
+    plugin_env,
+    replaced_by,
+    run_cli,
+    write_config,
+)
 from shiphook import tokens
 from shiphook.db import connect_on_loop, create_db_engine, upgrade
 from shiphook.deployer.process import RESTART_DELAY
@@ -32,6 +41,7 @@ from shiphook.fastpath import checkpoint
 from shiphook.models import Deployment, DeploymentCreate, Status, utcnow
 from shiphook.storage import Storage, _supersede
 from shiphook.testing import eventually
+from shiphook.tokens import TOKEN_HEADER
 from test_http_limits import connect, read_answer, unread_requests
 from uuid_utils import uuid7
 
@@ -366,6 +376,76 @@ def test_a_stopped_server_answers_its_waiting_callers_at_once_and_loses_nothing(
     assert [d["status"] for d in deployments] == ["succeeded"] * 4
     deploys = Counter(call["deployment"] for call in state.calls("deploy"))
     assert sorted(deploys.values()) == [1] * 4  # each resumed, none deployed twice
+
+
+@pytest.mark.parametrize(
+    ("workers", "to_group"),
+    [(1, False), (2, False), (2, True)],
+    ids=["kill-hup", "kill-hup-2-workers", "terminal-closed-2-workers"],
+)
+def test_sighup_stops_the_server_in_order_as_sigterm_does(tmp_path, serve, workers, to_group):
+    """Not at once (Python's default), nor by restarting the HTTP workers (uvicorn's)."""
+    config = fleet_config(
+        tmp_path, apps=1, jobs=0, rollout_seconds=10, timeout=120, server=f"workers = {workers}"
+    )
+    server = serve(config)
+    token = create_hook(server, "app0")
+    state = backend_state(tmp_path)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            server.request,
+            "POST",
+            "/api/v1/dh?wait=900",
+            b'{"imageTag": "2.0"}',
+            {"X-Deploy-Hook-Token": token},
+        )
+        eventually(lambda: state.calls("deploy"), "the rollout under way", timeout=30)
+        (os.killpg if to_group else os.kill)(server.process.pid, signal.SIGHUP)
+        status, _, raw = waiting.result()
+    assert status == 504, raw
+    assert "the server is shutting down; it goes on" in json.loads(raw)["description"]
+    assert server.process.wait(30) == 0
+    log = server.log()
+    assert "shiphook stopped" in log and " ERROR " not in log, log
+
+
+def test_a_log_pipe_whose_reader_is_gone_costs_its_lines_not_the_server(tmp_path):
+    """serve's stderr a pipe whose reader stopped (a `| logger` killed): the server goes on
+    answering, without spinning on the failed writes, and stops on SIGTERM."""
+    port, config = free_port(), fleet_config(tmp_path, apps=1, jobs=0)
+    process = subprocess.Popen(
+        [SHIPHOOK, "--config", str(config), "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=plugin_env(),
+        start_new_session=True,
+    )
+    server = Server(process, f"http://127.0.0.1:{port}", tmp_path / "unused.log")
+    try:
+        eventually(lambda: answers(server), "serve answering")
+        process.stdout.close()
+        for _ in range(3):  # each an access line, an error's among them
+            status, _, _ = server.request("POST", "/api/v1/dh", b"{}", {TOKEN_HEADER: "x"})
+            assert status == 404
+        before = cpu_seconds(process.pid)
+        time.sleep(2)
+        assert cpu_seconds(process.pid) - before < 1, "the server spins"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def answers(server: Server) -> bool:
+    try:
+        return server.request("GET", "/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_waiting_ci_job_that_went_away_holds_up_neither_the_server_nor_its_stop(tmp_path, serve):

@@ -13,10 +13,10 @@ from uvicorn.supervisors import Multiprocess
 
 from shiphook.config import host_port
 from shiphook.deployer.deployer import Deployer
-from shiphook.deployer.process import DeployerSupervisor
+from shiphook.deployer.process import STOP_SIGNALS, DeployerSupervisor
 from shiphook.errors import ConfigError
 from shiphook.http.connections import connection_limits, protocol_factory
-from shiphook.http.worker import app_for
+from shiphook.http.worker import app_for, stop_on_hangup
 from shiphook.instance import Instance
 from shiphook.wakeup import DEPLOYER_SOCKET, deployer_address, release_deployer_address
 
@@ -70,20 +70,29 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     # uvicorn re-raises the SIGTERM it caught once it has shut down; end with an exception
     # instead of the signal's default, so that the deployer below is stopped too
     signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGHUP, stop_on_hangup)
     deployer.start()
     try:
         if settings.workers > 1:
-            Multiprocess(config, sockets=listeners).run()
+            Supervisor(config, sockets=listeners).run()
         else:
             uvicorn.Server(config).run(sockets=listeners)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the stop is under way, and bounded
+        for signum in STOP_SIGNALS:  # the stop is under way, and bounded
             signal.signal(signum, signal.SIG_IGN)
         deployer.stop(settings.shutdown_timeout)
         release_deployer_address(address)
         for listener in listeners:
             listener.close()
         log.info("shiphook stopped")
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of several HTTP workers, stopping in order on SIGHUP as on SIGTERM
+    (uvicorn's restarts the workers), as one worker does."""
+
+    def handle_hup(self) -> None:
+        self.handle_term()
 
 
 def listen(host: str, port: int) -> list[socket.socket]:

@@ -34,7 +34,7 @@ from shiphook.wakeup import bind_deployer_address
 log = logging.getLogger("shiphook.deployer")
 
 RESTART_DELAY = 1.0
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # what stops serve in order
 # seconds between checkpoints of the HTTP workers' SQLite writes (`shiphook.fastpath`): a short
 # write-ahead log copied often, not a long one copied in bursts; one with nothing to copy costs
 # no disk sync

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -39,13 +40,13 @@ class BufferedLogHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         super().emit(record)
         if record.levelno >= logging.WARNING:
-            super().flush()
+            self._write()
 
     def flush(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            super().flush()
+            self._write()
             return
         if not self._flush_due:
             self._flush_due = True
@@ -53,7 +54,14 @@ class BufferedLogHandler(logging.StreamHandler):
 
     def _flush_turn(self) -> None:
         self._flush_due = False
-        super().flush()
+        self._write()
+
+    def _write(self) -> None:
+        """The buffer to stderr. Where stderr is gone (the log collector at the other end of
+        its pipe stopped) the lines are lost, as they would be unbuffered, but nothing else:
+        raised, the error would be logged by asyncio, through this handler, without end."""
+        with contextlib.suppress(OSError, ValueError):
+            super().flush()
 
 
 def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.App:
@@ -82,9 +90,16 @@ def worker_app() -> falcon.asgi.App:
     )
     notify = DeployerNotifier(os.environ[DEPLOYER_SOCKET])
     app = app_for(instance, notify)
+    signal.signal(signal.SIGHUP, stop_on_hangup)
     _stop_with_serve()
     gc.freeze()  # the many long-lived objects of start-up need no garbage collection passes
     return app
+
+
+def stop_on_hangup(signum: int, frame: object) -> None:
+    """SIGHUP (the terminal closed, or a `kill -HUP`) stops in order, as SIGTERM does, rather
+    than end the process at once: uvicorn handles only SIGTERM and SIGINT."""
+    signal.raise_signal(signal.SIGTERM)
 
 
 def _stop_with_serve() -> None:
