@@ -513,6 +513,34 @@ def test_a_list_filter_given_twice_is_400(quiet, name):
     assert result.json["description"] == f"{name}: expected one value, given once"
 
 
+def test_a_misspelt_wait_is_400_and_deploys_nothing(quiet):
+    """`?Wait=600` ignored would answer a CI job 201 at once, whatever the rollout does."""
+    token = quiet.new_hook("web")
+    for params, says in [
+        ({"Wait": "600"}, "unknown query parameter Wait: it takes wait"),
+        ({"wait": "5", "token": "x"}, "unknown query parameter token: it takes wait"),
+        ({"shk_" + "a" * 40: ""}, "unknown query parameter shk_***: it takes wait"),
+    ]:
+        result = quiet.post_hook(token, {"imageTag": "1.0"}, params=params)
+        assert result.status_code == 400, params
+        assert result.json["description"].startswith(says), result.json
+    assert stored_deployments(quiet) == []
+
+
+def test_every_admin_route_refuses_a_query_parameter_it_does_not_take(quiet):
+    for method, path in admin_routes(quiet.app):
+        result = quiet.client.simulate_request(
+            method, path, params={"staus": "failed"}, headers=ADMIN
+        )
+        takes = "target, status, limit" if path == "/api/v1/deployments" else "none"
+        assert result.status_code == 400, (method, path)
+        assert result.json["description"] == (f"unknown query parameter staus: it takes {takes}"), (
+            method,
+            path,
+        )
+    assert quiet.client.simulate_get("/healthz", params={"probe": "1"}).status_code == 200
+
+
 def test_an_unknown_path_or_method_is_answered_with_what_is_wrong(quiet):
     for method, path in [("DELETE", "/api/v1/hooks/abc"), ("GET", "/api/v1/dh/"), ("GET", "/x")]:
         result = quiet.client.simulate_request(method, path, headers=ADMIN)

@@ -35,6 +35,7 @@ from shiphook.errors import (
     ShiphookError,
     Unauthenticated,
     Unprocessable,
+    shown_key,
 )
 from shiphook.http.waiters import Waiters
 from shiphook.models import HookIdentity
@@ -146,6 +147,15 @@ def single_header(req: Request, name: str) -> str | None:
     return value.strip(" \t")
 
 
+def takes_params(req: Request, *names: str) -> None:
+    """A query parameter the route does not take is refused, not ignored: `?Wait=600` read as
+    no wait would answer a CI job 201 for a deployment that then fails."""
+    if req.query_string and (unknown := sorted(set(req.params) - set(names))):
+        takes = f"it takes {', '.join(names)}" if names else "it takes none"
+        shown = redacted(shown_key(unknown[0]))
+        raise InvalidRequest(f"unknown query parameter {shown}: {takes}")
+
+
 def one_param(req: Request, name: str) -> str | None:
     """A query parameter, given once at the most: which of two values a proxy, a log reader or
     the server would take is anyone's guess, so a second one is refused."""
@@ -199,6 +209,7 @@ class DeployHookResource:
         if token is None:
             raise InvalidRequest(f"missing header {TOKEN_HEADER}: send the hook's token in it")
         hook = await self.hooks.authenticate_deploy(token)
+        takes_params(req, "wait")
         wait = self._wait_seconds(req)
         deployment, created = await self.deployments.accept(
             hook,
@@ -302,6 +313,7 @@ class DeploymentsResource:
         self.db = deployments.storage.call
 
     async def on_get(self, req: Request, resp: Response) -> None:
+        takes_params(req, "target", "status", "limit")
         one_param(req, "limit")  # refused when given twice; read as a number below
         found = await self.db(
             self.deployments.list,
@@ -314,6 +326,7 @@ class DeploymentsResource:
         resp.media = {"deployments": [d.to_json() for d in found]}
 
     async def on_post_rollback(self, req: Request, resp: Response, deployment_id: str) -> None:
+        takes_params(req)
         deployment = await self.db(self.deployments.rollback, deployment_id)
         self.notify(deployment.target)
         resp.status = falcon.HTTP_201
@@ -333,6 +346,7 @@ class DeploymentResource:
     async def on_get(
         self, req: Request, resp: Response, deployment_id: str, hook: HookIdentity | None
     ) -> None:
+        takes_params(req)
         deployment = await self.deployments.storage.call(
             self.deployments.get, deployment_id, hook=hook
         )
@@ -346,6 +360,7 @@ class TargetsResource:
         self.admin = admin
 
     async def on_get(self, req: Request, resp: Response) -> None:
+        takes_params(req)
         resp.media = {"targets": [public_target(t) for t in self.targets.values()]}
 
 
@@ -357,10 +372,12 @@ class HooksResource:
         self.db = hooks.storage.call
 
     async def on_get(self, req: Request, resp: Response, target: str) -> None:
+        takes_params(req)
         found = await self.db(self.hooks.list, target=target)
         resp.media = {"hooks": [h.to_json() for h in found]}
 
     async def on_post(self, req: Request, resp: Response, target: str) -> None:
+        takes_params(req)
         body = parse_json_body(
             NewHookBody,
             await read_body(req),
@@ -372,9 +389,11 @@ class HooksResource:
         resp.media = {"hook": created.to_json()}
 
     async def on_get_item(self, req: Request, resp: Response, hook_id: int) -> None:
+        takes_params(req)
         resp.media = {"hook": (await self.db(self.hooks.get, hook_id)).to_json()}
 
     async def on_delete_item(self, req: Request, resp: Response, hook_id: int) -> None:
+        takes_params(req)
         deleted = await self.db(self.hooks.delete, hook_id)
         resp.media = {"hook": deleted.to_json()}
 
