@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import plugin_env, run_cli, scripted_config
 from shiphook.db import _alembic_config, create_db_engine, upgrade
 from shiphook.fastpath import KeyTaken
 from shiphook.models import Deployment, DeploymentCreate, Status
@@ -112,3 +113,25 @@ def test_dropping_updated_at_keeps_every_deployment_and_its_indexes(database_url
         c for c in sa.inspect(engine).get_columns("deployment") if c["name"] == "updated_at"
     ]
     assert not updated_at["nullable"]
+
+
+@pytest.mark.parametrize("command_line", [["hooks", "list"], ["db", "upgrade"], ["serve"]])
+def test_a_schema_a_newer_shiphook_wrote_is_one_line_and_exit_2(
+    database_url, tmp_path, command_line
+):
+    """What a downgrade of shiphook meets."""
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    engine.dispose()
+    env = plugin_env(SHIPHOOK_DATABASE_URL=database_url)
+    result = run_cli(*command_line, config=scripted_config(tmp_path), env=env, check=False)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("shiphook: SHIPHOOK_DATABASE_URL: cannot use "), line
+    assert line.endswith(
+        ": its schema is unknown to this shiphook (Can't locate revision identified by '0099'): "
+        "a newer version wrote it; run that version, or restore the database as it was before "
+        "that version's upgrade"
+    ), line
