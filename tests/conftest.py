@@ -194,13 +194,19 @@ def plugin_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, config: Path, env: dict[str, str] | None = None, check: bool = True):
+def run_cli(
+    *args: str,
+    config: Path,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    cwd: Path | None = None,
+):
     result = subprocess.run(
         [SHIPHOOK, "--config", str(config), *args],
         capture_output=True,
         text=True,
         env=env or plugin_env(),
-        cwd=config.parent,
+        cwd=cwd or config.parent,
         timeout=60,
     )
     if check and result.returncode != 0:

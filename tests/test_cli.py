@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import POSTGRES_URL, free_port, plugin_env, run_cli, scripted_config
+from conftest import (
+    POSTGRES_URL,
+    SCRIPTED_CONFIG,
+    free_port,
+    plugin_env,
+    run_cli,
+    scripted_config,
+    write_config,
+)
 from shiphook.cli import in_clear, main
 from shiphook.db import create_db_engine, safe_url
 from shiphook.testing import silent_orchestrator
@@ -411,3 +419,25 @@ def test_check_reports_a_plugin_call_that_hangs_or_returns_what_it_may_not(tmp_p
         "backend fake (scripted): UNREACHABLE: refused; 2026-12-01 00:00:00 FORGED\\x1b[2J\n"
         in checked.stdout
     ), checked.stdout
+
+
+def test_a_command_that_creates_the_database_says_where(tmp_path):
+    """A relative sqlite:/// path is the working directory's: `hooks create` run elsewhere
+    than `serve` would make a database of its own, and a token the server does not know."""
+    config = write_config(
+        tmp_path,
+        SCRIPTED_CONFIG.format(backend_extra="", timeout=5).replace(
+            "[backends.fake]", '[server]\ndatabase_url = "sqlite:///relative.db"\n\n[backends.fake]'
+        ),
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = run_cli("hooks", "create", "web", "--name", "ci", config=config, cwd=elsewhere)
+    assert first.stderr == (
+        f"shiphook: created a new database, {elsewhere / 'relative.db'}: if `shiphook serve` uses "
+        "another (a relative sqlite:/// path is the working directory's), run this where it runs "
+        "or give database_url an absolute path\n"
+    )
+    again = run_cli("hooks", "list", config=config, cwd=elsewhere)
+    assert again.stderr == ""
+    assert "ci" in again.stdout

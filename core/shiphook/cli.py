@@ -83,7 +83,14 @@ def instance_of(ctx: click.Context) -> Instance:
 
 def migrated(instance: Instance) -> Instance:
     """The instance, its database open and at the latest schema."""
-    instance.migrate()
+    created = instance.migrate()
+    if created is not None:
+        click.echo(
+            f"shiphook: created a new database, {created}: if `shiphook serve` uses another "
+            "(a relative sqlite:/// path is the working directory's), run this where it runs "
+            "or give database_url an absolute path",
+            err=True,
+        )
     return instance
 
 

@@ -45,8 +45,15 @@ class Instance:
     def deployments(self) -> Deployments:
         return Deployments(self.storage, self.config.targets)
 
-    def migrate(self) -> None:
-        upgrade(self.storage.engine)
+    def migrate(self) -> str | None:
+        """Bring the database to the latest schema; the path of the SQLite file if this made it
+        (a relative `sqlite:///` path is the working directory's: a command run elsewhere than
+        `serve` would use another database)."""
+        engine = self.storage.engine
+        path = engine.url.database if engine.dialect.name == "sqlite" else None
+        new = path is not None and path != ":memory:" and not os.path.exists(path)
+        upgrade(engine)
+        return os.path.abspath(path) if new and path is not None else None
 
     def close(self) -> None:
         for backend in self.backends.values():

@@ -40,7 +40,8 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
     settings = instance.config.server
     listeners = listen(host or settings.host, port or settings.port)
-    instance.migrate()
+    if (created := instance.migrate()) is not None:
+        log.info("created a new database, %s", created)
     config_path = instance.config.path.resolve()
     limits = connection_limits(settings)
     address = deployer_address()
