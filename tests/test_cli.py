@@ -57,7 +57,7 @@ def test_hooks_create_prints_the_token_once_and_a_ready_curl_line(cli):
 
 
 def test_hooks_create_json_carries_the_token_and_curl(cli):
-    data = json.loads(cli("hooks", "create", "migrate", "--name", "gl", "--json").output)
+    data = json.loads(cli("hooks", "create", "migrate", "--name", "gl", "--json").stdout)
     assert data["token"].startswith("shk_")
     assert data["target"] == "migrate"
     assert "instanceEnvironmentVariables" in data["curl"]
@@ -117,16 +117,16 @@ def test_hooks_create_warns_when_the_token_would_cross_a_network_in_clear(tmp_pa
 def test_hooks_list_filters_by_target_and_never_shows_tokens(cli):
     cli("hooks", "create", "web", "--name", "a")
     cli("hooks", "create", "api", "--name", "b")
-    data = json.loads(cli("hooks", "list", "api", "--json").output)
+    data = json.loads(cli("hooks", "list", "api", "--json").stdout)
     assert [h["name"] for h in data] == ["b"]
     assert all("token" not in h and "tokenDigest" not in h for h in data)
-    assert len(json.loads(cli("hooks", "list", "--json").output)) == 2
+    assert len(json.loads(cli("hooks", "list", "--json").stdout)) == 2
 
 
 def test_hooks_delete_removes_the_hook(cli):
-    hook = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").output)
+    hook = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").stdout)
     assert "Deleted hook" in cli("hooks", "delete", str(hook["id"])).output
-    assert json.loads(cli("hooks", "list", "--json").output) == []
+    assert json.loads(cli("hooks", "list", "--json").stdout) == []
 
 
 @pytest.mark.parametrize(
@@ -195,9 +195,9 @@ def test_usage_errors_name_the_missing_argument(cli):
 
 def test_targets_and_plugins_list_as_tables_and_json(cli):
     assert "web" in cli("targets").output.splitlines()[1]
-    targets = json.loads(cli("targets", "--json").output)
+    targets = json.loads(cli("targets", "--json").stdout)
     assert {t["name"] for t in targets} >= {"web", "migrate"}
-    plugins = json.loads(cli("plugins", "--json").output)
+    plugins = json.loads(cli("plugins", "--json").stdout)
     scripted = next(p for p in plugins if p["name"] == "scripted_backend")
     assert scripted["backends"] == ["scripted"]
     assert "scripted_backend" in cli("plugins").output
@@ -214,7 +214,7 @@ def test_deployments_list_and_show(cli, tmp_path):
     from conftest import scripted_backend
     from shiphook.instance import open_instance
 
-    token = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").output)["token"]
+    token = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").stdout)["token"]
     instance = open_instance(
         scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
     )
@@ -222,12 +222,12 @@ def test_deployments_list_and_show(cli, tmp_path):
     deployment, _ = asyncio.run(instance.deployments.accept(hook, b'{"imageTag": "7.0"}'))
     instance.close()
 
-    listed = json.loads(cli("deployments", "list", "--json").output)
+    listed = json.loads(cli("deployments", "list", "--json").stdout)
     assert [d["id"] for d in listed] == [deployment["id"]]
     assert deployment["id"] in cli("deployments", "list", "--target", "web").output
     shown = cli("deployments", "show", deployment["id"]).output
     assert "status:" in shown and "queued" in shown and "imageTag=7.0" in shown
-    data = json.loads(cli("deployments", "show", deployment["id"], "--json").output)
+    data = json.loads(cli("deployments", "show", deployment["id"], "--json").stdout)
     assert data["history"][0]["status"] == "queued"
 
 
@@ -257,7 +257,7 @@ def test_deployments_list_and_show_print_what_a_caller_sent_as_one_escaped_line(
     from conftest import scripted_backend
     from shiphook.instance import open_instance
 
-    token = json.loads(cli("hooks", "create", "migrate", "--name", "a", "--json").output)["token"]
+    token = json.loads(cli("hooks", "create", "migrate", "--name", "a", "--json").stdout)["token"]
     instance = open_instance(
         scripted_config(tmp_path), plugin_modules=[], plugin_objects=[scripted_backend]
     )
