@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import os
 import sqlite3
@@ -441,3 +442,8 @@ def test_a_command_that_creates_the_database_says_where(tmp_path):
     again = run_cli("hooks", "list", config=config, cwd=elsewhere)
     assert again.stderr == ""
     assert "ci" in again.stdout
+
+
+def test_version_is_the_installed_distributions(tmp_path):
+    result = run_cli("--version", config=scripted_config(tmp_path))
+    assert result.stdout == f"shiphook {importlib.metadata.version('shiphook')}\n"

@@ -1,4 +1,4 @@
-"""The Nomad fake against the behaviour document (shared/reference/nomad-api-behaviour.md):
+"""The Nomad fake against the behaviour document (docs/nomad-api-behaviour.md):
 codes, texts, shapes and index rules, through python-nomad where the backend uses it.
 
 Section numbers in the test names' comments are the document's.

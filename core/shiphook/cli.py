@@ -59,6 +59,7 @@ class ShiphookGroup(click.Group):
 
 
 @click.group(cls=ShiphookGroup)
+@click.version_option(package_name="shiphook", message="%(prog)s %(version)s")
 @click.option(
     "--config",
     "config",

@@ -1,6 +1,6 @@
 """A fake of Nomad's HTTP API on 127.0.0.1, for the Nomad backend's tests.
 
-It answers what the behaviour document (shared/reference/nomad-api-behaviour.md, "the document"
+It answers what the behaviour document (docs/nomad-api-behaviour.md, "the document"
 below) says Nomad answers, for the endpoints of its section 2 that a deploy backend uses: routing
 on the decoded path by suffix (job ids with `/`), plain-text errors with Nomad's texts and codes,
 one cluster-wide index, Version and JobModifyIndex moved only by spec changes (an unchanged

@@ -6,7 +6,7 @@ deployment does the rest, by the group's `update` block, and shiphook follows th
 version it registered. A job target is a parameterized batch job: a run dispatches it with the
 overrides as `Meta` and an idempotency token derived from the deployment id, and follows the child
 job's allocations; a run with an image tag of its own dispatches in a window on the job (below).
-What Nomad does and answers is in shared/reference/nomad-api-behaviour.md.
+What Nomad does and answers is in docs/nomad-api-behaviour.md.
 
 Everything goes through python-nomad. Its `Nomad` class reads NOMAD_ADDR, NOMAD_TOKEN and the like
 from the environment; the API classes are built here from the config file's values alone.
