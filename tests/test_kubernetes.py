@@ -509,6 +509,31 @@ def test_a_new_tag_for_a_workload_updating_on_delete_fails_at_once_and_changes_n
     assert wait_post(harness, token, {"imageTag": "v1"}).status_code == 201
 
 
+def test_check_says_what_makes_every_deploy_of_a_new_tag_fail(kube, tmp_path):
+    kube.deployment("paused")
+    kube.apps.patch_namespaced_deployment("paused", kube.namespace, {"spec": {"paused": True}})
+    ondelete = {"replicas": 2, "serviceName": "db", "updateStrategy": {"type": "OnDelete"}}
+    kube.apps.create_namespaced_stateful_set(
+        kube.namespace, workload("db", f"{APP}:v1", **ondelete)
+    )
+    config = kube_config(
+        tmp_path,
+        kube,
+        target("paused", "app", deployment="paused"),
+        target("db", "app", statefulset="db"),
+    )
+    lines = run_cli("check", config=config, env=serve_env()).stdout.splitlines()
+    where = f"in namespace {kube.namespace}, 2 replicas"
+    assert (
+        f"target paused (app): found, running {APP}:v1 (deployment paused {where}; paused: a "
+        "new tag fails at once until `kubectl rollout resume`)"
+    ) in lines
+    assert (
+        f"target db (app): found, running {APP}:v1 (statefulset db {where}; updates OnDelete: "
+        "a new tag fails at once, as there is no rollout)"
+    ) in lines
+
+
 def test_a_deployment_paused_during_its_rollout_fails_and_is_not_rolled_back(
     kube, harness_factory, tmp_path
 ):

@@ -452,10 +452,15 @@ class KubernetesBackend(Backend):
         self._review(target, workload.key, namespace)
         found = self._read(workload, namespace, name)
         container = _container(target, found["spec"]["template"], f"{workload.key} {name}")
+        spec = found["spec"]
         detail = f"{workload.key} {name} in namespace {namespace}"
-        if "replicas" in found["spec"]:
-            replicas = found["spec"]["replicas"]
-            detail += f", {replicas} replica{'' if replicas == 1 else 's'}"
+        if "replicas" in spec:
+            detail += f", {spec['replicas']} replica{'' if spec['replicas'] == 1 else 's'}"
+        # what makes every deploy of a new tag fail
+        if spec.get("paused"):
+            detail += "; paused: a new tag fails at once until `kubectl rollout resume`"
+        if not _rolls_out_by_itself(found):
+            detail += "; updates OnDelete: a new tag fails at once, as there is no rollout"
         return TargetState(image=container["image"], detail=detail)
 
     def _workload_of(self, target: KubernetesTarget) -> tuple[Workload, str]:
