@@ -1063,9 +1063,9 @@ def test_api_errors_are_the_apis_own_message_and_permanent_or_transient_by_statu
         check=False,
     )  # fmt: skip
     assert (
-        f"backend k8s (kubernetes): UNREACHABLE: Unauthorized: the API server of {stranger} does "
+        f"backend k8s (kubernetes): NOT USABLE: Unauthorized: the API server of {stranger} does "
         "not accept the credentials"
-    ) in checked.stdout, checked.stdout
+    ) in checked.stdout, checked.stdout  # reached: it refused
 
 
 @pytest.fixture
@@ -1367,7 +1367,7 @@ def test_a_kubeconfig_that_is_not_one_is_named_in_one_line(tmp_path, text, cause
     assert checked.returncode == 1
     line = checked.stdout.splitlines()[2]
     assert line.startswith(
-        f"backend k8s (kubernetes): UNREACHABLE: {kubeconfig}: not a kubeconfig ({cause}"
+        f"backend k8s (kubernetes): NOT USABLE: {kubeconfig}: not a kubeconfig ({cause}"
     ), checked.stdout
     assert line.endswith("expected the YAML that `kubectl config view --raw` prints")
     assert "Traceback" not in checked.stdout + checked.stderr

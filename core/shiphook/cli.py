@@ -145,7 +145,7 @@ def check(ctx: click.Context) -> None:
     except (SQLAlchemyError, OSError) as exc:
         click.echo(f"database {safe_url(database)}: UNREACHABLE: {describe_failure(database, exc)}")
         failed = True
-    reachable = set()
+    usable, unusable = set(), {}  # the backends, and why each of the others is
     for name, backend in instance.backends.items():
         bound = min(  # as long as any of its targets would wait for a call
             (t.call_timeout for t in instance.config.targets.values() if t.backend == name),
@@ -154,16 +154,20 @@ def check(ctx: click.Context) -> None:
         try:
             said = one_line(_bounded(bound, backend, "check"))
             click.echo(f"backend {name} ({backend.name}): {said}")
-            reachable.add(name)
-        except BackendError as exc:
-            click.echo(f"backend {name} ({backend.name}): UNREACHABLE: {exc.message}")
+            usable.add(name)
+        except BackendError as exc:  # transient: not reached; else reached, and it refused
+            unusable[name] = "is unreachable" if exc.transient else "is not usable"
+            said = unusable[name].removeprefix("is ").upper()
+            click.echo(f"backend {name} ({backend.name}): {said}: {exc.message}")
             failed = True
         except (Exception, SystemExit) as exc:  # a plugin bug: named, not a traceback or an exit
+            unusable[name] = "failed"
             click.echo(f"backend {name} ({backend.name}): FAILED: {plugin_error(exc)}")
             failed = True
     for name, target in instance.config.targets.items():
-        if target.backend not in reachable:
-            click.echo(f"target {name}: not checked, backend {target.backend} is unreachable")
+        if target.backend not in usable:
+            why = unusable[target.backend]
+            click.echo(f"target {name}: not checked, backend {target.backend} {why}")
             continue
         try:
             backend = instance.backends[target.backend]
@@ -191,7 +195,8 @@ def _bounded(seconds: float, backend: Backend, method: str, *args: Any) -> Any:
     call = PluginCall(f"check-{method}", getattr(backend, method), *args)
     if not call.done.wait(seconds):
         raise BackendError(
-            f"the {backend.name} backend's {method} did not return within {seconds:g}s"
+            f"the {backend.name} backend's {method} did not return within {seconds:g}s",
+            transient=True,
         )
     return checked_return(backend, method, call.result())
 
