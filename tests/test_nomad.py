@@ -415,15 +415,21 @@ def test_a_job_purged_during_a_rollout_ends_it_and_one_registered_anew_is_not_fo
     assert nomad_cluster.image(job_id) == f"{IMAGE}:v3"
 
 
-def test_a_token_lacking_submit_job_fails_the_deploy_at_once_with_permission_denied(
-    nomad_cluster, harness_factory, tmp_path
-):
+def job_under_acls(nomad_cluster) -> tuple[Any, str]:
+    """The fake with ACLs on, and a service job registered there with a management token."""
     fake = nomad_cluster.needs_fake()
     fake.acl = True
     job_id = unique("web")
     nomad_cluster.token = fake.management
     nomad_cluster.register(service_job(job_id))
     nomad_cluster.settled(job_id, 0)
+    return fake, job_id
+
+
+def test_a_token_lacking_submit_job_fails_the_deploy_at_once_with_permission_denied(
+    nomad_cluster, harness_factory, tmp_path
+):
+    fake, job_id = job_under_acls(nomad_cluster)
     reader = fake.token("read-job")
     config = nomad_config(
         tmp_path, nomad_cluster, target("web", "app", job_id, retry_budget=60), token=reader
@@ -444,12 +450,7 @@ def test_a_token_file_rewritten_while_shiphook_runs_is_read_again(
     nomad_cluster, harness_factory, tmp_path
 ):
     """A token rotated in `token_file` is sent from the next call on, without a restart."""
-    fake = nomad_cluster.needs_fake()
-    fake.acl = True
-    job_id = unique("web")
-    nomad_cluster.token = fake.management
-    nomad_cluster.register(service_job(job_id))
-    nomad_cluster.settled(job_id, 0)
+    fake, job_id = job_under_acls(nomad_cluster)
     token_file = tmp_path / "nomad-token"
     token_file.write_text(fake.token("read-job") + "\n")
     web = target("web", "app", job_id, retry_budget=60)
