@@ -73,6 +73,11 @@ class BackendError(Exception):
         self.retry_after = retry_after
 
 
+class PluginBug(BackendError):
+    """A backend call raised what the contract does not allow, or returned it: permanent, and
+    what the call did before is unknown."""
+
+
 def connection_failure(exc: BaseException) -> str:
     """Why a connection failed, in the words of the system call or TLS handshake under the HTTP
     client's wrappers (requests and urllib3 put their pool, their retries and reprs of their
@@ -379,7 +384,7 @@ def checked_return(backend: Backend, method: str, value: T) -> T:
     expected, what = RETURNS[method]
     if isinstance(value, expected) and _fits(method, value):
         return value
-    raise BackendError(
+    raise PluginBug(
         f"the {backend.name} backend's {method} returned {value!r:.100}, not {what}: "
         "a bug in the plugin"
     )

@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from shiphook.backends import (
     Backend,
     BackendError,
+    PluginBug,
     PluginCall,
     Progress,
     Ref,
@@ -487,7 +488,7 @@ class Execution:
     def _roll_back(self, reason: str, ref: Ref) -> None:
         try:
             rollback_ref = self._call(self.backend.rollback, self.target, ref)
-        except GaveUp as exc:  # whether a lost answer's rollback was made is unknown
+        except (GaveUp, PluginBug) as exc:  # whether the rollback was made is unknown
             self._finish(Status.failed, f"{reason}; rollback failed: {exc.message}")
             return
         except BackendError as exc:  # refused: changed since, paused, nothing to return to
@@ -618,7 +619,7 @@ class Execution:
                 log.exception(
                     "deployment %s: the %s backend failed", self.deployment.id, self.backend.name
                 )
-                raise BackendError(
+                raise PluginBug(
                     f"the {self.backend.name} backend failed unexpectedly: {plugin_error(exc)}"
                 ) from exc
 
