@@ -1584,7 +1584,7 @@ def test_a_kubeconfig_rewritten_while_shiphook_runs_is_read_again(kube, harness_
     wrong one written over a good one."""
     kube.deployment("web")
     kubeconfig = kube.cluster.write_kubeconfig(tmp_path / "rotated.kubeconfig", "expired")
-    web = target("web", "app", deployment="web")
+    web = target("web", "app", deployment="web", retry_budget=60)
     harness = harness_factory(kube_config(tmp_path, kube, web, kubeconfig=kubeconfig))
     hook = harness.new_hook("web")
     refused = wait_post(harness, hook, {"imageTag": "v2"}).json["deployment"]
@@ -1600,6 +1600,15 @@ def test_a_kubeconfig_rewritten_while_shiphook_runs_is_read_again(kube, harness_
     refused = wait_post(harness, hook, {"imageTag": "v3"}).json["deployment"]
     assert refused["status"] == "failed", refused
     assert kube.images("deployment", "web") == {"app": f"{APP}:v2"}
+    # caught half-written, it is retried, not taken for a file that is no kubeconfig
+    kubeconfig.write_text("")
+    deployment_id = harness.deploy(hook, {"imageTag": "v3"})
+    eventually(
+        lambda: "retry 1 in" in harness.instance.deployments.get(deployment_id).message,
+        "a retry",
+    )
+    kube.cluster.write_kubeconfig(kubeconfig, kube.cluster.admin_token)
+    assert harness.wait_for(deployment_id, timeout=90)["status"] == "succeeded"
 
 
 def test_an_api_server_whose_certificate_is_not_trusted_fails_at_once_in_one_line(

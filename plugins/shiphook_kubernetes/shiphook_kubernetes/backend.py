@@ -282,12 +282,18 @@ class KubernetesBackend(Backend):
             # in the cluster the client reads the pod's rotated token again on its own
             seen = None if self.options.in_cluster else file_stamp(self.options.kubeconfig)
             if self._client is not None and seen != self._made_from:
+                # not closed: another thread may be in a call on it; its pool goes with it
                 log.info("%s changed: reading it again", self.options.kubeconfig)
-                self._client.api.close()
                 self._client = None
             if self._client is None:
-                with self._api_errors():
-                    self._client = self._connect()
+                try:
+                    with self._api_errors():
+                        self._client = self._connect()
+                except BackendError as exc:
+                    if self._made_from is None:
+                        raise
+                    # it read well before: caught while being rewritten, perhaps
+                    raise BackendError(exc.message, transient=True) from None
                 self._made_from = seen
             return self._client
 

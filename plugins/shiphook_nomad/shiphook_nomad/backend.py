@@ -227,8 +227,8 @@ class NomadBackend(Backend):
         with self._client_lock:
             seen = file_stamp(self.options.token_file)
             if self._client is not None and seen != self._made_from:
+                # not closed: another thread may be in a call on it; its pool goes with it
                 log.info("%s changed: reading it again", self.options.token_file)
-                self._client.session.close()
                 self._client = None
             if self._client is None:
                 try:
