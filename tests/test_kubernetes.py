@@ -1664,8 +1664,8 @@ def test_an_api_server_that_never_answers_is_given_up_after_the_timeout(tmp_path
     assert checked.returncode == 1
     assert (
         f"backend k8s (kubernetes): UNREACHABLE: cannot reach the API server of {kubeconfig}: "
+        "no answer within 1 s\n"
     ) in checked.stdout, checked.stdout
-    assert "timed out" in checked.stdout
 
 
 @pytest.mark.parametrize(

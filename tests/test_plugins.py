@@ -447,7 +447,7 @@ def test_shiphook_plugins_lists_what_is_installed_while_a_target_names_an_unknow
 
 
 @pytest.fixture
-def loopback(tmp_path) -> Iterator[dict[str, str]]:
+def loopback(tmp_path) -> Iterator[list[tuple[str, str]]]:
     """Addresses that fail each way: refused, silent, closing at once, TLS of an unknown CA."""
     listeners = []
 
@@ -481,15 +481,19 @@ def loopback(tmp_path) -> Iterator[dict[str, str]]:
     refused = socket.socket()  # bound, never listening: the port refuses
     refused.bind(("127.0.0.1", 0))
     listeners.append(refused)
-    yield {
-        "Connection refused": f"http://127.0.0.1:{refused.getsockname()[1]}/",
-        "timed out": f"http://127.0.0.1:{listener()}/",
-        "The handshake operation timed out": f"https://127.0.0.1:{listener()}/",
-        "Remote end closed connection without response": f"http://127.0.0.1:{listener(close_each)}/",
-        "certificate verify failed: unable to get local issuer certificate": (
-            f"https://127.0.0.1:{listener(handshake_each)}/"
+    yield [
+        ("Connection refused", f"http://127.0.0.1:{refused.getsockname()[1]}/"),
+        ("no answer within 0.5 s", f"http://127.0.0.1:{listener()}/"),
+        ("no answer within 0.5 s", f"https://127.0.0.1:{listener()}/"),  # no TLS handshake
+        (
+            "Remote end closed connection without response",
+            f"http://127.0.0.1:{listener(close_each)}/",
         ),
-    }
+        (
+            "certificate verify failed: unable to get local issuer certificate",
+            f"https://127.0.0.1:{listener(handshake_each)}/",
+        ),
+    ]
     for server in listeners:
         server.close()
 
@@ -499,10 +503,15 @@ def test_connection_failure_names_the_cause_under_the_http_client_s_wrappers(loo
     """What the plugins put after "cannot reach ...": no pool, retry count or repr of an
     object (`HTTPConnectionPool(host=...): Max retries exceeded ... (Caused by ...)`)."""
     pool = urllib3.PoolManager(retries=False)
-    for says, url in loopback.items():
+    for says, url in loopback:
         with pytest.raises(Exception) as caught:
             if client == "requests":
                 requests.get(url, timeout=0.5)
             else:
                 pool.request("GET", url, timeout=0.5)
         assert connection_failure(caught.value) == says, (url, caught.value)
+    if client == "requests":  # a proxy refusing is not the server refusing
+        refused = loopback[0][1]
+        with pytest.raises(requests.exceptions.ProxyError) as caught:
+            requests.get("http://example.invalid/", proxies={"http": refused}, timeout=0.5)
+        assert connection_failure(caught.value) == "the proxy: Connection refused"

@@ -83,16 +83,23 @@ def connection_failure(exc: BaseException) -> str:
     client's wrappers (requests and urllib3 put their pool, their retries and reprs of their
     connection objects around it): "Connection refused", "timed out", "Name or service not
     known", "certificate verify failed: self-signed certificate"."""
-    cause, seen = exc, {id(exc)}
-    while (inner := _inner(cause)) is not None and id(inner) not in seen:
-        cause = inner
+    chain, seen = [exc], {id(exc)}
+    while (inner := _inner(chain[-1])) is not None and id(inner) not in seen:
+        chain.append(inner)
         seen.add(id(inner))
+    names = {type(e).__name__ for e in chain}  # the clients' own, not imported here
+    if names & {"ReadTimeoutError", "ReadTimeout"}:  # it connected, and did not answer
+        waited = re.search(r"read timeout=([\d.]+)", str(exc))
+        return f"no answer within {float(waited[1]):g} s" if waited else "no answer in time"
+    cause = chain[-1]
     if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, OSError) and cause.strerror and not isinstance(cause, ssl.SSLError):
-        return cause.strerror
-    text = re.sub(r"\s*\(_ssl\.c:\d+\)|_ssl\.c:\d+: ", "", str(cause))
-    return one_line(text) or type(cause).__name__
+        said = f"certificate verify failed: {cause.verify_message}"
+    elif isinstance(cause, OSError) and cause.strerror and not isinstance(cause, ssl.SSLError):
+        said = f"{cause.strerror}: {cause.filename}" if cause.filename else cause.strerror
+    else:
+        text = re.sub(r"\s*\(_ssl\.c:\d+\)|_ssl\.c:\d+: ", "", str(cause))
+        said = one_line(text) or type(cause).__name__
+    return f"the proxy: {said}" if "ProxyError" in names else said
 
 
 def file_stamp(path: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
