@@ -373,7 +373,7 @@ def test_without_an_admin_token_every_admin_route_is_403(harness_factory, monkey
         assert result.json == {
             "title": "403 Forbidden",
             "description": "the admin API is disabled: "
-            "start shiphook with SHIPHOOK_ADMIN_TOKEN set",
+            "start shiphook with SHIPHOOK_ADMIN_TOKEN (or SHIPHOOK_ADMIN_TOKEN_SHA256) set",
         }
 
 

@@ -105,7 +105,7 @@ def connection_failure(exc: BaseException) -> str:
 def file_stamp(path: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
     """Inode, modification time and size of a file a backend's client is made from (a
     kubeconfig, a token file): once the file is rewritten or replaced, one of them differs, and
-    the backend makes its client again. None for no file, or one that cannot be read now."""
+    the backend makes its client again. None for no file, or one that is not there now."""
     if path is None:
         return None
     try:

@@ -156,9 +156,12 @@ def check(ctx: click.Context) -> None:
             click.echo(f"backend {name} ({backend.name}): {said}")
             usable.add(name)
         except BackendError as exc:  # transient: not reached; else reached, and it refused
-            unusable[name] = "is unreachable" if exc.transient else "is not usable"
-            said = unusable[name].removeprefix("is ").upper()
-            click.echo(f"backend {name} ({backend.name}): {said}: {exc.message}")
+            label, unusable[name] = (
+                ("UNREACHABLE", "is unreachable")
+                if exc.transient
+                else ("NOT USABLE", "is not usable")
+            )
+            click.echo(f"backend {name} ({backend.name}): {label}: {exc.message}")
             failed = True
         except (Exception, SystemExit) as exc:  # a plugin bug: named, not a traceback or an exit
             unusable[name] = "failed"

@@ -362,7 +362,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 command.upgrade(config, revision)
     except (SQLAlchemyError, OSError) as exc:
         raise unusable(engine, exc) from None
-    except CommandError as exc:  # "Can't locate revision identified by '0099'"
+    except CommandError as exc:
+        if "Can't locate revision" not in str(exc):
+            raise
         raise ConfigError(
             f"{database_url_source()}: cannot use {safe_url(engine)}: its schema is unknown to "
             f"this shiphook ({exc}): a newer version wrote it; run that version, or restore "

@@ -49,11 +49,16 @@ class Instance:
         """Bring the database to the latest schema; the path of the SQLite file if this made it
         (a relative `sqlite:///` path is the working directory's: a command run elsewhere than
         `serve` would use another database)."""
-        engine = self.storage.engine
-        path = engine.url.database if engine.dialect.name == "sqlite" else None
-        new = path is not None and path != ":memory:" and not os.path.exists(path)
-        upgrade(engine)
-        return os.path.abspath(path) if new and path is not None else None
+        url = self.storage.engine.url
+        path = url.database or ""
+        new = (
+            url.get_backend_name() == "sqlite"
+            and path not in ("", ":memory:")
+            and "uri" not in url.query  # file:...?mode=memory and the like
+            and not os.path.exists(path)
+        )
+        upgrade(self.storage.engine)
+        return os.path.abspath(path) if new else None
 
     def close(self) -> None:
         for backend in self.backends.values():

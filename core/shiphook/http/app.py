@@ -97,7 +97,8 @@ class AdminGuard:
     def check(self, req: Request) -> None:
         if self._digest is None:
             raise AdminDisabled(
-                "the admin API is disabled: start shiphook with SHIPHOOK_ADMIN_TOKEN set"
+                "the admin API is disabled: start shiphook with SHIPHOOK_ADMIN_TOKEN (or "
+                "SHIPHOOK_ADMIN_TOKEN_SHA256) set"
             )
         scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not given:

@@ -862,7 +862,8 @@ class KubernetesBackend(Backend):
         message = f"job {ref['job']}: {counts}"
         # why an active pod does not run (ImagePullBackOff, CrashLoopBackOff): neither ends
         # the Job, so rollout_timeout does, and its message says why
-        problems = self._job_problems(job) if status.get("active") else ""
+        active = status.get("active") or 0
+        problems = self._job_problems(job) if status.get("ready", 0) < active else ""
         return Progress("running", f"{message}; {problems}" if problems else message)
 
     def _job_problems(self, job: dict[str, Any]) -> str:
