@@ -436,6 +436,24 @@ def test_a_log_pipe_whose_reader_is_gone_costs_its_lines_not_the_server(tmp_path
         server.stop(signal.SIGKILL)
 
 
+def test_hook_requests_are_accepted_again_once_the_database_file_is_writable_again(tmp_path, serve):
+    """A write-ahead log made immutable (`chattr +i`, a file system gone read-only) at the
+    server's first hook request: 503 while it lasts, 201 once it is writable again."""
+    config = fleet_config(tmp_path, apps=1, jobs=0)
+    created = run_cli("hooks", "create", "app0", "--name", "ci", "--json", config=config)
+    token = json.loads(created.stdout)["token"]
+    server = serve(config)
+    wal = tmp_path / "shiphook.db-wal"
+    if subprocess.run(["chattr", "+i", str(wal)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system that has it")
+    try:
+        assert post_hook(server, token, {"imageTag": "2.0"})[0] == 503
+    finally:
+        subprocess.run(["chattr", "-i", str(wal)], check=True)
+    eventually(lambda: post_hook(server, token, {"imageTag": "2.1"})[0] == 201, "a 201 again")
+    assert "database reachable again" in server.log()
+
+
 def answers(server: Server) -> bool:
     try:
         return server.request("GET", "/healthz")[0] == 200

@@ -212,7 +212,12 @@ class DirectConnections:
             yield cursor
             cursor.close()
         except self.engine.dialect.loaded_dbapi.Error as exc:
-            if self.engine.dialect.is_disconnect(exc, connection, None):
+            dbapi = self.engine.dialect.loaded_dbapi
+            if self.engine.dialect.is_disconnect(exc, connection, None) or (
+                # SQLite: a connection that met a read-only or failing file may stay so
+                # (its write-ahead log opened read-only) when the file is writable again
+                not self._psycopg and isinstance(exc, dbapi.OperationalError)
+            ):
                 connection.close()  # a fresh one next time
                 raise
             self._rollback(connection)
