@@ -860,8 +860,8 @@ class KubernetesBackend(Backend):
                 return Progress("failed", f"{message}; {problems}" if problems else message)
         counts = ", ".join(f"{status.get(k) or 0} {k}" for k in ("active", "succeeded", "failed"))
         message = f"job {ref['job']}: {counts}"
-        # why an active pod does not run (ImagePullBackOff, CrashLoopBackOff): neither ends
-        # the Job, so rollout_timeout does, and its message says why
+        # why an active pod does not run: an image that cannot be pulled never ends the Job,
+        # so rollout_timeout does, and its message says why
         active = status.get("active") or 0
         problems = self._job_problems(job) if status.get("ready", 0) < active else ""
         return Progress("running", f"{message}; {problems}" if problems else message)
