@@ -145,7 +145,7 @@ def check(ctx: click.Context) -> None:
     except (SQLAlchemyError, OSError) as exc:
         click.echo(f"database {safe_url(database)}: UNREACHABLE: {describe_failure(database, exc)}")
         failed = True
-    usable, unusable = set(), {}  # the backends, and why each of the others is
+    unusable: dict[str, str] = {}  # the backends that did not answer check, and why
     for name, backend in instance.backends.items():
         bound = min(  # as long as any of its targets would wait for a call
             (t.call_timeout for t in instance.config.targets.values() if t.backend == name),
@@ -154,7 +154,6 @@ def check(ctx: click.Context) -> None:
         try:
             said = one_line(_bounded(bound, backend, "check"))
             click.echo(f"backend {name} ({backend.name}): {said}")
-            usable.add(name)
         except BackendError as exc:  # transient: not reached; else reached, and it refused
             label, unusable[name] = (
                 ("UNREACHABLE", "is unreachable")
@@ -168,7 +167,7 @@ def check(ctx: click.Context) -> None:
             click.echo(f"backend {name} ({backend.name}): FAILED: {plugin_error(exc)}")
             failed = True
     for name, target in instance.config.targets.items():
-        if target.backend not in usable:
+        if target.backend in unusable:
             why = unusable[target.backend]
             click.echo(f"target {name}: not checked, backend {target.backend} {why}")
             continue

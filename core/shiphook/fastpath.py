@@ -212,13 +212,14 @@ class DirectConnections:
             yield cursor
             cursor.close()
         except self.engine.dialect.loaded_dbapi.Error as exc:
-            dbapi = self.engine.dialect.loaded_dbapi
+            # a fresh one next time for one gone, and on SQLite for one that met a read-only
+            # or failing file: it may stay so (its write-ahead log opened read-only) once the
+            # file is writable again
             if self.engine.dialect.is_disconnect(exc, connection, None) or (
-                # SQLite: a connection that met a read-only or failing file may stay so
-                # (its write-ahead log opened read-only) when the file is writable again
-                not self._psycopg and isinstance(exc, dbapi.OperationalError)
+                not self._psycopg
+                and isinstance(exc, self.engine.dialect.loaded_dbapi.OperationalError)
             ):
-                connection.close()  # a fresh one next time
+                connection.close()
                 raise
             self._rollback(connection)
             self._idle.put(connection)

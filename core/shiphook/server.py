@@ -54,7 +54,7 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
         config_path,
         _count(len(instance.config.targets), "target"),
         _count(settings.workers, "HTTP worker"),
-        "on" if instance.admin_digest else "off: SHIPHOOK_ADMIN_TOKEN is not set",  # nor its digest
+        "on" if instance.admin_digest else "off: SHIPHOOK_ADMIN_TOKEN is not set",
     )
     config = uvicorn.Config(
         "shiphook.http.worker:worker_app",
