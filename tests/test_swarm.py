@@ -27,6 +27,7 @@ from shiphook.instance import open_instance
 from shiphook.services import parse_hook_body
 from shiphook.testing import eventually
 from shiphook_swarm import SwarmBackend, SwarmOptions, SwarmTargetOptions
+from shiphook_swarm.backend import same_image
 from swarm_support import (
     NotAManagerProxy,
     job_body,
@@ -106,6 +107,45 @@ def test_deploying_the_image_already_running_succeeds_at_once(
     steps = [event["message"] for event in deployment["history"]]
     assert f"already runs {APP}:v1: no rollout" in steps
     assert not any(step.startswith("rolling out") for step in steps), steps
+
+
+DIGEST = "sha256:" + "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("current", "wanted", "same"),
+    [
+        ("app:v1", "app:v1", True),
+        (f"app:v1@{DIGEST}", "app:v1", True),  # the registry could not be asked
+        ("app:v1", f"app:v1@{DIGEST}", True),  # created with the tag as it is
+        (f"app:v1@{DIGEST}", f"app:v1@{DIGEST}", True),
+        (f"app:v1@{DIGEST}", f"app:v1@sha256:{'1' * 64}", False),  # the tag was pushed again
+        ("app:v1", "app:v2", False),
+        (f"app@{DIGEST}", f"app:v1@{DIGEST}", False),
+        ("app:v1", "other/app:v1", False),
+    ],
+)
+def test_a_service_runs_the_wanted_image_when_tag_and_any_known_digests_match(
+    current, wanted, same
+):
+    assert same_image(current, wanted) is same
+
+
+def test_the_tag_a_pinned_service_runs_starts_no_rollout_when_the_registry_cannot_be_asked(
+    engine, services
+):
+    """With `resolve_image` on (the default) and no registry to ask, the tag is deployed as it
+    is; a service pinned to a digest of that tag already runs it."""
+    service = services.app()
+    pinned = f"{APP}:v1@{DIGEST}"
+    docker(
+        engine, "service", "update", "--detach", "--no-resolve-image", "--image", pinned, service
+    )
+    version = services.inspect(service)["Version"]["Index"]
+    t = Target(name="t", kind="app", backend="swarm", options=SwarmTargetOptions(service=service))
+    ref = backend_on(engine.host).deploy(t, image_tag="v1", deployment_id="d1")
+    assert (ref["image"], ref["updated"]) == (pinned, False), ref
+    assert services.inspect(service)["Version"]["Index"] == version  # not updated at all
 
 
 def test_a_broken_tag_is_rolled_back_to_the_old_image_with_swarms_message(

@@ -394,9 +394,7 @@ class SwarmBackend(Backend):
             if ran is not None:
                 # ... and Swarm rolled it back on its own, which also drops PreviousSpec
                 return ref(service, ran, current, True)
-            if current == wanted or (
-                not target.options.resolve_image and current.split("@", 1)[0] == wanted
-            ):
+            if same_image(current, wanted):
                 return ref(service, current, current, False)
             replaced["image"] = current
             container = spec["TaskTemplate"]["ContainerSpec"]
@@ -726,6 +724,18 @@ def _mode(spec: dict[str, Any]) -> str:
 
 def _image(spec: dict[str, Any]) -> str:
     return spec["TaskTemplate"]["ContainerSpec"]["Image"]
+
+
+def same_image(current: str, wanted: str) -> bool:
+    """Whether a service on `current` already runs `wanted`: the same `<repository>:<tag>`, and
+    the same digest where both are pinned. A digest known on one side only (the registry could
+    not be asked, or the service was created with the tag as it is) is no new image: updating
+    the spec to add or drop it would restart every task for the tag it already runs."""
+    current_name, _, current_digest = current.partition("@")
+    wanted_name, _, wanted_digest = wanted.partition("@")
+    return current_name == wanted_name and (
+        current_digest == wanted_digest or not (current_digest and wanted_digest)
+    )
 
 
 def _own_image(spec: dict[str, Any]) -> str:
