@@ -26,6 +26,7 @@ assert here carries its own message.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -535,11 +536,14 @@ class BackendConformance:
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
         assert_tag(self.workload_image(locator), self.failing_tag)
 
-    def test_a_rollback_onto_a_failure_left_in_place_fails_and_one_on_demand_recovers(self):
+    @pytest.mark.parametrize("crash", [False, True], ids=["followed", "repeated after a crash"])
+    def test_a_rollback_onto_a_failure_left_in_place_fails_and_one_on_demand_recovers(self, crash):
         """A rollback restores what ran before the deployment: when that is a failure left in
         place, the restored workload is no healthier, and the deployment fails saying that its
-        rollback failed (not `rolled_back`, and not another image the backend chose). The way
-        back to health is the rollback on demand of the deployment left in place."""
+        rollback failed (not `rolled_back`, and not another image the backend chose), also when
+        the process died right after asking for the rollback and the resumed deployer asked
+        again. The way back to health is the rollback on demand of the deployment left in
+        place."""
         self._requires(kind="app", rollback=True)
         assert self.other_failing_tag, "set other_failing_tag to a second failing tag"
         app = self._app(on_failure="leave")
@@ -554,9 +558,11 @@ class BackendConformance:
         locator = self._locator(app)
         assert_tag(self.workload_image(locator), self.failing_tag)
 
+        calls = self._crash_once(shiphook, "rollback") if crash else ["rollback"] * 2
         answer = shiphook.post_hook(
             shiphook.new_hook("rolling-back"), {"imageTag": self.other_failing_tag}, params=wait
         )
+        assert calls == ["rollback", "rollback"], calls
         assert answer.status_code == 502, answer.text
         deployment = answer.json["deployment"]
         assert deployment["status"] == "failed", deployment
@@ -759,19 +765,25 @@ class BackendConformance:
     @staticmethod
     def _crash_once(shiphook: Shiphook, method: str) -> list[str]:
         """Make the first call of `method` kill its deployer thread after the orchestrator
-        accepted it; return the deployment id of every call."""
-        backend = shiphook.instance.backends["conformance"]
-        real = getattr(backend, method)
+        accepted it, and the backend object with it: the resumed deployer calls a new one,
+        which knows only what the stored reference and the orchestrator say, as after a
+        restart. Return the deployment id of every call."""
+        backends = shiphook.instance.backends
         calls: list[str] = []
 
-        def crashing(*args: Any, **kwargs: Any) -> Any:
+        def crashing(backend: Backend, *args: Any, **kwargs: Any) -> Any:
             calls.append(kwargs.get("deployment_id", method))  # rollback(target, ref) has none
-            ref = real(*args, **kwargs)
+            ref = getattr(type(backend), method)(backend, *args, **kwargs)
             if len(calls) == 1:
+                restarted = type(backend)(backend.options)
+                setattr(restarted, method, functools.partial(crashing, restarted))
+                backends["conformance"] = restarted  # each execution takes it when it starts
+                backend.close()
                 raise _Crash
             return ref
 
-        setattr(backend, method, crashing)  # the deployer looks the method up on every call
+        backend = backends["conformance"]
+        setattr(backend, method, functools.partial(crashing, backend))
         return calls
 
 

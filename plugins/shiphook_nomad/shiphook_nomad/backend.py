@@ -672,7 +672,13 @@ class NomadBackend(Backend):
         if job["Version"] != ref["version"]:
             _, task = _locate(job, target)
             if back is not None and task["Config"]["image"] == _image(back, ref["group"]):
-                return answer | {"image": task["Config"]["image"]}  # an earlier call reverted
+                # an earlier call reverted: follow the version it made, which may yet fail
+                return answer | {
+                    "version": job["Version"],
+                    "image": task["Config"]["image"],
+                    "reverted_to": back["Version"],
+                    "updated": True,
+                }
             raise BackendError(
                 f"job {job_id} is at version {job['Version']}, not {ref['version']} as this "
                 "deployment left it: something else changed it, so shiphook does not roll it "
