@@ -14,10 +14,10 @@ make workloads on their orchestrator and how to read back what runs::
         ...
 
 Every scenario goes through the real shiphook deployer over a real database (one through a real
-`shiphook serve` and HTTP), never by calling backend methods in an order of its own. Which
-scenarios apply follows only from the backend's capability flags (`kinds`, `can_rollback`,
-`concurrent_runs`): a subclass cannot override a scenario, and the plugin refuses skip markers
-on them. The guide is docs/plugins.md.
+`shiphook serve` and HTTP), never by calling backend methods that change anything in an order
+of its own. Which scenarios apply follows only from the backend's capability flags (`kinds`,
+`can_rollback`, `concurrent_runs`): a subclass cannot override a scenario, and the plugin
+refuses skip markers on them. The guide is docs/plugins.md.
 
 PYTEST_DONT_REWRITE: backend test modules import this before pytest loads it as a plugin; every
 assert here carries its own message.
@@ -469,7 +469,10 @@ class BackendConformance:
             assert deployment["status"] == "succeeded", deployment
             return deployment
 
-        post(self.healthy_tag)
+        first = post(self.healthy_tag)
+        # what it rolled out, and what ran before it: the same meaning on every backend
+        assert_tag(first["backendRef"]["image"], self.healthy_tag)
+        assert_tag(first["previousImage"], self.initial_tag)
         locator = self._locator(app)
         assert_tag(self.workload_image(locator), self.healthy_tag)
         running = self.running_images(locator)
@@ -479,6 +482,8 @@ class BackendConformance:
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
         # the ref's `image` is the one running: shiphook says so
         assert any("no rollout" in event["message"] for event in again["history"]), again
+        assert_tag(again["backendRef"]["image"], self.healthy_tag)
+        assert_tag(again["previousImage"], self.healthy_tag)
         assert {tag_of(i) for i in self.running_images(locator)} == {self.healthy_tag}
 
     def test_a_failing_tag_is_rolled_back_with_the_orchestrators_reason(self):
@@ -531,6 +536,8 @@ class BackendConformance:
         again = answer.json["deployment"]
         assert again["status"] == "failed", again
         assert any("no rollout" in event["message"] for event in again["history"]), again
+        assert_tag(again["backendRef"]["image"], self.failing_tag)
+        assert_tag(again["previousImage"], self.failing_tag)
         assert self.failing_reason in again["message"], again
         assert again["message"].endswith("it ran before this deployment: not rolled back"), again
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
@@ -674,12 +681,14 @@ class BackendConformance:
         first_run = self._ended(shiphook, first)
         assert first_run["status"] == "succeeded", first_run
         assert_tag(self.job_run(self._locator(job), first_run).image, self.other_job_tag)
+        assert_tag(first_run["backendRef"]["image"], self.other_job_tag)
         # what `shiphook check` shows the job running is its own image, not that run's
         target = shiphook.instance.config.targets["job"]
         assert_tag(shiphook.instance.backends[target.backend].describe(target).image, self.job_tag)
         second = self._ended(shiphook, shiphook.deploy(token, {}))
         assert second["status"] == "succeeded", second
         assert_tag(self.job_run(self._locator(job), second).image, self.job_tag)
+        assert_tag(second["backendRef"]["image"], self.job_tag)
 
     def test_a_failing_job_run_fails_with_the_orchestrators_reason(self):
         self._requires(kind="job")
