@@ -38,6 +38,8 @@ IMAGES = {
     f"{APP}:v2": ["/bin/busybox", "sleep", "86401"],
     f"{APP}:broken": ["/bin/busybox", "sh", "-c", "echo cannot start >&2; exit 1"],
     f"{APP}:also-broken": ["/bin/busybox", "sh", "-c", "echo cannot start >&2; exit 1"],
+    # runs a moment, as a process that fails on its first request does: a check has to wait
+    f"{APP}:broken-later": ["/bin/busybox", "sh", "-c", "sleep 0.5; echo gave up >&2; exit 1"],
     f"{JOB}:ok": ["/bin/busybox", "sh", "-c", "echo GREETING=$GREETING NAME=$NAME"],
     f"{JOB}:fail": ["/bin/busybox", "sh", "-c", "echo migration failed >&2; exit 1"],
     # the conformance suite's jobs: print the environment, exit with $EXIT

@@ -12,7 +12,9 @@ import docker.errors
 import pytest
 from conftest import write_config
 from dockerd import APP
+from shiphook import BackendError, Target
 from shiphook.testing import BackendConformance, eventually
+from shiphook_docker import DockerBackend, DockerOptions, DockerTargetOptions
 from swarm_support import Engine
 
 pytest_plugins = ["shiphook.testing", "swarm_support"]
@@ -23,7 +25,7 @@ class TestDockerConformance(BackendConformance):
     rollout_timeout = 60
     initial_tag = "v1"
     healthy_tag = "v2"
-    failing_tag = "broken"
+    failing_tag = "broken-later"  # a container is up only once it has run `settle` seconds
     failing_reason = "exited with code 1"
     other_failing_tag = "also-broken"
 
@@ -181,3 +183,34 @@ def test_a_host_with_credentials_is_refused_without_quoting_them():
     for host in ("tcp://s3cret@127.0.0.1:2375", "ssh://user:s3cret@127.0.0.1"):
         with pytest.raises(ValueError, match="a host holds no credentials"):
             DockerOptions(host=host)
+
+
+def test_a_rollback_of_a_container_replaced_since_is_refused_and_changes_nothing(engine):
+    """Someone recreated the container after the deploy: the rollback says so and leaves it."""
+    client = engine.client()
+    name = f"shiphook-test-ctr-{uuid.uuid4().hex[:8]}"
+
+    def create() -> str:
+        host_config = client.create_host_config(network_mode="none")
+        made = client.create_container(f"{APP}:v1", name=name, host_config=host_config)
+        client.start(made["Id"])
+        return made["Id"]
+
+    create()
+    backend = DockerBackend(DockerOptions(host=engine.host, timeout=10, settle=1))
+    target = Target(
+        name="web", kind="app", backend="local", options=DockerTargetOptions(container=name)
+    )
+    try:
+        ref = backend.deploy(target, image_tag="v2", deployment_id="d1")
+        client.remove_container(name, force=True)
+        theirs = create()
+        with pytest.raises(BackendError, match="something else replaced it") as raised:
+            backend.rollback(target, ref)
+        assert not raised.value.transient
+        assert client.inspect_container(name)["Id"] == theirs
+        assert client.inspect_container(ref["replaced"])["State"]["Running"] is False
+    finally:
+        backend.close()
+        for container in client.containers(all=True, filters={"name": name}):
+            client.remove_container(container["Id"], force=True)

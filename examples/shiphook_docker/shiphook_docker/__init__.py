@@ -160,33 +160,43 @@ class DockerBackend(Backend):
         return config | {"Image": image, "HostConfig": old["HostConfig"]}
 
     def progress(self, target: DockerTarget, ref: Ref) -> Progress:
+        """A rollout and a rollback alike: up once the container has run `settle` seconds."""
         state = self.inspect(ref["container"])["State"]
-        if ref.get("op") == "rollback":
-            up = state["Running"]
-            return Progress("succeeded" if up else "failed", f"container {state['Status']}")
         health = (state.get("Health") or {}).get("Status")
         if state["Status"] in ("exited", "dead") or state.get("Restarting"):
             why = f": {state['Error']}" if state.get("Error") else ""
             return Progress("failed", f"the container exited with code {state['ExitCode']}{why}")
         if health == "unhealthy":
             log = (state["Health"].get("Log") or [{}])[-1].get("Output", "").strip()
-            return Progress("failed", f"the new container is unhealthy: {log}")
+            which = "restored" if ref.get("op") == "rollback" else "new"
+            return Progress("failed", f"the {which} container is unhealthy: {log}")
         if ref.get("unchanged") and state["Running"]:  # no rollout: its health is the answer
             return Progress("succeeded", f"{target.options.container} already runs {ref['image']}")
         started = time.time() - ref.get("started", time.time())
         if not state["Running"] or health == "starting" or started < self.options.settle:
             return Progress("running", f"container {state['Status']}, health {health or 'none'}")
-        self.remove(ref["replaced"])  # kept until the new container proved itself
+        if "replaced" in ref:
+            self.remove(ref["replaced"])  # kept until the new container proved itself
         return Progress("succeeded", f"{ref['image']} up, health {health or 'none'}")
 
     def rollback(self, target: DockerTarget, ref: Ref) -> Ref:
         name = target.options.container
-        if not ref.get("unchanged") and self.inspect(name)["Id"] == ref["container"]:
-            self.remove(ref["container"])
-            self.call(lambda api: api.rename(ref["replaced"], name))
         restored = ref["container"] if ref.get("unchanged") else ref["replaced"]
+        try:
+            current = self.inspect(name)["Id"]
+        except BackendError:
+            current = None  # a crash between the removal and the rename below
+        if current not in (ref["container"], restored, None):
+            raise BackendError(
+                f"container {name} is {current[:12]}, not {ref['container'][:12]} as this "
+                "deployment left it: something else replaced it, so it is not rolled back"
+            )
+        if current != restored:
+            self.remove(ref["container"])
+            self.call(lambda api: api.rename(restored, name))
         self.call(lambda api: api.start(restored))
-        return {"op": "rollback", "container": restored, "image": ref["image"]}
+        image = self.inspect(restored)["Config"]["Image"]
+        return {"op": "rollback", "container": restored, "image": image, "started": time.time()}
 
 
 @hookimpl
