@@ -643,15 +643,19 @@ class BackendConformance:
         backend = self._requires(kind="app")
         app = self._app()
         shiphook = self._open({"app": app})
-        calls = self._crash_once(shiphook, "deploy")
+        locator = self._locator(app)
+        rolled_out: list[str] = []  # the workload's version once the first call returned
+        calls = self._crash_once(
+            shiphook, "deploy", then=lambda: rolled_out.append(self.workload_version(locator))
+        )
         tag = self.failing_tag if backend.can_rollback else self.healthy_tag
         deployment_id = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": tag})
         deployment = self._ended(shiphook, deployment_id)
         assert calls == [deployment_id, deployment_id], calls
-        locator = self._locator(app)
         if not backend.can_rollback:
             assert deployment["status"] == "succeeded", deployment
             assert_tag(self.workload_image(locator), self.healthy_tag)
+            assert rolled_out == [self.workload_version(locator)], "a second rollout"
             return
         # the repeated call followed the first rollout: its rollback returns to what ran before
         assert deployment["status"] == "rolled_back", deployment
@@ -772,11 +776,13 @@ class BackendConformance:
         return {"instanceEnvironmentVariables": [{"name": k, "value": v} for k, v in env.items()]}
 
     @staticmethod
-    def _crash_once(shiphook: Shiphook, method: str) -> list[str]:
+    def _crash_once(
+        shiphook: Shiphook, method: str, then: Callable[[], object] = lambda: None
+    ) -> list[str]:
         """Make the first call of `method` kill its deployer thread after the orchestrator
-        accepted it, and the backend object with it: the resumed deployer calls a new one,
-        which knows only what the stored reference and the orchestrator say, as after a
-        restart. Return the deployment id of every call."""
+        accepted it (and `then` looked at it), and the backend object with it: the resumed
+        deployer calls a new one, which knows only what the stored reference and the
+        orchestrator say, as after a restart. Return the deployment id of every call."""
         backends = shiphook.instance.backends
         calls: list[str] = []
 
@@ -784,6 +790,7 @@ class BackendConformance:
             calls.append(kwargs.get("deployment_id", method))  # rollback(target, ref) has none
             ref = getattr(type(backend), method)(backend, *args, **kwargs)
             if len(calls) == 1:
+                then()
                 restarted = type(backend)(backend.options)
                 setattr(restarted, method, functools.partial(crashing, restarted))
                 backends["conformance"] = restarted  # each execution takes it when it starts
