@@ -29,6 +29,7 @@ class TestKubernetesConformance(BackendConformance):
     other_failing_tag = "also-broken"
     job_tag = "ok"
     other_job_tag = "ok2"
+    job_variable = ("GREETING", "hello")  # the CronJob's container defines it
     failing_run_reason = "Error with exit code 3"  # kwok: a Job's pod exits with $EXIT
 
     @pytest.fixture(autouse=True)

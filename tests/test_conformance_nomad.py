@@ -28,6 +28,7 @@ class TestNomadConformance(BackendConformance):
     other_failing_tag = "exit-1-again"
     job_tag = "v1"
     other_job_tag = "v2"
+    job_variable = ("GREETING", "hello")  # a meta key with a default in the job's own meta
     failing_run_reason = "Exit Code: 3"
 
     @pytest.fixture(autouse=True)
@@ -54,8 +55,9 @@ class TestNomadConformance(BackendConformance):
 
     def make_job(self) -> dict[str, Any]:
         job_id = f"migrate-{uuid.uuid4().hex[:8]}"
-        optional = ("SHIPHOOK_CONFORMANCE", "EXIT")
-        self.fake.put_job(batch_job(job_id, self.job_tag, meta_optional=optional))
+        optional = ("SHIPHOOK_CONFORMANCE", "EXIT", "GREETING")
+        job = batch_job(job_id, self.job_tag, meta_optional=optional)
+        self.fake.put_job(job | {"Meta": dict([self.job_variable])})
         return {"job": job_id}
 
     def missing_workload(self, kind: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class TestScriptedConformance(BackendConformance):
     other_failing_tag = "bad-again"
     job_tag = "initial"
     other_job_tag = "other"
+    job_variable = ("GREETING", "hello")
     failing_run_reason = "task exited with code 3"
 
     @property
@@ -43,7 +44,7 @@ class TestScriptedConformance(BackendConformance):
         return {"name": f"web-{uuid.uuid4().hex[:8]}"}
 
     def make_job(self) -> dict[str, Any]:
-        return {"name": f"job-{uuid.uuid4().hex[:8]}"}
+        return {"name": f"job-{uuid.uuid4().hex[:8]}", "env": dict([self.job_variable])}
 
     def missing_workload(self, kind: str) -> dict[str, Any]:
         return {"name": "missing-workload"}

@@ -29,6 +29,7 @@ class TestSwarmConformance(BackendConformance):
     other_failing_tag = "also-broken"
     job_tag = "env"
     other_job_tag = "env2"
+    job_variable = ("GREETING", "hello")
     failing_run_reason = "task: non-zero exit (3)"
 
     @pytest.fixture(autouse=True)

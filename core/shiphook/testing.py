@@ -289,6 +289,8 @@ class BackendConformance:
     """The tag a fresh job runs; its workload prints its environment and exits with $EXIT."""
     other_job_tag: ClassVar[str] = ""
     """Another tag of the job's repository that also runs and succeeds."""
+    job_variable: ClassVar[tuple[str, str]] = ("", "")
+    """A variable the job of `make_job` defines itself, and its value."""
     failing_run_env: ClassVar[dict[str, str]] = {"EXIT": "3"}
     """Overrides that make a job run fail."""
     failing_run_reason: ClassVar[str] = ""
@@ -675,6 +677,23 @@ class BackendConformance:
         second = self._ended(shiphook, shiphook.deploy(token, {}))
         assert second["status"] == "succeeded", second
         assert MARKER not in self.job_run(self._locator(job), second).env
+
+    def test_a_job_runs_override_of_a_variable_of_its_own_holds_for_that_run_only(self):
+        """An override replaces the job's own value for that run; the next run without it sees
+        the job's own value again (in its environment, or where the orchestrator passes runs
+        their variables when `run_env_as_given` is false)."""
+        self._requires(kind="job")
+        name, own = self.job_variable
+        assert name, "set job_variable to a variable the job of make_job() defines, and its value"
+        job = self._job()
+        shiphook = self._open({"job": job})
+        token = shiphook.new_hook("job")
+        first = self._ended(shiphook, shiphook.deploy(token, self._run_body({name: "overridden"})))
+        assert first["status"] == "succeeded", first
+        assert self.job_run(self._locator(job), first).env.get(name) == "overridden"
+        second = self._ended(shiphook, shiphook.deploy(token, {}))
+        assert second["status"] == "succeeded", second
+        assert self.job_run(self._locator(job), second).env.get(name) == own
 
     def test_a_job_runs_image_tag_applies_to_that_run_only(self):
         self._requires(kind="job")

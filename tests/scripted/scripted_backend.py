@@ -76,6 +76,7 @@ class ScriptedTargetOptions(BaseModel):
 
     name: str
     repository: str = "registry.test/app"
+    env: dict[str, str] = {}  # a job's own variables, which a run's overrides replace
 
 
 class ScriptedBackend(Backend):
@@ -234,7 +235,11 @@ class ScriptedBackend(Backend):
         with self.state() as s:
             runs = s.setdefault("runs", {})
             if deployment_id not in runs:  # idempotent per deployment, like a derived job name
-                runs[deployment_id] = {"env": env, "tag": image_tag, "name": target.options.name}
+                runs[deployment_id] = {
+                    "env": target.options.env | env,
+                    "tag": image_tag,
+                    "name": target.options.name,
+                }
                 self._log(s, "run", target=target.name, env=env, deployment=deployment_id)
                 self._enter(s, target.name)
         image = f"{target.options.repository}:{image_tag or 'initial'}"
