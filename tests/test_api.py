@@ -325,7 +325,7 @@ UNKNOWN_DEPLOYMENT = "01a227f9-c3cc-7bc7-b32b-faf0907280e9"
 def admin_routes(app) -> list[tuple[str, str]]:
     """Every method and path the app answers with a responder of its own, with the path's
     fields filled in (the admin token is checked before anything is looked up)."""
-    fields = {"{deployment_id}": UNKNOWN_DEPLOYMENT, "{target}": "web", "{hook_id:int}": "1"}
+    fields = {"{deployment_id}": UNKNOWN_DEPLOYMENT, "{target}": "web", "{hook_id:whole}": "1"}
     found = []
     for route in falcon.inspect.inspect_routes(app):
         path = route.path

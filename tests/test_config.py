@@ -78,7 +78,7 @@ def test_every_target_key_reaches_the_target_its_backend_gets_and_the_api(tmp_pa
         "parameters": ["DAY"],
         "maxConcurrentRuns": 3,
         "callTimeout": 9.0,
-        "options": {"name": "nightly", "repository": "registry.test/nightly"},
+        "options": {"name": "nightly", "repository": "registry.test/nightly", "env": {}},
     }
     instance.close()
 
@@ -212,6 +212,22 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             "targets.w.retry_budget: Input should be a valid number",
         ),
         ("[server]\nmax_connections = 0\n", "server.max_connections: Input should be greater"),
+        # what the printed curl line and the listening socket would both fail on, later
+        *[
+            (f"[server]\nhost = {host!r}\n", f"server.host: expected a host name {rest}")
+            for host, rest in [
+                ("[::1]", "or an IP address; an IPv6 address without brackets"),
+                ("deploy.example.com:8080", "or an IP address; an IPv6 address without brackets"),
+                ("ci:s3cret@deploy.example.com", "or an IP address; an IPv6 address without"),
+                ("a" * 64, "(ASCII letters, digits, dots and dashes; labels of at most 63"),
+                ("", "(ASCII letters, digits, dots and dashes; labels of at most 63"),
+            ]
+        ],
+        # a credential is not quoted inside a list either
+        (
+            BACKEND + 'address = ["ci:s3cret@h"]\n',
+            "backends.fake.address: Input should be a valid string",
+        ),
         # a value too small to work with: every hook a 503, every request a 408, lease churn,
         # a scan loop that never sleeps
         *[

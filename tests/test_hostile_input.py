@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
@@ -199,6 +200,16 @@ def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
         (["deployments", "list", "--target", "\u0000"], "target: expected a target's name"),
         (["hooks", "delete", "100000000000000000000"], "no hook with id 100000000000000000000"),
         (["hooks", "delete", "2147483648"], "no hook with id 2147483648"),
+        (["hooks", "delete", "\u0667"], "'\u0667' is not a whole number (ASCII digits)"),
+        (["deployments", "list", "--limit", "\uff12"], "is not a whole number (ASCII digits)"),
+        (["hooks", "delete", "abc"], "'abc' is not a whole number (ASCII digits)"),
+        (["hooks", "create", "web"], "Missing option '--name'"),
+        (["deployments", "list", "--limit", "0"], "0 is not in the range 1<=x<=1000"),
+        (["bogus"], "No such command 'bogus' (see '"),
+        (["serve", "--host", "[::1]"], "an IPv6 address without brackets"),
+        (["serve", "--host", "\udcff"], "expected a host name"),
+        (["serve", "--host", "a" * 300], "labels of at most 63 characters"),
+        (["deployments", "show", "a" * 5000], "no deployment with id '" + "a" * 60 + "'..."),
     ],
     ids=[
         "name-nul",
@@ -210,6 +221,16 @@ def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
         "list-target-nul",
         "delete-huge-id",
         "delete-int32-overflow",
+        "delete-other-digits",
+        "limit-other-digits",
+        "delete-no-number",
+        "create-no-name",
+        "limit-out-of-range",
+        "no-such-command",
+        "host-in-brackets",
+        "host-not-utf8",
+        "host-label-too-long",
+        "show-long-id",
     ],
 )
 def test_the_cli_answers_hostile_arguments_in_one_line(
@@ -363,3 +384,67 @@ def test_a_failed_hook_insert_logs_no_token_digest(on_each_database, caplog, fai
     for secret in (token, tokens.digest(token)):  # ... without the secret
         assert secret not in caplog.text
         assert secret not in failed.text
+
+
+# -- a token where it would be stored or logged in clear ------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["token", "lookalike"])
+def test_a_hook_named_with_a_token_is_400_and_stores_nothing(quiet, shape):
+    """A token pasted into the name would be stored, listed and logged in clear."""
+    name = tokens.new_token() if shape == "token" else "a" * 32
+    result = quiet.client.simulate_post(
+        "/api/v1/targets/web/hooks", json={"name": name}, headers=ADMIN
+    )
+    assert_json_error(result, 400, "name: holds what looks like a token")
+    assert name not in result.text
+    assert stored(quiet) == ([], [])
+
+
+def test_a_token_as_idempotency_key_is_400_and_stores_nothing(quiet):
+    token = quiet.new_hook("web")
+    result = quiet.post_hook(token, {"imageTag": "1.0"}, headers={"Idempotency-Key": token})
+    assert_json_error(result, 400, "Idempotency-Key: holds what looks like a hook token")
+    assert token not in result.text
+    assert stored(quiet)[1] == []
+    sha = "0123456789abcdef0123456789abcdef01234567"  # a commit, as CI jobs use for keys
+    result = quiet.post_hook(token, {"imageTag": "1.0"}, headers={"Idempotency-Key": sha})
+    assert result.status_code == 201, result.text
+
+
+# -- numbers in other scripts' digits, and what is quoted back -----------------------------
+
+
+@pytest.mark.parametrize("hook_id", ["\u0661", "\uff11"], ids=["arabic-indic", "fullwidth"])
+def test_a_hook_id_in_other_digits_than_ascii_is_404_and_deletes_nothing(quiet, hook_id):
+    quiet.new_hook("web")  # hook 1
+    path = f"/api/v1/hooks/{urllib.parse.quote(hook_id)}"
+    assert quiet.client.simulate_get(path, headers=ADMIN).status_code == 404
+    assert quiet.client.simulate_delete(path, headers=ADMIN).status_code == 404
+    assert len(quiet.instance.hooks.list()) == 1
+
+
+def test_a_limit_in_other_digits_than_ascii_is_400(quiet):
+    result = quiet.client.simulate_get(
+        "/api/v1/deployments", query_string="limit=%EF%BC%92", headers=ADMIN
+    )
+    assert_json_error(result, 400, "limit: expected a whole number from 1 to 1000, got '\uff12'")
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "says"),
+    [
+        ("/api/v1/deployments/" + "a" * 3000, "", "no deployment with id '"),
+        ("/api/v1/deployments", "status=" + "s" * 200, "status: '"),
+        ("/api/v1/deployments", "target=" + "t" * 200, "got '"),
+        ("/api/v1/deployments", "limit=" + "9" * 200, "got '"),
+        ("/api/v1/targets/" + "t" * 200 + "/hooks", "", "no target named '"),
+    ],
+    ids=["deployment-id", "status", "target", "limit", "hooks-of-target"],
+)
+def test_an_error_quotes_at_most_60_characters_of_what_was_sent(quiet, path, query, says):
+    result = quiet.client.simulate_get(path, query_string=query, headers=ADMIN)
+    assert 400 <= result.status_code < 500, result.text
+    description = result.json["description"]
+    assert says in description and "'..." in description, description
+    assert len(description) < 250, description

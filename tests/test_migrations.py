@@ -135,3 +135,20 @@ def test_a_schema_a_newer_shiphook_wrote_is_one_line_and_exit_2(
         "a newer version wrote it; run that version, or restore the database as it was before "
         "that version's upgrade"
     ), line
+
+
+def test_check_says_a_schema_a_newer_shiphook_wrote_is_not_usable_and_exits_1(
+    database_url, tmp_path
+):
+    """`serve` refuses such a database (above): `check` says so, rather than all is well."""
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    engine.dispose()
+    env = plugin_env(SHIPHOOK_DATABASE_URL=database_url)
+    result = run_cli("check", config=scripted_config(tmp_path), env=env, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ": NOT USABLE: schema 0099, unknown to this shiphook (written by a newer version?)" in (
+        result.stdout
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -9,7 +10,7 @@ import re
 import socket
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -22,9 +23,9 @@ from shiphook.backends import (
     capabilities,
     checked_return,
 )
-from shiphook.config import config_path, host_port, read_config_file
-from shiphook.db import describe_failure, safe_url, schema_state, unusable
-from shiphook.errors import ShiphookError, one_line
+from shiphook.config import config_path, host_port, listen_host, read_config_file
+from shiphook.db import SchemaUnknown, describe_failure, safe_url, schema_state, unusable
+from shiphook.errors import ShiphookError, one_line, quoted
 from shiphook.instance import Instance, hide_admin_token, open_instance
 from shiphook.plugin_manager import (
     collect_backends,
@@ -45,17 +46,54 @@ from shiphook.tokens import TOKEN_HEADER
 
 
 class ShiphookGroup(click.Group):
-    """Turns shiphook's own errors into one line on stderr and exit status 2, no traceback."""
+    """Turns shiphook's own errors, and click's about the command line, into one line on stderr
+    and exit status 2, no traceback."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _usage_in_one_line(ctx):
+            return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             try:
-                return super().invoke(ctx)
+                with _usage_in_one_line(ctx):
+                    return super().invoke(ctx)
             except SQLAlchemyError as exc:  # the database failed after it was opened
                 raise unusable(ctx.obj["instance"].storage.engine, exc) from None
         except ShiphookError as exc:
             click.echo(f"shiphook: {exc.message}", err=True)
             ctx.exit(2)
+
+
+@contextlib.contextmanager
+def _usage_in_one_line(ctx: click.Context) -> Iterator[None]:
+    """click's usage errors, which it shows in four lines, in one; with the same exit status."""
+    try:
+        yield
+    except click.UsageError as exc:
+        command = (exc.ctx or ctx).command_path
+        message = exc.format_message().rstrip(".")
+        click.echo(f"shiphook: {message} (see '{command} --help')", err=True)
+        ctx.exit(exc.exit_code)
+
+
+class WholeNumber(click.IntRange):
+    """click's `IntRange` of ASCII digits only: Python's `int()` also reads other scripts'
+    digits (Arabic-Indic seven as 7), which an id or a count never is."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
+            self.fail(f"{quoted(value)} is not a whole number (ASCII digits)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def listen_host_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else listen_host(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{quoted(value)}: {exc}", ctx, param) from None
 
 
 @click.group(cls=ShiphookGroup)
@@ -116,8 +154,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
 
 
 @main.command()
-@click.option("--host", help="Listen address (default: [server] host).")
-@click.option("--port", type=click.IntRange(1, 65535), help="Listen port (default: [server] port).")
+@click.option(
+    "--host", callback=listen_host_option, help="Listen address (default: [server] host)."
+)
+@click.option("--port", type=WholeNumber(1, 65535), help="Listen port (default: [server] port).")
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Apply migrations, start the deployer and serve the API."""
@@ -142,6 +182,9 @@ def check(ctx: click.Context) -> None:
     database = instance.storage.engine
     try:
         click.echo(f"database {safe_url(database)}: {schema_state(database)}")
+    except SchemaUnknown as exc:
+        click.echo(f"database {safe_url(database)}: NOT USABLE: {exc}")
+        failed = True
     except (SQLAlchemyError, OSError) as exc:
         click.echo(f"database {safe_url(database)}: UNREACHABLE: {describe_failure(database, exc)}")
         failed = True
@@ -373,7 +416,7 @@ def hooks_list(ctx: click.Context, target: str | None, as_json: bool) -> None:
 
 
 @hooks.command("delete")
-@click.argument("hook_id", type=int)
+@click.argument("hook_id", type=WholeNumber())
 @json_option
 @click.pass_context
 def hooks_delete(ctx: click.Context, hook_id: int, as_json: bool) -> None:
@@ -403,7 +446,7 @@ def deployments() -> None:
 @click.option("--status", help="Only this status (queued, in_progress, succeeded, ...).")
 @click.option(
     "--limit",
-    type=click.IntRange(LIST_LIMITS.start, LIST_LIMITS.stop - 1),
+    type=WholeNumber(LIST_LIMITS.start, LIST_LIMITS.stop - 1),
     default=50,
     show_default=True,
 )

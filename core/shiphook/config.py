@@ -7,6 +7,7 @@ file, the key path and what is expected.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -48,6 +49,27 @@ def _name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_name)]
 
 
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def listen_host(host: str) -> str:
+    """An address to listen on: a host name, an IPv4 address, or an IPv6 address (without
+    the brackets a URL puts around it); `ValueError` saying so for anything else."""
+    try:
+        ipaddress.IPv6Address(host) if ":" in host else None
+    except ValueError:
+        raise ValueError(
+            "expected a host name or an IP address; an IPv6 address without brackets, and no "
+            "port (that goes in port)"
+        ) from None
+    if ":" not in host and not HOST_NAME.fullmatch(host):
+        raise ValueError(
+            "expected a host name (ASCII letters, digits, dots and dashes; labels of at most 63 "
+            "characters) or an IP address"
+        )
+    return host
+
+
 def host_port(host: str, port: int) -> str:
     """`host:port` as a URL writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -56,7 +78,7 @@ def host_port(host: str, port: int) -> str:
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(listen_host)] = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535, strict=True)
     database_url: str = "sqlite:///shiphook.db"
     public_url: str | None = Field(None, description="base URL CI jobs use, for printed curl lines")

@@ -372,9 +372,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         ) from None
 
 
+class SchemaUnknown(Exception):
+    """A schema this shiphook has no migration for: `serve` refuses the database."""
+
+
 def schema_state(engine: Engine) -> str:
-    """The database's schema version against this shiphook's, in words (for `shiphook check`).
-    An SQLite file that does not exist yet is not created."""
+    """The database's schema version against this shiphook's, in words (for `shiphook check`);
+    `SchemaUnknown` for one it cannot use. An SQLite file that does not exist yet is not
+    created."""
     if engine.dialect.name == "sqlite":
         path = Path(engine.url.database or "")
         if not path.exists():  # what `serve` would meet creating it (OSError, as it would)
@@ -394,5 +399,7 @@ def schema_state(engine: Engine) -> str:
     try:
         script.get_revision(current)
     except CommandError:
-        return f"schema {current}, unknown to this shiphook (written by a newer version?)"
+        raise SchemaUnknown(
+            f"schema {current}, unknown to this shiphook (written by a newer version?)"
+        ) from None
     return f"schema {current}, this shiphook needs {head}: run `shiphook db upgrade`"

@@ -229,16 +229,25 @@ def _shown_input(value: object) -> str:
 
 
 def shown_key(key: int | str) -> str:
-    """A key or index as an error shows it: a plain one as it is, any other quoted, escaped and
-    cut short, so that a key a caller sent can neither forge a log line nor fill one."""
+    """A key or index as an error shows it: a plain one as it is, any other `quoted` shorter."""
     if isinstance(key, int) or PLAIN_KEY.fullmatch(key):
         return str(key)
-    return repr(key[:40]) + ("..." if len(key) > 40 else "")
+    return quoted(key, 40)
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """Text a caller sent, as an error quotes it: escaped and cut at `limit` characters, so that
+    it can neither forge a log line nor fill one."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def _may_hold_a_password(value: Any) -> bool:
     """Text like `user:password@host` without a scheme, which `masked_credentials` cannot tell
-    from other text: not echoed."""
+    from other text, alone or inside a list or table: not echoed."""
+    if isinstance(value, list | tuple):
+        return any(map(_may_hold_a_password, value))
+    if isinstance(value, dict):
+        return any(map(_may_hold_a_password, value.values()))
     return (
         isinstance(value, str)
         and SCHEME.match(value) is None

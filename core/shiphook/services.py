@@ -32,6 +32,7 @@ from shiphook.errors import (
     NotFound,
     Unprocessable,
     describe_validation_error,
+    quoted,
     shown_key,
 )
 from shiphook.fastpath import Accepted, GroupCommit, HookGone, KeyTaken
@@ -140,7 +141,7 @@ def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
     tag = parsed.imageTag
     if tag is not None and not target.allows(tag):
         raise InvalidRequest(
-            f"imageTag: {parsed.imageTag!r} is not allowed for target {target.name!r} "
+            f"imageTag: {quoted(parsed.imageTag)} is not allowed for target {target.name!r} "
             f"(it must fully match the pattern {target.allowed_tags})"
         )
     if isinstance(parsed, JobHookBody):
@@ -148,13 +149,13 @@ def parse_hook_body(target: Target, body: bytes) -> AppHookBody | JobHookBody:
         for i, variable in enumerate(parsed.instanceEnvironmentVariables):
             where = f"instanceEnvironmentVariables[{i}].name"
             if variable.name in seen:
-                raise InvalidRequest(f"{where}: {variable.name!r} is given twice")
+                raise InvalidRequest(f"{where}: {quoted(variable.name)} is given twice")
             seen.add(variable.name)
             if target.parameters is not None and variable.name not in target.parameters:
                 allowed = ", ".join(target.parameters) or "none"
                 raise InvalidRequest(
-                    f"{where}: {variable.name!r} is not a parameter of target {target.name!r} "
-                    f"(allowed: {allowed})"
+                    f"{where}: {quoted(variable.name)} is not a parameter of target "
+                    f"{target.name!r} (allowed: {allowed})"
                 )
     return parsed
 
@@ -218,15 +219,22 @@ def configured_target(targets: dict[str, Target], name: str) -> Target:
     target = targets.get(name)
     if target is None:
         configured = ", ".join(sorted(targets)) or "none"
-        raise NotFound(f"no target named {name!r} (configured: {configured})")
+        raise NotFound(f"no target named {quoted(name)} (configured: {configured})")
     return target
 
 
 def hook_name(name: str) -> str:
-    """A new hook's name, stripped; `InvalidRequest` unless 1 to 100 printable characters."""
+    """A new hook's name, stripped; `InvalidRequest` unless 1 to 100 printable characters, and
+    nothing that logs and answers would mask as a token (a token pasted in the wrong field
+    would be stored and shown in clear)."""
     name = name.strip()
     if not name or len(name) > 100 or not name.isprintable():
         raise InvalidRequest("name: expected 1 to 100 printable characters naming the hook's user")
+    if tokens.redacted(name) != name:
+        raise InvalidRequest(
+            "name: holds what looks like a token (shk_..., or a run of 32 or more letters and "
+            "digits): name the hook's user instead"
+        )
     return name
 
 
@@ -239,16 +247,18 @@ def check_hook_id(hook_id: int) -> None:
 def check_deployment_id(deployment_id: str) -> None:
     """`NotFound` for what no deployment's id can be."""
     if not DEPLOYMENT_ID.fullmatch(deployment_id):
-        raise NotFound(f"no deployment with id {deployment_id!r}")
+        raise NotFound(f"no deployment with id {quoted(deployment_id)}")
 
 
 def check_deployment_filters(*, target: str | None, status: str | None, limit: int) -> None:
     """`InvalidRequest` naming a filter of the deployments list that cannot match."""
     if target is not None and not re.fullmatch(NAME_PATTERN, target):
-        raise InvalidRequest(f"target: expected a target's name ({NAME_RULE}), got {target!r}")
+        raise InvalidRequest(
+            f"target: expected a target's name ({NAME_RULE}), got {quoted(target)}"
+        )
     if status is not None and status not in Status.__members__:
         raise InvalidRequest(
-            f"status: {status!r} is not a deployment status "
+            f"status: {quoted(status)} is not a deployment status "
             f"(expected one of {', '.join(Status.__members__)})"
         )
     if limit not in LIST_LIMITS:
@@ -414,7 +424,7 @@ class Deployments:
             return None
         if earlier.request_digest != digest:
             raise Unprocessable(
-                f"Idempotency-Key {key!r} was used for a different request "
+                f"Idempotency-Key {quoted(key)} was used for a different request "
                 f"(deployment {earlier.id}); send the same body to retry it, or a new key"
             )
         return earlier
@@ -562,3 +572,8 @@ def wait_outcome(
 def _check_idempotency_key(key: str) -> None:
     if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
         raise InvalidRequest("Idempotency-Key: expected 1 to 255 printable ASCII characters")
+    if tokens.holds_token(key):  # it is stored as it is
+        raise InvalidRequest(
+            f"Idempotency-Key: holds what looks like a hook token: send it in "
+            f"{tokens.TOKEN_HEADER} only"
+        )

@@ -21,6 +21,7 @@ TOKEN_PATTERN = rf"{PREFIX}[0-9A-Za-z]{{{_BODY_LEN + _CHECK_LEN}}}"
 _SHAPE = re.compile(TOKEN_PATTERN, re.ASCII)
 # a token or most of one, with its prefix (or the prefix's underscore percent-encoded)
 PREFIXED = rf"{PREFIX[:-1]}(?:_|%5F|%255F)[0-9A-Za-z]{{8,}}"
+_PREFIXED = re.compile(PREFIXED, re.I)
 # that, or a run as long as most of a token's body without it
 _LOOKALIKE = re.compile(rf"{PREFIXED}|[0-9A-Za-z]{{32,}}", re.I)
 
@@ -29,6 +30,11 @@ def redacted(text: str) -> str:
     """`text` with every token in it (whole or in part) masked: for what shiphook shows of a
     request, where a client may have put its token by mistake (the path)."""
     return _LOOKALIKE.sub(f"{PREFIX}***", text)
+
+
+def holds_token(text: str) -> bool:
+    """Whether `text` holds a token, or most of one, with its prefix."""
+    return _PREFIXED.search(text) is not None
 
 
 def _base62(number: int, width: int) -> str:

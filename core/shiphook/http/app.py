@@ -35,6 +35,7 @@ from shiphook.errors import (
     ShiphookError,
     Unauthenticated,
     Unprocessable,
+    quoted,
     shown_key,
 )
 from shiphook.http.waiters import Waiters
@@ -56,6 +57,15 @@ access_log = logging.getLogger("shiphook.access")
 
 MAX_BODY = 64 * 1024
 SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)  # `?wait`
+WHOLE_NUMBER = re.compile(r"-?[0-9]+", re.ASCII)  # `int()` also reads other scripts' digits
+
+
+class WholeNumberConverter(falcon.routing.BaseConverter):
+    """`{hook_id:whole}`: Falcon's `int` converter, of ASCII digits only."""
+
+    def convert(self, value: str) -> int | None:
+        return int(value) if WHOLE_NUMBER.fullmatch(value) else None
+
 
 ERROR_STATUS: dict[type[ShiphookError], str] = {
     InvalidRequest: falcon.HTTP_400,
@@ -315,7 +325,9 @@ class DeploymentsResource:
 
     async def on_get(self, req: Request, resp: Response) -> None:
         takes_params(req, "target", "status", "limit")
-        one_param(req, "limit")  # refused when given twice; read as a number below
+        limit = one_param(req, "limit")  # refused when given twice; read as a number below
+        if limit is not None and not WHOLE_NUMBER.fullmatch(limit):
+            raise falcon.HTTPInvalidParam("Not a whole number.", "limit")
         found = await self.db(
             self.deployments.list,
             target=one_param(req, "target"),
@@ -438,7 +450,7 @@ def _bad_parameter(expected: dict[str, str]):
         named = FALCON_PARAMETER.match(error.description or "")
         name = named[1] if named else None
         if name in expected:
-            description = f"{name}: expected {expected[name]}, got {req.get_param(name)!r}"
+            description = f"{name}: expected {expected[name]}, got {quoted(req.get_param(name))}"
         else:
             description = error.description or ""
         resp.status = falcon.HTTP_400
@@ -493,6 +505,7 @@ def create_app(
     """Build the API. `notify` is called after each committed deployment (the deployer's wake-up);
     `waiters` serves `?wait`."""
     app = falcon.asgi.App(middleware=[AccessLog()])
+    app.router_options.converters["whole"] = WholeNumberConverter
     json_handler = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
     app.req_options.media_handlers[falcon.MEDIA_JSON] = json_handler
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
@@ -511,7 +524,7 @@ def create_app(
     )
     app.add_route("/api/v1/targets", TargetsResource(targets, admin))
     app.add_route("/api/v1/targets/{target}/hooks", hooks_resource)
-    app.add_route("/api/v1/hooks/{hook_id:int}", hooks_resource, suffix="item")
+    app.add_route("/api/v1/hooks/{hook_id:whole}", hooks_resource, suffix="item")
 
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPRouteNotFound, _no_route)
