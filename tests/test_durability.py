@@ -588,6 +588,23 @@ def test_the_processes_of_a_serve_that_was_killed_stop(tmp_path, serve, workers)
         eventually(lambda pid=pid: not alive(pid), f"process {pid} gone", timeout=30)
 
 
+def test_http_workers_slow_to_start_on_a_busy_machine_are_not_killed(tmp_path, serve):
+    """uvicorn kills a worker that does not answer its supervisor's health check in time, and
+    starts another, which meets the same: a machine slow enough (a start taking 7 s here, as
+    under a load of 6 on 2 cores) would never get its workers serving."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(  # sys.argv is not set yet when this runs
+        "import time\nif b'spawn_main' in open('/proc/self/cmdline', 'rb').read(): time.sleep(7)\n"
+    )
+    env = plugin_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(slow), env["PYTHONPATH"]])
+    server = serve(fleet_config(tmp_path, apps=1, jobs=0, server="workers = 2"), env=env)
+    token = create_hook(server, "app0")
+    assert post_hook(server, token, {"imageTag": "1.0"})[0] == 201
+    assert "died" not in server.log(), server.log()
+
+
 def test_what_a_plugin_starts_can_be_stopped_with_sigterm(tmp_path, serve):
     """The deployer process keeps SIGTERM and SIGINT from stopping it (serve stops it when
     done) with handlers, not by ignoring them: an ignored signal stays ignored in every
