@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 
 import pytest
 import scripted_backend
@@ -313,6 +314,23 @@ def test_a_password_in_the_database_urls_query_is_never_shown(tmp_path):
     assert not {"one", "two", "three"} & set(re.split(r"\W+", result.stdout + result.stderr))
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:s3cret@127.0.0.1:1/x%00", "sqlite:///a%0Ab.db"])
+def test_a_database_url_with_a_control_character_is_refused_without_showing_it(tmp_path, url):
+    """libpq ends the URL at a NUL: postgresql://u:...@127.0.0.1:1/x%00 was tried as another
+    user on the default port."""
+    result = run_cli(
+        "check",
+        config=write_config(tmp_path, ""),
+        env=plugin_env(SHIPHOOK_DATABASE_URL=url),
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (
+        "shiphook: SHIPHOOK_DATABASE_URL: the URL holds a control character (%00 or the like): "
+        "a database URL has none\n"
+    )
+
+
 @pytest.mark.parametrize("token", ["short", " " * 16, "abcdefghijklmnop\n", "é" * 17])
 def test_an_admin_token_no_client_could_send_is_refused_at_start(tmp_path, monkeypatch, token):
     monkeypatch.setenv("SHIPHOOK_ADMIN_TOKEN", token)
@@ -439,3 +457,9 @@ def test_the_old_and_the_new_name_of_the_deployer_section_together_are_refused(t
     config = write_config(tmp_path, "[engine]\nlease_seconds = 7\n[deployer]\nlease_seconds = 8\n")
     with pytest.raises(ConfigError, match=r"keep only \[deployer\]"):
         load(config)
+
+
+def test_a_config_file_that_never_ends_is_refused():
+    with pytest.raises(ConfigError) as caught:
+        load(Path("/dev/zero"))
+    assert caught.value.message == "/dev/zero: larger than 1048576 bytes: not a config file"

@@ -181,10 +181,17 @@ def config_path(given: str | os.PathLike[str] | None = None) -> Path:
     return Path(given or os.environ.get("SHIPHOOK_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config_file(path: Path) -> ConfigFile:
     """Parse and validate the core keys; plugin keys are checked by `resolve_config`."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:  # read to a limit: /dev/zero never ends
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: config file not found (choose one with --config or SHIPHOOK_CONFIG)"

@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -63,6 +64,11 @@ def create_db_engine(
             f"{database_url_source()}: not a database URL "
             "(expected e.g. sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
+    if not urllib.parse.unquote(url).isprintable():  # libpq cuts a string at a NUL
+        raise ConfigError(
+            f"{database_url_source()}: the URL holds a control character (%00 or the like): "
+            "a database URL has none"
+        )
     if "@" in url.partition("://")[2].rpartition("@")[0]:  # SQLAlchemy would split at the first
         raise ConfigError(
             f"{database_url_source()}: the URL's user or password holds an @: write it as %40"
