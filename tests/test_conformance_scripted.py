@@ -84,6 +84,13 @@ def test_a_harness_cannot_override_or_mark_a_scenario():
                 pass
 
 
+@pytest.mark.parametrize("name", ["_requires", "_ended", "_crash_once", "_conformance"])
+def test_a_harness_cannot_override_the_suites_machinery(name):
+    """A `_requires` that skipped, or an `_ended` that said succeeded, would pass anything."""
+    with pytest.raises(TypeError, match=f"TestLenient.{name}: a conformance harness cannot"):
+        type("TestLenient", (TestScriptedConformance,), {name: lambda *args, **kwargs: None})
+
+
 def test_the_plugin_refuses_skip_marks_on_scenarios(pytester):
     pytester.makepyfile(
         """

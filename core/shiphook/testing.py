@@ -357,6 +357,11 @@ class BackendConformance:
                     f"{cls.__name__}.{name}: a conformance harness cannot override or mark "
                     "scenarios; the backend's capability flags select which ones run"
                 )
+            if name.startswith("_") and not name.startswith("__") and name in _MACHINERY:
+                raise TypeError(
+                    f"{cls.__name__}.{name}: a conformance harness cannot override the suite's "
+                    "own machinery; give its own helpers names of their own"
+                )
 
     @pytest.fixture(autouse=True)
     def _conformance(self, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> Any:
@@ -820,6 +825,10 @@ class BackendConformance:
         backend = backends["conformance"]
         setattr(backend, method, functools.partial(crashing, backend))
         return calls
+
+
+# what scenarios run on, which a harness that replaced it could make pass on anything
+_MACHINERY = frozenset(name for name in vars(BackendConformance) if name.startswith("_"))
 
 
 # -- the pytest plugin -------------------------------------------------------------------------
