@@ -29,6 +29,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -781,6 +782,21 @@ class BackendConformance:
             assert not stopped.is_alive(), "a deployer thread still waits on the orchestrator"
             checked = self._cli(self._config({}, options, "silent.toml"), "check")
         self._assert_check_fails_in_one_line(checked)
+
+    def test_deployments_to_an_unreachable_orchestrator_are_retried_then_give_up(self):
+        """An orchestrator that is not there is a transient error, on every call: retried
+        within `retry_budget`, then the deployment fails saying so (not at once, as for a
+        workload that is not there)."""
+        kinds = sorted(self.backend_class.kinds)
+        targets = {kind: {"kind": kind, **self.missing_workload(kind)} for kind in kinds}
+        for target in targets.values():
+            target["retry_budget"] = 1  # the first backoff is 0.25 to 0.5 s: a retry or more
+        shiphook = self._open(targets, backend=self.unreachable_options())
+        for kind in kinds:
+            body = {"imageTag": self.healthy_tag} if kind == "app" else {}
+            deployment = self._ended(shiphook, shiphook.deploy(shiphook.new_hook(kind), body))
+            assert deployment["status"] == "failed", deployment
+            assert re.match(r"gave up after [2-9] attempts", deployment["message"]), deployment
 
     def test_check_against_an_unreachable_orchestrator_fails_in_one_line(self):
         checked = self._cli(self._config({}, self.unreachable_options()), "check")
