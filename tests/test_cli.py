@@ -447,3 +447,9 @@ def test_a_command_that_creates_the_database_says_where(tmp_path):
 def test_version_is_the_installed_distributions(tmp_path):
     result = run_cli("--version", config=scripted_config(tmp_path))
     assert result.stdout == f"shiphook {importlib.metadata.version('shiphook')}\n"
+
+
+def test_listing_the_deployments_of_no_target_creates_no_database(cli, tmp_path):
+    result = cli("deployments", "list", "--target", "nope", code=2)
+    assert result.output.startswith("shiphook: no target named 'nope' (configured: "), result.output
+    assert not (tmp_path / "shiphook.db").exists()

@@ -458,6 +458,8 @@ def deployments_list(
     """List recent deployments, newest first."""
     instance = instance_of(ctx)
     check_deployment_filters(target=target, status=status, limit=limit)
+    if target is not None and instance.new_database_file() is not None:
+        configured_target(instance.config.targets, target)  # no database: nothing was recorded
     found = migrated(instance).deployments.list(target=target, status=status, limit=limit)
     data = [d.to_json() for d in found]
     emit(

@@ -49,6 +49,13 @@ class Instance:
         """Bring the database to the latest schema; the path of the SQLite file if this made it
         (a relative `sqlite:///` path is the working directory's: a command run elsewhere than
         `serve` would use another database)."""
+        new = self.new_database_file()
+        upgrade(self.storage.engine)
+        return new
+
+    def new_database_file(self) -> str | None:
+        """The absolute path of the SQLite file `migrate` would create: None when there is one,
+        or the database is no file."""
         url = self.storage.engine.url
         path = url.database or ""
         new = (
@@ -57,7 +64,6 @@ class Instance:
             and "uri" not in url.query  # file:...?mode=memory and the like
             and not os.path.exists(path)
         )
-        upgrade(self.storage.engine)
         return os.path.abspath(path) if new else None
 
     def close(self) -> None:
