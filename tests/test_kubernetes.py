@@ -1740,3 +1740,24 @@ def test_the_example_config_loads(tmp_path, monkeypatch):
         assert instance.config.targets["migrate"].max_concurrent_runs == 2
     finally:
         instance.close()
+
+
+def test_a_kubeconfig_key_that_is_not_base64_is_named_in_one_line(tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\ncurrent-context: x\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u}}]\n"
+        "users: [{name: u, user: {client-certificate-data: abc, client-key-data: abc}}]\n"
+    )
+    config = write_config(
+        tmp_path,
+        f'[backends.k8s]\nplugin = "kubernetes"\nkubeconfig = "{kubeconfig}"\n'
+        '[targets.web]\nkind = "app"\nbackend = "k8s"\ndeployment = "web"\n',
+    )
+    checked = run_cli("check", config=config, env=serve_env(), check=False)
+    assert checked.returncode == 1
+    assert (
+        f"backend k8s (kubernetes): NOT USABLE: {kubeconfig}: a certificate or key (*-data) of "
+        "the context is not base64 (Incorrect padding); expected the YAML that"
+    ) in checked.stdout, checked.stdout

@@ -14,6 +14,7 @@ the client's models: a pod template patched back must be the one the server keep
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import logging
@@ -314,6 +315,11 @@ class KubernetesBackend(Backend):
                     persist_config=False,
                 )  # fmt: skip
                 contexts, current = kubernetes.config.list_kube_config_contexts(path)
+            except binascii.Error as exc:  # decoding a *-data field
+                raise BackendError(
+                    f"{path}: a certificate or key (*-data) of the context is not base64 ({exc}); "
+                    "expected the YAML that `kubectl config view --raw` prints"
+                ) from None
             except (yaml.YAMLError, TypeError, AttributeError, KeyError) as exc:
                 cause = " ".join(f"{type(exc).__name__}: {exc}".split())
                 raise BackendError(
