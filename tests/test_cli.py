@@ -453,3 +453,10 @@ def test_listing_the_deployments_of_no_target_creates_no_database(cli, tmp_path)
     result = cli("deployments", "list", "--target", "nope", code=2)
     assert result.output.startswith("shiphook: no target named 'nope' (configured: "), result.output
     assert not (tmp_path / "shiphook.db").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["hooks"]])
+def test_shiphook_without_a_command_shows_its_help(args):
+    result = CliRunner().invoke(main, args)
+    assert result.output.startswith("Usage: "), result.output
+    assert "(see '" not in result.output

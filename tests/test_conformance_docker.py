@@ -43,7 +43,8 @@ class TestDockerConformance(BackendConformance):
         return self.engine.client()
 
     def backend_options(self) -> dict[str, Any]:
-        return {"host": self.engine.host, "timeout": 10, "settle": 1, "poll_interval": 0.2}
+        # settle well above the half second `failing_tag` runs before it fails
+        return {"host": self.engine.host, "timeout": 10, "settle": 2, "poll_interval": 0.2}
 
     def unreachable_options(self) -> dict[str, Any]:
         return {"host": f"unix://{self.tmp_path}/no-docker.sock", "timeout": 5}

@@ -210,6 +210,7 @@ def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
         (["serve", "--host", "\udcff"], "expected a host name"),
         (["serve", "--host", "a" * 300], "labels of at most 63 characters"),
         (["deployments", "show", "a" * 5000], "no deployment with id '" + "a" * 60 + "'..."),
+        (["hooks", "delete", "9" * 5000], "'" + "9" * 60 + "'... is not a whole number"),
     ],
     ids=[
         "name-nul",
@@ -231,6 +232,7 @@ def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
         "host-not-utf8",
         "host-label-too-long",
         "show-long-id",
+        "delete-long-id",
     ],
 )
 def test_the_cli_answers_hostile_arguments_in_one_line(
@@ -415,7 +417,9 @@ def test_a_token_as_idempotency_key_is_400_and_stores_nothing(quiet):
 # -- numbers in other scripts' digits, and what is quoted back -----------------------------
 
 
-@pytest.mark.parametrize("hook_id", ["\u0661", "\uff11"], ids=["arabic-indic", "fullwidth"])
+@pytest.mark.parametrize(
+    "hook_id", ["\u0661", "\uff11", "9" * 5000], ids=["arabic-indic", "fullwidth", "5000-digits"]
+)
 def test_a_hook_id_in_other_digits_than_ascii_is_404_and_deletes_nothing(quiet, hook_id):
     quiet.new_hook("web")  # hook 1
     path = f"/api/v1/hooks/{urllib.parse.quote(hook_id)}"

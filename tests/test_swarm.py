@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, run_cli, write_config
+from docker import APIClient
+from docker.errors import APIError
 from dockerd import APP, JOB, PrivateDockerd, free_port, make_tls_files
 from shiphook import BackendError, Target
 from shiphook.deployer.deployer import ROLLOUT_LEFT
@@ -117,7 +119,7 @@ DIGEST = "sha256:" + "0" * 64
     [
         ("app:v1", "app:v1", True),
         (f"app:v1@{DIGEST}", "app:v1", True),  # the registry could not be asked
-        ("app:v1", f"app:v1@{DIGEST}", True),  # created with the tag as it is
+        ("app:v1", f"app:v1@{DIGEST}", False),  # pinned now: the tag may have been pushed again
         (f"app:v1@{DIGEST}", f"app:v1@{DIGEST}", True),
         (f"app:v1@{DIGEST}", f"app:v1@sha256:{'1' * 64}", False),  # the tag was pushed again
         ("app:v1", "app:v2", False),
@@ -132,10 +134,15 @@ def test_a_service_runs_the_wanted_image_when_tag_and_any_known_digests_match(
 
 
 def test_the_tag_a_pinned_service_runs_starts_no_rollout_when_the_registry_cannot_be_asked(
-    engine, services
+    engine, services, monkeypatch
 ):
     """With `resolve_image` on (the default) and no registry to ask, the tag is deployed as it
     is; a service pinned to a digest of that tag already runs it."""
+
+    def no_registry(self: APIClient, image: str) -> None:
+        raise APIError(f"Get https://registry.test/v2/{image}: no such host")
+
+    monkeypatch.setattr(APIClient, "inspect_distribution", no_registry)
     service = services.app()
     pinned = f"{APP}:v1@{DIGEST}"
     docker(

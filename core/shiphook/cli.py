@@ -35,6 +35,7 @@ from shiphook.plugin_manager import (
 )
 from shiphook.services import (
     LIST_LIMITS,
+    WHOLE_NUMBER,
     check_deployment_filters,
     check_deployment_id,
     check_hook_id,
@@ -70,6 +71,8 @@ def _usage_in_one_line(ctx: click.Context) -> Iterator[None]:
     """click's usage errors, which it shows in four lines, in one; with the same exit status."""
     try:
         yield
+    except click.exceptions.NoArgsIsHelpError:  # the help itself, not a mistake
+        raise
     except click.UsageError as exc:
         command = (exc.ctx or ctx).command_path
         message = exc.format_message().rstrip(".")
@@ -84,7 +87,7 @@ class WholeNumber(click.IntRange):
     name = "integer"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
+        if isinstance(value, str) and not WHOLE_NUMBER.fullmatch(value):
             self.fail(f"{quoted(value)} is not a whole number (ASCII digits)", param, ctx)
         return super().convert(value, param, ctx)
 

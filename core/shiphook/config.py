@@ -55,14 +55,15 @@ HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-
 def listen_host(host: str) -> str:
     """An address to listen on: a host name, an IPv4 address, or an IPv6 address (without
     the brackets a URL puts around it); `ValueError` saying so for anything else."""
-    try:
-        ipaddress.IPv6Address(host) if ":" in host else None
-    except ValueError:
-        raise ValueError(
-            "expected a host name or an IP address; an IPv6 address without brackets, and no "
-            "port (that goes in port)"
-        ) from None
-    if ":" not in host and not HOST_NAME.fullmatch(host):
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                "expected a host name or an IP address; an IPv6 address without brackets, and "
+                "no port (that goes in port)"
+            ) from None
+    elif not HOST_NAME.fullmatch(host):
         raise ValueError(
             "expected a host name (ASCII letters, digits, dots and dashes; labels of at most 63 "
             "characters) or an IP address"

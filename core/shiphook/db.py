@@ -35,6 +35,7 @@ DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
 SQLITE_SYNCHRONOUS = "full"  # `[server] sqlite_synchronous`
 # every shiphook process on a PostgreSQL database migrates under this advisory lock, one at a time
 MIGRATION_LOCK = zlib.crc32(b"shiphook migrations")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def normalize_url(url: str) -> str:
@@ -64,7 +65,7 @@ def create_db_engine(
             f"{database_url_source()}: not a database URL "
             "(expected e.g. sqlite:///shiphook.db or postgresql://user@host/db)"
         ) from None
-    if not urllib.parse.unquote(url).isprintable():  # libpq cuts a string at a NUL
+    if CONTROL.search(urllib.parse.unquote(url)):  # libpq cuts a string at a NUL
         raise ConfigError(
             f"{database_url_source()}: the URL holds a control character (%00 or the like): "
             "a database URL has none"

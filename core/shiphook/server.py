@@ -37,7 +37,7 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
     return app_for(instance, deployer.notify), deployer
 
 
-WORKER_HEALTHCHECK = 30  # seconds
+WORKER_HEALTHCHECK = 15  # seconds a worker may take to answer its supervisor, which kills it
 
 
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
@@ -70,9 +70,7 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout,
-        # how long a worker may take to answer the supervisor, which kills it after that: the
-        # start of a new Python process alone takes seconds on a busy machine (uvicorn's 5 s
-        # killed workers at every start under a load of 6 on 2 cores)
+        # uvicorn's 5 s killed workers still starting on a busy machine (bench/README.md)
         timeout_worker_healthcheck=WORKER_HEALTHCHECK,
     )
     # uvicorn re-raises the SIGTERM it caught once it has shut down; end with an exception

@@ -59,6 +59,8 @@ OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DEPLOYMENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 HOOK_IDS = range(1, 2**31)  # the id column is a 32-bit SQL INTEGER on PostgreSQL
 LIST_LIMITS = range(1, 1001)  # how many deployments one listing may ask for
+# an id or a count as sent: ASCII digits (`int()` reads other scripts' too), few enough to quote
+WHOLE_NUMBER = re.compile(r"-?[0-9]{1,60}", re.ASCII)
 
 
 def _oci_tag(value: str) -> str:
@@ -230,7 +232,7 @@ def hook_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > 100 or not name.isprintable():
         raise InvalidRequest("name: expected 1 to 100 printable characters naming the hook's user")
-    if tokens.redacted(name) != name:
+    if tokens.looks_like_token(name):
         raise InvalidRequest(
             "name: holds what looks like a token (shk_..., or a run of 32 or more letters and "
             "digits): name the hook's user instead"

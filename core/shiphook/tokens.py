@@ -37,6 +37,11 @@ def holds_token(text: str) -> bool:
     return _PREFIXED.search(text) is not None
 
 
+def looks_like_token(text: str) -> bool:
+    """Whether `redacted` would mask anything in `text`."""
+    return _LOOKALIKE.search(text) is not None
+
+
 def _base62(number: int, width: int) -> str:
     digits = []
     for _ in range(width):

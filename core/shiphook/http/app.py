@@ -42,6 +42,7 @@ from shiphook.http.waiters import Waiters
 from shiphook.models import HookIdentity
 from shiphook.services import (
     LIST_LIMITS,
+    WHOLE_NUMBER,
     Deployments,
     Hooks,
     NewHookBody,
@@ -57,14 +58,13 @@ access_log = logging.getLogger("shiphook.access")
 
 MAX_BODY = 64 * 1024
 SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)  # `?wait`
-WHOLE_NUMBER = re.compile(r"-?[0-9]+", re.ASCII)  # `int()` also reads other scripts' digits
 
 
 class WholeNumberConverter(falcon.routing.BaseConverter):
     """`{hook_id:whole}`: Falcon's `int` converter, of ASCII digits only."""
 
     def convert(self, value: str) -> int | None:
-        return int(value) if WHOLE_NUMBER.fullmatch(value) else None
+        return int(value) if WHOLE_NUMBER.fullmatch(value) else None  # 60 digits at the most
 
 
 ERROR_STATUS: dict[type[ShiphookError], str] = {

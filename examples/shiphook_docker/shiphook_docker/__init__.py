@@ -184,7 +184,9 @@ class DockerBackend(Backend):
         restored = ref["container"] if ref.get("unchanged") else ref["replaced"]
         try:
             current = self.inspect(name)["Id"]
-        except BackendError:
+        except BackendError as exc:
+            if exc.transient:
+                raise
             current = None  # a crash between the removal and the rename below
         if current not in (ref["container"], restored, None):
             raise BackendError(
@@ -192,7 +194,8 @@ class DockerBackend(Backend):
                 "deployment left it: something else replaced it, so it is not rolled back"
             )
         if current != restored:
-            self.remove(ref["container"])
+            if ref["container"] != restored:
+                self.remove(ref["container"])
             self.call(lambda api: api.rename(restored, name))
         self.call(lambda api: api.start(restored))
         image = self.inspect(restored)["Config"]["Image"]

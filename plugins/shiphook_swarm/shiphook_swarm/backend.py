@@ -728,14 +728,13 @@ def _image(spec: dict[str, Any]) -> str:
 
 def same_image(current: str, wanted: str) -> bool:
     """Whether a service on `current` already runs `wanted`: the same `<repository>:<tag>`, and
-    the same digest where both are pinned. A digest known on one side only (the registry could
-    not be asked, or the service was created with the tag as it is) is no new image: updating
-    the spec to add or drop it would restart every task for the tag it already runs."""
+    the same digest unless the registry could not be asked for one (`wanted` unpinned: dropping
+    the service's digest would restart every task for the tag it runs). A service on the bare
+    tag is pinned when the registry names a digest, as `docker service update` does: the tag
+    may have been pushed again."""
     current_name, _, current_digest = current.partition("@")
     wanted_name, _, wanted_digest = wanted.partition("@")
-    return current_name == wanted_name and (
-        current_digest == wanted_digest or not (current_digest and wanted_digest)
-    )
+    return current_name == wanted_name and wanted_digest in ("", current_digest)
 
 
 def _own_image(spec: dict[str, Any]) -> str:
