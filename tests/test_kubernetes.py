@@ -1351,11 +1351,8 @@ def test_the_readmes_role_in_the_targets_namespace_alone_passes_check_and_deploy
     assert result.json["deployment"]["status"] == "succeeded", result.text
 
 
-@pytest.mark.parametrize(
-    "text, cause",
-    [("not: [yaml", "ParserError: while parsing a flow sequence"), ("- a\n- b\n", "TypeError")],
-)
-def test_a_kubeconfig_that_is_not_one_is_named_in_one_line(tmp_path, text, cause):
+def check_with_kubeconfig(tmp_path: Path, text: str) -> tuple[Path, Any]:
+    """`shiphook check` of a target on a kubeconfig holding `text`, which fails (exit 1)."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(text)
     config = write_config(
@@ -1364,7 +1361,16 @@ def test_a_kubeconfig_that_is_not_one_is_named_in_one_line(tmp_path, text, cause
         '[targets.web]\nkind = "app"\nbackend = "k8s"\ndeployment = "web"\n',
     )
     checked = run_cli("check", config=config, env=serve_env(), check=False)
-    assert checked.returncode == 1
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    return kubeconfig, checked
+
+
+@pytest.mark.parametrize(
+    "text, cause",
+    [("not: [yaml", "ParserError: while parsing a flow sequence"), ("- a\n- b\n", "TypeError")],
+)
+def test_a_kubeconfig_that_is_not_one_is_named_in_one_line(tmp_path, text, cause):
+    kubeconfig, checked = check_with_kubeconfig(tmp_path, text)
     line = checked.stdout.splitlines()[2]
     assert line.startswith(
         f"backend k8s (kubernetes): NOT USABLE: {kubeconfig}: not a kubeconfig ({cause}"
@@ -1743,20 +1749,13 @@ def test_the_example_config_loads(tmp_path, monkeypatch):
 
 
 def test_a_kubeconfig_key_that_is_not_base64_is_named_in_one_line(tmp_path):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
+    kubeconfig, checked = check_with_kubeconfig(
+        tmp_path,
         "apiVersion: v1\ncurrent-context: x\n"
         "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
         "contexts: [{name: x, context: {cluster: c, user: u}}]\n"
-        "users: [{name: u, user: {client-certificate-data: abc, client-key-data: abc}}]\n"
+        "users: [{name: u, user: {client-certificate-data: abc, client-key-data: abc}}]\n",
     )
-    config = write_config(
-        tmp_path,
-        f'[backends.k8s]\nplugin = "kubernetes"\nkubeconfig = "{kubeconfig}"\n'
-        '[targets.web]\nkind = "app"\nbackend = "k8s"\ndeployment = "web"\n',
-    )
-    checked = run_cli("check", config=config, env=serve_env(), check=False)
-    assert checked.returncode == 1
     assert (
         f"backend k8s (kubernetes): NOT USABLE: {kubeconfig}: a certificate or key (*-data) of "
         "the context is not base64 (Incorrect padding); expected the YAML that"

@@ -4,6 +4,8 @@ every row written before a migration reads back the same after it."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -115,18 +117,23 @@ def test_dropping_updated_at_keeps_every_deployment_and_its_indexes(database_url
     assert not updated_at["nullable"]
 
 
-@pytest.mark.parametrize("command_line", [["hooks", "list"], ["db", "upgrade"], ["serve"]])
-def test_a_schema_a_newer_shiphook_wrote_is_one_line_and_exit_2(
-    database_url, tmp_path, command_line
-):
-    """What a downgrade of shiphook meets."""
+def run_on_a_newer_schema(database_url: str, tmp_path: Path, *command_line: str) -> Any:
+    """The CLI on a database whose schema is 0099, which no shiphook here knows."""
     engine = create_db_engine(database_url)
     upgrade(engine)
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
     engine.dispose()
     env = plugin_env(SHIPHOOK_DATABASE_URL=database_url)
-    result = run_cli(*command_line, config=scripted_config(tmp_path), env=env, check=False)
+    return run_cli(*command_line, config=scripted_config(tmp_path), env=env, check=False)
+
+
+@pytest.mark.parametrize("command_line", [["hooks", "list"], ["db", "upgrade"], ["serve"]])
+def test_a_schema_a_newer_shiphook_wrote_is_one_line_and_exit_2(
+    database_url, tmp_path, command_line
+):
+    """What a downgrade of shiphook meets."""
+    result = run_on_a_newer_schema(database_url, tmp_path, *command_line)
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("shiphook: SHIPHOOK_DATABASE_URL: cannot use "), line
@@ -141,13 +148,7 @@ def test_check_says_a_schema_a_newer_shiphook_wrote_is_not_usable_and_exits_1(
     database_url, tmp_path
 ):
     """`serve` refuses such a database (above): `check` says so, rather than all is well."""
-    engine = create_db_engine(database_url)
-    upgrade(engine)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
-    engine.dispose()
-    env = plugin_env(SHIPHOOK_DATABASE_URL=database_url)
-    result = run_cli("check", config=scripted_config(tmp_path), env=env, check=False)
+    result = run_on_a_newer_schema(database_url, tmp_path, "check")
     assert result.returncode == 1, result.stdout + result.stderr
     assert ": NOT USABLE: schema 0099, unknown to this shiphook (written by a newer version?)" in (
         result.stdout
