@@ -191,7 +191,7 @@ def test_usage_errors_name_the_missing_argument(cli):
     result = cli("hooks", "create", "web", code=2)
     assert "--name" in result.output
     result = cli("hooks", "delete", "abc", code=2)
-    assert "'abc' is not a whole number (ASCII digits)" in result.output
+    assert "'abc' is not a whole number (ASCII digits, 60 at most)" in result.output
 
 
 def test_targets_and_plugins_list_as_tables_and_json(cli):

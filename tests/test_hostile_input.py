@@ -200,9 +200,15 @@ def test_an_out_of_range_hook_id_is_404(quiet, hook_id):
         (["deployments", "list", "--target", "\u0000"], "target: expected a target's name"),
         (["hooks", "delete", "100000000000000000000"], "no hook with id 100000000000000000000"),
         (["hooks", "delete", "2147483648"], "no hook with id 2147483648"),
-        (["hooks", "delete", "\u0667"], "'\u0667' is not a whole number (ASCII digits)"),
-        (["deployments", "list", "--limit", "\uff12"], "is not a whole number (ASCII digits)"),
-        (["hooks", "delete", "abc"], "'abc' is not a whole number (ASCII digits)"),
+        (
+            ["hooks", "delete", "\u0667"],
+            "'\u0667' is not a whole number (ASCII digits, 60 at most)",
+        ),
+        (
+            ["deployments", "list", "--limit", "\uff12"],
+            "is not a whole number (ASCII digits, 60 at most)",
+        ),
+        (["hooks", "delete", "abc"], "'abc' is not a whole number (ASCII digits, 60 at most)"),
         (["hooks", "create", "web"], "Missing option '--name'"),
         (["deployments", "list", "--limit", "0"], "0 is not in the range 1<=x<=1000"),
         (["bogus"], "No such command 'bogus' (see '"),

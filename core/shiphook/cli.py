@@ -88,7 +88,9 @@ class WholeNumber(click.IntRange):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not WHOLE_NUMBER.fullmatch(value):
-            self.fail(f"{quoted(value)} is not a whole number (ASCII digits)", param, ctx)
+            self.fail(
+                f"{quoted(value)} is not a whole number (ASCII digits, 60 at most)", param, ctx
+            )
         return super().convert(value, param, ctx)
 
 
