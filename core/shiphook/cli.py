@@ -193,7 +193,7 @@ def check(ctx: click.Context) -> None:
     except (SQLAlchemyError, OSError) as exc:
         click.echo(f"database {safe_url(database)}: UNREACHABLE: {describe_failure(database, exc)}")
         failed = True
-    unusable: dict[str, str] = {}  # the backends that did not answer check, and why
+    failing: dict[str, str] = {}  # the backends whose check failed, and how
     for name, backend in instance.backends.items():
         bound = min(  # as long as any of its targets would wait for a call
             (t.call_timeout for t in instance.config.targets.values() if t.backend == name),
@@ -203,7 +203,7 @@ def check(ctx: click.Context) -> None:
             said = one_line(_bounded(bound, backend, "check"))
             click.echo(f"backend {name} ({backend.name}): {said}")
         except BackendError as exc:  # transient: not reached; else reached, and it refused
-            label, unusable[name] = (
+            label, failing[name] = (
                 ("UNREACHABLE", "is unreachable")
                 if exc.transient
                 else ("NOT USABLE", "is not usable")
@@ -211,12 +211,12 @@ def check(ctx: click.Context) -> None:
             click.echo(f"backend {name} ({backend.name}): {label}: {exc.message}")
             failed = True
         except (Exception, SystemExit) as exc:  # a plugin bug: named, not a traceback or an exit
-            unusable[name] = "failed"
+            failing[name] = "failed"
             click.echo(f"backend {name} ({backend.name}): FAILED: {plugin_error(exc)}")
             failed = True
     for name, target in instance.config.targets.items():
-        if target.backend in unusable:
-            why = unusable[target.backend]
+        if target.backend in failing:
+            why = failing[target.backend]
             click.echo(f"target {name}: not checked, backend {target.backend} {why}")
             continue
         try:

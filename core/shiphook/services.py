@@ -576,6 +576,6 @@ def _check_idempotency_key(key: str) -> None:
         raise InvalidRequest("Idempotency-Key: expected 1 to 255 printable ASCII characters")
     if tokens.holds_token(key):  # it is stored as it is
         raise InvalidRequest(
-            f"Idempotency-Key: holds what looks like a hook token: send it in "
+            "Idempotency-Key: holds what looks like a hook token: send it in "
             f"{tokens.TOKEN_HEADER} only"
         )

@@ -674,33 +674,27 @@ class BackendConformance:
     # -- jobs ------------------------------------------------------------------------------------
 
     def test_a_job_run_sees_its_overrides_and_the_next_run_does_not(self):
-        self._requires(kind="job")
-        job = self._job()
-        shiphook = self._open({"job": job})
-        token = shiphook.new_hook("job")
-        first = self._ended(shiphook, shiphook.deploy(token, self._run_body({MARKER: "first"})))
-        assert first["status"] == "succeeded", first
-        assert self.job_run(self._locator(job), first).env.get(MARKER) == "first"
-        second = self._ended(shiphook, shiphook.deploy(token, {}))
-        assert second["status"] == "succeeded", second
-        assert MARKER not in self.job_run(self._locator(job), second).env
-
-    def test_a_job_runs_override_of_a_variable_of_its_own_holds_for_that_run_only(self):
-        """An override replaces the job's own value for that run; the next run without it sees
-        the job's own value again (in its environment, or where the orchestrator passes runs
-        their variables when `run_env_as_given` is false)."""
+        """An override, also of a variable the job defines itself (`job_variable`), holds for
+        that run only: the next run without it sees the job's own value again (in its
+        environment, or where the orchestrator passes runs their variables when
+        `run_env_as_given` is false)."""
         self._requires(kind="job")
         name, own = self.job_variable
         assert name, "set job_variable to a variable the job of make_job() defines, and its value"
         job = self._job()
         shiphook = self._open({"job": job})
         token = shiphook.new_hook("job")
-        first = self._ended(shiphook, shiphook.deploy(token, self._run_body({name: "overridden"})))
+        overrides = self._run_body({MARKER: "first", name: "overridden"})
+        first = self._ended(shiphook, shiphook.deploy(token, overrides))
         assert first["status"] == "succeeded", first
-        assert self.job_run(self._locator(job), first).env.get(name) == "overridden"
+        seen = self.job_run(self._locator(job), first).env
+        assert seen.get(MARKER) == "first", seen
+        assert seen.get(name) == "overridden", seen
         second = self._ended(shiphook, shiphook.deploy(token, {}))
         assert second["status"] == "succeeded", second
-        assert self.job_run(self._locator(job), second).env.get(name) == own
+        seen = self.job_run(self._locator(job), second).env
+        assert MARKER not in seen, seen
+        assert seen.get(name) == own, seen
 
     def test_a_job_runs_image_tag_applies_to_that_run_only(self):
         self._requires(kind="job")
