@@ -453,6 +453,27 @@ def test_a_target_no_longer_configured_lists_its_deployments_and_a_name_never_se
     assert typo.json["description"].startswith("no target named 'wbe' (configured: api, ")
 
 
+def test_a_target_no_longer_configured_lists_its_hooks_and_a_name_never_seen_is_404(quiet):
+    quiet.instance.storage.create_hook(
+        name="ci", target="retired", token_digest="0" * 64, now=datetime.now(UTC)
+    )
+
+    def listed(target: str) -> falcon.testing.Result:
+        return quiet.client.simulate_get(f"/api/v1/targets/{target}/hooks", headers=ADMIN)
+
+    assert [(h["name"], h["target"]) for h in listed("retired").json["hooks"]] == [
+        ("ci", "retired")
+    ]
+    assert listed("strict").json == {"hooks": []}  # configured, no hook yet
+    typo = listed("wbe")
+    assert typo.status_code == 404
+    assert typo.json["description"].startswith("no target named 'wbe' (configured: api, ")
+    made = quiet.client.simulate_post(
+        "/api/v1/targets/retired/hooks", json={"name": "more"}, headers=ADMIN
+    )
+    assert made.status_code == 404, made.text  # no new hook for it
+
+
 # -- query parameters -------------------------------------------------------------------------
 
 

@@ -124,6 +124,16 @@ def test_hooks_list_filters_by_target_and_never_shows_tokens(cli):
     assert len(json.loads(cli("hooks", "list", "--json").stdout)) == 2
 
 
+def test_hooks_list_shows_the_hooks_of_a_target_no_longer_configured(cli, tmp_path):
+    cli("hooks", "create", "api", "--name", "b")
+    config = tmp_path / "shiphook.toml"
+    config.write_text(config.read_text().replace("[targets.api]", "[targets.api2]"))
+    data = json.loads(cli("hooks", "list", "api", "--json").stdout)
+    assert [(h["name"], h["target"]) for h in data] == [("b", "api")]  # to find and delete them
+    refused = cli("hooks", "list", "apii", code=2).output
+    assert refused.startswith("shiphook: no target named 'apii' (configured: "), refused
+
+
 def test_hooks_delete_removes_the_hook(cli):
     hook = json.loads(cli("hooks", "create", "web", "--name", "a", "--json").stdout)
     assert "Deleted hook" in cli("hooks", "delete", str(hook["id"])).output
@@ -449,8 +459,11 @@ def test_version_is_the_installed_distributions(tmp_path):
     assert result.stdout == f"shiphook {importlib.metadata.version('shiphook')}\n"
 
 
-def test_listing_the_deployments_of_no_target_creates_no_database(cli, tmp_path):
-    result = cli("deployments", "list", "--target", "nope", code=2)
+@pytest.mark.parametrize(
+    "args", [["deployments", "list", "--target", "nope"], ["hooks", "list", "nope"]]
+)
+def test_listing_what_no_target_has_creates_no_database(cli, tmp_path, args):
+    result = cli(*args, code=2)
     assert result.output.startswith("shiphook: no target named 'nope' (configured: "), result.output
     assert not (tmp_path / "shiphook.db").exists()
 

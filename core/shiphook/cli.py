@@ -403,8 +403,8 @@ def in_clear(url: str) -> bool:
 def hooks_list(ctx: click.Context, target: str | None, as_json: bool) -> None:
     """List hooks, of one TARGET or all (tokens are never shown)."""
     instance = instance_of(ctx)
-    if target is not None:
-        configured_target(instance.config.targets, target)
+    if target is not None and instance.new_database_file() is not None:
+        configured_target(instance.config.targets, target)  # no database: no hook was made
     found = migrated(instance).hooks.list(target=target)
     data = [h.to_json() for h in found]
     emit(

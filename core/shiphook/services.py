@@ -295,9 +295,12 @@ class Hooks:
         return HookCreated(**hook.model_dump(), token=token)
 
     def list(self, *, target: str | None = None) -> list[HookPublic]:
-        if target is not None:
+        found = self.storage.list_hooks(target=target)
+        # a target no longer configured lists its hooks (to delete them); a name never seen is
+        # a typo
+        if not found and target is not None:
             configured_target(self.targets, target)
-        return self.storage.list_hooks(target=target)
+        return found
 
     def get(self, hook_id: int) -> HookPublic:
         check_hook_id(hook_id)
