@@ -150,6 +150,19 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             "server.database_url: not a database URL (expected e.g. sqlite:///shiphook.db",
         ),
         ('[server]\ndatabase_url = "sqlite://"\n', "in-memory SQLite database"),
+        *[  # SQLAlchemy warned in two lines and opened the file read-write; a file named
+            # "x.db?mode=ro" with uri=true, or "file:x.db"
+            (
+                f'[server]\ndatabase_url = "sqlite:///{path}"\n',
+                f"server.database_url: a SQLite URL takes no arguments here ({key!r} given): ",
+            )
+            for path, key in [
+                ("x.db?mode=ro", "mode"),
+                ("x.db?uri=true&mode=ro", "mode"),
+                ("file:x.db?uri=true", "uri"),
+                ("x.db?isolation_level=IMMEDIATE", "isolation_level"),
+            ]
+        ],
         (
             "[server]\nmax_header_bytes = 100\n",
             "server.max_header_bytes: Input should be greater than or equal to 1024",

@@ -27,7 +27,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from shiphook.errors import ConfigError
+from shiphook.errors import ConfigError, quoted
 from shiphook.fastpath import write_lock
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -80,6 +80,11 @@ def create_db_engine(
             raise ConfigError(
                 f"{database_url_source()}: an in-memory SQLite database would lose every "
                 "deployment; give a file, e.g. sqlite:///shiphook.db"
+            )
+        if parsed.query:  # pysqlite's would override how shiphook opens it, SQLite's need file:
+            raise ConfigError(
+                f"{database_url_source()}: a SQLite URL takes no arguments here "
+                f"({quoted(sorted(parsed.query)[0])} given): shiphook sets how the file is opened"
             )
         engine = create_engine(
             url,

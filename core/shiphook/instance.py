@@ -61,7 +61,6 @@ class Instance:
         new = (
             url.get_backend_name() == "sqlite"
             and path not in ("", ":memory:")
-            and "uri" not in url.query  # file:...?mode=memory and the like
             and not os.path.exists(path)
         )
         return os.path.abspath(path) if new else None
