@@ -455,6 +455,52 @@ def test_hook_requests_are_accepted_again_once_the_database_file_is_writable_aga
     assert "database reachable again" in server.log()
 
 
+def replace_or_remove(database: Path, how: str) -> None:
+    if how == "removed":
+        database.unlink()
+    else:  # a copy put in its place (a backup restored under the running server)
+        copy = database.with_name("copy.db")
+        shutil.copy(database, copy)
+        os.replace(copy, database)
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_database_file_removed_or_replaced_under_shiphook_takes_no_201_and_starts_nothing(
+    harness_factory, how
+):
+    """Every connection open goes on writing to the old file, which no later start reads: a
+    201 for what it commits would be a deployment lost, and the deployer would start
+    deployments from it."""
+    harness = harness_factory(start=False)
+    token = harness.new_hook("web")
+    assert harness.post_hook(token, {"imageTag": "1.0"}).status_code == 201
+    replace_or_remove(Path(harness.instance.storage.engine.url.database), how)
+    refused = harness.post_hook(token, {"imageTag": "1.1"})
+    assert refused.status_code == 503, refused.text
+    assert refused.json["cause"] == "DatabaseFileGone"
+    harness.deployer.start()
+    time.sleep(1)  # several scans
+    assert backend_state(harness.instance.config.path.parent).calls() == []
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_serve_stops_when_its_database_file_is_removed_or_replaced(tmp_path, serve, how):
+    config = fleet_config(tmp_path, apps=1, jobs=0)
+    server = serve(config)
+    token = create_hook(server, "app0")
+    deployed = post_hook(server, token, {"imageTag": "1.0"})[1]["deployment"]["id"]
+    eventually(lambda: deployment_status(server, deployed) == "succeeded", "the deployer at work")
+    replace_or_remove(tmp_path / "shiphook.db", how)
+    assert server.process.wait(30) == 2
+    said = server.log().splitlines()[-1]
+    assert said == (
+        f"shiphook: the database file {tmp_path / 'shiphook.db'} was removed or replaced while "
+        "shiphook ran: stopped, as what it wrote now no later start would read (restore the "
+        "file, or start again to create a new database)"
+    )
+    assert "Traceback" not in server.log()
+
+
 def answers(server: Server) -> bool:
     try:
         return server.request("GET", "/healthz")[0] == 200

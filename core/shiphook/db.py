@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from shiphook.errors import ConfigError, quoted
-from shiphook.fastpath import write_lock
+from shiphook.fastpath import database_file, write_lock
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
@@ -91,7 +91,7 @@ def create_db_engine(
             connect_args={"check_same_thread": False, "timeout": 30},
             hide_parameters=True,
         )
-        event.listen(engine, "do_connect", functools.partial(_create_private, Path(database)))
+        event.listen(engine, "do_connect", functools.partial(_open_private, engine))
         event.listen(
             engine, "connect", functools.partial(_sqlite_pragmas, synchronous, Path(database))
         )
@@ -295,11 +295,16 @@ def _sqlite_pragmas(synchronous: str, path: Path, dbapi_connection, _record) -> 
     cursor.close()
 
 
-def _create_private(path: Path, *_: Any) -> None:
-    """Create a missing SQLite database file readable by its owner only, before SQLite creates
-    it readable by all (as the umask allows) until `_private` narrows it."""
+def _open_private(engine: Engine, *_: Any) -> None:
+    """Before each new SQLite connection: create a missing database file readable by its owner
+    only, before SQLite creates it readable by all (as the umask allows) until `_private`
+    narrows it; but a file removed or replaced since the engine first found it is an error
+    (`DatabaseFileGone`), not a new empty database."""
+    database = database_file(engine)
+    database.check()
     with contextlib.suppress(OSError):  # there already, or its directory missing: SQLite says
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(engine.url.database or "", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    database.check()  # found now, if it was not before
 
 
 def _private(database: Path) -> None:

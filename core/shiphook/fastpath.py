@@ -52,7 +52,9 @@ import fcntl
 import functools
 import os
 import queue
+import sqlite3
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,55 @@ class KeyTaken(Exception):
 
 class HookGone(Exception):
     """The hook that made a request was deleted before its deployment was committed."""
+
+
+class DatabaseFileGone(sqlite3.OperationalError):
+    """The SQLite database file was removed or replaced while shiphook ran: what is written
+    now goes to a file no later start reads."""
+
+
+class DatabaseFile:
+    """An engine's SQLite database file as the engine first found it at its path: `check`
+    raises `DatabaseFileGone` once the path holds another file, or none. On other databases
+    `path` is None and there is nothing to check."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._found: tuple[int, int] | None = None
+
+    def check(self) -> None:
+        if self.path is None:
+            return
+        now = _file_identity(self.path)
+        if self._found is None:
+            self._found = now
+        elif now != self._found:
+            raise DatabaseFileGone(
+                f"{self.path} was removed or replaced while shiphook ran: restart shiphook"
+            )
+
+
+_database_files: weakref.WeakKeyDictionary[Engine, DatabaseFile] = weakref.WeakKeyDictionary()
+_database_files_guard = threading.Lock()
+
+
+def database_file(engine: Engine) -> DatabaseFile:
+    """The database file of `engine`, one per engine."""
+    with _database_files_guard:
+        if engine not in _database_files:
+            sqlite = engine.dialect.name == "sqlite"
+            path = Path(engine.url.database or "").resolve() if sqlite else None
+            _database_files[engine] = DatabaseFile(path)
+        return _database_files[engine]
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (device and inode), None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 @dataclass(frozen=True)
@@ -271,6 +322,7 @@ class AcceptPath:
         self._on_loop: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self._lock = write_lock(engine)
         self._direct = DirectConnections(engine)
+        self._file = database_file(engine)
         self._known: dict[str, HookIdentity] = {}
         # SQLite takes its write lock at BEGIN IMMEDIATE, waiting in its busy handler while
         # another connection holds it; a deferred transaction that has read fails at its first
@@ -371,6 +423,7 @@ class AcceptPath:
             if stamps:
                 cursor.executemany(self._stamp_hook.sql, stamps)
             cursor.execute("COMMIT")
+        self._file.check()  # committed to a file removed or replaced: no 201 for it
         for digest in gone:
             self.forget(token_digest=digest)
         return {a.new.id for a in batch if a.hook_digest in gone}

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 
 import falcon.asgi
 import uvicorn
@@ -14,7 +15,8 @@ from uvicorn.supervisors import Multiprocess
 from shiphook.config import host_port
 from shiphook.deployer.deployer import Deployer
 from shiphook.deployer.process import STOP_SIGNALS, DeployerSupervisor
-from shiphook.errors import ConfigError
+from shiphook.errors import ConfigError, ShiphookError
+from shiphook.fastpath import DatabaseFile, DatabaseFileGone
 from shiphook.http.connections import connection_limits, protocol_factory
 from shiphook.http.worker import app_for, stop_on_hangup
 from shiphook.instance import Instance
@@ -38,6 +40,7 @@ def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
 
 
 WORKER_HEALTHCHECK = 15  # seconds a worker may take to answer its supervisor, which kills it
+FILE_CHECK_INTERVAL = 0.25  # seconds between two looks at the SQLite database file
 
 
 def serve(instance: Instance, *, host: str | None = None, port: int | None = None) -> None:
@@ -77,6 +80,8 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     # instead of the signal's default, so that the deployer below is stopped too
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGHUP, stop_on_hangup)
+    database = instance.storage.database_file
+    watch = FileWatch(database) if database.path is not None else None
     deployer.start()
     try:
         if settings.workers > 1:
@@ -91,6 +96,41 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
         for listener in listeners:
             listener.close()
         log.info("shiphook stopped")
+        if watch is not None:
+            watch.stop()
+            if watch.gone:
+                raise ShiphookError(watch.gone) from None
+
+
+class FileWatch:
+    """Stops `serve` (as SIGTERM does) when its SQLite database file is removed or replaced:
+    every connection open would go on writing to a file that no later start reads, and each
+    new one would open an empty database. The accept path checks the file after each commit
+    too (`DirectConnections.check_file`), so no 201 is sent for what was written there."""
+
+    def __init__(self, database: DatabaseFile) -> None:
+        self.database = database
+        self.gone: str | None = None  # what happened, once it has
+        database.check()
+        self._stopping = threading.Event()
+        threading.Thread(target=self._watch, name="database-file-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(FILE_CHECK_INTERVAL):
+            try:
+                self.database.check()
+            except DatabaseFileGone:
+                self.gone = (
+                    f"the database file {self.database.path} was removed or replaced while "
+                    "shiphook ran: stopped, as what it wrote now no later start would read "
+                    "(restore the file, or start again to create a new database)"
+                )
+                log.error("%s", self.gone)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
 
 class Supervisor(Multiprocess):

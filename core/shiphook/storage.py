@@ -45,7 +45,7 @@ from sqlalchemy.exc import IntegrityError
 
 from shiphook.db import DATABASE_TIMEOUT, connect_on_loop
 from shiphook.errors import DatabaseUnavailable
-from shiphook.fastpath import Accepted, AcceptPath, write_lock
+from shiphook.fastpath import Accepted, AcceptPath, database_file, write_lock
 from shiphook.models import (
     Deployment,
     DeploymentCreate,
@@ -152,6 +152,7 @@ class Storage:
         )
         self._threads: ThreadPoolExecutor | None = None
         self._lock = write_lock(engine)
+        self.database_file = database_file(engine)
 
     def close(self) -> None:
         """Close every connection to the database, the accept path's own and the pool's."""
@@ -346,6 +347,7 @@ class Storage:
 
     def pending_targets(self) -> list[PendingTarget]:
         """Targets with queued or in-progress deployments."""
+        self.database_file.check()  # from a file removed or replaced, none: the deployer waits
         query = (
             select(DEPLOYMENT.c.target, DEPLOYMENT.c.status, DEPLOYMENT.c.slot, func.count())
             .where(DEPLOYMENT.c.status.in_([Status.queued, Status.in_progress]))
@@ -435,6 +437,7 @@ class Storage:
         otherwise it starts a queued one: for an app the newest, after superseding the older
         ones; for a job the oldest.
         """
+        self.database_file.check()  # none from a file removed or replaced
         order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
         query = (
             select(DEPLOYMENT)

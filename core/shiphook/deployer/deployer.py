@@ -38,6 +38,7 @@ from shiphook.backends import (
 )
 from shiphook.config import DeployerSettings
 from shiphook.db import describe_failure
+from shiphook.fastpath import DatabaseFileGone
 from shiphook.models import Deployment, Status, utcnow
 from shiphook.plugin_manager import plugin_error
 from shiphook.storage import Storage
@@ -352,7 +353,7 @@ class Deployer:
                 target.name,
                 slot,
             )
-        except DBAPIError as exc:
+        except (DBAPIError, DatabaseFileGone) as exc:
             log.error(
                 "deployer: slot %s/%d stopped: %s: %s; its work resumes later",
                 target.name,
