@@ -158,7 +158,7 @@ def test_the_database_url_environment_variable_overrides_the_file(tmp_path, monk
             )
             for path, key in [
                 ("x.db?mode=ro", "mode"),
-                ("x.db?uri=true&mode=ro", "mode"),
+                ("x.db?uri=true&mode=ro", "uri"),
                 ("file:x.db?uri=true", "uri"),
                 ("x.db?isolation_level=IMMEDIATE", "isolation_level"),
             ]

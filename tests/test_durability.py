@@ -484,21 +484,27 @@ def test_a_database_file_removed_or_replaced_under_shiphook_takes_no_201_and_sta
 
 
 @pytest.mark.parametrize("how", ["removed", "replaced"])
-def test_serve_stops_when_its_database_file_is_removed_or_replaced(tmp_path, serve, how):
+@pytest.mark.parametrize("after", ["start", "a deployment"])
+def test_serve_stops_when_its_database_file_is_removed_or_replaced(tmp_path, serve, how, after):
+    """Right after the start, the deployer process has not connected yet: it must take the
+    file serve migrated for the database, not whatever it finds at the path."""
     config = fleet_config(tmp_path, apps=1, jobs=0)
     server = serve(config)
-    token = create_hook(server, "app0")
-    deployed = post_hook(server, token, {"imageTag": "1.0"})[1]["deployment"]["id"]
-    eventually(lambda: deployment_status(server, deployed) == "succeeded", "the deployer at work")
+    if after == "a deployment":
+        token = create_hook(server, "app0")
+        deployed = post_hook(server, token, {"imageTag": "1.0"})[1]["deployment"]["id"]
+        eventually(lambda: deployment_status(server, deployed) == "succeeded", "a deployment")
     replace_or_remove(tmp_path / "shiphook.db", how)
     assert server.process.wait(30) == 2
     said = server.log().splitlines()[-1]
     assert said == (
         f"shiphook: the database file {tmp_path / 'shiphook.db'} was removed or replaced while "
-        "shiphook ran: stopped, as what it wrote now no later start would read (restore the "
-        "file, or start again to create a new database)"
+        "shiphook ran: stopped, so that nothing more is written where no later start reads it "
+        "(stop shiphook before you move, remove or restore the file)"
     )
     assert "Traceback" not in server.log()
+    if how == "removed":
+        assert not (tmp_path / "shiphook.db").exists()  # no empty database in its place
 
 
 def answers(server: Server) -> bool:

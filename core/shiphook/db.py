@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from shiphook.errors import ConfigError, quoted
-from shiphook.fastpath import database_file, write_lock
+from shiphook.fastpath import sqlite_file, write_lock
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_TIMEOUT = 5.0  # seconds; `[server] database_timeout`
@@ -84,7 +84,7 @@ def create_db_engine(
         if parsed.query:  # pysqlite's would override how shiphook opens it, SQLite's need file:
             raise ConfigError(
                 f"{database_url_source()}: a SQLite URL takes no arguments here "
-                f"({quoted(sorted(parsed.query)[0])} given): shiphook sets how the file is opened"
+                f"({quoted(next(iter(parsed.query)))} given): shiphook sets how the file is opened"
             )
         engine = create_engine(
             url,
@@ -300,10 +300,10 @@ def _open_private(engine: Engine, *_: Any) -> None:
     only, before SQLite creates it readable by all (as the umask allows) until `_private`
     narrows it; but a file removed or replaced since the engine first found it is an error
     (`DatabaseFileGone`), not a new empty database."""
-    database = database_file(engine)
+    database = sqlite_file(engine)
     database.check()
     with contextlib.suppress(OSError):  # there already, or its directory missing: SQLite says
-        os.close(os.open(engine.url.database or "", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(database.path or "", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     database.check()  # found now, if it was not before
 
 

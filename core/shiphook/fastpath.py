@@ -83,52 +83,67 @@ class HookGone(Exception):
 
 
 class DatabaseFileGone(sqlite3.OperationalError):
-    """The SQLite database file was removed or replaced while shiphook ran: what is written
-    now goes to a file no later start reads."""
+    """The SQLite database file was removed or replaced while shiphook ran (or cannot be looked
+    at): what is written now may go to a file no later start reads."""
 
 
-class DatabaseFile:
-    """An engine's SQLite database file as the engine first found it at its path: `check`
-    raises `DatabaseFileGone` once the path holds another file, or none. On other databases
-    `path` is None and there is nothing to check."""
+# "<device> <inode> <path>" of the SQLite file `serve` migrated, for the processes it starts:
+# each takes that file for the database, not whatever is at the path when it first connects
+SQLITE_FILE_ENV = "SHIPHOOK_SQLITE_FILE"
 
-    def __init__(self, path: Path | None) -> None:
+
+class SqliteFile:
+    """An engine's SQLite database file, as the engine first found it at its path (or as
+    `SQLITE_FILE_ENV` names it): `check` raises `DatabaseFileGone` once the path holds another
+    file, or none. On other databases `path` is None and there is nothing to check."""
+
+    def __init__(self, path: str | None) -> None:
         self.path = path
         self._found: tuple[int, int] | None = None
+        device, _, rest = os.environ.get(SQLITE_FILE_ENV, "").partition(" ")
+        inode, _, given = rest.partition(" ")
+        if path is not None and given == path:
+            self._found = int(device), int(inode)
+
+    def identity(self) -> str:
+        """The file as `SQLITE_FILE_ENV` names it."""
+        self.check()
+        device, inode = self._found or (0, 0)
+        return f"{device} {inode} {self.path}"
 
     def check(self) -> None:
         if self.path is None:
             return
-        now = _file_identity(self.path)
+        try:
+            found = os.stat(self.path)  # through a symbolic link: its target now
+        except (FileNotFoundError, NotADirectoryError):
+            now = None
+        except OSError as exc:
+            raise DatabaseFileGone(
+                f"the database file {self.path} cannot be looked at: {exc.strerror}"
+            ) from None
+        else:
+            now = found.st_dev, found.st_ino
         if self._found is None:
             self._found = now
         elif now != self._found:
             raise DatabaseFileGone(
-                f"{self.path} was removed or replaced while shiphook ran: restart shiphook"
+                f"the database file {self.path} was removed or replaced while shiphook ran"
             )
 
 
-_database_files: weakref.WeakKeyDictionary[Engine, DatabaseFile] = weakref.WeakKeyDictionary()
-_database_files_guard = threading.Lock()
+_sqlite_files: weakref.WeakKeyDictionary[Engine, SqliteFile] = weakref.WeakKeyDictionary()
+_sqlite_files_guard = threading.Lock()
 
 
-def database_file(engine: Engine) -> DatabaseFile:
-    """The database file of `engine`, one per engine."""
-    with _database_files_guard:
-        if engine not in _database_files:
-            sqlite = engine.dialect.name == "sqlite"
-            path = Path(engine.url.database or "").resolve() if sqlite else None
-            _database_files[engine] = DatabaseFile(path)
-        return _database_files[engine]
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """The file at `path` (device and inode), None when there is none."""
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return found.st_dev, found.st_ino
+def sqlite_file(engine: Engine) -> SqliteFile:
+    """The SQLite database file of `engine`, one per engine (`path` None on other databases)."""
+    with _sqlite_files_guard:
+        if engine not in _sqlite_files:
+            database = engine.url.database or ""
+            on_disk = engine.dialect.name == "sqlite" and database not in ("", ":memory:")
+            _sqlite_files[engine] = SqliteFile(os.path.abspath(database) if on_disk else None)
+        return _sqlite_files[engine]
 
 
 @dataclass(frozen=True)
@@ -322,7 +337,7 @@ class AcceptPath:
         self._on_loop: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self._lock = write_lock(engine)
         self._direct = DirectConnections(engine)
-        self._file = database_file(engine)
+        self._file = sqlite_file(engine)
         self._known: dict[str, HookIdentity] = {}
         # SQLite takes its write lock at BEGIN IMMEDIATE, waiting in its busy handler while
         # another connection holds it; a deferred transaction that has read fails at its first

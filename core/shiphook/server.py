@@ -16,7 +16,7 @@ from shiphook.config import host_port
 from shiphook.deployer.deployer import Deployer
 from shiphook.deployer.process import STOP_SIGNALS, DeployerSupervisor
 from shiphook.errors import ConfigError, ShiphookError
-from shiphook.fastpath import DatabaseFile, DatabaseFileGone
+from shiphook.fastpath import SQLITE_FILE_ENV, DatabaseFileGone, SqliteFile
 from shiphook.http.connections import connection_limits, protocol_factory
 from shiphook.http.worker import app_for, stop_on_hangup
 from shiphook.instance import Instance
@@ -54,6 +54,9 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     deployer = DeployerSupervisor(config_path, address, settings.log_level)
     os.environ["SHIPHOOK_CONFIG"] = str(config_path)
     os.environ[DEPLOYER_SOCKET] = address
+    database = instance.storage.sqlite_file
+    if database.path is not None:
+        os.environ[SQLITE_FILE_ENV] = database.identity()
     log.info(
         "shiphook serving on http://%s (config %s, %s, %s, admin API %s)",
         host_port(host or settings.host, listeners[0].getsockname()[1]),
@@ -80,14 +83,18 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
     # instead of the signal's default, so that the deployer below is stopped too
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGHUP, stop_on_hangup)
-    database = instance.storage.database_file
-    watch = FileWatch(database) if database.path is not None else None
-    deployer.start()
+    watch = None
     try:
+        if database.path is not None:
+            watch = FileWatch(database)
+        deployer.start()
         if settings.workers > 1:
             Supervisor(config, sockets=listeners).run()
         else:
             uvicorn.Server(config).run(sockets=listeners)
+    except SystemExit:  # SIGTERM's (`_exit`); FileWatch sent it when the file went
+        if watch is None or watch.gone is None:
+            raise
     finally:
         for signum in STOP_SIGNALS:  # the stop is under way, and bounded
             signal.signal(signum, signal.SIG_IGN)
@@ -95,38 +102,38 @@ def serve(instance: Instance, *, host: str | None = None, port: int | None = Non
         release_deployer_address(address)
         for listener in listeners:
             listener.close()
-        log.info("shiphook stopped")
         if watch is not None:
             watch.stop()
-            if watch.gone:
-                raise ShiphookError(watch.gone) from None
+        log.info("shiphook stopped")
+    if watch is not None and watch.gone is not None:
+        raise ShiphookError(watch.gone)
 
 
 class FileWatch:
     """Stops `serve` (as SIGTERM does) when its SQLite database file is removed or replaced:
-    every connection open would go on writing to a file that no later start reads, and each
-    new one would open an empty database. The accept path checks the file after each commit
-    too (`DirectConnections.check_file`), so no 201 is sent for what was written there."""
+    every connection open would go on writing to a file that no later start reads. Until it
+    has stopped, each commit is checked too (`SqliteFile.check`): no 201 for what went there,
+    and no deployment started from it."""
 
-    def __init__(self, database: DatabaseFile) -> None:
+    def __init__(self, database: SqliteFile) -> None:
         self.database = database
-        self.gone: str | None = None  # what happened, once it has
-        database.check()
+        self.gone: str | None = None  # why it stopped serve, once it has
         self._stopping = threading.Event()
-        threading.Thread(target=self._watch, name="database-file-watch", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="sqlite-file-watch", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._thread.join()
 
     def _watch(self) -> None:
         while not self._stopping.wait(FILE_CHECK_INTERVAL):
             try:
                 self.database.check()
-            except DatabaseFileGone:
+            except DatabaseFileGone as exc:
                 self.gone = (
-                    f"the database file {self.database.path} was removed or replaced while "
-                    "shiphook ran: stopped, as what it wrote now no later start would read "
-                    "(restore the file, or start again to create a new database)"
+                    f"{exc}: stopped, so that nothing more is written where no later start "
+                    "reads it (stop shiphook before you move, remove or restore the file)"
                 )
                 log.error("%s", self.gone)
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -45,7 +45,7 @@ from sqlalchemy.exc import IntegrityError
 
 from shiphook.db import DATABASE_TIMEOUT, connect_on_loop
 from shiphook.errors import DatabaseUnavailable
-from shiphook.fastpath import Accepted, AcceptPath, database_file, write_lock
+from shiphook.fastpath import Accepted, AcceptPath, sqlite_file, write_lock
 from shiphook.models import (
     Deployment,
     DeploymentCreate,
@@ -152,7 +152,7 @@ class Storage:
         )
         self._threads: ThreadPoolExecutor | None = None
         self._lock = write_lock(engine)
-        self.database_file = database_file(engine)
+        self.sqlite_file = sqlite_file(engine)
 
     def close(self) -> None:
         """Close every connection to the database, the accept path's own and the pool's."""
@@ -197,6 +197,7 @@ class Storage:
         """One write transaction, under the write lock."""
         with self._lock(), self.engine.begin() as connection:
             yield connection
+        self.sqlite_file.check()  # committed to a file removed or replaced: not done
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -347,7 +348,7 @@ class Storage:
 
     def pending_targets(self) -> list[PendingTarget]:
         """Targets with queued or in-progress deployments."""
-        self.database_file.check()  # from a file removed or replaced, none: the deployer waits
+        self.sqlite_file.check()  # from a file removed or replaced, none: the deployer waits
         query = (
             select(DEPLOYMENT.c.target, DEPLOYMENT.c.status, DEPLOYMENT.c.slot, func.count())
             .where(DEPLOYMENT.c.status.in_([Status.queued, Status.in_progress]))
@@ -437,7 +438,7 @@ class Storage:
         otherwise it starts a queued one: for an app the newest, after superseding the older
         ones; for a job the oldest.
         """
-        self.database_file.check()  # none from a file removed or replaced
+        self.sqlite_file.check()  # none from a file removed or replaced
         order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
         query = (
             select(DEPLOYMENT)
