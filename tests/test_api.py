@@ -15,6 +15,7 @@ import scripted_backend
 from conftest import ADMIN_TOKEN
 from shiphook import tokens
 from shiphook.db import create_db_engine, upgrade
+from shiphook.errors import DatabaseUnavailable
 from shiphook.fastpath import Accepted, GroupCommit
 from shiphook.http.app import WAIT_STATUS
 from shiphook.instance import open_instance
@@ -267,6 +268,78 @@ def test_a_body_over_64_kib_is_413(quiet):
     assert stored_deployments(quiet) == []
 
 
+ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}")
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        ("web", b'{"imageTag": "1.2.0"}'),
+        ("web", b'\xef\xbb\xbf{"imageTag": "1.2.0"}'),  # a byte order mark
+        ("web", b""),
+        ("web", b"{not json"),
+        ("web", b'{"imageTag": "1.2.0", "extra": 1}'),
+        ("web", b'{"imageTag": "first", "imageTag": "second"}'),
+        ("web", b'{"imageTag": "-bad"}'),
+        ("strict", b'{"imageTag": "not-allowed"}'),
+        ("migrate", b'{"instanceEnvironmentVariables": [{"name": "X", "value": "1"}]}'),
+        ("migrate", b'{"instanceEnvironmentVariables": [{"name": "X", "value": "a\\u0000"}]}'),
+        ("gone", b'{"imageTag": "1.2.0"}'),  # its backend's target is no longer configured
+    ],
+)
+@pytest.mark.parametrize("token", ["own", "unknown", "not ascii"])
+def test_the_plain_hook_path_answers_as_falcon_does(
+    quiet, monkeypatch, caplog, target, body, token
+):
+    """`PlainHookPath` answers plain hook requests in front of Falcon; what it answers is
+    what `DeployHookResource` would: status, headers, JSON (but a new deployment's id and
+    times) and the access line."""
+    sent = {"own": quiet.new_hook(target), "unknown": "shk_" + "a" * 40, "not ascii": "shk_\xe9"}
+    assert_answered_as_by_falcon(quiet, monkeypatch, caplog, body, sent[token])
+
+
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("disk on fire"), DatabaseUnavailable("OperationalError")]
+)
+def test_the_plain_hook_path_fails_as_falcon_does(quiet, monkeypatch, caplog, failure):
+    def accept(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(quiet.instance.deployments, "accept", accept)
+    token = quiet.new_hook("web")
+    request_id = {"X-Request-ID": "ci-run-7"}
+    assert_answered_as_by_falcon(quiet, monkeypatch, caplog, b"{}", token, request_id)
+
+
+def assert_answered_as_by_falcon(quiet, monkeypatch, caplog, body, token, headers=None) -> None:
+    falcon_app = quiet.app.app
+    through_falcon: list[str] = []
+
+    async def falcon_called(scope, receive, send) -> None:
+        if scope["type"] == "http":  # not the test client's lifespan events
+            through_falcon.append(scope["path"])
+        await falcon_app(scope, receive, send)
+
+    monkeypatch.setattr(quiet.app, "app", falcon_called)
+    caplog.set_level(logging.INFO, logger="shiphook.access")
+    answers = []
+    for client in (quiet.client, falcon.testing.TestClient(falcon_app)):
+        caplog.clear()
+        result = client.simulate_post(
+            "/api/v1/dh", body=body, headers={"X-Deploy-Hook-Token": token, **(headers or {})}
+        )
+        fields = [  # the length aside: a time's microseconds are left out when they are 0
+            (k, ID.sub("<id>", v)) for k, v in result.headers.items() if k != "content-length"
+        ]
+        text = TIME.sub("<time>", ID.sub("<id>", result.text))
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "shiphook.access"]
+        line = ID.sub("<id>", line.rpartition(" (")[0])  # without the time it took
+        answers.append((result.status_code, fields, text, line))
+    assert through_falcon == []  # the first was answered in front of it
+    assert answers[0] == answers[1]
+
+
 def test_the_server_keeps_serving_after_bad_requests(quiet):
     token = quiet.new_hook("web")
     for body in (b"{", b"[]", b"\xff\xfe", b'{"imageTag": "x y"}'):
@@ -327,7 +400,7 @@ def admin_routes(app) -> list[tuple[str, str]]:
     fields filled in (the admin token is checked before anything is looked up)."""
     fields = {"{deployment_id}": UNKNOWN_DEPLOYMENT, "{target}": "web", "{hook_id:whole}": "1"}
     found = []
-    for route in falcon.inspect.inspect_routes(app):
+    for route in falcon.inspect.inspect_routes(app.app):  # Falcon, behind `PlainHookPath`
         path = route.path
         for field, value in fields.items():
             path = path.replace(field, value)

@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 
-import falcon.asgi
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
@@ -17,6 +16,7 @@ from shiphook.deployer.deployer import Deployer
 from shiphook.deployer.process import STOP_SIGNALS, DeployerSupervisor
 from shiphook.errors import ConfigError, ShiphookError
 from shiphook.fastpath import SQLITE_FILE_ENV, DatabaseFileGone, SqliteFile
+from shiphook.http.app import PlainHookPath
 from shiphook.http.connections import connection_limits, protocol_factory
 from shiphook.http.worker import app_for, stop_on_hangup
 from shiphook.instance import Instance
@@ -25,11 +25,12 @@ from shiphook.wakeup import DEPLOYER_SOCKET, deployer_address, release_deployer_
 log = logging.getLogger("shiphook.server")
 
 
-def build(instance: Instance) -> tuple[falcon.asgi.App, Deployer]:
+def build(instance: Instance) -> tuple[PlainHookPath, Deployer]:
     """The app of an HTTP worker with a deployer in threads of this process, not started: for
     tests and embedding. Its `?wait` callers learn outcomes as a worker's do, from the database;
     a commit calls `Deployer.notify` directly, which the deployer process of `shiphook serve`
-    calls for each target name it receives on its wake-up socket."""
+    calls for each target name it receives on its wake-up socket. The Falcon app is the app's
+    `app`: what is added to it does not see the plain hook request (`PlainHookPath`)."""
     deployer = Deployer(
         instance.storage,
         instance.config.targets,

@@ -13,9 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-import falcon.asgi
-
-from shiphook.http.app import create_app
+from shiphook.http.app import PlainHookPath, create_app
 from shiphook.http.notifier import DeployerNotifier
 from shiphook.http.waiters import Waiters
 from shiphook.instance import Instance, open_instance
@@ -64,7 +62,7 @@ class BufferedLogHandler(logging.StreamHandler):
             super().flush()
 
 
-def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.App:
+def app_for(instance: Instance, notify: Callable[[str], None]) -> PlainHookPath:
     """The API of `instance`; `notify` wakes the deployer after each commit. `?wait` callers are
     released by the waiters' poll of the database, wherever the deployer runs."""
     return create_app(
@@ -78,7 +76,7 @@ def app_for(instance: Instance, notify: Callable[[str], None]) -> falcon.asgi.Ap
     )
 
 
-def worker_app() -> falcon.asgi.App:
+def worker_app() -> PlainHookPath:
     """The app of one HTTP worker of `shiphook serve` (uvicorn calls this in each worker)."""
     instance = open_instance(os.environ["SHIPHOOK_CONFIG"])
     instance.storage.accept_path.defer_checkpoints()  # the deployer process checkpoints
