@@ -59,6 +59,8 @@ log = logging.getLogger("shiphook.http")
 access_log = logging.getLogger("shiphook.access")
 
 MAX_BODY = 64 * 1024
+DH = "/api/v1/dh"  # the deploy hook
+JSON = falcon.MEDIA_JSON.encode()
 SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?", re.ASCII)  # `?wait`
 
 
@@ -317,10 +319,6 @@ class PlainHookPath:
         await send({"type": "http.response.start", "status": int(status[:3]), "headers": fields})
         await send({"type": "http.response.body", "body": content})
         log_access("POST", DH, status, answer, started)
-
-
-DH = "/api/v1/dh"
-JSON = falcon.MEDIA_JSON.encode()
 
 
 def _plain_hook_token(scope: dict) -> str | None:
