@@ -91,6 +91,9 @@ SHUTDOWN = "shiphook.shutdown"
 # request's body had all arrived (the client went, or body_timeout passed): the ASGI server then
 # ends the body as if it were complete, and what came of it must not be acted on
 BODY_CUT = "shiphook.body_cut"
+BODY_CUT_SHORT = (
+    "the request body did not all arrive: the connection closed, or [server] body_timeout passed"
+)
 RETRY_AFTER = "5"  # seconds a caller is told to wait when the database is unavailable
 
 # How `?wait` answers each outcome (`shiphook.services.wait_outcome`).
@@ -189,10 +192,7 @@ async def read_body(req: Request) -> bytes:
         )
     body = await req.bounded_stream.read(MAX_BODY + 1)
     if req.scope.get("extensions", {}).get(BODY_CUT):
-        raise RequestTimeout(
-            "the request body did not all arrive: the connection closed, or [server] "
-            "body_timeout passed"
-        )
+        raise RequestTimeout(BODY_CUT_SHORT)
     if len(body) > MAX_BODY:
         raise PayloadTooLarge(f"request body exceeds the limit of {MAX_BODY} bytes")
     return body
@@ -355,10 +355,7 @@ async def _body(scope: dict, first: dict, receive: Callable) -> bytes:
         message = await receive()
         chunks.append(message.get("body", b""))
     if message["type"] != "http.request" or scope.get("extensions", {}).get(BODY_CUT):
-        raise RequestTimeout(
-            "the request body did not all arrive: the connection closed, or [server] "
-            "body_timeout passed"
-        )
+        raise RequestTimeout(BODY_CUT_SHORT)
     return b"".join(chunks)
 
 
