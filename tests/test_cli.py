@@ -373,7 +373,7 @@ def test_check_reports_the_schema_version(tmp_path):
     assert f"{database}: no database yet" in before
     run_cli("db", "upgrade", config=config)
     after = run_cli("check", config=config, check=False).stdout
-    assert f"{database}: schema 0002, the latest" in after
+    assert f"{database}: schema 0003, the latest" in after
 
 
 def test_the_sqlite_database_is_readable_by_its_owner_only(tmp_path):

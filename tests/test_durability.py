@@ -40,7 +40,7 @@ from shiphook.deployer.process import RESTART_DELAY
 from shiphook.errors import DatabaseUnavailable
 from shiphook.fastpath import checkpoint
 from shiphook.models import Deployment, DeploymentCreate, Status, utcnow
-from shiphook.storage import Storage, _supersede
+from shiphook.storage import Storage, _in_progress_on, _next_queued, _supersede
 from shiphook.testing import eventually
 from shiphook.tokens import TOKEN_HEADER
 from test_http_limits import connect, read_answer, unread_requests
@@ -901,7 +901,9 @@ def test_a_deployment_a_failed_superseder_had_locked_is_still_superseded(postgre
         failing = engine.connect()
         failing.begin()
         newest_then = Deployment(id=b.id, target="web", kind="app", image_tag="1.1")
-        assert list(failing.execute(_supersede(newest_then, utcnow())).scalars()) == [a.id]
+        assert list(
+            failing.execute(_supersede(newest_then, utcnow(), engine.dialect)).scalars()
+        ) == [a.id]
         with ThreadPoolExecutor(1) as pool:
             started = pool.submit(
                 storage.next_deployment, target="web", slot=0, kind="app", now=utcnow()
@@ -916,6 +918,54 @@ def test_a_deployment_a_failed_superseder_had_locked_is_still_superseded(postgre
         assert statuses == {a.id: "superseded", b.id: "superseded", c.id: "in_progress"}
     finally:
         storage.close()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("query", ["in progress", "next app", "next job", "supersede"])
+def test_the_deployers_queries_read_the_queue_not_the_history(database_url, query):
+    """The deployer's queries find a target's queue through the status index, however many
+    finished deployments the table holds. Before: SQLite walked the primary key from the oldest
+    deployment on, to supersede or to start the next one (200 000 finished deployments: 50 ms a
+    query; 2 now), and PostgreSQL planned the supersede's `id IN (subquery)`, once the table
+    had statistics, as a hash join over the whole table."""
+    engine = create_db_engine(database_url)
+    upgrade(engine)
+    now = utcnow()
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                Deployment.__table__.insert(),
+                [
+                    {
+                        "id": f"{n:08d}",
+                        "target": "web",
+                        "kind": "app",
+                        "created_at": now,
+                        "status": "superseded" if n < 20_000 else "queued",
+                        "message": "",
+                    }
+                    for n in range(20_300)  # the finished ones older, as ids are by time
+                ],
+            )
+            connection.exec_driver_sql("ANALYZE")
+        newest = Deployment(id="00020299", target="web", kind="app", image_tag="1.0")
+        statement = {
+            "in progress": _in_progress_on("web", 0),
+            "next app": _next_queued("web", "app"),
+            "next job": _next_queued("web", "job"),
+            "supersede": _supersede(newest, now, engine.dialect),
+        }[query].compile(dialect=engine.dialect)
+        explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+        params = statement.params
+        if statement.positional:
+            params = tuple(params[name] for name in statement.positiontup)
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql(explain + statement.string, params)
+            plan = "\n".join(str(row[-1]) for row in rows)
+        # the queue through the status index; a supersede's rows then by their primary key
+        assert "ix_deployment_status_target_id" in plan, plan
+        assert "Seq Scan" not in plan and "SCAN deployment" not in plan, plan
+    finally:
         engine.dispose()
 
 

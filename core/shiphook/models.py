@@ -138,8 +138,9 @@ class DeploymentCreate(DeploymentBase):
 
 class Deployment(SQLModel, DeploymentCreate, table=True):
     __table_args__ = (
-        # status first: the deployer looks for queued and in-progress work across all targets
-        Index("ix_deployment_status_target", "status", "target"),
+        # status first: the deployer looks for queued and in-progress work across all targets,
+        # and takes a target's queue in id order
+        Index("ix_deployment_status_target_id", "status", "target", "id"),
         Index(
             "ix_deployment_idempotency",
             "hook_id",

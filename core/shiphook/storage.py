@@ -30,9 +30,9 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Select,
     Update,
-    and_,
-    case,
+    any_,
     delete,
     func,
     insert,
@@ -41,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
 from shiphook.db import DATABASE_TIMEOUT, connect_on_loop
@@ -439,28 +440,17 @@ class Storage:
         ones; for a job the oldest.
         """
         self.sqlite_file.check()  # none from a file removed or replaced
-        order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
-        query = (
-            select(DEPLOYMENT)
-            .where(
-                DEPLOYMENT.c.target == target,
-                or_(
-                    and_(DEPLOYMENT.c.status == Status.in_progress, DEPLOYMENT.c.slot == slot),
-                    DEPLOYMENT.c.status == Status.queued,
-                ),
-            )
-            .order_by(case((DEPLOYMENT.c.status == Status.in_progress, 0), else_=1), order)
-            .limit(1)
-        )
         with self.engine.connect() as connection:
-            row = connection.execute(query).first()
+            row = connection.execute(_in_progress_on(target, slot)).first()
+            if row is None:
+                row = connection.execute(_next_queued(target, kind)).first()
         if row is None:
             return None, [], False
         chosen = _deployment(row)
         if chosen.status == Status.in_progress:
             return chosen, [], True
         superseded: list[str] = []
-        supersede = _supersede(chosen, now) if kind == "app" else None
+        supersede = _supersede(chosen, now, self.engine.dialect) if kind == "app" else None
         while True:
             with self._write() as connection:
                 # an app's older queued deployments are superseded before it starts, in chunks
@@ -490,18 +480,12 @@ class Storage:
     ) -> tuple[Deployment | None, list[str]]:
         """Supersede the queued deployments of an app target by the newest queued one, in
         chunks; return that one (None when fewer than two are queued) and the ids superseded."""
-        query = (
-            select(DEPLOYMENT.c.id, DEPLOYMENT.c.image_tag)
-            .where(DEPLOYMENT.c.target == target, DEPLOYMENT.c.status == Status.queued)
-            .order_by(DEPLOYMENT.c.id.desc())
-            .limit(2)
-        )
         with self.engine.connect() as connection:
-            rows = connection.execute(query).all()
+            rows = connection.execute(_next_queued(target, "app").limit(2)).all()
         if len(rows) < 2:
             return None, []
-        newest = Deployment(**rows[0]._mapping, target=target, kind="app")
-        supersede = _supersede(newest, now)
+        newest = _deployment(rows[0])
+        supersede = _supersede(newest, now, self.engine.dialect)
         superseded: list[str] = []
         while True:
             with self._write() as connection:
@@ -511,7 +495,34 @@ class Storage:
                 return newest, superseded
 
 
-def _supersede(newest: Deployment, now: datetime) -> Update:
+# The deployer's queries of the queue, each a range of the status index (`Deployment`'s
+# `ix_deployment_status_target_id`), however many deployments the table holds.
+
+
+def _in_progress_on(target: str, slot: int) -> Select:
+    """The deployment in progress on this slot of the target, if any."""
+    return (
+        select(DEPLOYMENT)
+        .where(
+            DEPLOYMENT.c.status == Status.in_progress,
+            DEPLOYMENT.c.target == target,
+            DEPLOYMENT.c.slot == slot,
+        )
+        .limit(1)
+    )
+
+
+def _next_queued(target: str, kind: str) -> Select:
+    """The queued deployment to start next: an app's newest, a job's oldest."""
+    return (
+        select(DEPLOYMENT)
+        .where(DEPLOYMENT.c.status == Status.queued, DEPLOYMENT.c.target == target)
+        .order_by(DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id)
+        .limit(1)
+    )
+
+
+def _supersede(newest: Deployment, now: datetime, dialect: Dialect) -> Update:
     """The statement that marks up to SUPERSEDE_CHUNK queued deployments older than `newest`
     superseded by it and returns their ids; built once per start, outside the write lock.
     It marks none once `newest` is itself superseded (by a newer one, from another process)."""
@@ -536,9 +547,16 @@ def _supersede(newest: Deployment, now: datetime) -> Update:
         .where(DEPLOYMENT.c.id == newest.id, DEPLOYMENT.c.status != Status.superseded)
         .exists()
     )
+    # PostgreSQL plans `id IN (subquery)` as a hash join over the whole table once the table
+    # has statistics; compared with an array of the chunk's ids, it looks each one up instead
+    in_chunk = (
+        DEPLOYMENT.c.id == any_(func.array(older.scalar_subquery()))
+        if dialect.name == "postgresql"
+        else DEPLOYMENT.c.id.in_(older.scalar_subquery())
+    )
     return (
         update(DEPLOYMENT)
-        .where(DEPLOYMENT.c.id.in_(older.scalar_subquery()), newest_live)
+        .where(in_chunk, newest_live)
         .values(
             status=Status.superseded,
             superseded_by=newest.id,
