@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     Row,
@@ -441,7 +442,7 @@ class Storage:
         """
         self.sqlite_file.check()  # none from a file removed or replaced
         with self.engine.connect() as connection:
-            row = connection.execute(_in_progress_on(target, slot)).first()
+            row = connection.execute(_in_progress_on(target, slot, kind)).first()
             if row is None:
                 row = connection.execute(_next_queued(target, kind)).first()
         if row is None:
@@ -499,27 +500,25 @@ class Storage:
 # `ix_deployment_status_target_id`), however many deployments the table holds.
 
 
-def _in_progress_on(target: str, slot: int) -> Select:
-    """The deployment in progress on this slot of the target, if any."""
-    return (
-        select(DEPLOYMENT)
-        .where(
-            DEPLOYMENT.c.status == Status.in_progress,
-            DEPLOYMENT.c.target == target,
-            DEPLOYMENT.c.slot == slot,
-        )
-        .limit(1)
+def _in_progress_on(target: str, slot: int, kind: str) -> Select:
+    """The deployment in progress on this slot of the target, if any (if two, as only a lost
+    lease can leave them, the one `_next_queued` would have chosen)."""
+    return _in_order(
+        DEPLOYMENT.c.status == Status.in_progress,
+        DEPLOYMENT.c.target == target,
+        DEPLOYMENT.c.slot == slot,
+        kind=kind,
     )
 
 
 def _next_queued(target: str, kind: str) -> Select:
     """The queued deployment to start next: an app's newest, a job's oldest."""
-    return (
-        select(DEPLOYMENT)
-        .where(DEPLOYMENT.c.status == Status.queued, DEPLOYMENT.c.target == target)
-        .order_by(DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id)
-        .limit(1)
-    )
+    return _in_order(DEPLOYMENT.c.status == Status.queued, DEPLOYMENT.c.target == target, kind=kind)
+
+
+def _in_order(*where: ColumnElement[bool], kind: str) -> Select:
+    order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
+    return select(DEPLOYMENT).where(*where).order_by(order).limit(1)
 
 
 def _supersede(newest: Deployment, now: datetime, dialect: Dialect) -> Update:
