@@ -517,6 +517,7 @@ def _next_queued(target: str, kind: str) -> Select:
 
 
 def _in_order(*where: ColumnElement[bool], kind: str) -> Select:
+    """The first deployment matching `where`, in the order a target of `kind` takes them."""
     order = DEPLOYMENT.c.id.desc() if kind == "app" else DEPLOYMENT.c.id
     return select(DEPLOYMENT).where(*where).order_by(order).limit(1)
 
