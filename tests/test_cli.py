@@ -190,6 +190,25 @@ def test_a_command_that_fails_on_its_arguments_creates_no_database(tmp_path, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shiphook.toml"]
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["hooks", "create", b"w\xff", "--name", "x"], r"no target named 'w\xff' ("),
+        (["hooks", "delete", b"\xff"], r"Invalid value for 'HOOK_ID': '\xff' is not a whole"),
+        (["deployments", "show", r"\udcff"], r"no deployment with id '\\udcff'"),  # as typed
+    ],
+    ids=["a target", "a hook id", "text that reads like a surrogate"],
+)
+def test_command_line_bytes_that_are_not_utf8_are_shown_as_given(tmp_path, args, line):
+    """From a shell in another encoding, or a file name: `\\xff`, not the lone surrogate that
+    Python holds such a byte as (`\\udcff`)."""
+    result = run_cli(*map(os.fsdecode, args), config=scripted_config(tmp_path), check=False)
+    assert result.stderr.startswith(f"shiphook: {line}"), result.stderr
+    missing = tmp_path / os.fsdecode(b"x\xff.toml")
+    result = run_cli("check", config=missing, check=False)
+    assert result.stderr.startswith(f"shiphook: {tmp_path}/x\\xff.toml: config file not found")
+
+
 def test_check_creates_no_database(tmp_path):
     result = run_cli("check", config=scripted_config(tmp_path), check=False)
     assert result.returncode == 1  # the target "gone" is not found

@@ -62,8 +62,25 @@ class ShiphookGroup(click.Group):
             except SQLAlchemyError as exc:  # the database failed after it was opened
                 raise unusable(ctx.obj["instance"].storage.engine, exc) from None
         except ShiphookError as exc:
-            click.echo(f"shiphook: {exc.message}", err=True)
+            click.echo(f"shiphook: {_bytes_shown(exc.message)}", err=True)
             ctx.exit(2)
+
+
+# a byte of the command line that is not UTF-8 reaches Python as a lone surrogate (PEP 383): as
+# it is, or as `repr` shows it in a quoted value (after an even number of backslashes)
+_NOT_UTF8 = re.compile(r"[\udc80-\udcff]|(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+
+
+def _bytes_shown(message: str) -> str:
+    """`message` with each byte of the command line that is not UTF-8 shown as it was given,
+    `\\xff`, rather than as Python holds it, `\\udcff`."""
+
+    def byte(found: re.Match[str]) -> str:
+        if found[2] is None:
+            return f"\\x{ord(found[0]) - 0xDC00:02x}"
+        return f"{found[1]}\\x{found[2]}"
+
+    return _NOT_UTF8.sub(byte, message)
 
 
 @contextlib.contextmanager
@@ -76,7 +93,7 @@ def _usage_in_one_line(ctx: click.Context) -> Iterator[None]:
     except click.UsageError as exc:
         command = (exc.ctx or ctx).command_path
         message = exc.format_message().rstrip(".")
-        click.echo(f"shiphook: {message} (see '{command} --help')", err=True)
+        click.echo(f"shiphook: {_bytes_shown(message)} (see '{command} --help')", err=True)
         ctx.exit(exc.exit_code)
 
 
