@@ -54,17 +54,21 @@ class TestDockerConformance(BackendConformance):
 
     def make_app(self) -> dict[str, Any]:
         name = f"{self.prefix}-{uuid.uuid4().hex[:6]}"
+        self._create(name, self.initial_tag, {"GREETING": "kept"})
+        return {"container": name}
+
+    def _create(self, name: str, tag: str, environment: dict[str, str]) -> str:
         host_config = self.client.create_host_config(network_mode="none")
-        self.client.create_container(
-            f"{APP}:{self.initial_tag}",
+        made = self.client.create_container(
+            f"{APP}:{tag}",
             name=name,
             host_config=host_config,
-            environment={"GREETING": "kept"},
+            environment=environment,
             stop_signal="SIGKILL",
         )
-        self.client.start(name)
+        self.client.start(made["Id"])
         eventually(lambda: self.client.inspect_container(name)["State"]["Running"], "running")
-        return {"container": name}
+        return made["Id"]
 
     def missing_workload(self, kind: str) -> dict[str, Any]:
         return {"container": f"{self.prefix}-missing"}
@@ -81,6 +85,14 @@ class TestDockerConformance(BackendConformance):
 
     def workload_version(self, options: dict[str, Any]) -> str:
         return self.client.inspect_container(options["container"])["Id"]
+
+    def change_by_hand(self, options: dict[str, Any]) -> None:  # docker rm -f, docker run
+        self.client.remove_container(options["container"], force=True)
+        hotfix = {"GREETING": "kept", "HOTFIX": "1"}
+        self.made_by_hand = self._create(options["container"], self.healthy_tag, hotfix)
+
+    def changed_by_hand(self, options: dict[str, Any]) -> bool:
+        return self.workload_version(options) == self.made_by_hand
 
 
 def test_a_recreated_container_keeps_its_configuration(engine, harness_factory, tmp_path):

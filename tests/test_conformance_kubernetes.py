@@ -102,6 +102,18 @@ class TestKubernetesConformance(BackendConformance):
             for j in self.kube.jobs()
         )
 
+    def change_by_hand(self, options: dict[str, Any]) -> None:  # kubectl set env
+        hotfix = {"containers": [{"name": "app", "env": [{"name": "HOTFIX", "value": "1"}]}]}
+        patch = {"spec": {"template": {"spec": hotfix}}}
+        self.kube.apps.patch_namespaced_deployment(
+            options["deployment"], self.kube.namespace, patch
+        )
+
+    def changed_by_hand(self, options: dict[str, Any]) -> bool:
+        deployment = self.kube.read("deployment", options["deployment"])
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        return {"name": "HOTFIX", "value": "1"} in container.get("env", [])
+
 
 class TestKubernetesConformanceAsServiceAccount(TestKubernetesConformance):
     """The same scenarios with the token of a ServiceAccount bound to README.md's Role."""

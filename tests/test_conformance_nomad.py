@@ -95,6 +95,13 @@ class TestNomadConformance(BackendConformance):
     def job_runs(self, options: dict[str, Any]) -> int:
         return len(self.fake.children(options["job"]))
 
+    def change_by_hand(self, options: dict[str, Any]) -> None:  # nomad job run, edited
+        job = self.fake.job(options["job"])
+        self.fake.put_job(job | {"Meta": (job["Meta"] or {}) | {"HOTFIX": "1"}})
+
+    def changed_by_hand(self, options: dict[str, Any]) -> bool:
+        return (self.fake.job(options["job"])["Meta"] or {}).get("HOTFIX") == "1"
+
 
 def _image(job: dict[str, Any]) -> str:
     return job["TaskGroups"][0]["Tasks"][0]["Config"]["image"]

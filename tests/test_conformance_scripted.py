@@ -67,6 +67,12 @@ class TestScriptedConformance(BackendConformance):
         with self.orchestrator.state() as s:
             return sum(run["name"] == options["name"] for run in s.get("runs", {}).values())
 
+    def change_by_hand(self, options: dict[str, Any]) -> None:
+        self.orchestrator.change_by_hand(options["name"])
+
+    def changed_by_hand(self, options: dict[str, Any]) -> bool:
+        return self.workload_image(options).endswith(":hotfix")
+
 
 class TestForwardOnlyConformance(TestScriptedConformance):
     """A backend that cannot roll back: a target asking for it is refused, and the scenarios
@@ -84,7 +90,9 @@ def test_a_harness_cannot_override_or_mark_a_scenario():
                 pass
 
 
-@pytest.mark.parametrize("name", ["_requires", "_ended", "_crash_once", "_conformance"])
+@pytest.mark.parametrize(
+    "name", ["_requires", "_ended", "_crash_once", "_before_first", "_conformance"]
+)
 def test_a_harness_cannot_override_the_suites_machinery(name):
     """A `_requires` that skipped, or an `_ended` that said succeeded, would pass anything."""
     with pytest.raises(TypeError, match=f"TestLenient.{name}: a conformance harness cannot"):

@@ -15,6 +15,7 @@ import pytest
 from dockerd import JOB
 from shiphook.testing import BackendConformance, JobRun
 from swarm_support import Engine, Services
+from test_swarm import docker
 
 pytest_plugins = ["shiphook.testing", "swarm_support"]
 
@@ -77,3 +78,18 @@ class TestSwarmConformance(BackendConformance):
     def job_runs(self, options: dict[str, Any]) -> int:
         job_status = self.services.inspect(options["service"]).get("JobStatus") or {}
         return int((job_status.get("JobIteration") or {}).get("Index") or 0)
+
+    def change_by_hand(self, options: dict[str, Any]) -> None:
+        docker(
+            self.engine,
+            "service",
+            "update",
+            "--detach",
+            "--env-add",
+            "HOTFIX=1",
+            options["service"],
+        )
+
+    def changed_by_hand(self, options: dict[str, Any]) -> bool:
+        spec = self.services.inspect(options["service"])["Spec"]
+        return "HOTFIX=1" in spec["TaskTemplate"]["ContainerSpec"].get("Env", [])

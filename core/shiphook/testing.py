@@ -348,6 +348,16 @@ class BackendConformance:
         """How many runs the orchestrator has started of the job workload so far."""
         raise NotImplementedError
 
+    def change_by_hand(self, options: dict[str, Any]) -> None:
+        """Change the app workload as its operator would by hand, with the orchestrator's own
+        tools and not through shiphook (set an environment variable, recreate a container),
+        in effect when it returns; not back to the image that ran before the deployment."""
+        raise NotImplementedError
+
+    def changed_by_hand(self, options: dict[str, Any]) -> bool:
+        """Whether the app workload still has the change `change_by_hand` made."""
+        raise NotImplementedError
+
     # -- rules ------------------------------------------------------------------------------
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -587,6 +597,30 @@ class BackendConformance:
         assert_tag(self.workload_image(locator), self.failing_tag)
 
         self._roll_back_on_demand(shiphook, left["id"], locator)
+
+    def test_a_workload_changed_by_hand_before_the_rollback_is_not_rolled_back(self):
+        """Someone changed the workload after the rollout failed, just before shiphook asks for
+        the rollback (`change_by_hand`): a rollback would undo their change too, so the backend
+        refuses it, the workload keeps their change, and the deployment fails with the
+        rollout's reason and the backend's ("...; not rolled back: ...")."""
+        self._requires(kind="app", rollback=True)
+        if type(self).change_by_hand is BackendConformance.change_by_hand:
+            pytest.fail("implement change_by_hand and changed_by_hand", pytrace=False)
+        app = self._app(on_failure="rollback")
+        shiphook = self._open({"app": app})
+        locator = self._locator(app)
+        calls, raised = self._before_first(
+            shiphook, "rollback", lambda: self.change_by_hand(locator)
+        )
+        deployment_id = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": self.failing_tag})
+        deployment = self._ended(shiphook, deployment_id)
+        if raised:
+            raise raised[0]
+        assert calls == ["rollback"], calls
+        assert deployment["status"] == "failed", deployment
+        assert self.failing_reason in deployment["message"], deployment
+        assert "; not rolled back: " in deployment["message"], deployment
+        assert self.changed_by_hand(locator), "the rollback undid the change made by hand"
 
     def test_rollback_on_demand_returns_to_the_image_that_succeeded_before(self):
         self._requires(kind="app")
@@ -837,10 +871,37 @@ class BackendConformance:
         setattr(backend, method, functools.partial(crashing, backend))
         return calls
 
+    @staticmethod
+    def _before_first(
+        shiphook: Shiphook, method: str, then: Callable[[], object]
+    ) -> tuple[list[str], list[BaseException]]:
+        """Make the first call of `method` run `then` before it reaches the orchestrator (in
+        the deployer's thread, within the target's call_timeout). Return the name of every
+        call, and what `then` raised: the harness's error, which the deployment would blame on
+        the backend."""
+        backend = shiphook.instance.backends["conformance"]
+        real = getattr(type(backend), method)
+        calls: list[str] = []
+        raised: list[BaseException] = []
+
+        @functools.wraps(real)  # the deployer knows a call by its name
+        def first_then(*args: Any, **kwargs: Any) -> Any:
+            calls.append(method)
+            if len(calls) == 1:
+                try:
+                    then()
+                except BaseException as exc:
+                    raised.append(exc)
+                    raise
+            return real(backend, *args, **kwargs)
+
+        setattr(backend, method, first_then)
+        return calls, raised
+
 
 # what decides a scenario's outcome, which a harness that replaced it could make pass anything
 _VERDICTS = frozenset(
-    {"_conformance", "_requires", "_ended", "_crash_once", "_roll_back_on_demand"}
+    {"_conformance", "_requires", "_ended", "_crash_once", "_before_first", "_roll_back_on_demand"}
 )
 
 

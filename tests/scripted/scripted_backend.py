@@ -169,9 +169,18 @@ class ScriptedBackend(Backend):
         return GARBAGE[self.options.garbage_from or ""]
 
     def generation(self, name: str) -> int:
-        """How many rollouts the workload `name` has had."""
+        """How many times the workload `name` has changed: its rollouts and changes by hand
+        (rollbacks are not counted)."""
         with self.state() as s:
             return s.get("generation", {}).get(name, 0)
+
+    def change_by_hand(self, name: str) -> None:
+        """Someone else sets the workload's image to `hotfix`."""
+        with self.state() as s:
+            images = s.setdefault("images", {})
+            images[name] = f"{images[name].rpartition(':')[0]}:hotfix"
+            generation = s.setdefault("generation", {})
+            generation[name] = generation.get(name, 0) + 1
 
     def describe(self, target: Target) -> TargetState:
         if self._misbehave("describe"):
@@ -216,6 +225,8 @@ class ScriptedBackend(Backend):
                     generation = s.setdefault("generation", {})
                     generation[name] = generation.get(name, 0) + 1
                     self._enter(s, target.name)
+                # the generation this deployment left: its rollback is refused once that changed
+                s.setdefault("deployed", {})[deployment_id] = s.get("generation", {}).get(name, 0)
             unchanged = s["previous"][deployment_id] == wanted
         return {
             "op": "deploy",
@@ -295,6 +306,12 @@ class ScriptedBackend(Backend):
             previous = s.get("previous", {}).get(ref["deployment"])
             if previous is None:
                 raise BackendError(f"service {target.options.name} does not have a previous spec")
+            name = target.options.name
+            if s.get("generation", {}).get(name, 0) != s.get("deployed", {}).get(ref["deployment"]):
+                raise BackendError(
+                    f"service {name} was changed since this deployment: a rollback would undo "
+                    "that change too; look at it and deploy again"
+                )
             s["images"][target.options.name] = previous
             self._log(s, "rollback", target=target.name, deployment=ref["deployment"])
             self._leave(s, target.name, ref["deployment"])  # a timed-out rollout ends here
