@@ -312,7 +312,7 @@ class ScriptedBackend(Backend):
                     f"service {name} was changed since this deployment: a rollback would undo "
                     "that change too; look at it and deploy again"
                 )
-            s["images"][target.options.name] = previous
+            s["images"][name] = previous
             self._log(s, "rollback", target=target.name, deployment=ref["deployment"])
             self._leave(s, target.name, ref["deployment"])  # a timed-out rollout ends here
         return {"op": "rollback", "deployment": ref["deployment"], "image": previous}
