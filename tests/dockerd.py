@@ -40,11 +40,16 @@ IMAGES = {
     f"{APP}:also-broken": ["/bin/busybox", "sh", "-c", "echo cannot start >&2; exit 1"],
     # runs a moment, as a process that fails on its first request does: a check has to wait
     f"{APP}:broken-later": ["/bin/busybox", "sh", "-c", "sleep 0.5; echo gave up >&2; exit 1"],
+    # never turns healthy nor fails: its health check (below) fails within an hour's start period
+    f"{APP}:stalled": ["/bin/busybox", "sleep", "86400"],
     f"{JOB}:ok": ["/bin/busybox", "sh", "-c", "echo GREETING=$GREETING NAME=$NAME"],
     f"{JOB}:fail": ["/bin/busybox", "sh", "-c", "echo migration failed >&2; exit 1"],
     # the conformance suite's jobs: print the environment, exit with $EXIT
     f"{JOB}:env": ["/bin/busybox", "sh", "-c", "/bin/busybox env; exit ${EXIT:-0}"],
     f"{JOB}:env2": ["/bin/busybox", "sh", "-c", "/bin/busybox env; exit ${EXIT:-0}"],
+}
+HEALTH_CHECKS = {
+    f"{APP}:stalled": 'HEALTHCHECK --interval=5s --start-period=1h CMD ["/bin/busybox", "false"]',
 }
 
 
@@ -218,6 +223,7 @@ def build_test_images(client: docker.APIClient) -> None:
                 "COPY busybox /bin/busybox\n"
                 f"LABEL io.shiphook.test-image={json.dumps(tag)}\n"
                 f"CMD {json.dumps(command)}\n"
+                f"{HEALTH_CHECKS.get(tag, '')}\n"
             ).encode()
             info = tarfile.TarInfo("Dockerfile")
             info.size = len(dockerfile)

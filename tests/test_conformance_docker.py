@@ -28,6 +28,7 @@ class TestDockerConformance(BackendConformance):
     failing_tag = "broken-later"  # a container is up only once it has run `settle` seconds
     failing_reason = "exited with code 1"
     other_failing_tag = "also-broken"
+    stalling_tag = "stalled"  # its health stays "starting"
 
     @pytest.fixture(autouse=True)
     def _docker(self, engine: Engine) -> Iterator[None]:

@@ -27,6 +27,7 @@ class TestKubernetesConformance(BackendConformance):
     failing_tag = "broken"  # kwok: ImagePullBackOff; the Deployment's deadline is 3 s
     failing_reason = f'ImagePullBackOff (Back-off pulling image "{APP}:broken")'
     other_failing_tag = "also-broken"
+    stalling_tag = "stalled"  # kwok: Running, never ready
     job_tag = "ok"
     other_job_tag = "ok2"
     job_variable = ("GREETING", "hello")  # the CronJob's container defines it
@@ -66,6 +67,11 @@ class TestKubernetesConformance(BackendConformance):
     def make_app(self) -> dict[str, Any]:
         name = f"web-{uuid.uuid4().hex[:6]}"
         self.kube.deployment(name, replicas=1, progressDeadlineSeconds=3)
+        return {"deployment": name}
+
+    def make_patient_app(self) -> dict[str, Any]:
+        name = f"web-{uuid.uuid4().hex[:6]}"
+        self.kube.deployment(name, replicas=1)  # Kubernetes' own deadline: 600 s
         return {"deployment": name}
 
     def make_job(self) -> dict[str, Any]:

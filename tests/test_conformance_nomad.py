@@ -26,6 +26,7 @@ class TestNomadConformance(BackendConformance):
     failing_tag = "exit-1"
     failing_reason = "Exit Code: 1"
     other_failing_tag = "exit-1-again"
+    stalling_tag = "stall"  # pending; make_app's job has no progress deadline
     job_tag = "v1"
     other_job_tag = "v2"
     job_variable = ("GREETING", "hello")  # a meta key with a default in the job's own meta

@@ -22,6 +22,8 @@ class TestScriptedConformance(BackendConformance):
     failing_tag = "bad"
     failing_reason = "task exited with code 1"
     other_failing_tag = "bad-again"
+    stalling_tag = "hang"
+    stall_timeout = 2
     job_tag = "initial"
     other_job_tag = "other"
     job_variable = ("GREETING", "hello")

@@ -28,6 +28,7 @@ class TestSwarmConformance(BackendConformance):
     failing_tag = "broken"
     failing_reason = "(task: non-zero exit (1))"
     other_failing_tag = "also-broken"
+    stalling_tag = "stalled"  # its health stays "starting"
     job_tag = "env"
     other_job_tag = "env2"
     job_variable = ("GREETING", "hello")

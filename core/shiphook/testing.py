@@ -285,6 +285,12 @@ class BackendConformance:
     """Part of the orchestrator's message about `failing_tag`, e.g. "exit code 1"."""
     other_failing_tag: ClassVar[str] = ""
     """Another tag of the same repository whose workload fails as `failing_tag`'s does."""
+    stalling_tag: ClassVar[str] = ""
+    """A tag of the same repository whose workload starts and never turns healthy nor fails:
+    its rollout goes on until something ends it."""
+    stall_timeout: ClassVar[float] = 10
+    """The `rollout_timeout` of the target a rollout of `stalling_tag` stalls on: the
+    rollback that follows has as long to complete."""
 
     job_tag: ClassVar[str] = ""
     """The tag a fresh job runs; its workload prints its environment and exits with $EXIT."""
@@ -317,6 +323,12 @@ class BackendConformance:
     def make_app(self) -> dict[str, Any]:
         """Make a fresh app workload running `initial_tag`; return its target keys."""
         raise NotImplementedError
+
+    def make_patient_app(self) -> dict[str, Any]:
+        """`make_app`, for the scenario whose rollout stalls: where the orchestrator has a
+        progress deadline of its own, it is longer than `stall_timeout` here (make_app's may
+        be short, for a failing rollout to fail fast), so that shiphook's timeout passes first."""
+        return self.make_app()
 
     def make_job(self) -> dict[str, Any]:
         """Make a fresh job workload on `job_tag`; return its target keys."""
@@ -560,6 +572,40 @@ class BackendConformance:
         assert again["message"].endswith("it ran before this deployment: not rolled back"), again
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
         assert_tag(self.workload_image(locator), self.failing_tag)
+
+    @pytest.mark.parametrize("on_failure", ["rollback", "leave"])
+    def test_a_rollout_that_stalls_past_rollout_timeout_fails_and_follows_on_failure(
+        self, on_failure
+    ):
+        """The orchestrator neither completes nor fails the rollout of `stalling_tag`: once the
+        target's rollout_timeout has passed, the deployment fails for it, and the app is
+        rolled back to the image it ran before, or left on the stalled rollout."""
+        self._requires(kind="app", rollback=on_failure == "rollback")
+        if not self.stalling_tag:
+            pytest.fail("set stalling_tag to a tag whose rollout stalls", pytrace=False)
+        app = {"kind": "app", **self.make_patient_app(), "on_failure": on_failure}
+        shiphook = self._open({"app": app | {"rollout_timeout": self.stall_timeout}})
+        answer = shiphook.post_hook(
+            shiphook.new_hook("app"),
+            {"imageTag": self.stalling_tag},
+            params={"wait": str(2 * self.stall_timeout + 30)},
+        )
+        assert answer.status_code == 502, answer.text
+        deployment = answer.json["deployment"]
+        timed_out = f"did not finish within {self.stall_timeout:g}s"
+        assert deployment["message"].startswith(timed_out), deployment
+        locator = self._locator(app)
+        if on_failure == "leave":
+            assert deployment["status"] == "failed", deployment
+            assert deployment["message"].endswith("; left as it is (on_failure = leave)")
+            assert_tag(self.workload_image(locator), self.stalling_tag)
+            return
+        assert deployment["status"] == "rolled_back", deployment
+        assert_tag(self.workload_image(locator), self.initial_tag)
+        eventually(
+            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
+            f"the app running {self.initial_tag} again",
+        )
 
     @pytest.mark.parametrize("crash", [False, True], ids=["followed", "repeated after a crash"])
     def test_a_rollback_onto_a_failure_left_in_place_fails_and_one_on_demand_recovers(self, crash):
