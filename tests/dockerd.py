@@ -47,6 +47,7 @@ IMAGES = {
     # the conformance suite's jobs: print the environment, exit with $EXIT
     f"{JOB}:env": ["/bin/busybox", "sh", "-c", "/bin/busybox env; exit ${EXIT:-0}"],
     f"{JOB}:env2": ["/bin/busybox", "sh", "-c", "/bin/busybox env; exit ${EXIT:-0}"],
+    f"{JOB}:stalled": ["/bin/busybox", "sleep", "86400"],  # a run that never ends
 }
 HEALTH_CHECKS = {
     f"{APP}:stalled": 'HEALTHCHECK --interval=5s --start-period=1h CMD ["/bin/busybox", "false"]',

@@ -32,6 +32,7 @@ class TestKubernetesConformance(BackendConformance):
     other_job_tag = "ok2"
     job_variable = ("GREETING", "hello")  # the CronJob's container defines it
     failing_run_reason = "Error with exit code 3"  # kwok: a Job's pod exits with $EXIT
+    stalling_job_tag = "stalled"  # kwok: Running, never ready, never ending
 
     @pytest.fixture(autouse=True)
     def _kubernetes(self, kube_cluster) -> Iterator[None]:

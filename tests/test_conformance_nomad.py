@@ -31,6 +31,7 @@ class TestNomadConformance(BackendConformance):
     other_job_tag = "v2"
     job_variable = ("GREETING", "hello")  # a meta key with a default in the job's own meta
     failing_run_reason = "Exit Code: 3"
+    stalling_job_tag = "stall"  # pending
 
     @pytest.fixture(autouse=True)
     def _nomad(self) -> Iterator[None]:

@@ -28,6 +28,7 @@ class TestScriptedConformance(BackendConformance):
     other_job_tag = "other"
     job_variable = ("GREETING", "hello")
     failing_run_reason = "task exited with code 3"
+    stalling_job_tag = "hang"
 
     @property
     def orchestrator(self) -> ScriptedBackend:

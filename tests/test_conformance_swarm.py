@@ -33,6 +33,7 @@ class TestSwarmConformance(BackendConformance):
     other_job_tag = "env2"
     job_variable = ("GREETING", "hello")
     failing_run_reason = "task: non-zero exit (3)"
+    stalling_job_tag = "stalled"
 
     @pytest.fixture(autouse=True)
     def _swarm(self, engine: Engine, services: Services) -> None:

@@ -289,8 +289,8 @@ class BackendConformance:
     """A tag of the same repository whose workload starts and never turns healthy nor fails:
     its rollout goes on until something ends it."""
     stall_timeout: ClassVar[float] = 10
-    """The `rollout_timeout` of the target a rollout of `stalling_tag` stalls on: the
-    rollback that follows has as long to complete."""
+    """The `rollout_timeout` of the targets that a rollout of `stalling_tag` or a run of
+    `stalling_job_tag` stalls on: the rollback that follows has as long to complete."""
 
     job_tag: ClassVar[str] = ""
     """The tag a fresh job runs; its workload prints its environment and exits with $EXIT."""
@@ -302,6 +302,8 @@ class BackendConformance:
     """Overrides that make a job run fail."""
     failing_run_reason: ClassVar[str] = ""
     """Part of the orchestrator's message about such a failed run."""
+    stalling_job_tag: ClassVar[str] = ""
+    """A tag of the job's repository whose run neither ends nor fails."""
 
     tmp_path: Path
 
@@ -819,6 +821,25 @@ class BackendConformance:
             run = self._ended(shiphook, deployment_id)
             assert run["status"] == "succeeded", run
             assert self.job_run(self._locator(job), run).env.get(MARKER) == f"run{n}"
+
+    def test_a_job_run_past_rollout_timeout_fails_and_holds_up_no_later_run(self):
+        """A run of `stalling_job_tag` has not ended when the target's rollout_timeout passes
+        (`stall_timeout` here): the deployment fails for it, saying the run goes on (the
+        contract has no call that stops one), and the next run starts and succeeds."""
+        self._requires(kind="job")
+        if not self.stalling_job_tag:
+            pytest.fail("set stalling_job_tag to a tag whose job run never ends", pytrace=False)
+        job = self._job(rollout_timeout=self.stall_timeout)
+        shiphook = self._open({"job": job})
+        token = shiphook.new_hook("job")
+        stalled = self._ended(shiphook, shiphook.deploy(token, {"imageTag": self.stalling_job_tag}))
+        assert stalled["status"] == "failed", stalled
+        timed_out = f"did not finish within {self.stall_timeout:g}s"
+        assert stalled["message"].startswith(timed_out), stalled
+        assert "; the run is not stopped: " in stalled["message"], stalled
+        after = self._ended(shiphook, shiphook.deploy(token, self._run_body({MARKER: "after"})))
+        assert after["status"] == "succeeded", after
+        assert self.job_run(self._locator(job), after).env.get(MARKER) == "after"
 
     def test_a_job_run_repeated_after_a_crash_runs_once(self):
         self._requires(kind="job")
