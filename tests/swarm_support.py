@@ -138,11 +138,12 @@ class Services:
         return name
 
     def job(self, *, env: list[str], image: str = f"{JOB}:ok") -> str:
-        """A replicated-job service (on JOB:ok) that Swarm does not restart on failure."""
+        """A replicated-job service (on JOB:ok) that Swarm does not restart on failure; a run
+        that the next replaces stops at once."""
         name = self._name("job")
         self.client.create_service(
             docker.types.TaskTemplate(
-                container_spec=docker.types.ContainerSpec(image, env=env),
+                container_spec=docker.types.ContainerSpec(image, env=env, stop_signal="SIGKILL"),
                 restart_policy=docker.types.RestartPolicy(condition="none"),
             ),
             name=name,

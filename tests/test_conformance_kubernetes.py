@@ -65,15 +65,13 @@ class TestKubernetesConformance(BackendConformance):
     def silent_options(self, address: str) -> dict[str, Any]:
         return {"kubeconfig": self._kubeconfig(f"https://{address}"), "timeout": 2}
 
-    def make_app(self) -> dict[str, Any]:
+    def make_app(self, progress_deadline: int = 3) -> dict[str, Any]:
         name = f"web-{uuid.uuid4().hex[:6]}"
-        self.kube.deployment(name, replicas=1, progressDeadlineSeconds=3)
+        self.kube.deployment(name, replicas=1, progressDeadlineSeconds=progress_deadline)
         return {"deployment": name}
 
     def make_patient_app(self) -> dict[str, Any]:
-        name = f"web-{uuid.uuid4().hex[:6]}"
-        self.kube.deployment(name, replicas=1)  # Kubernetes' own deadline: 600 s
-        return {"deployment": name}
+        return self.make_app(progress_deadline=600)  # Kubernetes' default
 
     def make_job(self) -> dict[str, Any]:
         return {

@@ -290,7 +290,8 @@ class BackendConformance:
     its rollout goes on until something ends it."""
     stall_timeout: ClassVar[float] = 10
     """The `rollout_timeout` of the targets that a rollout of `stalling_tag` or a run of
-    `stalling_job_tag` stalls on: the rollback that follows has as long to complete."""
+    `stalling_job_tag` stalls on: the rollback that follows, and the run after the stalled
+    one, have as long to complete."""
 
     job_tag: ClassVar[str] = ""
     """The tag a fresh job runs; its workload prints its environment and exits with $EXIT."""
