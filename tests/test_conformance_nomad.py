@@ -55,6 +55,14 @@ class TestNomadConformance(BackendConformance):
         eventually(lambda: (self.fake.job(job_id) or {}).get("Stable"), "version 0 stable", 30)
         return {"job": job_id}
 
+    def make_reverting_app(self) -> dict[str, Any]:
+        job_id = f"web-{uuid.uuid4().hex[:8]}"
+        # auto_revert needs a progress deadline: a failed allocation fails the deployment at it
+        job = service_job(job_id, self.initial_tag, count=2, auto_revert=True, progress_deadline=1)
+        self.fake.put_job(job)
+        eventually(lambda: (self.fake.job(job_id) or {}).get("Stable"), "version 0 stable", 30)
+        return {"job": job_id}
+
     def make_job(self) -> dict[str, Any]:
         job_id = f"migrate-{uuid.uuid4().hex[:8]}"
         optional = ("SHIPHOOK_CONFORMANCE", "EXIT", "GREETING")

@@ -26,7 +26,7 @@ class TestSwarmConformance(BackendConformance):
     initial_tag = "v1"
     healthy_tag = "v2"
     failing_tag = "broken"
-    failing_reason = "(task: non-zero exit (1))"
+    failing_reason = "task: non-zero exit (1)"
     other_failing_tag = "also-broken"
     stalling_tag = "stalled"  # its health stays "starting"
     job_tag = "env"
@@ -51,6 +51,9 @@ class TestSwarmConformance(BackendConformance):
 
     def make_app(self) -> dict[str, Any]:
         return {"service": self.services.app(), "resolve_image": False}
+
+    def make_reverting_app(self) -> dict[str, Any]:
+        return {"service": self.services.app(failure_action="rollback"), "resolve_image": False}
 
     def make_job(self) -> dict[str, Any]:
         service = self.services.job(env=["GREETING=hello"], image=f"{JOB}:{self.job_tag}")

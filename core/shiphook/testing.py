@@ -333,6 +333,12 @@ class BackendConformance:
         be short, for a failing rollout to fail fast), so that shiphook's timeout passes first."""
         return self.make_app()
 
+    def make_reverting_app(self) -> dict[str, Any] | None:
+        """`make_app`'s workload, but one the orchestrator rolls back on its own when a
+        rollout fails (Swarm's update failure action `rollback`, Nomad's `auto_revert`); None,
+        the default, where the orchestrator never does."""
+        return None
+
     def make_job(self) -> dict[str, Any]:
         """Make a fresh job workload on `job_tag`; return its target keys."""
         raise NotImplementedError
@@ -575,6 +581,29 @@ class BackendConformance:
         assert again["message"].endswith("it ran before this deployment: not rolled back"), again
         assert self.workload_version(locator) == version, "the same tag started a new rollout"
         assert_tag(self.workload_image(locator), self.failing_tag)
+
+    def test_a_rollout_the_orchestrator_rolls_back_itself_is_rolled_back_once(self):
+        """The orchestrator undoes the failed rollout on its own: the deployment ends
+        rolled_back with the orchestrator's reason, and shiphook asks for no rollback of its
+        own (which would swap the workload a second time)."""
+        self._requires(kind="app")
+        reverting = self.make_reverting_app()
+        if reverting is None:
+            pytest.skip(f"the {self.plugin} harness's orchestrator rolls nothing back on its own")
+        app = {"kind": "app", **reverting}
+        shiphook = self._open({"app": app})
+        calls, _ = self._before_first(shiphook, "rollback", lambda: None)
+        deployment_id = shiphook.deploy(shiphook.new_hook("app"), {"imageTag": self.failing_tag})
+        deployment = self._ended(shiphook, deployment_id)
+        assert deployment["status"] == "rolled_back", deployment
+        assert self.failing_reason in deployment["message"], deployment
+        assert calls == [], "shiphook rolled back what the orchestrator had rolled back"
+        locator = self._locator(app)
+        assert_tag(self.workload_image(locator), self.initial_tag)
+        eventually(
+            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
+            f"the app running {self.initial_tag} again",
+        )
 
     @pytest.mark.parametrize("on_failure", ["rollback", "leave"])
     def test_a_rollout_that_stalls_past_rollout_timeout_fails_and_follows_on_failure(
