@@ -377,6 +377,32 @@ def test_an_admin_token_digest_is_checked_at_start(tmp_path, monkeypatch, variab
     assert caught.value.message == says
 
 
+def test_every_mistake_in_plugin_keys_is_reported_at_once(tmp_path):
+    """Each backend and target is checked, also a target whose backend's own keys are wrong:
+    one run names every mistake, each on a line of its own, not the first alone."""
+    text = (
+        '[backends.x]\nplugin = "swam"\n'
+        + BACKEND
+        + 'colour = "red"\n'
+        + '[targets.a]\nkind = "app"\nbackend = "prod"\nname = "w"\n'
+        + '[targets.b]\nkind = "app"\nbackend = "fake"\n'
+        + '[targets.c]\nkind = "app"\nbackend = "x"\nname = "w"\n'
+    )
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    lines = caught.value.message.splitlines()
+    expected = [
+        "backends.x.plugin: unknown backend plugin 'swam'",
+        "backends.fake.colour: unknown key",
+        "targets.a.backend: no backend named 'prod' (configured backends: fake, x)",
+        "targets.b.name: Field required",
+    ]
+    assert len(lines) == len(expected), lines
+    for line, part in zip(lines, expected, strict=True):
+        assert line.startswith(f"{path}: {part}"), lines
+
+
 def test_a_missing_config_file_says_how_to_choose_one(tmp_path):
     with pytest.raises(ConfigError, match=r"config file not found .*--config or SHIPHOOK_CONFIG"):
         load(tmp_path / "absent.toml")

@@ -27,7 +27,7 @@ from pydantic import (
     field_validator,
 )
 
-from shiphook.backends import BackendRegistry, Seconds, Target, TargetSettings
+from shiphook.backends import Backend, BackendRegistry, Seconds, Target, TargetSettings
 from shiphook.db import DATABASE_TIMEOUT, DATABASE_URL_ENV, SQLITE_SYNCHRONOUS
 from shiphook.errors import ConfigError, describe_validation_error
 
@@ -220,51 +220,48 @@ def read_config_file(path: Path) -> ConfigFile:
 
 
 def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) -> Config:
-    """Validate each backend's and target's plugin keys with the plugin's own models."""
+    """Validate each backend's and target's plugin keys with the plugin's own models; every
+    mistake is reported at once, each on a line of its own."""
     known = ", ".join(sorted(registry.classes)) or "none installed"
+    errors: list[str] = []
+    classes: dict[str, type[Backend]] = {}  # each backend's plugin, when installed
     backends: dict[str, BackendConfig] = {}
     for name, section in parsed.backends.items():
         backend_class = registry.classes.get(section.plugin)
         if backend_class is None:
-            raise ConfigError(
+            errors.append(
                 f"{path}: backends.{name}.plugin: unknown backend plugin {section.plugin!r} "
                 f"(available: {known}; see `shiphook plugins`)"
             )
-        options = _plugin_model(path, f"backends.{name}", backend_class.Options, section)
+            continue
+        classes[name] = backend_class
+        try:
+            options = _plugin_model(path, f"backends.{name}", backend_class.Options, section)
+        except ConfigError as exc:
+            errors.append(exc.message)
+            continue
         backends[name] = BackendConfig(name=name, plugin=section.plugin, options=options)
 
     targets: dict[str, Target] = {}
     for name, section in parsed.targets.items():
-        backend = backends.get(section.backend)
-        if backend is None:
-            configured = ", ".join(sorted(backends)) or "none configured"
-            raise ConfigError(
+        if section.backend not in parsed.backends:
+            configured = ", ".join(sorted(parsed.backends)) or "none configured"
+            errors.append(
                 f"{path}: targets.{name}.backend: no backend named {section.backend!r} "
                 f"(configured backends: {configured})"
             )
-        backend_class = registry.classes[backend.plugin]
-        if section.kind not in backend_class.kinds:
-            raise ConfigError(
-                f"{path}: targets.{name}.kind: the {backend.plugin} backend does not run "
-                f"{section.kind} targets (it supports: {', '.join(sorted(backend_class.kinds))})"
-            )
-        if (
-            section.kind == "app"
-            and section.on_failure == "rollback"
-            and not (backend_class.can_rollback)
-        ):
-            raise ConfigError(
-                f"{path}: targets.{name}.on_failure: the {backend.plugin} backend cannot roll "
-                'back a failed rollout; set on_failure = "leave" (the default is "rollback")'
-            )
-        if section.max_concurrent_runs > 1 and not backend_class.concurrent_runs:
-            raise ConfigError(
-                f"{path}: targets.{name}.max_concurrent_runs: the {backend.plugin} backend runs "
-                "one run of a job at a time; remove the key or set it to 1"
-            )
-        options = _plugin_model(path, f"targets.{name}", backend_class.TargetOptions, section)
-        settings = {key: getattr(section, key) for key in TargetSettings.model_fields}
-        targets[name] = Target[backend_class.TargetOptions](name=name, options=options, **settings)
+            continue
+        backend_class = classes.get(section.backend)
+        if backend_class is None:  # its plugin is not installed: said above
+            continue
+        try:
+            target = _target(path, name, section, backend_class)
+        except ConfigError as exc:
+            errors.append(exc.message)
+            continue
+        targets[name] = target
+    if errors:
+        raise ConfigError("\n".join(errors))
     return Config(
         path=path,
         server=parsed.server,
@@ -272,6 +269,33 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
         backends=backends,
         targets=targets,
     )
+
+
+def _target(path: Path, name: str, section: TargetSection, backend_class: type[Backend]) -> Target:
+    """A target of a backend of `backend_class`, its plugin keys validated by the plugin."""
+    plugin = backend_class.name
+    if section.kind not in backend_class.kinds:
+        raise ConfigError(
+            f"{path}: targets.{name}.kind: the {plugin} backend does not run {section.kind} "
+            f"targets (it supports: {', '.join(sorted(backend_class.kinds))})"
+        )
+    if (
+        section.kind == "app"
+        and section.on_failure == "rollback"
+        and not backend_class.can_rollback
+    ):
+        raise ConfigError(
+            f"{path}: targets.{name}.on_failure: the {plugin} backend cannot roll back a "
+            'failed rollout; set on_failure = "leave" (the default is "rollback")'
+        )
+    if section.max_concurrent_runs > 1 and not backend_class.concurrent_runs:
+        raise ConfigError(
+            f"{path}: targets.{name}.max_concurrent_runs: the {plugin} backend runs one run "
+            "of a job at a time; remove the key or set it to 1"
+        )
+    options = _plugin_model(path, f"targets.{name}", backend_class.TargetOptions, section)
+    settings = {key: getattr(section, key) for key in TargetSettings.model_fields}
+    return Target[backend_class.TargetOptions](name=name, options=options, **settings)
 
 
 def _plugin_model(path: Path, prefix: str, model: type[BaseModel], section: BaseModel) -> Any:
