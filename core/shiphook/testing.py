@@ -16,8 +16,9 @@ make workloads on their orchestrator and how to read back what runs::
 Every scenario goes through the real shiphook deployer over a real database (one through a real
 `shiphook serve` and HTTP), never by calling backend methods that change anything in an order
 of its own. Which scenarios apply follows only from the backend's capability flags (`kinds`,
-`can_rollback`, `concurrent_runs`): a subclass cannot override a scenario, and the plugin
-refuses skip markers on them. The guide is docs/plugins.md.
+`can_rollback`, `concurrent_runs`), and for the orchestrator's own rollback from the harness's
+`make_reverting_app`: a subclass cannot override a scenario, and the plugin refuses skip markers
+on them. The guide is docs/plugins.md.
 
 PYTEST_DONT_REWRITE: backend test modules import this before pytest loads it as a plugin; every
 assert here carries its own message.
@@ -387,7 +388,8 @@ class BackendConformance:
             if name.startswith("test_") or name == "pytestmark":
                 raise TypeError(
                     f"{cls.__name__}.{name}: a conformance harness cannot override or mark "
-                    "scenarios; the backend's capability flags select which ones run"
+                    "scenarios; the backend's capability flags select which ones run (and "
+                    "make_reverting_app whether the orchestrator's own rollback does)"
                 )
             if name in _VERDICTS:
                 raise TypeError(
@@ -589,7 +591,10 @@ class BackendConformance:
         self._requires(kind="app")
         reverting = self.make_reverting_app()
         if reverting is None:
-            pytest.skip(f"the {self.plugin} harness's orchestrator rolls nothing back on its own")
+            pytest.skip(
+                f"the {self.plugin} harness makes no app that its orchestrator rolls back on its "
+                "own: implement make_reverting_app where it can"
+            )
         app = {"kind": "app", **reverting}
         shiphook = self._open({"app": app})
         calls, _ = self._before_first(shiphook, "rollback", lambda: None)
@@ -597,7 +602,9 @@ class BackendConformance:
         deployment = self._ended(shiphook, deployment_id)
         assert deployment["status"] == "rolled_back", deployment
         assert self.failing_reason in deployment["message"], deployment
+        # with can_rollback false nothing would call it: the history says what shiphook did
         assert calls == [], "shiphook rolled back what the orchestrator had rolled back"
+        assert not any(e["message"].startswith("rolling back: ") for e in deployment["history"])
         locator = self._locator(app)
         assert_tag(self.workload_image(locator), self.initial_tag)
         eventually(
@@ -1006,7 +1013,8 @@ _VERDICTS = frozenset(
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Scenarios run wherever the capability flags say they apply: no skip marks on them."""
+    """Scenarios run wherever the capability flags (and `make_reverting_app`) say they apply:
+    no skip marks on them."""
     for item in items:
         cls = getattr(item, "cls", None)
         if cls is None or not issubclass(cls, BackendConformance):
