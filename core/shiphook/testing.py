@@ -287,8 +287,8 @@ class BackendConformance:
     other_failing_tag: ClassVar[str] = ""
     """Another tag of the same repository whose workload fails as `failing_tag`'s does."""
     stalling_tag: ClassVar[str] = ""
-    """A tag of the same repository whose workload starts and never turns healthy nor fails:
-    its rollout goes on until something ends it."""
+    """A tag of the same repository whose rollout neither completes nor fails (its instances
+    start and never turn healthy, or stay pending) until something ends it."""
     stall_timeout: ClassVar[float] = 10
     """The `rollout_timeout` of the targets that a rollout of `stalling_tag` or a run of
     `stalling_job_tag` stalls on: the rollback that follows, and the run after the stalled
@@ -525,7 +525,8 @@ class BackendConformance:
         assert any("no rollout" in event["message"] for event in again["history"]), again
         assert_tag(again["backendRef"]["image"], self.healthy_tag)
         assert_tag(again["previousImage"], self.healthy_tag)
-        assert {tag_of(i) for i in self.running_images(locator)} == {self.healthy_tag}
+        running = self.running_images(locator)
+        assert {tag_of(i) for i in running} == {self.healthy_tag}, running
 
     def test_a_failing_tag_is_rolled_back_with_the_orchestrators_reason(self):
         backend = self._requires(kind="app")
@@ -604,7 +605,8 @@ class BackendConformance:
         assert self.failing_reason in deployment["message"], deployment
         # with can_rollback false nothing would call it: the history says what shiphook did
         assert calls == [], "shiphook rolled back what the orchestrator had rolled back"
-        assert not any(e["message"].startswith("rolling back: ") for e in deployment["history"])
+        steps = [event["message"] for event in deployment["history"]]
+        assert not any(step.startswith("rolling back: ") for step in steps), steps
         locator = self._locator(app)
         assert_tag(self.workload_image(locator), self.initial_tag)
         eventually(
@@ -636,7 +638,8 @@ class BackendConformance:
         locator = self._locator(app)
         if on_failure == "leave":
             assert deployment["status"] == "failed", deployment
-            assert deployment["message"].endswith("; left as it is (on_failure = leave)")
+            left = "; left as it is (on_failure = leave)"
+            assert deployment["message"].endswith(left), deployment
             assert_tag(self.workload_image(locator), self.stalling_tag)
             return
         assert deployment["status"] == "rolled_back", deployment
@@ -678,7 +681,8 @@ class BackendConformance:
         deployment = answer.json["deployment"]
         assert deployment["status"] == "failed", deployment
         assert "; rollback failed: " in deployment["message"], deployment
-        assert any(e["message"].startswith("rolling back: ") for e in deployment["history"])
+        steps = [event["message"] for event in deployment["history"]]
+        assert any(step.startswith("rolling back: ") for step in steps), steps
         assert_tag(self.workload_image(locator), self.failing_tag)
 
         self._roll_back_on_demand(shiphook, left["id"], locator)
@@ -888,7 +892,8 @@ class BackendConformance:
         run = self._ended(shiphook, shiphook.deploy(shiphook.new_hook("job"), body))
         assert calls == [run["id"], run["id"]], calls
         assert run["status"] == "succeeded", run
-        assert self.job_runs(self._locator(job)) == before + 1
+        runs = self.job_runs(self._locator(job))
+        assert runs == before + 1, f"{runs - before} runs of one deployment"
         assert self.job_run(self._locator(job), run).env.get(MARKER) == "once"
 
     # -- an orchestrator that does not answer ------------------------------------------------
