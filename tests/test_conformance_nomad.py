@@ -48,20 +48,23 @@ class TestNomadConformance(BackendConformance):
     def silent_options(self, address: str) -> dict[str, Any]:
         return {"address": f"http://{address}", "timeout": 2}
 
-    def make_app(self) -> dict[str, Any]:
+    def make_app(self, progress_deadline: float = 0, auto_revert: bool = False) -> dict[str, Any]:
+        """progress_deadline 0: a failed allocation fails the deployment at once."""
         job_id = f"web-{uuid.uuid4().hex[:8]}"
-        # progress_deadline 0: a failed allocation fails the deployment at once
-        self.fake.put_job(service_job(job_id, self.initial_tag, count=2, progress_deadline=0))
+        job = service_job(
+            job_id,
+            self.initial_tag,
+            count=2,
+            progress_deadline=progress_deadline,
+            auto_revert=auto_revert,
+        )
+        self.fake.put_job(job)
         eventually(lambda: (self.fake.job(job_id) or {}).get("Stable"), "version 0 stable", 30)
         return {"job": job_id}
 
     def make_reverting_app(self) -> dict[str, Any]:
-        job_id = f"web-{uuid.uuid4().hex[:8]}"
         # auto_revert needs a progress deadline: a failed allocation fails the deployment at it
-        job = service_job(job_id, self.initial_tag, count=2, auto_revert=True, progress_deadline=1)
-        self.fake.put_job(job)
-        eventually(lambda: (self.fake.job(job_id) or {}).get("Stable"), "version 0 stable", 30)
-        return {"job": job_id}
+        return self.make_app(progress_deadline=1, auto_revert=True)
 
     def make_job(self) -> dict[str, Any]:
         job_id = f"migrate-{uuid.uuid4().hex[:8]}"

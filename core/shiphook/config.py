@@ -224,7 +224,6 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
     mistake is reported at once, each on a line of its own."""
     known = ", ".join(sorted(registry.classes)) or "none installed"
     errors: list[str] = []
-    classes: dict[str, type[Backend]] = {}  # each backend's plugin, when installed
     backends: dict[str, BackendConfig] = {}
     for name, section in parsed.backends.items():
         backend_class = registry.classes.get(section.plugin)
@@ -234,7 +233,6 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
                 f"(available: {known}; see `shiphook plugins`)"
             )
             continue
-        classes[name] = backend_class
         try:
             options = _plugin_model(path, f"backends.{name}", backend_class.Options, section)
         except ConfigError as exc:
@@ -251,7 +249,7 @@ def resolve_config(path: Path, parsed: ConfigFile, registry: BackendRegistry) ->
                 f"(configured backends: {configured})"
             )
             continue
-        backend_class = classes.get(section.backend)
+        backend_class = registry.classes.get(parsed.backends[section.backend].plugin)
         if backend_class is None:  # its plugin is not installed: said above
             continue
         try:

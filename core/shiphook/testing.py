@@ -547,11 +547,7 @@ class BackendConformance:
         assert self.failing_reason in deployment["message"], deployment
         locator = self._locator(app)
         assert deployment["status"] == "rolled_back", deployment
-        assert_tag(self.workload_image(locator), self.initial_tag)
-        eventually(
-            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
-            f"the app running {self.initial_tag} again",
-        )
+        self._runs_initial_tag_again(locator)
 
     def test_a_failing_tag_with_on_failure_leave_is_left_and_fails_again_when_sent_again(self):
         """Left as the orchestrator left it. A CI job retried on that tag then finds the image
@@ -608,11 +604,7 @@ class BackendConformance:
         steps = [event["message"] for event in deployment["history"]]
         assert not any(step.startswith("rolling back: ") for step in steps), steps
         locator = self._locator(app)
-        assert_tag(self.workload_image(locator), self.initial_tag)
-        eventually(
-            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
-            f"the app running {self.initial_tag} again",
-        )
+        self._runs_initial_tag_again(locator)
 
     @pytest.mark.parametrize("on_failure", ["rollback", "leave"])
     def test_a_rollout_that_stalls_past_rollout_timeout_fails_and_follows_on_failure(
@@ -643,11 +635,7 @@ class BackendConformance:
             assert_tag(self.workload_image(locator), self.stalling_tag)
             return
         assert deployment["status"] == "rolled_back", deployment
-        assert_tag(self.workload_image(locator), self.initial_tag)
-        eventually(
-            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
-            f"the app running {self.initial_tag} again",
-        )
+        self._runs_initial_tag_again(locator)
 
     @pytest.mark.parametrize("crash", [False, True], ids=["followed", "repeated after a crash"])
     def test_a_rollback_onto_a_failure_left_in_place_fails_and_one_on_demand_recovers(self, crash):
@@ -730,6 +718,10 @@ class BackendConformance:
         rollback = answer.json["deployment"]
         assert rollback["imageTag"] == self.initial_tag, rollback
         assert self._ended(shiphook, rollback["id"])["status"] == "succeeded"
+        self._runs_initial_tag_again(locator)
+
+    def _runs_initial_tag_again(self, locator: dict[str, Any]) -> None:
+        """The app is configured with `initial_tag` again, and every instance soon runs it."""
         assert_tag(self.workload_image(locator), self.initial_tag)
         eventually(
             lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
@@ -763,11 +755,7 @@ class BackendConformance:
         assert deployment["status"] == "rolled_back", deployment
         assert self.failing_reason in deployment["message"], deployment
         locator = self._locator(app)
-        assert_tag(self.workload_image(locator), self.initial_tag)
-        eventually(
-            lambda: {tag_of(i) for i in self.running_images(locator)} == {self.initial_tag},
-            f"the app running {self.initial_tag} again",
-        )
+        self._runs_initial_tag_again(locator)
 
     def test_a_deploy_repeated_after_a_crash_rolls_out_once(self):
         """The process dies right after the orchestrator accepted `deploy`, before shiphook
@@ -1010,7 +998,15 @@ class BackendConformance:
 
 # what decides a scenario's outcome, which a harness that replaced it could make pass anything
 _VERDICTS = frozenset(
-    {"_conformance", "_requires", "_ended", "_crash_once", "_before_first", "_roll_back_on_demand"}
+    {
+        "_conformance",
+        "_requires",
+        "_ended",
+        "_crash_once",
+        "_before_first",
+        "_roll_back_on_demand",
+        "_runs_initial_tag_again",
+    }
 )
 
 
